@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One-command set-up: a virtual environment at .venv/ with the pinned
+# OpenMMLab stack and agent_mm installed in editable mode.
+#
+# Environment knobs:
+#   PYTHON        interpreter that creates the venv (default: python3)
+#   TORCH_SPEC    torch requirement when no torch is available (default: torch==2.13.0)
+#   FORCE_CUDA    1/0 to force building mmcv's CUDA ops on/off (default: auto)
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+
+python_bin=${PYTHON:-python3}
+venv=.venv
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+log() { printf '[install] %s\n' "$*"; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  # Reuse a torch that the base interpreter already has (e.g. a CUDA build).
+  if "$python_bin" -c 'import torch' >/dev/null 2>&1; then
+    log "creating $venv with access to the torch of $python_bin"
+    "$python_bin" -m venv --system-site-packages "$venv"
+  else
+    log "creating $venv"
+    "$python_bin" -m venv "$venv"
+  fi
+fi
+py="$repo_root/$venv/bin/python"
+pip() { "$py" -m pip install --disable-pip-version-check "$@"; }
+
+# mmcv 2.1.0's setup.py imports pkg_resources (setuptools < 81); torch 2.13 wants >= 77.0.3.
+pip -U pip 'setuptools>=77,<81' wheel ninja
+
+if "$py" -c 'import torch' >/dev/null 2>&1; then
+  log "keeping installed torch $("$py" -c 'import torch; print(torch.__version__)')"
+else
+  log "installing $torch_spec"
+  pip "$torch_spec"
+fi
+
+pip 'mmengine==0.10.7'
+
+if "$py" -c 'import mmcv, mmcv.ops' >/dev/null 2>&1 \
+   && [ "$("$py" -c 'import mmcv; print(mmcv.__version__)')" = "2.1.0" ]; then
+  log "mmcv 2.1.0 with ops already installed"
+else
+  cuda=${FORCE_CUDA:-$("$py" -c 'import torch; print(int(torch.cuda.is_available()))')}
+  log "building mmcv 2.1.0 with ops (FORCE_CUDA=$cuda); pip caches the wheel afterwards"
+  MMCV_WITH_OPS=1 FORCE_CUDA="$cuda" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    pip --no-build-isolation 'mmcv==2.1.0'
+fi
+
+# mmseg 1.2.2 imports ftfy and regex without declaring them.
+pip 'mmdet==3.3.0' 'mmsegmentation==1.2.2' ftfy regex
+
+# openmim without its opendatalab/openxlab tail (it pins setuptools~=60.2 and
+# old requests/rich/tqdm; mim's train/test/run never import it).
+pip --no-deps 'openmim==0.3.9'
+pip click colorama model-index pandas requests rich tabulate
+
+if [ -f setup.py ] || [ -f pyproject.toml ]; then
+  pip --no-build-isolation -e '.[tests]'
+fi
+
+"$py" -c 'import agent_mm, mmdet, mmseg, mmcv.ops; print("agent_mm stack ready")'
