@@ -5,9 +5,12 @@ Importing the package registers ``AgentAttention``, ``AgentPVT`` and
 mmseg and every other OpenMMLab 2.x codebase find them) and makes mmengine
 read checkpoints safely under ``torch.load(weights_only=True)``.
 """
+from .models import AgentAttention, AgentPVT, AgentSwinTransformer
 from .utils import register_safe_globals
 from .version import __version__
 
 register_safe_globals()
 
-__all__ = ['__version__']
+__all__ = [
+    '__version__', 'AgentAttention', 'AgentPVT', 'AgentSwinTransformer'
+]

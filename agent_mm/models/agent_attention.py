@@ -1,0 +1,256 @@
+"""Agent attention (Han et al., "Agent Attention", ECCV 2024).
+
+A small grid of agent tokens, pooled from the queries, first gathers from all
+keys/values with softmax attention, then every query reads from the agents.
+Both attentions carry learned position biases that are interpolated to the
+current token grid, so the module works at any input resolution.
+"""
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from mmengine.registry import MODELS
+from torch import Tensor
+
+ATTN_IMPLS = ('fast', 'reference')
+BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
+
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of a ``(B, C, h, w)`` map."""
+    return F.interpolate(
+        x, size=tuple(size), mode='bilinear', align_corners=False)
+
+
+def to_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
+    """Map a per-token bias onto the agent grid.
+
+    Args:
+        source: ``(heads, p*p, H, W)``, one ``p×p`` bias per token.
+        agent_shape: ``(a_h, a_w)`` agent grid.
+
+    Returns:
+        ``(heads, H*W, a_h*a_w)``.
+    """
+    heads, agent_num, height, width = source.shape
+    side = math.isqrt(agent_num)
+    per_token = source.reshape(heads, side, side, height * width)
+    per_token = per_token.permute(0, 3, 1, 2)
+    return resize(per_token, agent_shape).flatten(2)
+
+
+@MODELS.register_module()
+class AgentAttention(BaseModule):
+    """Global agent attention over a ``H×W`` token map.
+
+    Args:
+        embed_dims: Channels ``C``.
+        num_heads: Number of heads; ``C`` must be divisible by it.
+        ref_size: Token grid ``(r_h, r_w)`` of a 224×224 image at this stage
+            (shape of the ``ah/aw/ha/wa`` biases).
+        agent_num: Number of learned bias agents, a square ``p*p``.
+        agent_shape: Agent grid ``(a_h, a_w)`` used downstream.
+        qkv_bias: Whether the projections have a bias.
+        fused_qkv: One ``qkv`` projection (Swin layout) instead of ``q`` and
+            ``kv`` (PVT layout).
+        attn_drop: Dropout on both attention maps.
+        proj_drop: Dropout after ``proj``.
+        attn_impl: ``'fast'`` (biases computed once and broadcast over the
+            batch, fused attention kernels, bias cache in eval) or
+            ``'reference'`` (the equations computed literally, as the
+            authors do; for debugging and benchmarks).
+        init_cfg: mmengine initialisation config.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 ref_size: Tuple[int, int],
+                 agent_num: int = 49,
+                 agent_shape: Tuple[int, int] = (7, 7),
+                 qkv_bias: bool = True,
+                 fused_qkv: bool = False,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.,
+                 attn_impl: str = 'fast',
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        if embed_dims % num_heads:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible '
+                             f'by num_heads ({num_heads}).')
+        if math.isqrt(agent_num)**2 != agent_num:
+            raise ValueError(f'agent_num must be a square number (e.g. 9, '
+                             f'16, 49), got {agent_num}.')
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, '
+                             f'got {attn_impl!r}.')
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        self.scale = self.head_dims**-0.5
+        self.agent_num = agent_num
+        self.agent_shape = tuple(agent_shape)
+        self.fused_qkv = fused_qkv
+        self.attn_impl = attn_impl
+        self.attn_drop_rate = attn_drop
+
+        if fused_qkv:
+            self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        else:
+            self.q = nn.Linear(embed_dims, embed_dims, bias=qkv_bias)
+            self.kv = nn.Linear(embed_dims, embed_dims * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(
+            embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+
+        ref_h, ref_w = ref_size
+        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.ah_bias = nn.Parameter(
+            torch.zeros(1, num_heads, agent_num, ref_h, 1))
+        self.aw_bias = nn.Parameter(
+            torch.zeros(1, num_heads, agent_num, 1, ref_w))
+        self.ha_bias = nn.Parameter(
+            torch.zeros(1, num_heads, ref_h, 1, agent_num))
+        self.wa_bias = nn.Parameter(
+            torch.zeros(1, num_heads, 1, ref_w, agent_num))
+        for name in BIAS_NAMES:
+            trunc_normal_(getattr(self, name), std=.02)
+        self._bias_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+    # ------------------------------------------------------------------
+    # position biases
+    def _bias_sources(self) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor,
+                                                                  Tensor]]:
+        """The two source maps of each bias, as ``(heads, p*p, h, w)``."""
+        agent_to_token = (self.an_bias,
+                          (self.ah_bias + self.aw_bias).squeeze(0))
+        token_to_agent = (self.na_bias, (self.ha_bias + self.wa_bias).squeeze(
+            0).permute(0, 3, 1, 2))
+        return agent_to_token, token_to_agent
+
+    def _compute_biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor,
+                                                                  Tensor]:
+        """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
+        n)``.
+
+        Bilinear resizing is linear, so the two sources of each bias are
+        summed on the token grid and mapped to the agent grid once.
+        """
+        agent_to_token, token_to_agent = self._bias_sources()
+        agent_bias = to_agent_grid(
+            sum(resize(src, hw_shape) for src in agent_to_token),
+            self.agent_shape).transpose(1, 2)
+        token_bias = to_agent_grid(
+            sum(resize(src, hw_shape) for src in token_to_agent),
+            self.agent_shape)
+        return agent_bias, token_bias
+
+    def _reference_biases(self, hw_shape: Tuple[int, int],
+                          batch: int) -> Tuple[Tensor, Tensor]:
+        """The biases as the authors compute them: sources expanded to every
+        image of the batch, every term mapped separately, in the spec's
+        order. Returns ``(B, heads, n, N)`` and ``(B, heads, N, n)``."""
+
+        def per_image(sources: Tuple[Tensor, Tensor]) -> Tensor:
+            return sum(
+                to_agent_grid(
+                    resize(src.repeat(batch, 1, 1, 1), hw_shape),
+                    self.agent_shape) for src in sources)
+
+        agent_to_token, token_to_agent = self._bias_sources()
+        heads, tokens = self.num_heads, hw_shape[0] * hw_shape[1]
+        agent_bias = per_image(agent_to_token).transpose(1, 2)
+        token_bias = per_image(token_to_agent)
+        return (agent_bias.reshape(batch, heads, -1, tokens),
+                token_bias.reshape(batch, heads, tokens, -1))
+
+    def _cache_key(self, hw_shape: Tuple[int, int]) -> tuple:
+        params = [getattr(self, name) for name in BIAS_NAMES]
+        return (tuple(hw_shape), params[0].device, params[0].dtype,
+                tuple((p.data_ptr(), p._version) for p in params))
+
+    def _cached_biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor,
+                                                                  Tensor]:
+        """Biases, memoised per input shape while the module is frozen.
+
+        The cache is used only in eval mode when no gradient can flow to the
+        biases; it is keyed by the biases' storage and version counters, so
+        any in-place update (optimizer step, ``load_state_dict``) misses it.
+        """
+        needs_grad = torch.is_grad_enabled() and self.an_bias.requires_grad
+        if self.training or needs_grad:
+            return self._compute_biases(hw_shape)
+        key = self._cache_key(hw_shape)
+        if key not in self._bias_cache:
+            stale = [k for k in self._bias_cache if k[1:] != key[1:]]
+            for k in stale:
+                del self._bias_cache[k]
+            self._bias_cache[key] = self._compute_biases(hw_shape)
+        return self._bias_cache[key]
+
+    def train(self, mode: bool = True) -> 'AgentAttention':
+        self._bias_cache.clear()
+        return super().train(mode)
+
+    # ------------------------------------------------------------------
+    # forward
+    def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if self.fused_qkv:
+            return self.qkv(x).chunk(3, dim=-1)
+        return (self.q(x), *self.kv(x).chunk(2, dim=-1))
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, tokens, _ = x.shape
+        return x.reshape(batch, tokens, self.num_heads,
+                         self.head_dims).transpose(1, 2)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor,
+                bias: Tensor) -> Tensor:
+        """``softmax(scale * q kᵀ + bias) v`` with dropout on the weights."""
+        if self.attn_impl == 'fast':
+            return F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask=bias.to(query.dtype),
+                dropout_p=self.attn_drop_rate if self.training else 0.,
+                scale=self.scale)
+        weights = (query * self.scale) @ key.transpose(-2, -1) + bias
+        weights = self.attn_drop(weights.softmax(dim=-1))
+        return weights @ value
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
+        ``hw_shape``."""
+        batch, tokens, channels = x.shape
+        height, width = hw_shape
+        if tokens != height * width:
+            raise ValueError(f'x has {tokens} tokens but hw_shape is '
+                             f'{tuple(hw_shape)} ({height * width} tokens).')
+        query, key, value = self._project(x)
+        agents = F.adaptive_avg_pool2d(
+            query.transpose(1, 2).reshape(batch, channels, height, width),
+            self.agent_shape).flatten(2).transpose(1, 2)
+
+        if self.attn_impl == 'fast':
+            agent_bias, token_bias = self._cached_biases(hw_shape)
+        else:
+            agent_bias, token_bias = self._reference_biases(
+                hw_shape, batch)
+        query, key, value_heads, agents = map(self._split_heads,
+                                              (query, key, value, agents))
+        agent_value = self._attend(agents, key, value_heads, agent_bias)
+        out = self._attend(query, agents, agent_value, token_bias)
+
+        out = out.transpose(1, 2).reshape(batch, tokens, channels)
+        value_map = value.transpose(1, 2).reshape(batch, channels, height,
+                                                  width)
+        out = out + self.dwc(value_map).flatten(2).transpose(1, 2)
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,103 @@
+"""Loading the authors' released checkpoints into the agent backbones.
+
+Two layouts are released:
+
+- ImageNet classification checkpoints, ``{'model': state_dict, 'optimizer':
+  ..., 'config': <yacs CfgNode>, ...}``, whose state dict also holds the
+  classifier (``head.*``) and a final ``norm.*``;
+- downstream checkpoints saved by mmdet 2.x / mmseg 0.x, ``{'state_dict':
+  ..., 'meta': ...}``, whose backbone keys start with ``backbone.``.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Mapping
+
+import torch.nn as nn
+from mmengine.logging import MMLogger, print_log
+from mmengine.runner import CheckpointLoader
+from torch import Tensor
+
+PREFIXES = ('module.', 'backbone.')
+
+
+def extract_backbone_state_dict(checkpoint: Mapping) -> Dict[str, Tensor]:
+    """The backbone's weights from a checkpoint in any released layout.
+
+    Raises:
+        ValueError: The checkpoint holds no state dict.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError('A checkpoint must be a dict, got '
+                         f'{type(checkpoint).__name__}.')
+    for key in ('state_dict', 'model'):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = OrderedDict(
+        (k, v) for k, v in checkpoint.items() if hasattr(v, 'shape'))
+    if not state_dict:
+        raise ValueError('The checkpoint holds no tensors under "state_dict"'
+                         ', "model" or at its top level.')
+    if any(k.startswith('backbone.') for k in state_dict):
+        state_dict = OrderedDict((k, v) for k, v in state_dict.items()
+                                 if k.startswith(('backbone.',
+                                                  'module.backbone.')))
+    for prefix in PREFIXES:
+        state_dict = OrderedDict(
+            (k[len(prefix):] if k.startswith(prefix) else k, v)
+            for k, v in state_dict.items())
+    return state_dict
+
+
+def check_shapes(module: nn.Module, state_dict: Mapping[str, Tensor],
+                 source: str) -> None:
+    """Raise a ``ValueError`` naming every key whose shape differs."""
+    own = module.state_dict()
+    mismatched = [
+        f'{key}: checkpoint {tuple(value.shape)} vs model '
+        f'{tuple(own[key].shape)}' for key, value in state_dict.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f'{source} does not fit {type(module).__name__} (is it a '
+            'checkpoint of another model or architecture?). Shape '
+            'mismatches:\n  ' + '\n  '.join(mismatched))
+
+
+def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
+    """Load released weights into ``module``, reporting unmatched keys.
+
+    Missing and unexpected keys are logged through mmengine's current logger.
+
+    Returns:
+        The module's keys that the checkpoint did not provide.
+
+    Raises:
+        FileNotFoundError: ``filename`` does not exist.
+        ValueError: The checkpoint does not fit the module, or holds no
+            weights of it at all.
+    """
+    logger = MMLogger.get_current_instance()
+    checkpoint = CheckpointLoader.load_checkpoint(
+        filename, map_location='cpu', logger=logger)
+    state_dict = extract_backbone_state_dict(checkpoint)
+    source = f'Checkpoint {filename!r}'
+    check_shapes(module, state_dict, source)
+    own_keys = set(module.state_dict())
+    if not own_keys & set(state_dict):
+        raise ValueError(f'{source} shares no weight name with '
+                         f'{type(module).__name__}: it is a checkpoint of '
+                         'another model.')
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    print_log(
+        f'Loaded {len(own_keys) - len(missing)}/{len(own_keys)} weights of '
+        f'{type(module).__name__} from {filename}', logger='current')
+    if missing:
+        print_log(
+            'Weights not in the checkpoint (kept at their initial values): '
+            + ', '.join(missing), logger='current', level=30)
+    if unexpected:
+        print_log(
+            'Checkpoint weights not used by the backbone: ' +
+            ', '.join(unexpected), logger='current')
+    return list(missing)

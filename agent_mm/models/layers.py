@@ -1,0 +1,155 @@
+"""Building blocks shared by the agent backbones."""
+import copy
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from torch import Tensor
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.:
+            return x
+        keep = 1 - self.drop_prob
+        shape = (x.shape[0], ) + (1, ) * (x.dim() - 1)
+        mask = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return x * mask.bernoulli_(keep) / keep
+
+
+def drop_path_or_identity(drop_prob: float) -> nn.Module:
+    """A :class:`DropPath`, or identity when nothing is dropped."""
+    return DropPath(drop_prob) if drop_prob > 0 else nn.Identity()
+
+
+class Mlp(nn.Module):
+    """``fc1 → GELU → dropout → fc2 → dropout`` (released parameter names)."""
+
+    def __init__(self, in_features: int, hidden_features: int,
+                 drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+def resolve_arch(backbone: str, arch_zoo: Dict[str, dict], arch: Any,
+                 overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Settings of a named (or fully given) architecture, with overrides.
+
+    Args:
+        backbone: Class name, for error messages.
+        arch_zoo: Named architectures, each a complete settings dict.
+        arch: A name from ``arch_zoo`` or a dict of all settings.
+        overrides: Keyword overrides; ``None`` values are ignored.
+
+    Raises:
+        ValueError: Unknown name, or a dict lacking settings.
+    """
+    required = set(next(iter(arch_zoo.values())))
+    if isinstance(arch, str):
+        if arch not in arch_zoo:
+            raise ValueError(f'Unknown {backbone} arch {arch!r}; valid '
+                             f'names: {sorted(arch_zoo)}, or a dict with '
+                             f'the keys {sorted(required)}.')
+        settings = copy.deepcopy(arch_zoo[arch])
+    elif isinstance(arch, dict):
+        missing = required - set(arch)
+        if missing:
+            raise ValueError(f'A custom {backbone} arch must set '
+                             f'{sorted(required)}; missing {sorted(missing)}.')
+        settings = copy.deepcopy(arch)
+    else:
+        raise ValueError(f'{backbone} arch must be a name in '
+                         f'{sorted(arch_zoo)} or a dict, got {arch!r}.')
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def check_stage_lists(backbone: str, num_stages: int,
+                      settings: Dict[str, Any],
+                      names: Iterable[str]) -> None:
+    """Raise a ``ValueError`` unless each named setting has one entry per
+    stage."""
+    for name in names:
+        value = settings[name]
+        if not isinstance(value, Sequence) or len(value) != num_stages:
+            raise ValueError(f'{backbone}: {name} needs {num_stages} entries '
+                             f'(one per stage), got {value!r}.')
+
+
+def check_out_indices(backbone: str, out_indices: Sequence[int],
+                      num_stages: int) -> Tuple[int, ...]:
+    """Validate ``out_indices`` (0-based stage indices)."""
+    out_indices = tuple(out_indices)
+    if not out_indices or any(
+            not 0 <= i < num_stages for i in out_indices):
+        raise ValueError(f'{backbone}: out_indices must be stage indices in '
+                         f'0..{num_stages - 1}, got {out_indices}.')
+    return out_indices
+
+
+def check_input(backbone: str, img: Tensor, in_channels: int,
+                min_size: int) -> None:
+    """Reject images the backbone cannot process, saying why."""
+    if img.dim() != 4 or img.shape[1] != in_channels:
+        raise ValueError(f'{backbone} expects images of shape (B, '
+                         f'{in_channels}, H, W), got {tuple(img.shape)}. '
+                         'Convert grayscale/RGBA images to 3 channels (or '
+                         'set in_channels).')
+    height, width = img.shape[-2:]
+    if height < min_size or width < min_size:
+        raise ValueError(f'{backbone} needs inputs of at least {min_size}×'
+                         f'{min_size} pixels (its total stride), got '
+                         f'{height}×{width}. Resize or pad the image.')
+
+
+def freeze(modules: Iterable[Optional[nn.Module]] = (),
+           params: Iterable[Optional[nn.Parameter]] = ()) -> None:
+    """Put modules in eval mode and stop gradients to them and to params."""
+    for module in modules:
+        if module is None:
+            continue
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad = False
+    for param in params:
+        if param is not None:
+            param.requires_grad = False
+
+
+def maybe_checkpoint(fn: Callable[..., Tensor], x: Tensor, *args: Any,
+                     enabled: bool) -> Tensor:
+    """Call ``fn(x, *args)``, with gradient checkpointing when enabled and
+    gradients are needed."""
+    if enabled and x.requires_grad:
+        return cp.checkpoint(fn, x, *args, use_reentrant=False)
+    return fn(x, *args)
+
+
+def linear_drop_path_rates(depths: Sequence[int],
+                           drop_path_rate: float) -> list:
+    """Stochastic depth rates rising linearly from 0 over all blocks, split
+    per stage."""
+    total = sum(depths)
+    rates = [
+        drop_path_rate * i / (total - 1) if total > 1 else 0.
+        for i in range(total)
+    ]
+    splits, start = [], 0
+    for depth in depths:
+        splits.append(rates[start:start + depth])
+        start += depth
+    return splits
