@@ -1,7 +1,7 @@
 """Literal, unfused reference implementation of Agent-PVT and Agent-Swin.
 
 This module is the test oracle for ``agent_mm``'s backbones. It follows
-``/work/shared/spec/agent-backbones.md`` equation by equation, in order, with
+the architecture contract ``agent-backbones.md`` (shared spec) equation by equation, in order, with
 no fusion and no shortcuts:
 
 * every attention matrix is materialised and normalised with an explicit

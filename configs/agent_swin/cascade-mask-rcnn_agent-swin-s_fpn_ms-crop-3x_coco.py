@@ -1,0 +1,8 @@
+_base_ = './cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-3x_coco.py'
+
+checkpoint_file = 'data/agent_swin_s_max_acc.pth'
+model = dict(
+    backbone=dict(
+        arch='small',
+        drop_path_rate=0.1,
+        init_cfg=dict(checkpoint=checkpoint_file)))

@@ -1,0 +1,63 @@
+"""Checks shared by the AgentPVT and AgentSwinTransformer tests."""
+import torch
+import torch.nn as nn
+
+
+def assert_parity(module: nn.Module, reference: nn.Module, img: torch.Tensor):
+    """``module`` loaded with ``reference``'s weights gives its features."""
+    module.load_state_dict(reference.state_dict(), strict=True)
+    module.eval()
+    reference.eval()
+    with torch.no_grad():
+        outs = module(img)
+        expected = reference(img)
+    assert len(outs) == len(expected)
+    for out, ref in zip(outs, expected):
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def assert_every_parameter_gets_gradient(module: nn.Module,
+                                         img: torch.Tensor):
+    module.train()
+    sum(out.square().mean() for out in module(img)).backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None, f'{name} got no gradient'
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f'{name} has a zero gradient'
+
+
+def assert_checkpointing_is_transparent(build, img: torch.Tensor):
+    """``with_cp=True`` gives the same outputs and gradients."""
+    results = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        module = build(with_cp=with_cp)
+        module.init_weights()
+        module.train()
+        x = img.clone().requires_grad_()
+        outs = module(x)
+        sum(out.sum() for out in outs).backward()
+        results.append((outs, x.grad,
+                        {n: p.grad for n, p in module.named_parameters()}))
+    (outs_a, grad_a, params_a), (outs_b, grad_b, params_b) = results
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_a, grad_b)
+    for name, grad in params_a.items():
+        torch.testing.assert_close(grad, params_b[name], msg=name)
+
+
+def assert_frozen(module: nn.Module, frozen_prefixes, trainable_prefixes):
+    """Frozen parts have no grad and stay in eval mode after ``train()``."""
+    module.train()
+    for name, param in module.named_parameters():
+        if name.startswith(tuple(frozen_prefixes)):
+            assert not param.requires_grad, name
+        elif name.startswith(tuple(trainable_prefixes)):
+            assert param.requires_grad, name
+    for name, sub in module.named_modules():
+        if name and name.startswith(tuple(frozen_prefixes)):
+            assert not sub.training, name
+        elif name.startswith(tuple(trainable_prefixes)):
+            assert sub.training, name

@@ -1,0 +1,163 @@
+"""AgentAttention: fidelity to the spec, fast vs reference path, bias cache."""
+import pytest
+import torch
+from reference_agent import ReferenceAgentAttention, randomize_
+
+from agent_mm.models import AgentAttention
+from agent_mm.models.agent_attention import BIAS_NAMES
+
+
+def _pair(fused_qkv, attn_impl='fast', **kwargs):
+    settings = dict(
+        dim=32,
+        num_heads=2,
+        agent_num=9,
+        agent_shape=(4, 5),
+        ref_size=(14, 14),
+        fused_qkv=fused_qkv)
+    settings.update(kwargs)
+    reference = ReferenceAgentAttention(**settings)
+    randomize_(reference, seed=1)
+    module = AgentAttention(
+        settings['dim'],
+        settings['num_heads'],
+        ref_size=settings['ref_size'],
+        agent_num=settings['agent_num'],
+        agent_shape=settings['agent_shape'],
+        fused_qkv=fused_qkv,
+        attn_impl=attn_impl)
+    module.load_state_dict(reference.state_dict(), strict=True)
+    return module.eval(), reference.eval()
+
+
+@pytest.mark.parametrize('fused_qkv', [False, True])
+@pytest.mark.parametrize('attn_impl', ['fast', 'reference'])
+@pytest.mark.parametrize('hw', [(14, 14), (10, 23), (31, 6)])
+def test_matches_spec_reference(fused_qkv, attn_impl, hw):
+    module, reference = _pair(fused_qkv, attn_impl)
+    x = torch.randn(2, hw[0] * hw[1], 32)
+    with torch.no_grad():
+        expected = reference(x, *hw)
+        out = module(x, hw)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_single_head_matches_reference():
+    module, reference = _pair(False, num_heads=1, agent_num=16)
+    x = torch.randn(1, 12 * 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module(x, (12, 9)), reference(x, 12, 9), atol=1e-4, rtol=0)
+
+
+def test_fast_and_reference_paths_have_equal_gradients():
+    fast, _ = _pair(False, 'fast')
+    slow, _ = _pair(False, 'reference')
+    x = torch.randn(2, 11 * 13, 32)
+    grads = []
+    for module in (fast, slow):
+        module.train()
+        x_in = x.clone().requires_grad_()
+        (module(x_in, (11, 13))**2).sum().backward()
+        grads.append((x_in.grad, {
+            name: p.grad
+            for name, p in module.named_parameters()
+        }))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=0)
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, grad in grads[0][1].items():
+        assert grad is not None, name
+        torch.testing.assert_close(
+            grad, grads[1][1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bias_cache_is_used_in_eval_and_invalidated_on_update():
+    module, reference = _pair(False)
+    x = torch.randn(1, 8 * 8, 32)
+    with torch.no_grad():
+        first = module(x, (8, 8))
+        assert len(module._bias_cache) == 1
+        cached = next(iter(module._bias_cache.values()))
+        module(x, (8, 8))
+        assert next(iter(module._bias_cache.values()))[0] is cached[0]
+
+        # an in-place update (as an optimizer step does) must miss the cache
+        module.an_bias.add_(1.0)
+        reference.an_bias.add_(1.0)
+        updated = module(x, (8, 8))
+    assert len(module._bias_cache) == 1
+    assert not torch.allclose(first, updated)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            updated, reference(x, 8, 8), atol=1e-4, rtol=0)
+
+
+def test_bias_cache_keeps_one_entry_per_input_shape():
+    module, _ = _pair(True)
+    with torch.no_grad():
+        for hw in [(8, 8), (6, 10), (8, 8)]:
+            module(torch.randn(1, hw[0] * hw[1], 32), hw)
+    assert sorted(key[0] for key in module._bias_cache) == [(6, 10), (8, 8)]
+
+
+def test_bias_cache_is_not_used_when_training_or_with_grad():
+    module, _ = _pair(False)
+    x = torch.randn(1, 64, 32)
+    module(x, (8, 8))  # eval, but gradients enabled
+    assert not module._bias_cache
+    with torch.no_grad():
+        module(x, (8, 8))
+    assert module._bias_cache
+    module.train()
+    assert not module._bias_cache
+    with torch.no_grad():
+        module(x, (8, 8))
+    assert not module._bias_cache
+
+
+def test_load_state_dict_invalidates_cache():
+    module, _ = _pair(False)
+    x = torch.randn(1, 49, 32)
+    with torch.no_grad():
+        before = module(x, (7, 7))
+        state = module.state_dict()
+        state['na_bias'] = state['na_bias'] + 0.5
+        module.load_state_dict(state)
+        after = module(x, (7, 7))
+    assert not torch.allclose(before, after)
+
+
+def test_biases_are_initialised_with_truncated_normal():
+    module = AgentAttention(64, 4, ref_size=(28, 28), agent_num=49)
+    for name in BIAS_NAMES:
+        values = getattr(module, name).detach()
+        assert values.abs().max() <= 2.0, name
+        assert 0.01 < values.std() < 0.03, name
+
+
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [(dict(agent_num=10), 'square number'),
+     (dict(attn_impl='flash'), "'fast', 'reference'"),
+     (dict(num_heads=5), 'divisible')])
+def test_bad_settings_are_rejected(kwargs, message):
+    settings = dict(embed_dims=32, num_heads=2, ref_size=(7, 7))
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        AgentAttention(**settings)
+
+
+def test_token_count_must_match_hw_shape():
+    module = AgentAttention(32, 2, ref_size=(7, 7), agent_num=9)
+    with pytest.raises(ValueError, match='hw_shape'):
+        module(torch.randn(1, 50, 32), (7, 7))
+
+
+def test_registered_in_root_registry():
+    from mmengine.registry import MODELS
+    module = MODELS.build(
+        dict(type='AgentAttention', embed_dims=16, num_heads=2,
+             ref_size=(7, 7), agent_num=4, agent_shape=(3, 3)))
+    assert isinstance(module, AgentAttention)
+    out = module(torch.randn(2, 35, 16), (5, 7))
+    assert out.shape == (2, 35, 16)

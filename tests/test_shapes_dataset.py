@@ -1,0 +1,237 @@
+"""The synthetic shapes data set: generation, atomic writing, dataset classes."""
+import json
+import os
+import os.path as osp
+
+import cv2
+import numpy as np
+import pytest
+from mmengine.registry import DefaultScope
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from agent_mm.datasets import shapes
+from agent_mm.datasets.shapes import ensure_shapes, generate_shapes
+
+TINY = dict(num_train=6, num_val=3, img_size=64)
+
+
+@pytest.fixture(scope='module')
+def tiny_root(tmp_path_factory) -> str:
+    """A tiny shapes data set shared by the read-only tests."""
+    return generate_shapes(str(tmp_path_factory.mktemp('tiny') / 'shapes'),
+                           **TINY)
+
+
+def _files(root: str) -> dict:
+    """Relative path -> bytes of every file under ``root``."""
+    contents = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = osp.join(folder, name)
+            with open(path, 'rb') as f:
+                contents[osp.relpath(path, root)] = f.read()
+    return contents
+
+
+def _coco(root: str, split: str) -> COCO:
+    return COCO(osp.join(root, 'annotations', f'instances_{split}.json'))
+
+
+def _label_map(root: str, split: str, file_name: str) -> np.ndarray:
+    return cv2.imread(
+        osp.join(root, 'ann_semseg', split, file_name), cv2.IMREAD_UNCHANGED)
+
+
+def test_layout_and_coco_file_load(tiny_root):
+    for split, num_images in (('train', 6), ('val', 3)):
+        coco = _coco(tiny_root, split)
+        assert [c['name'] for c in coco.loadCats([1, 2, 3])] == [
+            'circle', 'square', 'triangle'
+        ]
+        assert len(coco.getImgIds()) == num_images
+        for img in coco.loadImgs(coco.getImgIds()):
+            assert (img['width'], img['height']) == (64, 64)
+            assert osp.isfile(
+                osp.join(tiny_root, 'images', split, img['file_name']))
+            label_map = _label_map(tiny_root, split, img['file_name'])
+            assert label_map.shape == (64, 64)
+            assert label_map.dtype == np.uint8
+            assert 1 <= len(coco.getAnnIds(imgIds=img['id'])) <= 3
+        for ann in coco.loadAnns(coco.getAnnIds()):
+            assert ann['iscrowd'] == 0
+            assert ann['area'] > 0
+    image = cv2.imread(osp.join(tiny_root, 'images', 'train', '000001.png'))
+    assert image.shape == (64, 64, 3)
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(tiny_root, tmp_path):
+    again = generate_shapes(str(tmp_path / 'again'), **TINY)
+    assert _files(again) == _files(tiny_root)
+
+    other = generate_shapes(str(tmp_path / 'other'), seed=1, **TINY)
+    ann_file = osp.join('annotations', 'instances_train.json')
+    assert _files(other)[ann_file] != _files(tiny_root)[ann_file]
+
+
+def test_polygons_match_label_maps_and_boxes_are_tight(tiny_root):
+    for split in shapes.SPLITS:
+        coco = _coco(tiny_root, split)
+        for img in coco.loadImgs(coco.getImgIds()):
+            label_map = _label_map(tiny_root, split, img['file_name'])
+            annotated = np.zeros_like(label_map)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=img['id'])):
+                polygon = np.array(ann['segmentation'][0]).reshape(-1, 2)
+                x, y, w, h = ann['bbox']
+                np.testing.assert_allclose(polygon.min(0), [x, y], atol=0.01)
+                np.testing.assert_allclose(
+                    polygon.max(0), [x + w, y + h], atol=0.01)
+
+                mask = coco.annToMask(ann).astype(bool)
+                # Boxes keep a gap, so near this box only this shape shows.
+                near = np.zeros_like(mask)
+                near[max(int(y) - 1, 0):int(np.ceil(y + h)) + 1,
+                     max(int(x) - 1, 0):int(np.ceil(x + w)) + 1] = True
+                drawn = near & (label_map == ann['category_id'])
+                iou = (mask & drawn).sum() / (mask | drawn).sum()
+                assert iou > 0.9, (img['file_name'], ann['id'], iou)
+                assert ann['area'] == pytest.approx(mask.sum(), rel=0.1)
+                annotated[drawn] = ann['category_id']
+            # Every labelled pixel belongs to an annotated shape.
+            np.testing.assert_array_equal(annotated, label_map)
+
+
+def test_shapes_do_not_overlap(tiny_root):
+    coco = _coco(tiny_root, 'train')
+    for img_id in coco.getImgIds():
+        boxes = [ann['bbox'] for ann in coco.loadAnns(coco.getAnnIds(img_id))]
+        for i, (x1, y1, w1, h1) in enumerate(boxes):
+            for x2, y2, w2, h2 in boxes[i + 1:]:
+                assert (x1 + w1 < x2 or x2 + w2 < x1 or y1 + h1 < y2
+                        or y2 + h2 < y1)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(img_size=16), 'img_size'),
+    (dict(min_shapes=4, max_shapes=3), 'min_shapes'),
+    (dict(max_shapes=11), 'max_shapes'),
+    (dict(num_train=0), 'num_train'),
+    (dict(num_val=1.5), 'num_val'),
+    (dict(seed=-1), 'seed'),
+])
+def test_invalid_arguments_raise_value_error(tmp_path, kwargs, message):
+    root = tmp_path / 'shapes'
+    with pytest.raises(ValueError, match=message):
+        generate_shapes(str(root), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        ensure_shapes(str(root), **kwargs)
+    assert not root.exists()
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    written = []
+
+    def fail_on_fifth_png(path, array):
+        if len(written) == 4:
+            raise OSError('disk full')
+        written.append(path)
+
+    monkeypatch.setattr(shapes, '_write_png', fail_on_fifth_png)
+    with pytest.raises(OSError, match='disk full'):
+        generate_shapes(str(tmp_path / 'shapes'), **TINY)
+    assert len(written) == 4
+    assert os.listdir(tmp_path) == []
+
+
+def test_losing_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
+    root = tmp_path / 'shapes'
+    write_split = shapes._write_split
+
+    def another_rank_finishes_first(*args):
+        root.mkdir(exist_ok=True)
+        (root / 'winner').touch()
+        write_split(*args)
+
+    monkeypatch.setattr(shapes, '_write_split', another_rank_finishes_first)
+    assert generate_shapes(str(root), **TINY) == str(root)
+    assert os.listdir(root) == ['winner']
+    assert os.listdir(tmp_path) == ['shapes']
+
+
+def test_existing_root_is_not_regenerated(tiny_root, tmp_path):
+    root = tmp_path / 'shapes'
+    root.mkdir()
+    (root / 'marker').touch()
+    assert ensure_shapes(str(root), **TINY) == str(root)
+    assert os.listdir(root) == ['marker']
+    with pytest.raises(FileExistsError):
+        generate_shapes(str(root), **TINY)
+
+    before = _files(tiny_root)
+    with pytest.warns(UserWarning, match='generated with'):
+        ensure_shapes(tiny_root, seed=1, **TINY)
+    assert _files(tiny_root) == before
+
+
+def test_generation_json_records_arguments(tiny_root):
+    with open(osp.join(tiny_root, 'generation.json')) as f:
+        assert json.load(f) == dict(
+            seed=0, min_shapes=1, max_shapes=3, **TINY)
+
+
+def test_det_dataset_generates_and_loads(tmp_path):
+    from mmdet.registry import DATASETS
+    data_root = str(tmp_path / 'shapes')
+    cfg = dict(
+        type='ShapesDetDataset',
+        data_root=data_root,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='images/train/'),
+        generate=TINY,
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+            dict(type='PackDetInputs')
+        ])
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        dataset = DATASETS.build(cfg)
+        assert dataset.metainfo['classes'] == ('circle', 'square',
+                                               'triangle')
+        assert len(dataset) == 6
+        coco = _coco(data_root, 'train')
+        for index in (0, 5):
+            sample = dataset[index]
+            img_id = sample['data_samples'].img_id
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+            instances = sample['data_samples'].gt_instances
+            assert sample['inputs'].shape == (3, 64, 64)
+            assert len(instances) == len(anns)
+            assert sorted(instances.labels.tolist()) == sorted(
+                ann['category_id'] - 1 for ann in anns)
+            assert instances.masks.to_ndarray().shape == (len(anns), 64, 64)
+
+
+def test_seg_dataset_generates_and_loads(tmp_path):
+    from mmseg.registry import DATASETS
+    data_root = str(tmp_path / 'shapes')
+    cfg = dict(
+        type='ShapesSegDataset',
+        data_root=data_root,
+        data_prefix=dict(
+            img_path='images/val', seg_map_path='ann_semseg/val'),
+        generate=TINY,
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='LoadAnnotations'),
+            dict(type='PackSegInputs')
+        ])
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        dataset = DATASETS.build(cfg)
+        assert dataset.metainfo['classes'] == ('background', 'circle',
+                                               'square', 'triangle')
+        assert len(dataset) == 3
+        sample = dataset[0]
+    seg_map = sample['data_samples'].gt_sem_seg.data.numpy()[0]
+    expected = _label_map(data_root, 'val', '000001.png')
+    np.testing.assert_array_equal(seg_map, expected)
+    assert set(np.unique(seg_map)) - {0} != set()
