@@ -120,7 +120,7 @@ def test_arch_fields_are_overridable():
 @pytest.mark.parametrize('kwargs, message', [
     (dict(arch='large'), "valid names: \\['base', 'small', 'tiny'\\]"),
     (dict(num_heads=[3, 6, 12]), 'num_heads needs 4 entries'),
-    (dict(agent_num=[9, 16, 49, 50]), 'square number'),
+    (dict(agent_num=[9, 15, 49, 49]), 'square number'),
 ])
 def test_bad_arch_is_a_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
