@@ -1,7 +1,5 @@
 """Checkpoint reading under torch.load(weights_only=True)."""
 import os
-import sys
-import types
 from collections import OrderedDict
 
 import numpy as np
@@ -83,28 +81,13 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         _load_checkpoint(str(path), map_location='cpu')
 
 
-def test_authors_yacs_config_loads_without_yacs(tmp_path, monkeypatch):
-    yacs = types.ModuleType('yacs')
-    yacs_config = types.ModuleType('yacs.config')
-
-    class CfgNode(dict):
-        # Like yacs, instances carry attributes in __dict__ besides items.
-        def __init__(self, **items):
-            super().__init__(**items)
-            self.__dict__['__immutable__'] = True
-            self.__dict__['__new_allowed__'] = False
-
-    CfgNode.__module__ = 'yacs.config'
-    CfgNode.__qualname__ = 'CfgNode'
-    yacs_config.CfgNode = CfgNode
-    monkeypatch.setitem(sys.modules, 'yacs', yacs)
-    monkeypatch.setitem(sys.modules, 'yacs.config', yacs_config)
-    config = CfgNode(MODEL=CfgNode(TYPE='agent_pvt_tiny'), EPOCHS=300)
+def test_authors_yacs_config_loads_without_yacs(tmp_path, yacs_cfgnode):
+    config = yacs_cfgnode(MODEL=yacs_cfgnode(TYPE='agent_pvt_tiny'),
+                          EPOCHS=300)
     path = str(tmp_path / 'agent_pvt_t_max_acc.pth')
-    torch.save({'model': {'w': torch.ones(2)}, 'config': config,
-                'max_accuracy': 79.4, 'epoch': 299}, path)
-    monkeypatch.delitem(sys.modules, 'yacs.config')
-    monkeypatch.delitem(sys.modules, 'yacs')
+    with yacs_cfgnode.importable():
+        torch.save({'model': {'w': torch.ones(2)}, 'config': config,
+                    'max_accuracy': 79.4, 'epoch': 299}, path)
 
     checkpoint = _load_checkpoint(path, map_location='cpu')
 

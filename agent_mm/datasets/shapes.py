@@ -1,6 +1,6 @@
 """Generation of the synthetic "shapes" data set (numpy and cv2 only).
 
-Each image shows 1-3 filled circles, squares and triangles of random colours
+Each image shows (by default 1-3) filled circles, squares and triangles of random colours
 on a textured noise background. Shapes never overlap (their boxes keep a gap
 of a few pixels), so every polygon, box and label-map region describes a
 fully visible object. The layout under ``root`` is::
@@ -39,8 +39,6 @@ _GAP = 2
 # Placement attempts for one shape before the image layout is restarted.
 _TRIES_PER_SHAPE = 100
 _MAX_LAYOUT_RESTARTS = 100
-# Sub-pixel bits used when rasterising polygons with cv2.
-_SHIFT = 4
 # Smallest Euclidean RGB distance between a shape and its background.
 _MIN_CONTRAST = 100.0
 
@@ -58,7 +56,7 @@ class Shape(NamedTuple):
         return float(x1), float(y1), float(x2), float(y2)
 
 
-def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+def _check_int(name: str, value: int, minimum: int = 1) -> None:
     """Raise a ``ValueError`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f'{name} must be an int, got {value!r}')
@@ -66,16 +64,15 @@ def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f'{name} must be >= {minimum}, got {value}')
 
 
-def _check_args(num_train: int, num_val: int, img_size: int,
-                          seed: int, min_shapes: int,
-                          max_shapes: int) -> None:
+def _check_args(num_train: int, num_val: int, img_size: int, seed: int,
+                min_shapes: int, max_shapes: int) -> None:
     """Raise a ``ValueError`` describing the first invalid argument."""
-    _check_positive_int('num_train', num_train)
-    _check_positive_int('num_val', num_val)
-    _check_positive_int('img_size', img_size, MIN_IMG_SIZE)
-    _check_positive_int('seed', seed, 0)
-    _check_positive_int('min_shapes', min_shapes, 0)
-    _check_positive_int('max_shapes', max_shapes, 1)
+    _check_int('num_train', num_train)
+    _check_int('num_val', num_val)
+    _check_int('img_size', img_size, MIN_IMG_SIZE)
+    _check_int('seed', seed, 0)
+    _check_int('min_shapes', min_shapes, 0)
+    _check_int('max_shapes', max_shapes, 1)
     if min_shapes > max_shapes:
         raise ValueError(f'min_shapes ({min_shapes}) must not exceed '
                          f'max_shapes ({max_shapes})')
@@ -166,11 +163,21 @@ def _contrasting_colour(rng: np.random.Generator,
             return tuple(float(c) for c in colour)
 
 
-def _fill_polygon(canvas: np.ndarray, polygon: np.ndarray, value) -> None:
-    """Fill the pixels whose centres lie inside ``polygon``, in place."""
-    # cv2 puts pixel centres on integer coordinates, COCO at half-integers.
-    points = np.round((polygon - 0.5) * (1 << _SHIFT)).astype(np.int32)
-    cv2.fillPoly(canvas, [points], value, lineType=cv2.LINE_8, shift=_SHIFT)
+def _rasterise(polygon: np.ndarray, img_size: int) -> np.ndarray:
+    """Mask (H, W) of the pixels whose centres lie inside a convex polygon.
+
+    The vertices must turn counter-clockwise in (x, y), as those of
+    :func:`_regular_polygon` do.
+    """
+    mask = np.zeros((img_size, img_size), bool)
+    x1, y1 = np.floor(polygon.min(axis=0)).astype(int)
+    x2, y2 = np.ceil(polygon.max(axis=0)).astype(int)
+    ys, xs = np.mgrid[y1:y2, x1:x2] + 0.5
+    inside = np.ones(xs.shape, bool)
+    for (ax, ay), (bx, by) in zip(polygon, np.roll(polygon, -1, axis=0)):
+        inside &= (bx - ax) * (ys - ay) - (by - ay) * (xs - ax) >= 0
+    mask[y1:y2, x1:x2] = inside
+    return mask
 
 
 def _render(rng: np.random.Generator, img_size: int, shapes: List[Shape]
@@ -180,12 +187,10 @@ def _render(rng: np.random.Generator, img_size: int, shapes: List[Shape]
     label_map = np.zeros((img_size, img_size), np.uint8)
     areas = []
     for shape in shapes:
-        mask = np.zeros_like(label_map)
-        _fill_polygon(mask, shape.polygon, 1)
+        mask = _rasterise(shape.polygon, img_size)
         areas.append(int(mask.sum()))
-        label_map[mask > 0] = shape.category_id
-        _fill_polygon(image, shape.polygon,
-                      _contrasting_colour(rng, background))
+        label_map[mask] = shape.category_id
+        image[mask] = _contrasting_colour(rng, background)
     image += rng.normal(0, 10, size=image.shape).astype(np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), label_map, areas
 
@@ -271,7 +276,8 @@ def _write_atomically(root: str, write: Callable[[str], None]) -> None:
     An interrupted ``write`` leaves no ``root`` behind. When another process
     created ``root`` in the meantime, its copy wins and ours is discarded.
     """
-    parent = osp.dirname(osp.abspath(root))
+    root = osp.abspath(root)
+    parent = osp.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp_root = tempfile.mkdtemp(
         prefix=f'.{osp.basename(root)}.tmp-', dir=parent)
@@ -308,13 +314,14 @@ def generate_shapes(root: str,
     Returns:
         str: ``root``.
     """
-    args = _generation_args(
+    args = dict(
         num_train=num_train,
         num_val=num_val,
         img_size=img_size,
         seed=seed,
         min_shapes=min_shapes,
         max_shapes=max_shapes)
+    _check_args(**args)
     if osp.exists(root):
         raise FileExistsError(f'{root} already exists; remove it to '
                               'generate the shapes data set again')

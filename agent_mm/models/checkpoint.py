@@ -16,7 +16,12 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.runner import CheckpointLoader
 from torch import Tensor
 
-PREFIXES = ('module.', 'backbone.')
+
+
+def _strip_prefix(state_dict: Mapping[str, Tensor],
+                  prefix: str) -> Dict[str, Tensor]:
+    return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v)
+                       for k, v in state_dict.items())
 
 
 def extract_backbone_state_dict(checkpoint: Mapping) -> Dict[str, Tensor]:
@@ -37,14 +42,12 @@ def extract_backbone_state_dict(checkpoint: Mapping) -> Dict[str, Tensor]:
     if not state_dict:
         raise ValueError('The checkpoint holds no tensors under "state_dict"'
                          ', "model" or at its top level.')
+    state_dict = _strip_prefix(state_dict, 'module.')
     if any(k.startswith('backbone.') for k in state_dict):
-        state_dict = OrderedDict((k, v) for k, v in state_dict.items()
-                                 if k.startswith(('backbone.',
-                                                  'module.backbone.')))
-    for prefix in PREFIXES:
-        state_dict = OrderedDict(
-            (k[len(prefix):] if k.startswith(prefix) else k, v)
-            for k, v in state_dict.items())
+        state_dict = _strip_prefix(
+            {k: v
+             for k, v in state_dict.items() if k.startswith('backbone.')},
+            'backbone.')
     return state_dict
 
 

@@ -1,0 +1,145 @@
+"""Loading the authors' released checkpoint layouts into the backbones."""
+import pytest
+import torch
+
+import agent_mm.models.checkpoint as checkpoint_module
+from agent_mm.models import (AgentPVT, AgentSwinTransformer,
+                             extract_backbone_state_dict)
+
+SMALL_PVT = dict(depths=[1, 1, 1, 1], attn_type='AAAB')
+SMALL_SWIN = dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
+                  attn_type='AAMB1')
+
+
+def _source(build):
+    torch.manual_seed(1)
+    model = build()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()
+    return model
+
+
+def _imagenet_layout(state_dict, yacs_cfgnode, num_features):
+    model = dict(state_dict)
+    model.update({
+        'norm.weight': torch.ones(num_features),
+        'norm.bias': torch.zeros(num_features),
+        'head.weight': torch.zeros(1000, num_features),
+        'head.bias': torch.zeros(1000),
+    })
+    return {
+        'model': model,
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3}]},
+        'lr_scheduler': {'last_epoch': 299},
+        'max_accuracy': 79.4,
+        'epoch': 299,
+        'config': yacs_cfgnode(MODEL=yacs_cfgnode(NAME='agent')),
+    }
+
+
+def _downstream_layout(state_dict):
+    weights = {f'backbone.{k}': v for k, v in state_dict.items()}
+    weights['neck.lateral_convs.0.conv.weight'] = torch.zeros(256, 64, 1, 1)
+    weights['rpn_head.rpn_conv.weight'] = torch.zeros(256, 256, 3, 3)
+    return {'state_dict': weights,
+            'meta': {'mmdet_version': '2.25.0', 'epoch': 12}}
+
+
+@pytest.fixture
+def log_messages(monkeypatch):
+    messages = []
+    monkeypatch.setattr(checkpoint_module, 'print_log',
+                        lambda msg, **kwargs: messages.append(msg))
+    return messages
+
+
+CASES = [
+    (lambda: AgentPVT(**SMALL_PVT), 512),
+    (lambda: AgentSwinTransformer(**SMALL_SWIN), 128),
+]
+
+
+@pytest.mark.parametrize('build, num_features', CASES)
+@pytest.mark.parametrize('layout', ['imagenet', 'downstream'])
+def test_released_layouts_load_every_backbone_key(tmp_path, yacs_cfgnode,
+                                                  log_messages, build,
+                                                  num_features, layout):
+    source = _source(build)
+    state_dict = source.state_dict()
+    if layout == 'imagenet':
+        saved = _imagenet_layout(state_dict, yacs_cfgnode, num_features)
+    else:
+        saved = _downstream_layout(state_dict)
+    path = str(tmp_path / f'{layout}.pth')
+    with yacs_cfgnode.importable():
+        torch.save(saved, path)
+
+    model = build()
+    model.init_cfg = dict(type='Pretrained', checkpoint=path)
+    model.init_weights()
+
+    for key, value in state_dict.items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    assert not any('not in the checkpoint' in m for m in log_messages)
+    unused = [m for m in log_messages if 'not used by the backbone' in m]
+    if layout == 'imagenet':
+        assert len(unused) == 1 and 'head.weight' in unused[0]
+    else:
+        assert not unused  # only backbone.* keys are considered
+
+
+def test_missing_keys_are_reported_through_the_logger(tmp_path,
+                                                      log_messages):
+    state_dict = AgentPVT(**SMALL_PVT).state_dict()
+    del state_dict['pos_embed1']
+    path = str(tmp_path / 'partial.pth')
+    torch.save({'state_dict': state_dict}, path)
+    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
+                                                 checkpoint=path))
+    model.init_weights()
+    missing = [m for m in log_messages if 'not in the checkpoint' in m]
+    assert len(missing) == 1 and 'pos_embed1' in missing[0]
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
+    state_dict = AgentSwinTransformer(**dict(SMALL_SWIN,
+                                             embed_dims=32)).state_dict()
+    path = str(tmp_path / 'wider.pth')
+    torch.save({'model': state_dict}, path)
+    model = AgentSwinTransformer(**SMALL_SWIN, init_cfg=dict(
+        type='Pretrained', checkpoint=path))
+    with pytest.raises(ValueError) as info:
+        model.init_weights()
+    message = str(info.value)
+    assert 'patch_embed.proj.weight: checkpoint (32, 3, 4, 4) vs model ' \
+           '(16, 3, 4, 4)' in message
+    assert 'wider.pth' in message
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    resnet_like = {'conv1.weight': torch.zeros(64, 3, 7, 7),
+                   'bn1.weight': torch.ones(64),
+                   'layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1)}
+    path = str(tmp_path / 'resnet50.pth')
+    torch.save({'state_dict': resnet_like}, path)
+    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
+                                                 checkpoint=path))
+    with pytest.raises(ValueError, match='another model'):
+        model.init_weights()
+
+
+def test_missing_checkpoint_file_names_the_path(tmp_path):
+    path = str(tmp_path / 'agent_pvt_t_max_acc.pth')
+    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
+                                                 checkpoint=path))
+    with pytest.raises(FileNotFoundError, match='agent_pvt_t_max_acc.pth'):
+        model.init_weights()
+
+
+def test_extract_strips_prefixes_and_keeps_backbone_only():
+    weights = {'module.backbone.a': torch.zeros(1),
+               'module.neck.b': torch.zeros(1)}
+    assert list(extract_backbone_state_dict({'state_dict': weights})) == ['a']
+    with pytest.raises(ValueError, match='no tensors'):
+        extract_backbone_state_dict({'meta': {'epoch': 1}})
