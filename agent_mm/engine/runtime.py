@@ -1,0 +1,101 @@
+"""Config adjustments shared by ``tools/train.py`` and ``tools/test.py``."""
+import argparse
+import os
+import os.path as osp
+from typing import Any, Optional
+
+import torch
+from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS, init_default_scope
+from mmengine.runner import Runner
+
+
+def has_accelerator() -> bool:
+    """Whether a CUDA device can be used."""
+    return torch.cuda.is_available()
+
+
+def set_work_dir(cfg: Config, config_path: str,
+                 work_dir: Optional[str]) -> None:
+    """Work dir priority: command line, config, ``work_dirs/<config
+    name>``."""
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(config_path))[0])
+
+
+def replace_sync_bn(node: Any) -> Any:
+    """Turn every ``SyncBN`` norm config into ``BN`` (in place).
+
+    torch's ``SyncBatchNorm`` refuses CPU tensors in distributed training,
+    so CPU runs use plain batch norm (per-process statistics).
+    """
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+        for value in node.values():
+            replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            replace_sync_bn(value)
+    return node
+
+
+def adapt_to_cpu(cfg: Config) -> None:
+    """Make a GPU-minded config run on CPU processes: gloo instead of nccl
+    for distributed runs, ``BN`` instead of ``SyncBN``."""
+    if has_accelerator():
+        return
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+    cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+    replace_sync_bn(cfg.model)
+
+
+def enable_amp(cfg: Config) -> None:
+    """Mixed precision: mmengine's ``AmpOptimWrapper`` (fp16 with dynamic
+    loss scaling) on a GPU, :class:`CPUAmpOptimWrapper` (bfloat16) on the
+    CPU."""
+    if has_accelerator():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the train and test tools."""
+    parser.add_argument('--work-dir', help='where to save logs and outputs')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, e.g. train_cfg.max_epochs=2')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The config file with the shared command-line options applied."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    set_work_dir(cfg, args.config, args.work_dir)
+    adapt_to_cpu(cfg)
+    return cfg
+
+
+def build_runner(cfg: Config) -> Runner:
+    """A runner in the config's codebase scope (mmdet or mmseg)."""
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

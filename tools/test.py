@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint with an agent_mm (or any mmdet/mmseg) config.
+
+Checkpoints saved by mmdet 2.x / mmseg 0.x (as the authors released them)
+load as they are: their weight names are those of mmdet 3.x / mmseg 1.x.
+Usable directly, with ``tools/dist_test.sh`` / ``tools/slurm_test.sh``, or as
+``mim test agent_mm CONFIG --checkpoint CKPT``.
+"""
+import argparse
+
+from mmengine.config import Config
+
+from agent_mm.engine.runtime import add_common_args, build_runner, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Test a model (mmdet or mmseg config)')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--out', help='dump predictions to this pickle file (detection)')
+    parser.add_argument(
+        '--show-dir',
+        help='save images with predictions drawn into this directory '
+        '(relative to the work dir for detection)')
+    parser.add_argument(
+        '--show', action='store_true', help='show predictions in a window')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='seconds per image shown')
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def enable_visualization(cfg: Config, args: argparse.Namespace) -> None:
+    """Draw predictions through the config's visualization hook."""
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise ValueError('--show/--show-dir need a visualization hook in '
+                         'default_hooks (mmdet: DetVisualizationHook, '
+                         'mmseg: SegVisualizationHook).')
+    hook['draw'] = True
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        if cfg.get('default_scope') == 'mmseg':
+            cfg.visualizer['save_dir'] = args.show_dir
+        else:
+            hook['test_out_dir'] = args.show_dir
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The config file with the command line applied."""
+    cfg = load_config(args)
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        enable_visualization(cfg, args)
+    if args.out is not None:
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError('--out must be a .pkl or .pickle file.')
+        cfg.test_evaluator = [
+            *(cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else
+              [cfg.test_evaluator]),
+            dict(type='DumpResults', out_file_path=args.out)
+        ]
+    return cfg
+
+
+def main(argv=None) -> None:
+    build_runner(build_config(parse_args(argv))).test()
+
+
+if __name__ == '__main__':
+    main()
