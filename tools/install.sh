@@ -60,8 +60,13 @@ pip 'mmdet==3.3.0' 'mmsegmentation==1.2.2' ftfy regex
 pip --no-deps 'openmim==0.3.9'
 pip click colorama model-index pandas requests rich tabulate
 
-if [ -f setup.py ] || [ -f pyproject.toml ]; then
-  pip --no-build-isolation -e '.[tests]'
+pip --no-build-isolation -e '.[tests]'
+
+# mim looks for <site-packages>/agent_mm/.mim; a PEP 660 editable install
+# keeps the package in the repo, so point that path at it.
+site_packages=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -e "$site_packages/agent_mm" ]; then
+  ln -s "$repo_root/agent_mm" "$site_packages/agent_mm"
 fi
 
 "$py" -c 'import agent_mm, mmdet, mmseg, mmcv.ops; print("agent_mm stack ready")'
