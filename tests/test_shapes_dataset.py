@@ -1,4 +1,4 @@
-"""The synthetic shapes data set: generation, atomic writing, dataset classes."""
+"""Shapes data set: generation, atomic writing and the dataset classes."""
 import json
 import os
 import os.path as osp
@@ -7,7 +7,6 @@ import cv2
 import numpy as np
 import pytest
 from mmengine.registry import DefaultScope
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from agent_mm.datasets import shapes
@@ -19,8 +18,8 @@ TINY = dict(num_train=6, num_val=3, img_size=64)
 @pytest.fixture(scope='module')
 def tiny_root(tmp_path_factory) -> str:
     """A tiny shapes data set shared by the read-only tests."""
-    return generate_shapes(str(tmp_path_factory.mktemp('tiny') / 'shapes'),
-                           **TINY)
+    return generate_shapes(
+        str(tmp_path_factory.mktemp('tiny') / 'shapes'), **TINY)
 
 
 def _files(root: str) -> dict:
@@ -46,9 +45,8 @@ def _label_map(root: str, split: str, file_name: str) -> np.ndarray:
 def test_layout_and_coco_file_load(tiny_root):
     for split, num_images in (('train', 6), ('val', 3)):
         coco = _coco(tiny_root, split)
-        assert [c['name'] for c in coco.loadCats([1, 2, 3])] == [
-            'circle', 'square', 'triangle'
-        ]
+        assert [c['name'] for c in coco.loadCats([1, 2, 3])
+                ] == ['circle', 'square', 'triangle']
         assert len(coco.getImgIds()) == num_images
         for img in coco.loadImgs(coco.getImgIds()):
             assert (img['width'], img['height']) == (64, 64)
@@ -175,8 +173,7 @@ def test_existing_root_is_not_regenerated(tiny_root, tmp_path):
 
 def test_generation_json_records_arguments(tiny_root):
     with open(osp.join(tiny_root, 'generation.json')) as f:
-        assert json.load(f) == dict(
-            seed=0, min_shapes=1, max_shapes=3, **TINY)
+        assert json.load(f) == dict(seed=0, min_shapes=1, max_shapes=3, **TINY)
 
 
 def test_det_dataset_generates_and_loads(tmp_path):
@@ -195,8 +192,7 @@ def test_det_dataset_generates_and_loads(tmp_path):
         ])
     with DefaultScope.overwrite_default_scope('mmdet'):
         dataset = DATASETS.build(cfg)
-        assert dataset.metainfo['classes'] == ('circle', 'square',
-                                               'triangle')
+        assert dataset.metainfo['classes'] == ('circle', 'square', 'triangle')
         assert len(dataset) == 6
         coco = _coco(data_root, 'train')
         for index in (0, 5):
@@ -217,8 +213,7 @@ def test_seg_dataset_generates_and_loads(tmp_path):
     cfg = dict(
         type='ShapesSegDataset',
         data_root=data_root,
-        data_prefix=dict(
-            img_path='images/val', seg_map_path='ann_semseg/val'),
+        data_prefix=dict(img_path='images/val', seg_map_path='ann_semseg/val'),
         generate=TINY,
         pipeline=[
             dict(type='LoadImageFromFile'),

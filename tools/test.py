@@ -6,6 +6,7 @@ Usable directly, with ``tools/dist_test.sh`` / ``tools/slurm_test.sh``, or as
 ``mim test agent_mm CONFIG --checkpoint CKPT``.
 """
 import argparse
+import os.path as osp
 
 from mmengine.config import Config
 
@@ -22,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--show-dir',
         help='save images with predictions drawn into this directory '
-        '(relative to the work dir for detection)')
+        '(relative to the work dir)')
     parser.add_argument(
         '--show', action='store_true', help='show predictions in a window')
     parser.add_argument(
@@ -44,7 +45,8 @@ def enable_visualization(cfg: Config, args: argparse.Namespace) -> None:
         hook['wait_time'] = args.wait_time
     if args.show_dir:
         if cfg.get('default_scope') == 'mmseg':
-            cfg.visualizer['save_dir'] = args.show_dir
+            cfg.visualizer['save_dir'] = osp.join(cfg.work_dir,
+                                                  args.show_dir)
         else:
             hook['test_out_dir'] = args.show_dir
 

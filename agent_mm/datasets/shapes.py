@@ -1,9 +1,9 @@
 """Generation of the synthetic "shapes" data set (numpy and cv2 only).
 
-Each image shows (by default 1-3) filled circles, squares and triangles of random colours
-on a textured noise background. Shapes never overlap (their boxes keep a gap
-of a few pixels), so every polygon, box and label-map region describes a
-fully visible object. The layout under ``root`` is::
+Each image shows a few (by default 1-3) filled circles, squares and triangles
+of random colours on a textured noise background. Shapes never overlap (their
+boxes keep a gap of a few pixels), so every polygon, box and label-map region
+describes a fully visible object. The layout under ``root`` is::
 
     images/{train,val}/000001.png            RGB images
     annotations/instances_{train,val}.json   COCO instances (polygons)
@@ -133,8 +133,7 @@ def _layout(rng: np.random.Generator, img_size: int, num_shapes: int,
     for _ in range(_MAX_LAYOUT_RESTARTS):
         shapes = []
         while len(shapes) < num_shapes:
-            shape = _place_without_overlap(rng, img_size, radius_range,
-                                           shapes)
+            shape = _place_without_overlap(rng, img_size, radius_range, shapes)
             if shape is None:
                 break
             shapes.append(shape)
@@ -180,8 +179,8 @@ def _rasterise(polygon: np.ndarray, img_size: int) -> np.ndarray:
     return mask
 
 
-def _render(rng: np.random.Generator, img_size: int, shapes: List[Shape]
-            ) -> Tuple[np.ndarray, np.ndarray, List[int]]:
+def _render(rng: np.random.Generator, img_size: int,
+            shapes: List[Shape]) -> Tuple[np.ndarray, np.ndarray, List[int]]:
     """Draw the shapes; return the image, label map and per-shape areas."""
     image, background = _textured_background(rng, img_size)
     label_map = np.zeros((img_size, img_size), np.uint8)
@@ -203,7 +202,8 @@ def _coco_annotation(ann_id: int, image_id: int, shape: Shape,
         id=ann_id,
         image_id=image_id,
         category_id=shape.category_id,
-        bbox=[x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
+        bbox=[x1, y1, round(x2 - x1, 2),
+              round(y2 - y1, 2)],
         segmentation=[[float(v) for v in shape.polygon.ravel()]],
         area=area,
         iscrowd=0)
@@ -241,8 +241,7 @@ def _write_split(root: str, split: str, num_images: int, img_size: int,
                 height=img_size))
         for shape, area in zip(shapes, areas):
             annotations.append(
-                _coco_annotation(
-                    len(annotations) + 1, image_id, shape, area))
+                _coco_annotation(len(annotations) + 1, image_id, shape, area))
     coco = dict(
         info=dict(description=f'agent_mm synthetic shapes ({split})'),
         images=images,

@@ -30,7 +30,10 @@ class ShapesDetDataset(CocoDataset):
         'palette': [(220, 20, 60), (0, 128, 255), (255, 200, 0)]
     }
 
-    def __init__(self, *args, generate: Optional[dict] = None, **kwargs):
+    def __init__(self,
+                 *args,
+                 generate: Optional[dict] = None,
+                 **kwargs) -> None:
         self._generate_kwargs = dict(generate or {})
         super().__init__(*args, **kwargs)
 

@@ -1,0 +1,86 @@
+# Quick-start: Semantic FPN with Agent-PVT-T trained from scratch on the
+# built-in synthetic "shapes" data set (generated under data/shapes on first
+# use), small enough for a 2-core CPU.
+_base_ = [
+    'mmseg::_base_/models/fpn_r50.py', 'mmseg::_base_/default_runtime.py'
+]
+custom_imports = dict(
+    imports=['agent_mm', 'agent_mm.datasets'], allow_failed_imports=False)
+
+crop_size = (256, 256)
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        _delete_=True,
+        type='AgentPVT',
+        arch='tiny',
+        drop_path_rate=0.1,
+        out_indices=(0, 1, 2, 3),
+        init_cfg=None),
+    neck=dict(in_channels=[64, 128, 320, 512], out_channels=128),
+    decode_head=dict(
+        in_channels=[128, 128, 128, 128],
+        channels=64,
+        num_classes=4,
+        norm_cfg=norm_cfg))
+
+dataset_type = 'ShapesSegDataset'
+data_root = 'data/shapes/'
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs')
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        data_prefix=dict(
+            img_path='images/train', seg_map_path='ann_semseg/train'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        data_prefix=dict(img_path='images/val', seg_map_path='ann_semseg/val'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator
+
+max_iters = 400
+train_cfg = dict(
+    type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
+         end=50),
+    dict(type='PolyLR', power=0.9, eta_min=0, by_epoch=False, begin=50,
+         end=max_iters)
+]
+
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
+    checkpoint=dict(
+        type='CheckpointHook', by_epoch=False, interval=100,
+        max_keep_ckpts=2))
+log_processor = dict(by_epoch=False)
