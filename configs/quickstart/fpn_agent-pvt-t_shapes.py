@@ -10,6 +10,7 @@ custom_imports = dict(
 crop_size = (256, 256)
 norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
+    pretrained=None,  # the base's ResNet weights; ours start from scratch
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         _delete_=True,
@@ -82,5 +83,6 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
     checkpoint=dict(
         type='CheckpointHook', by_epoch=False, interval=100,
-        max_keep_ckpts=2))
+        max_keep_ckpts=2),
+    visualization=dict(type='SegVisualizationHook', interval=1))
 log_processor = dict(by_epoch=False)
