@@ -5,6 +5,7 @@ import os.path as osp
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
@@ -44,13 +45,32 @@ def replace_sync_bn(node: Any) -> Any:
 
 
 def adapt_to_cpu(cfg: Config) -> None:
-    """Make a GPU-minded config run on CPU processes: gloo instead of nccl
-    for distributed runs, ``BN`` instead of ``SyncBN``."""
+    """Make a GPU-minded config run on CPU processes: ``BN`` instead of
+    ``SyncBN``, and for distributed runs gloo instead of nccl and a DDP
+    wrapper without device ids."""
     if has_accelerator():
+        return
+    replace_sync_bn(cfg.model)
+    if cfg.get('launcher', 'none') == 'none':
         return
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
     cfg.env_cfg.dist_cfg['backend'] = 'gloo'
-    replace_sync_bn(cfg.model)
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(
+            type='CPUDistributedDataParallel',
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def init_cpu_distributed(cfg: Config) -> None:
+    """Join the torchrun process group with gloo.
+
+    mmengine's own initialisation calls ``torch.cuda.set_device``, which a
+    CPU-only torch does not have; once the group exists, mmengine uses it.
+    """
+    if (cfg.get('launcher') == 'pytorch' and not has_accelerator()
+            and not dist.is_initialized()):
+        dist.init_process_group(backend='gloo')
 
 
 def enable_amp(cfg: Config) -> None:
@@ -96,6 +116,7 @@ def load_config(args: argparse.Namespace) -> Config:
 def build_runner(cfg: Config) -> Runner:
     """A runner in the config's codebase scope (mmdet or mmseg)."""
     init_default_scope(cfg.get('default_scope', 'mmdet'))
+    init_cpu_distributed(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
