@@ -43,7 +43,7 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.amp:
         enable_amp(cfg)
     if args.auto_scale_lr:
-        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+        if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
             raise ValueError('--auto-scale-lr needs auto_scale_lr='
                              'dict(base_batch_size=...) in the config.')
         cfg.auto_scale_lr.enable = True

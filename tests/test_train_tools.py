@@ -1,0 +1,157 @@
+"""tools/train.py and tools/test.py: options, resume, mixed precision."""
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+import agent_mm  # noqa: F401  (reads mmengine checkpoints safely)
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'tools'))
+import test as test_tool  # noqa: E402
+import train as train_tool  # noqa: E402
+
+QUICKSTART_SEG = osp.join(REPO, 'configs', 'quickstart',
+                          'fpn_agent-pvt-t_shapes.py')
+QUICKSTART_DET = osp.join(REPO, 'configs', 'quickstart',
+                          'mask-rcnn_agent-pvt-t_fpn_shapes.py')
+
+# deterministic: fixed seed, no random augmentation, no dropout/drop path
+DETERMINISTIC_SEG = '''
+_base_ = {base!r}
+data_root = {data_root!r}
+generate = dict(num_train=8, num_val=2, img_size=64, seed=2)
+randomness = dict(seed=0, deterministic=True)
+model = dict(
+    data_preprocessor=dict(size=(64, 64)),
+    backbone=dict(drop_path_rate=0.),
+    decode_head=dict(dropout_ratio=0.))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs')
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, generate=generate,
+                 pipeline=train_pipeline))
+val_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, generate=generate))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters=4, val_interval=100)
+default_hooks = dict(checkpoint=dict(interval=2))
+'''
+
+
+def _write_config(tmp_path, text=DETERMINISTIC_SEG, base=QUICKSTART_SEG):
+    path = tmp_path / 'tiny.py'
+    path.write_text(
+        text.format(base=base, data_root=str(tmp_path / 'shapes') + '/'))
+    return str(path)
+
+
+def _train(config, work_dir, *args):
+    result = subprocess.run(
+        [sys.executable,
+         osp.join(REPO, 'tools', 'train.py'), config, '--work-dir',
+         str(work_dir), *args],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+def test_cpu_amp_selects_bfloat16_wrapper(tmp_path):
+    args = train_tool.parse_args([QUICKSTART_DET, '--amp'])
+    cfg = train_tool.build_config(args)
+    if torch.cuda.is_available():
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    else:
+        assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
+        assert 'loss_scale' not in cfg.optim_wrapper
+
+
+def test_resume_options():
+    cfg = train_tool.build_config(
+        train_tool.parse_args([QUICKSTART_DET, '--resume']))
+    assert cfg.resume is True and cfg.load_from is None
+    cfg = train_tool.build_config(
+        train_tool.parse_args([QUICKSTART_DET, '--resume', 'x.pth']))
+    assert cfg.resume is True and cfg.load_from == 'x.pth'
+
+
+def test_auto_scale_lr_needs_base_batch_size(tmp_path):
+    config = tmp_path / 'no_scale.py'
+    config.write_text(f'_base_ = {QUICKSTART_DET!r}\n'
+                      'auto_scale_lr = None\n')
+    with pytest.raises(ValueError, match='base_batch_size'):
+        train_tool.build_config(
+            train_tool.parse_args([str(config), '--auto-scale-lr']))
+
+
+def test_sync_bn_becomes_bn_on_cpu(tmp_path):
+    config = tmp_path / 'syncbn.py'
+    config.write_text(
+        f'_base_ = {QUICKSTART_SEG!r}\n'
+        "model = dict(decode_head=dict(norm_cfg=dict(type='SyncBN')))\n")
+    cfg = train_tool.build_config(train_tool.parse_args([str(config)]))
+    if not torch.cuda.is_available():
+        assert cfg.model.decode_head.norm_cfg.type == 'BN'
+
+
+def test_test_tool_turns_on_visualisation(tmp_path):
+    cfg = test_tool.build_config(
+        test_tool.parse_args([QUICKSTART_DET, 'ckpt.pth', '--show-dir',
+                              'vis', '--work-dir', str(tmp_path)]))
+    assert cfg.load_from == 'ckpt.pth'
+    assert cfg.default_hooks.visualization.draw is True
+    assert cfg.default_hooks.visualization.test_out_dir == 'vis'
+    with pytest.raises(ValueError, match='.pkl'):
+        test_tool.build_config(
+            test_tool.parse_args([QUICKSTART_DET, 'ckpt.pth', '--out',
+                                  'preds.json']))
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
+    config = _write_config(tmp_path)
+    _train(config, tmp_path / 'straight')
+    _train(config, tmp_path / 'split', '--cfg-options',
+           'train_cfg.max_iters=2')
+    assert not (tmp_path / 'split' / 'iter_4.pth').exists()
+    out = _train(config, tmp_path / 'split', '--resume')
+    assert 'resumed epoch: 0, iter: 2' in out
+
+    straight = torch.load(tmp_path / 'straight' / 'iter_4.pth')
+    resumed = torch.load(tmp_path / 'split' / 'iter_4.pth')
+    initial = torch.load(tmp_path / 'straight' / 'iter_2.pth')
+    assert straight['meta']['iter'] == resumed['meta']['iter'] == 4
+    moved = False
+    for key, value in straight['state_dict'].items():
+        torch.testing.assert_close(resumed['state_dict'][key], value,
+                                   msg=key)
+        moved |= not torch.equal(initial['state_dict'][key], value)
+    assert moved, 'the last two iterations changed no weight'
+
+
+@pytest.mark.slow
+def test_amp_training_on_cpu_stays_finite(tmp_path):
+    config = _write_config(tmp_path)
+    out = _train(config, tmp_path / 'amp', '--amp', '--cfg-options',
+                 'train_cfg.max_iters=2', 'default_hooks.logger.interval=1')
+    assert 'CPUAmpOptimWrapper' in Config.fromfile(
+        str(tmp_path / 'amp' / 'tiny.py')).optim_wrapper.type or \
+        torch.cuda.is_available()
+    losses = [
+        float(part.split(':')[1]) for line in out.splitlines()
+        if 'Iter(train)' in line for part in line.split('  ')
+        if part.startswith('loss:')
+    ]
+    assert len(losses) == 2
+    assert all(torch.isfinite(torch.tensor(losses)))
+    weights = torch.load(tmp_path / 'amp' / 'iter_2.pth')['state_dict']
+    assert all(torch.isfinite(v).all() for v in weights.values()
+               if v.is_floating_point())
