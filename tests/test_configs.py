@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mmdet.registry import MODELS as DET_MODELS
+from mmdet.structures import DetDataSample
+from mmdet.structures.mask import BitmapMasks
 from mmengine.config import Config
+from mmengine.dataset import Compose
 from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData, PixelData
+from mmseg.registry import MODELS as SEG_MODELS
+from mmseg.structures import SegDataSample
 
 import agent_mm  # noqa: F401  (registers the backbones)
 
@@ -41,6 +47,9 @@ CONFIGS = sorted(
     str(path.relative_to(REPO / 'configs')) for folder in CONFIG_DIRS
     for path in (REPO / 'configs' / folder).glob('*.py'))
 
+# side of the fake images: every stage keeps a token grid of at least 2x2
+IMAGE_SIZE = 64
+BACKBONES = dict(pvt='AgentPVT', swin='AgentSwinTransformer')
 ARCHS = dict(t='tiny', s='small', m='medium', l='large', b='base')
 STAGE_CHANNELS = dict(
     pvt=dict.fromkeys('tsml', [64, 128, 320, 512]),
@@ -69,8 +78,17 @@ AGENT_BIASES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias',
 SWIN_NO_DECAY = ('absolute_pos_embed', 'relative_position_bias_table', 'norm',
                  *AGENT_BIASES)
 MS_SCALES = [(short, 1333) for short in range(480, 801, 32)]
-CASCADE_STDS = ([0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1,
-                                       0.1], [0.033, 0.033, 0.067, 0.067])
+CASCADE_STDS = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1],
+                [0.033, 0.033, 0.067, 0.067]]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny tensors: threads cost more than they save (3x on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _parse(config: str) -> dict:
@@ -115,8 +133,7 @@ def test_config_recipe(config):
 
     # backbone: the arch preset plus the per-detector stochastic depth
     backbone = cfg.model.backbone
-    assert backbone.type == dict(
-        pvt='AgentPVT', swin='AgentSwinTransformer')[family]
+    assert backbone.type == BACKBONES[family]
     assert backbone.arch == ARCHS[size]
     assert backbone.drop_path_rate == DROP_PATH[family, method][size]
     assert tuple(backbone.out_indices) == (0, 1, 2, 3)
@@ -176,11 +193,14 @@ def test_config_recipe(config):
             assert (poly.power, poly.begin) == (0.9, 0)
         else:
             warmup = schedulers['LinearLR']
-            assert (warmup.start_factor, warmup.begin, warmup.end) == (1e-6, 0,
-                                                                       1500)
+            assert warmup.start_factor == 1e-6
+            assert (warmup.begin, warmup.end) == (0, 1500)
             assert (poly.power, poly.begin) == (1.0, 1500)
 
-    # data
+    # data: the pipelines build, and follow the recipe
+    init_default_scope(cfg.default_scope)
+    Compose(cfg.train_dataloader.dataset.pipeline)
+    Compose(cfg.test_dataloader.dataset.pipeline)
     transforms = list(_flatten(cfg.train_dataloader.dataset.pipeline))
     types = [t.type for t in transforms]
     if info['task'] == 'seg':
@@ -200,8 +220,8 @@ def test_config_recipe(config):
         assert choice.transforms[0][0].scales == MS_SCALES
         short, crop, resize = choice.transforms[1]
         assert short.scales == [(400, 1333), (500, 1333), (600, 1333)]
-        assert (crop.crop_type, crop.crop_size) == ('absolute_range', (384,
-                                                                       600))
+        assert crop.crop_type == 'absolute_range'
+        assert crop.crop_size == (384, 600)
         assert resize.scales == MS_SCALES
     else:
         resize = transforms[types.index('Resize')]
@@ -223,9 +243,6 @@ def test_config_recipe(config):
 
 
 def _det_batch(size: int, with_gt: bool, with_mask: bool) -> dict:
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-
     sample = DetDataSample(
         metainfo=dict(
             img_shape=(size, size),
@@ -246,8 +263,6 @@ def _det_batch(size: int, with_gt: bool, with_mask: bool) -> dict:
 
 
 def _seg_batch(size: int, num_images: int, num_classes: int) -> dict:
-    from mmseg.structures import SegDataSample
-
     inputs, samples = [], []
     for _ in range(num_images):
         sample = SegDataSample(
@@ -263,23 +278,33 @@ def _seg_batch(size: int, num_images: int, num_classes: int) -> dict:
     return dict(inputs=inputs, data_samples=samples)
 
 
+def _fewer_rois(model: Config) -> None:
+    """Fewer proposals and sampled RoIs: cheaper R-CNN heads, same code."""
+    if 'rpn_proposal' not in model.train_cfg:
+        return
+    model.train_cfg.rpn_proposal.max_per_img = 32
+    model.test_cfg.rpn.max_per_img = 32
+    rcnn = model.train_cfg.rcnn
+    for stage in rcnn if isinstance(rcnn, list) else [rcnn]:
+        stage.sampler.num = 16
+
+
 @pytest.mark.parametrize('config', CONFIGS)
 def test_model_trains_and_predicts(config):
     info = _parse(config)
-    size = 64
+    size = IMAGE_SIZE
     cfg = _load(config)
     init_default_scope(cfg.default_scope)
     if info['task'] == 'seg':
-        from mmseg.registry import MODELS
+        registry = SEG_MODELS
         cfg.model.data_preprocessor.size = (size, size)
     else:
-        from mmdet.registry import MODELS
+        registry = DET_MODELS
+        _fewer_rois(cfg.model)
     cfg.model.backbone.init_cfg = None
 
-    torch.manual_seed(0)
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    backbone_type = dict(pvt='AgentPVT', swin='AgentSwinTransformer')
-    assert type(model.backbone).__name__ == backbone_type[info['family']]
+    model = revert_sync_batchnorm(registry.build(cfg.model))
+    assert type(model.backbone).__name__ == BACKBONES[info['family']]
 
     # the no-decay keys reach the backbone's real parameter names
     optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
@@ -346,20 +371,19 @@ def test_metafiles_cover_every_config():
             assert model['In Collection'] in collections
             assert model['Name'] == info['name']
             assert (REPO / model['Config']).is_file()
+            seg = info['task'] == 'seg'
             metadata = model['Metadata']
-            assert metadata['Training Data'] == ('ADE20K' if info['task']
-                                                 == 'seg' else 'COCO')
+            assert metadata['Training Data'] == ('ADE20K' if seg else 'COCO')
+            assert ('Iterations' if seg else 'Epochs') in metadata
             assert metadata['Pretrained Weights'] == (
                 f'agent_{info["family"]}_{info["size"]}_max_acc.pth')
             assert metadata['FLOPs'] > 0 and metadata['Parameters'] > 0
-            assert ('Iterations'
-                    if info['task'] == 'seg' else 'Epochs') in metadata
             metrics = {
                 key
                 for result in model['Results']
                 for key in result['Metrics']
             }
-            if info['task'] == 'seg':
+            if seg:
                 assert metrics == {'mIoU', 'mAcc'}
             elif info['method'] == 'retinanet':
                 assert metrics == {'box AP'}

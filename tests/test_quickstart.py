@@ -66,45 +66,41 @@ default_hooks = dict(checkpoint=dict(interval=2))
 '''
 
 
-def test_detection_quickstart(tmp_path):
-    config = _tiny_config(tmp_path, 'mask-rcnn_agent-pvt-t_fpn_shapes.py',
-                          DET_OVERRIDES)
+FLOWS = {
+    # name: (config, overrides, first trainer, stop/resume options,
+    #        checkpoints, resume message, metric, visualisations)
+    'detection': ('mask-rcnn_agent-pvt-t_fpn_shapes.py', DET_OVERRIDES,
+                  'mmdet',  # mmdet's own train script takes our config too
+                  'train_cfg.max_epochs=2', ('epoch_1.pth', 'epoch_2.pth'),
+                  'resumed epoch: 1', ('coco/bbox_mAP:', 'coco/segm_mAP:'),
+                  '*/vis/*.png'),
+    'segmentation': ('fpn_agent-pvt-t_shapes.py', SEG_OVERRIDES, 'agent_mm',
+                     'train_cfg.max_iters=4', ('iter_2.pth', 'iter_4.pth'),
+                     'resumed epoch: 0, iter: 2', ('mIoU:', ),
+                     'vis/**/*.png'),
+}
+
+
+@pytest.mark.parametrize('flow', sorted(FLOWS))
+def test_quickstart_train_resume_test(tmp_path, flow):
+    (base, overrides, first_trainer, longer, (first, last), resumed,
+     metrics, pngs) = FLOWS[flow]
+    config = _tiny_config(tmp_path, base, overrides)
     work_dir = str(tmp_path / 'work')
-    # mmdet's own train script takes our config as well
-    _mim('train', 'mmdet', config, '--work-dir', work_dir, cwd=tmp_path)
-    assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+
+    _mim('train', first_trainer, config, '--work-dir', work_dir,
+         cwd=tmp_path)
+    assert osp.isfile(osp.join(work_dir, first))
 
     out = _mim('train', 'agent_mm', config, '--work-dir', work_dir,
-               '--resume', '--cfg-options', 'train_cfg.max_epochs=2',
-               cwd=tmp_path)
-    assert 'resumed epoch: 1' in out
-    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+               '--resume', '--cfg-options', longer, cwd=tmp_path)
+    assert resumed in out
+    assert osp.isfile(osp.join(work_dir, last))
 
     out = _mim('test', 'agent_mm', config, '--checkpoint',
-               osp.join(work_dir, 'epoch_2.pth'), '--work-dir', work_dir,
+               osp.join(work_dir, last), '--work-dir', work_dir,
                '--show-dir', 'vis', cwd=tmp_path)
-    assert 'coco/bbox_mAP:' in out and 'coco/segm_mAP:' in out
-    pngs = glob.glob(osp.join(work_dir, '*', 'vis', '*.png'))
-    assert len(pngs) == 4
-
-
-def test_segmentation_quickstart(tmp_path):
-    config = _tiny_config(tmp_path, 'fpn_agent-pvt-t_shapes.py',
-                          SEG_OVERRIDES)
-    work_dir = str(tmp_path / 'work')
-    _mim('train', 'agent_mm', config, '--work-dir', work_dir, cwd=tmp_path)
-    assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
-
-    out = _mim('train', 'agent_mm', config, '--work-dir', work_dir,
-               '--resume', '--cfg-options', 'train_cfg.max_iters=4',
-               cwd=tmp_path)
-    assert 'resumed epoch: 0, iter: 2' in out
-    assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
-
-    out = _mim('test', 'agent_mm', config, '--checkpoint',
-               osp.join(work_dir, 'iter_4.pth'), '--work-dir', work_dir,
-               '--show-dir', 'vis', cwd=tmp_path)
-    assert 'mIoU:' in out
-    pngs = glob.glob(
-        osp.join(work_dir, 'vis', '**', '*.png'), recursive=True)
-    assert len(pngs) == 4
+    for metric in metrics:
+        assert metric in out
+    images = glob.glob(osp.join(work_dir, pngs), recursive=True)
+    assert len(images) == 4  # one per validation image
