@@ -1,10 +1,7 @@
 _base_ = [
     'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',
-    'mmdet::_base_/datasets/coco_instance.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py'
+    './_base_/ms-crop-1x_coco.py'
 ]
-custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)
 
 # the authors' ImageNet-1K checkpoint
 checkpoint_file = 'data/agent_swin_t_max_acc.pth'
@@ -41,54 +38,3 @@ model = dict(
         for target_stds in ([0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1],
                             [0.033, 0.033, 0.067, 0.067])
     ]))
-
-# augmentation strategy originates from DETR / Sparse R-CNN
-ms_scales = [(short_side, 1333) for short_side in range(480, 801, 32)]
-train_pipeline = [
-    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(
-        type='RandomChoice',
-        transforms=[[
-            dict(type='RandomChoiceResize', scales=ms_scales, keep_ratio=True)
-        ],
-                    [
-                        dict(
-                            type='RandomChoiceResize',
-                            scales=[(400, 1333), (500, 1333), (600, 1333)],
-                            keep_ratio=True),
-                        dict(
-                            type='RandomCrop',
-                            crop_type='absolute_range',
-                            crop_size=(384, 600),
-                            allow_negative_crop=True),
-                        dict(
-                            type='RandomChoiceResize',
-                            scales=ms_scales,
-                            keep_ratio=True)
-                    ]]),
-    dict(type='PackDetInputs')
-]
-# 8 GPUs x 2 images
-train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))
-auto_scale_lr = dict(enable=False, base_batch_size=16)
-
-# no weight decay on position embeddings/biases, agent biases and norms
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(
-        type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(
-        custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'an_bias': dict(decay_mult=0.),
-            'na_bias': dict(decay_mult=0.),
-            'ah_bias': dict(decay_mult=0.),
-            'aw_bias': dict(decay_mult=0.),
-            'ha_bias': dict(decay_mult=0.),
-            'wa_bias': dict(decay_mult=0.),
-            'norm': dict(decay_mult=0.)
-        }))
