@@ -4,7 +4,7 @@ import torch
 from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
-from agent_mm.models.agent_attention import BIAS_NAMES
+from agent_mm.models.agent_attention import BIAS_CACHE_SIZE, BIAS_NAMES
 
 
 def _pair(fused_qkv, attn_impl='fast', **kwargs):
@@ -92,12 +92,21 @@ def test_bias_cache_is_used_in_eval_and_invalidated_on_update():
             updated, reference(x, 8, 8), atol=1e-4, rtol=0)
 
 
-def test_bias_cache_keeps_one_entry_per_input_shape():
-    module, _ = _pair(True)
+def test_bias_cache_keeps_recent_input_shapes_only():
+    module, reference = _pair(True)
+    shapes = [(8, 8), (6, 10), (8, 8)]
     with torch.no_grad():
-        for hw in [(8, 8), (6, 10), (8, 8)]:
+        for hw in shapes:
             module(torch.randn(1, hw[0] * hw[1], 32), hw)
     assert sorted(key[0] for key in module._bias_cache) == [(6, 10), (8, 8)]
+
+    many = [(5 + i, 7) for i in range(BIAS_CACHE_SIZE + 2)]
+    with torch.no_grad():
+        for hw in many:
+            x = torch.randn(1, hw[0] * hw[1], 32)
+            torch.testing.assert_close(
+                module(x, hw), reference(x, *hw), atol=1e-4, rtol=0)
+    assert [key[0] for key in module._bias_cache] == many[-BIAS_CACHE_SIZE:]
 
 
 def test_bias_cache_is_not_used_when_training_or_with_grad():

@@ -6,7 +6,8 @@ Both attentions carry learned position biases that are interpolated to the
 current token grid, so the module works at any input resolution.
 """
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 ATTN_IMPLS = ('fast', 'reference')
+BIAS_CACHE_SIZE = 4
 BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
 
 
@@ -122,7 +124,8 @@ class AgentAttention(BaseModule):
             torch.zeros(1, num_heads, 1, ref_w, agent_num))
         for name in BIAS_NAMES:
             trunc_normal_(getattr(self, name), std=.02)
-        self._bias_cache: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self._bias_cache: 'OrderedDict[tuple, Tuple[Tensor, Tensor]]' = (
+            OrderedDict())
 
     # ------------------------------------------------------------------
     # position biases
@@ -183,16 +186,22 @@ class AgentAttention(BaseModule):
         The cache is used only in eval mode when no gradient can flow to the
         biases; it is keyed by the biases' storage and version counters, so
         any in-place update (optimizer step, ``load_state_dict``) misses it.
+        It keeps the :data:`BIAS_CACHE_SIZE` most recently used shapes, as
+        keep-ratio test pipelines produce many.
         """
         needs_grad = torch.is_grad_enabled() and self.an_bias.requires_grad
         if self.training or needs_grad:
             return self._compute_biases(hw_shape)
         key = self._cache_key(hw_shape)
-        if key not in self._bias_cache:
-            stale = [k for k in self._bias_cache if k[1:] != key[1:]]
-            for k in stale:
-                del self._bias_cache[k]
-            self._bias_cache[key] = self._compute_biases(hw_shape)
+        if key in self._bias_cache:
+            self._bias_cache.move_to_end(key)
+            return self._bias_cache[key]
+        stale = [k for k in self._bias_cache if k[1:] != key[1:]]
+        for k in stale:
+            del self._bias_cache[k]
+        while len(self._bias_cache) >= BIAS_CACHE_SIZE:
+            self._bias_cache.popitem(last=False)
+        self._bias_cache[key] = self._compute_biases(hw_shape)
         return self._bias_cache[key]
 
     def train(self, mode: bool = True) -> 'AgentAttention':
