@@ -30,7 +30,8 @@ class _CfgNode(dict):
         yacs = types.ModuleType('yacs')
         yacs_config = types.ModuleType('yacs.config')
         yacs_config.CfgNode = _CfgNode
-        saved = {name: sys.modules.get(name) for name in ('yacs', 'yacs.config')}
+        names = ('yacs', 'yacs.config')
+        saved = {name: sys.modules.get(name) for name in names}
         sys.modules.update({'yacs': yacs, 'yacs.config': yacs_config})
         try:
             yield

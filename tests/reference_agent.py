@@ -1,8 +1,8 @@
 """Literal, unfused reference implementation of Agent-PVT and Agent-Swin.
 
-This module is the test oracle for ``agent_mm``'s backbones. It follows
-the architecture contract ``agent-backbones.md`` (shared spec) equation by equation, in order, with
-no fusion and no shortcuts:
+This module is the test oracle for ``agent_mm``'s backbones. It follows the
+architecture contract (the shared spec ``agent-backbones.md``) equation by
+equation, in order, with no fusion and no shortcuts:
 
 * every attention matrix is materialised and normalised with an explicit
   ``torch.softmax``;

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from .agent_attention import AgentAttention
 from .base import AgentBackbone
-from .layers import (Mlp, drop_path_or_identity, check_input, check_out_indices, check_stage_lists,
-                     linear_drop_path_rates, maybe_checkpoint, resolve_arch)
+from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
+                     drop_path_or_identity, linear_drop_path_rates,
+                     maybe_checkpoint, resolve_arch)
 
 NUM_STAGES = 4
 PATCH_SIZE = 4
