@@ -6,7 +6,8 @@ _base_ = [
     'mmdet::_base_/default_runtime.py'
 ]
 custom_imports = dict(
-    imports=['agent_mm', 'agent_mm.datasets'], allow_failed_imports=False)
+    imports=['agent_mm', 'agent_mm.datasets', 'agent_mm.det'],
+    allow_failed_imports=False)
 
 num_classes = 3
 channels = 128
@@ -27,7 +28,9 @@ model = dict(
             fc_out_channels=256,
             num_classes=num_classes),
         mask_roi_extractor=dict(out_channels=channels),
+        # small initial mask logits: mmdet's init is tuned for 80 classes
         mask_head=dict(
+            type='ScaledInitFCNMaskHead',
             num_convs=2,
             in_channels=channels,
             conv_out_channels=channels,
@@ -104,7 +107,8 @@ param_scheduler = [
 ]
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4))
+    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4),
+    clip_grad=dict(max_norm=10, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=4)
 
 default_hooks = dict(
