@@ -1,5 +1,4 @@
 """What both agent backbones share: init, pretrained loading, freezing."""
-import math
 import warnings
 from typing import List, Optional
 
@@ -71,14 +70,10 @@ class AgentBackbone(BaseModule):
 
 
 def _init_layer(module: nn.Module) -> None:
-    """Default init of the released models (ViT/PVT style)."""
+    """Default init of the released models (PVT v1 / Swin style): linear
+    layers truncated normal, norms identity; convolutions keep PyTorch's
+    default init."""
     if isinstance(module, nn.Linear):
         trunc_normal_init(module, std=.02, bias=0.)
     elif isinstance(module, nn.LayerNorm):
         constant_init(module, val=1., bias=0.)
-    elif isinstance(module, nn.Conv2d):
-        fan_out = (module.kernel_size[0] * module.kernel_size[1] *
-                   module.out_channels) // module.groups
-        nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
