@@ -36,5 +36,7 @@ def test_mmdet_head_starts_far_from_chance_with_three_classes():
 
 def test_registered_in_mmdet():
     from mmdet.registry import MODELS
-    head = MODELS.build(dict(type='ScaledInitFCNMaskHead', **SETTINGS))
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        head = MODELS.build(dict(type='ScaledInitFCNMaskHead', **SETTINGS))
     assert isinstance(head, FCNMaskHead)
