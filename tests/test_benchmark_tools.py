@@ -1,0 +1,154 @@
+"""The analysis tools: backbone benchmark, FLOP handles and get_flops.
+
+Only structure and counts are checked, never timings (the machine is
+noisy).
+"""
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from agent_mm.models import AgentAttention
+from agent_mm.utils.flops import flop_analyzer
+
+TOOLS = Path(__file__).resolve().parents[1] / 'tools' / 'analysis_tools'
+
+
+def load_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Attend(nn.Module):
+    """``F.scaled_dot_product_attention`` of its three inputs."""
+
+    def forward(self, query, key, value):
+        return F.scaled_dot_product_attention(query, key, value)
+
+
+class OnGrid(nn.Module):
+    """An attention module run on a fixed token grid (traceable)."""
+
+    def __init__(self, attn: nn.Module, hw_shape):
+        super().__init__()
+        self.attn = attn
+        self.hw_shape = hw_shape
+
+    def forward(self, x):
+        return self.attn(x, self.hw_shape)
+
+
+@pytest.mark.parametrize('value_dims', [4, 6])
+def test_sdpa_handle_counts_both_matmuls(value_dims):
+    batch, heads, len_q, len_k, dims = 2, 3, 5, 7, 4
+    inputs = (torch.randn(batch, heads, len_q,
+                          dims), torch.randn(batch, heads, len_k, dims),
+              torch.randn(batch, heads, len_k, value_dims))
+    analyzer = flop_analyzer(Attend(), inputs)
+    expected = batch * heads * len_q * len_k * (dims + value_dims)
+    assert analyzer.total() == expected
+    if value_dims == dims:
+        assert expected == 2 * batch * heads * len_q * len_k * dims
+    assert not analyzer.unsupported_ops()
+
+
+def test_fast_and_reference_agent_attention_have_equal_flops():
+    batch, heads, agents, tokens, head_dims = 2, 2, 12, 48, 32
+    x = torch.randn(batch, tokens, heads * head_dims)
+    counts = {}
+    for impl in ('fast', 'reference'):
+        attn = AgentAttention(
+            heads * head_dims,
+            heads,
+            ref_size=(7, 7),
+            agent_num=9,
+            agent_shape=(3, 4),
+            attn_impl=impl).eval()
+        with torch.no_grad():
+            analyzer = flop_analyzer(OnGrid(attn, (8, 6)), (x, ))
+            counts[impl] = (analyzer.total(), analyzer.by_operator())
+    (fast_total, fast), (ref_total, ref) = counts['fast'], counts['reference']
+    # agents ← tokens and tokens ← agents, each 2·B·heads·Lq·Lk·d
+    attention = 2 * (2 * batch * heads * agents * tokens * head_dims)
+    assert fast.pop('scaled_dot_product_attention') == attention
+    assert ref.pop('matmul') == attention
+    # the reference resizes the biases per image and per term
+    assert ref.pop('upsample_bilinear2d') >= fast.pop('upsample_bilinear2d')
+    assert fast == ref
+    assert fast_total == pytest.approx(ref_total, rel=0.05)
+
+
+def test_benchmark_tiny_run(tmp_path):
+    bench = load_tool('benchmark_backbones')
+    results = bench.main([
+        '--sizes', '32', '--train-sizes', '32', '--repeats', '1', '--warmup',
+        '0', '--threads', '1', '--out-dir',
+        str(tmp_path)
+    ])
+    table = (tmp_path / 'benchmark.md').read_text()
+    saved = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert (tmp_path / 'latency_vs_tokens.png').stat().st_size > 0
+    assert saved['ratios'] == results['ratios']
+    for mode in ('eval', 'train'):
+        assert {row['model'] for row in saved[mode]} == set(bench.MODELS)
+    assert all(spec.label in table for spec in bench.MODELS.values())
+    for row in saved['eval']:
+        assert row['flops'] > 0 and row['peak_mb'] > 0
+        assert len(row['times_ms']) == 1
+    checks = saved['flop_checks']
+    assert len(checks) == 3 and all(check['ok'] for check in checks)
+    assert all(d < 1e-3 for d in saved['output_max_abs_diff'].values())
+
+
+def test_replay_peak():
+    bench = load_tool('benchmark_backbones')
+    events = [(3, -5), (1, 10), (2, 5), (4, 2)]  # unsorted on purpose
+    assert bench.replay_peak(events) == 15
+
+
+TINY_SEG_CONFIG = """
+default_scope = 'mmseg'
+custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=dict(type='SegDataPreProcessor'),
+    backbone=dict(
+        type='AgentPVT',
+        arch=dict(
+            embed_dims=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+            num_heads=[1, 2, 2, 4], mlp_ratios=[2, 2, 2, 2],
+            sr_ratios=[8, 4, 2, 1], agent_num=[4, 4, 9, 9],
+            agent_shapes=[(3, 3), (3, 3), (2, 2), (2, 2)],
+            attn_type='AAAA'),
+        init_cfg=dict(type='Pretrained', checkpoint='missing.pth')),
+    decode_head=dict(
+        type='FCNHead', in_channels=32, in_index=3, channels=8,
+        num_convs=1, num_classes=3, norm_cfg=dict(type='SyncBN'),
+        loss_decode=dict(type='CrossEntropyLoss')),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+"""
+
+
+def test_get_flops_on_tiny_segmentor(tmp_path, capsys):
+    config = tmp_path / 'tiny_seg.py'
+    config.write_text(TINY_SEG_CONFIG)
+    get_flops = load_tool('get_flops')
+    fast = get_flops.main([str(config), '--shape', '64', '96'])
+    ref = get_flops.main([
+        str(config), '--shape', '64', '96', '--cfg-options',
+        'model.backbone.attn_impl=reference'
+    ])
+    assert fast['shape'] == [64, 96]
+    assert fast['params'] == ref['params'] > 0
+    assert [name for name, _ in fast['flops_by_part']
+            ] == ['backbone', 'decode_head']
+    assert fast['flops'] == pytest.approx(ref['flops'], rel=0.05)
+    assert 'FLOPs:' in capsys.readouterr().out
