@@ -20,6 +20,8 @@ def test_every_arch_builds_and_gives_four_strided_maps(arch, dims, blocks):
         outs = model(torch.randn(1, 3, 64, 64))
     assert [o.shape for o in outs] == [(1, dims * 2**i, 16 // 2**i,
                                         16 // 2**i) for i in range(4)]
+    # NCHW memory: mmcv's C++ ops (RoIAlign) misread channels-last maps
+    assert all(o.is_contiguous() for o in outs)
 
 
 def test_block_types_follow_the_arch_code():

@@ -13,7 +13,7 @@ from .agent_attention import AgentAttention, resize
 from .base import AgentBackbone
 from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
                      drop_path_or_identity, linear_drop_path_rates,
-                     maybe_checkpoint, resolve_arch)
+                     maybe_checkpoint, resolve_arch, tokens_to_map)
 
 NUM_STAGES = 4
 REF_GRIDS = ((56, 56), (28, 28), (14, 14), (7, 7))
@@ -54,7 +54,7 @@ class SpatialReductionAttention(BaseModule):
         batch, tokens, channels = x.shape
         source = x
         if self.sr_ratio > 1:
-            source = x.transpose(1, 2).reshape(batch, channels, *hw_shape)
+            source = tokens_to_map(x, hw_shape)
             source = self.norm(self.sr(source).flatten(2).transpose(1, 2))
 
         def heads(t: Tensor) -> Tensor:
@@ -280,7 +280,7 @@ class AgentPVT(AgentBackbone):
                 x + self._pos_embed(i, hw_shape))
             for block in getattr(self, f'block{i + 1}'):
                 x = block(x, hw_shape)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+            x = tokens_to_map(x, hw_shape)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(x.contiguous())
         return tuple(outs)

@@ -15,7 +15,7 @@ from .agent_attention import AgentAttention
 from .base import AgentBackbone
 from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
                      drop_path_or_identity, linear_drop_path_rates,
-                     maybe_checkpoint, resolve_arch)
+                     maybe_checkpoint, resolve_arch, tokens_to_map)
 
 NUM_STAGES = 4
 PATCH_SIZE = 4
@@ -410,8 +410,7 @@ class AgentSwinTransformer(AgentBackbone):
             x = stage(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(x)
-                outs.append(
-                    out.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape))
+                outs.append(tokens_to_map(out, hw_shape).contiguous())
             if stage.downsample is not None:
                 x, hw_shape = stage.downsample(x, hw_shape)
         return tuple(outs)

@@ -8,6 +8,16 @@ import torch.utils.checkpoint as cp
 from torch import Tensor
 
 
+def tokens_to_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+    """``(B, H*W, C)`` tokens → ``(B, C, H, W)`` feature map.
+
+    The result is a channels-last view; call ``.contiguous()`` before handing
+    it to code that assumes NCHW memory (mmcv's C++ ops such as RoIAlign read
+    channels-last input as garbage).
+    """
+    return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample."""
 
