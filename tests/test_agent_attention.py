@@ -4,7 +4,9 @@ import torch
 from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
-from agent_mm.models.agent_attention import BIAS_CACHE_SIZE, BIAS_NAMES
+from agent_mm.models.agent_attention import (BIAS_CACHE_SIZE, BIAS_NAMES,
+                                             agent_major_bias, resize,
+                                             to_agent_grid)
 
 
 def _pair(fused_qkv, attn_impl='fast', **kwargs):
@@ -69,6 +71,35 @@ def test_fast_and_reference_paths_have_equal_gradients():
         assert grad is not None, name
         torch.testing.assert_close(
             grad, grads[1][1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('source_hw, hw, agent_shape', [
+    ((7, 7), (64, 48), (12, 12)),
+    ((56, 56), (25, 42), (28, 28)),
+    ((14, 14), (14, 14), (2, 3)),
+    ((7, 7), (3, 5), (7, 7)),
+])
+def test_agent_major_bias_is_the_literal_map_computed_in_another_order(
+        source_hw, hw, agent_shape):
+    source = torch.randn(3, 16, *source_hw)
+    literal = to_agent_grid(resize(source, hw), agent_shape).transpose(1, 2)
+    fast = agent_major_bias(source, hw, agent_shape)
+    assert fast.shape == (3, agent_shape[0] * agent_shape[1], *hw)
+    torch.testing.assert_close(fast.flatten(2), literal, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('hw', [(64, 48), (5, 9), (56, 56)])
+def test_separable_source_maps_term_by_term(hw):
+    rows, cols = torch.randn(2, 9, 56, 1), torch.randn(2, 9, 1, 56)
+    literal = to_agent_grid(resize(rows + cols, hw), (12, 12)).transpose(1, 2)
+    row_map = agent_major_bias(rows, hw, (12, 12))
+    col_map = agent_major_bias(cols, hw, (12, 12))
+    assert row_map.shape[-2:] == (hw[0], 1) and col_map.shape[-2:] == (1,
+                                                                      hw[1])
+    torch.testing.assert_close((row_map + col_map).flatten(2),
+                               literal,
+                               atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_bias_cache_is_used_in_eval_and_invalidated_on_update():

@@ -17,6 +17,8 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
+from .layers import tokens_to_map
+
 ATTN_IMPLS = ('fast', 'reference')
 BIAS_CACHE_SIZE = 4
 BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
@@ -43,6 +45,35 @@ def to_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
     per_token = source.reshape(heads, side, side, height * width)
     per_token = per_token.permute(0, 3, 1, 2)
     return resize(per_token, agent_shape).flatten(2)
+
+
+def agent_major_bias(source: Tensor, hw_shape: Tuple[int, int],
+                     agent_shape: Tuple[int, int]) -> Tensor:
+    """``to_agent_grid(resize(source, hw_shape), agent_shape)``, transposed,
+    computed in the cheap order.
+
+    The two bilinear resizes act on different axes (tokens and agents), so
+    they commute: mapping the agents on the source's small grid first leaves
+    one plain resize of ``heads*n`` channels to the token grid, instead of
+    resizing ``H*W`` tiny ``p×p`` maps. A source axis of size 1 stays 1 (the
+    map is constant along it), so a separable source ``a[h] + b[w]`` can be
+    mapped term by term and summed by broadcasting: the interpolation
+    weights of every output pixel sum to one.
+
+    Args:
+        source: ``(heads, p*p, h, w)``.
+        hw_shape: Token grid ``(H, W)``.
+        agent_shape: Agent grid ``(a_h, a_w)``.
+
+    Returns:
+        ``(heads, a_h*a_w, H', W')`` with ``H' = 1 if h == 1 else H`` and
+        likewise ``W'``.
+    """
+    heads, _, height, width = source.shape
+    per_agent = to_agent_grid(source, agent_shape).transpose(1, 2)
+    per_agent = per_agent.reshape(heads, -1, height, width)
+    size = (hw_shape[0] if height > 1 else 1, hw_shape[1] if width > 1 else 1)
+    return resize(per_agent, size)
 
 
 @MODELS.register_module()
@@ -138,22 +169,30 @@ class AgentAttention(BaseModule):
             0).permute(0, 3, 1, 2))
         return agent_to_token, token_to_agent
 
+    def _separable_sources(self) -> Tuple[Tuple[Tensor, ...], Tuple[
+            Tensor, ...]]:
+        """The sources of :meth:`_bias_sources` with each broadcast sum
+        left unsummed: ``(heads, p*p, h, w)`` maps, some 1 wide or high."""
+        agent_to_token = (self.an_bias, self.ah_bias.squeeze(0),
+                          self.aw_bias.squeeze(0))
+        token_to_agent = (self.na_bias,
+                          self.ha_bias.squeeze(0).permute(0, 3, 1, 2),
+                          self.wa_bias.squeeze(0).permute(0, 3, 1, 2))
+        return agent_to_token, token_to_agent
+
     def _compute_biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor,
                                                                   Tensor]:
         """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
-        n)``.
+        n)``, the reference's maps computed in the cheap order (see
+        :func:`agent_major_bias`)."""
 
-        Bilinear resizing is linear, so the two sources of each bias are
-        summed on the token grid and mapped to the agent grid once.
-        """
-        agent_to_token, token_to_agent = self._bias_sources()
-        agent_bias = to_agent_grid(
-            sum(resize(src, hw_shape) for src in agent_to_token),
-            self.agent_shape).transpose(1, 2)
-        token_bias = to_agent_grid(
-            sum(resize(src, hw_shape) for src in token_to_agent),
-            self.agent_shape)
-        return agent_bias, token_bias
+        def summed(sources: Tuple[Tensor, ...]) -> Tensor:
+            return sum(
+                agent_major_bias(src, hw_shape, self.agent_shape)
+                for src in sources).flatten(2)
+
+        agent_to_token, token_to_agent = self._separable_sources()
+        return summed(agent_to_token), summed(token_to_agent).transpose(1, 2)
 
     def _reference_biases(self, hw_shape: Tuple[int, int],
                           batch: int) -> Tuple[Tensor, Tensor]:
@@ -245,8 +284,7 @@ class AgentAttention(BaseModule):
                              f'{tuple(hw_shape)} ({height * width} tokens).')
         query, key, value = self._project(x)
         agents = F.adaptive_avg_pool2d(
-            query.transpose(1, 2).reshape(batch, channels, height, width),
-            self.agent_shape).flatten(2).transpose(1, 2)
+            tokens_to_map(query, hw_shape), self.agent_shape).flatten(2).transpose(1, 2)
 
         if self.attn_impl == 'fast':
             agent_bias, token_bias = self._cached_biases(hw_shape)
@@ -259,7 +297,6 @@ class AgentAttention(BaseModule):
         out = self._attend(query, agents, agent_value, token_bias)
 
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        value_map = value.transpose(1, 2).reshape(batch, channels, height,
-                                                  width)
-        out = out + self.dwc(value_map).flatten(2).transpose(1, 2)
+        out = out + self.dwc(tokens_to_map(value, hw_shape)).flatten(
+            2).transpose(1, 2)
         return self.proj_drop(self.proj(out))
