@@ -192,7 +192,9 @@ class AgentAttention(BaseModule):
                 for src in sources).flatten(2)
 
         agent_to_token, token_to_agent = self._separable_sources()
-        return summed(agent_to_token), summed(token_to_agent).transpose(1, 2)
+        # contiguous: PyTorch's fused CPU kernel needs a dense mask
+        return summed(agent_to_token), summed(token_to_agent).transpose(
+            1, 2).contiguous()
 
     def _reference_biases(self, hw_shape: Tuple[int, int],
                           batch: int) -> Tuple[Tensor, Tensor]:
@@ -263,11 +265,13 @@ class AgentAttention(BaseModule):
                 bias: Tensor) -> Tensor:
         """``softmax(scale * q kᵀ + bias) v`` with dropout on the weights."""
         if self.attn_impl == 'fast':
+            # a 4-D dense mask lets CPU inference use the fused (flash)
+            # kernel; a 3-D one falls back to the unfused math path
             return F.scaled_dot_product_attention(
                 query,
                 key,
                 value,
-                attn_mask=bias.to(query.dtype),
+                attn_mask=bias.to(query.dtype).unsqueeze(0),
                 dropout_p=self.attn_drop_rate if self.training else 0.,
                 scale=self.scale)
         weights = (query * self.scale) @ key.transpose(-2, -1) + bias
@@ -283,8 +287,10 @@ class AgentAttention(BaseModule):
             raise ValueError(f'x has {tokens} tokens but hw_shape is '
                              f'{tuple(hw_shape)} ({height * width} tokens).')
         query, key, value = self._project(x)
+        # token-major agents: fused attention needs unit-stride channels
         agents = F.adaptive_avg_pool2d(
-            tokens_to_map(query, hw_shape), self.agent_shape).flatten(2).transpose(1, 2)
+            tokens_to_map(query, hw_shape),
+            self.agent_shape).flatten(2).transpose(1, 2).contiguous()
 
         if self.attn_impl == 'fast':
             agent_bias, token_bias = self._cached_biases(hw_shape)
