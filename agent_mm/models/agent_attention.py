@@ -5,6 +5,7 @@ keys/values with softmax attention, then every query reads from the agents.
 Both attentions carry learned position biases that are interpolated to the
 current token grid, so the module works at any input resolution.
 """
+import functools
 import math
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
@@ -47,6 +48,28 @@ def to_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
     return resize(per_token, agent_shape).flatten(2)
 
 
+@functools.lru_cache(maxsize=128)
+def _interpolation_matrix(size_in: int, size_out: int) -> Tensor:
+    """``(size_out, size_in)`` weights of 1-D linear resizing
+    (``align_corners=False``), the per-axis factor of bilinear resizing."""
+    basis = torch.eye(size_in, dtype=torch.float64).unsqueeze(0)
+    weights = F.interpolate(
+        basis, size=size_out, mode='linear', align_corners=False)
+    return weights[0].t().float()
+
+
+def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
+    """:func:`resize` of ``(..., h, w)`` as two small matrix products.
+
+    Bilinear resizing is separable; with many channels and small maps, as
+    for the position biases, the products are much faster than the
+    interpolation kernel, forward and backward.
+    """
+    rows = _interpolation_matrix(x.shape[-2], size[0]).to(x)
+    cols = _interpolation_matrix(x.shape[-1], size[1]).to(x)
+    return rows @ x @ cols.t()
+
+
 def agent_major_bias(source: Tensor, hw_shape: Tuple[int, int],
                      agent_shape: Tuple[int, int]) -> Tensor:
     """``to_agent_grid(resize(source, hw_shape), agent_shape)``, transposed,
@@ -54,11 +77,12 @@ def agent_major_bias(source: Tensor, hw_shape: Tuple[int, int],
 
     The two bilinear resizes act on different axes (tokens and agents), so
     they commute: mapping the agents on the source's small grid first leaves
-    one plain resize of ``heads*n`` channels to the token grid, instead of
-    resizing ``H*W`` tiny ``p×p`` maps. A source axis of size 1 stays 1 (the
-    map is constant along it), so a separable source ``a[h] + b[w]`` can be
-    mapped term by term and summed by broadcasting: the interpolation
-    weights of every output pixel sum to one.
+    one resize of ``heads*n`` channels to the token grid, instead of
+    resizing ``H*W`` tiny ``p×p`` maps; both are done by
+    :func:`resize_by_matmul`. A source axis of size 1 stays 1 (the map is
+    constant along it), so a separable source ``a[h] + b[w]`` can be mapped
+    term by term and summed by broadcasting: the interpolation weights of
+    every output pixel sum to one.
 
     Args:
         source: ``(heads, p*p, h, w)``.
@@ -69,11 +93,14 @@ def agent_major_bias(source: Tensor, hw_shape: Tuple[int, int],
         ``(heads, a_h*a_w, H', W')`` with ``H' = 1 if h == 1 else H`` and
         likewise ``W'``.
     """
-    heads, _, height, width = source.shape
-    per_agent = to_agent_grid(source, agent_shape).transpose(1, 2)
-    per_agent = per_agent.reshape(heads, -1, height, width)
+    heads, agent_num, height, width = source.shape
+    side = math.isqrt(agent_num)
+    per_token = source.reshape(heads, side, side, height * width)
+    per_agent = resize_by_matmul(per_token.permute(0, 3, 1, 2), agent_shape)
+    per_agent = per_agent.flatten(2).transpose(1, 2).reshape(
+        heads, -1, height, width)
     size = (hw_shape[0] if height > 1 else 1, hw_shape[1] if width > 1 else 1)
-    return resize(per_agent, size)
+    return resize_by_matmul(per_agent, size)
 
 
 @MODELS.register_module()
@@ -187,9 +214,10 @@ class AgentAttention(BaseModule):
         :func:`agent_major_bias`)."""
 
         def summed(sources: Tuple[Tensor, ...]) -> Tensor:
-            return sum(
+            full, rows, cols = (
                 agent_major_bias(src, hw_shape, self.agent_shape)
-                for src in sources).flatten(2)
+                for src in sources)
+            return (rows + cols).add_(full).flatten(2)
 
         agent_to_token, token_to_agent = self._separable_sources()
         # contiguous: PyTorch's fused CPU kernel needs a dense mask
