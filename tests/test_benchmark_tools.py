@@ -79,8 +79,8 @@ def test_fast_and_reference_agent_attention_have_equal_flops():
     attention = 2 * (2 * batch * heads * agents * tokens * head_dims)
     assert fast.pop('scaled_dot_product_attention') == attention
     assert ref.pop('matmul') == attention
-    # the reference resizes the biases per image, per term, token-major
-    assert ref.pop('upsample_bilinear2d') > fast.pop('upsample_bilinear2d')
+    # biases: the reference interpolates, the fast path multiplies matrices
+    assert ref.pop('upsample_bilinear2d') > 0 and fast.pop('matmul') > 0
     assert fast == ref
     assert fast_total < ref_total
 
