@@ -99,43 +99,35 @@ def _mmdet_backbone(name: str, **kwargs) -> nn.Module:
     return getattr(backbones, name)(**kwargs)
 
 
+def _trio(key: str, label: str, agent: Callable[..., nn.Module],
+          baseline_key: str, baseline_label: str,
+          baseline: Callable[[], nn.Module]) -> Dict[str, ModelSpec]:
+    """An agent backbone, its reference-path twin and its mmdet baseline."""
+    return {
+        key:
+        ModelSpec(label, agent, baseline=baseline_key),
+        f'{key}_ref':
+        ModelSpec(f'{label} (reference)',
+                  partial(agent, attn_impl='reference'),
+                  reference_of=key),
+        baseline_key:
+        ModelSpec(baseline_label, baseline),
+    }
+
+
 MODELS: Dict[str, ModelSpec] = {
-    'agent_pvt_t':
-    ModelSpec('Agent-PVT-T', partial(AgentPVT, arch='tiny'), baseline='pvt_t'),
-    'agent_pvt_t_ref':
-    ModelSpec(
-        'Agent-PVT-T (reference)',
-        partial(AgentPVT, arch='tiny', attn_impl='reference'),
-        reference_of='agent_pvt_t'),
-    'pvt_t':
-    ModelSpec(
-        'PVT-T (mmdet)',
-        partial(_mmdet_backbone, 'PyramidVisionTransformer', **MMDET_PVT_T)),
-    'agent_pvt_s':
-    ModelSpec(
-        'Agent-PVT-S', partial(AgentPVT, arch='small'), baseline='pvt_s'),
-    'agent_pvt_s_ref':
-    ModelSpec(
-        'Agent-PVT-S (reference)',
-        partial(AgentPVT, arch='small', attn_impl='reference'),
-        reference_of='agent_pvt_s'),
-    'pvt_s':
-    ModelSpec(
-        'PVT-S (mmdet)',
-        partial(_mmdet_backbone, 'PyramidVisionTransformer', **MMDET_PVT_S)),
-    'agent_swin_t':
-    ModelSpec(
-        'Agent-Swin-T',
-        partial(AgentSwinTransformer, arch='tiny'),
-        baseline='swin_t'),
-    'agent_swin_t_ref':
-    ModelSpec(
-        'Agent-Swin-T (reference)',
-        partial(AgentSwinTransformer, arch='tiny', attn_impl='reference'),
-        reference_of='agent_swin_t'),
-    'swin_t':
-    ModelSpec('Swin-T (mmdet)',
-              partial(_mmdet_backbone, 'SwinTransformer', **MMDET_SWIN_T)),
+    **_trio('agent_pvt_t', 'Agent-PVT-T', partial(AgentPVT, arch='tiny'),
+            'pvt_t', 'PVT-T (mmdet)',
+            partial(_mmdet_backbone, 'PyramidVisionTransformer',
+                    **MMDET_PVT_T)),
+    **_trio('agent_pvt_s', 'Agent-PVT-S', partial(AgentPVT, arch='small'),
+            'pvt_s', 'PVT-S (mmdet)',
+            partial(_mmdet_backbone, 'PyramidVisionTransformer',
+                    **MMDET_PVT_S)),
+    **_trio('agent_swin_t', 'Agent-Swin-T',
+            partial(AgentSwinTransformer, arch='tiny'), 'swin_t',
+            'Swin-T (mmdet)',
+            partial(_mmdet_backbone, 'SwinTransformer', **MMDET_SWIN_T)),
 }
 
 
