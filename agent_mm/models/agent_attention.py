@@ -8,7 +8,7 @@ current token grid, so the module works at any input resolution.
 import functools
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
+from .biased_attention import recomputed_bias_attention
 from .layers import tokens_to_map
 
 ATTN_IMPLS = ('fast', 'reference')
@@ -101,6 +102,30 @@ def agent_major_bias(source: Tensor, hw_shape: Tuple[int, int],
         heads, -1, height, width)
     size = (hw_shape[0] if height > 1 else 1, hw_shape[1] if width > 1 else 1)
     return resize_by_matmul(per_agent, size)
+
+
+def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
+                   hw_shape: Tuple[int, int], agent_shape: Tuple[int, int],
+                   token_major: bool) -> Tensor:
+    """One bias of agent attention from its three sources, each mapped by
+    :func:`agent_major_bias` and summed by broadcasting.
+
+    Args:
+        full: ``(heads, p*p, 7, 7)`` source.
+        rows: ``(heads, p*p, r_h, 1)`` source.
+        cols: ``(heads, p*p, 1, r_w)`` source.
+        hw_shape: Token grid ``(H, W)``.
+        agent_shape: Agent grid ``(a_h, a_w)``.
+        token_major: Return ``(heads, N, n)`` instead of ``(heads, n, N)``.
+
+    Returns:
+        A contiguous map: the attention kernels read it row by row.
+    """
+    full, rows, cols = (
+        agent_major_bias(src, hw_shape, agent_shape)
+        for src in (full, rows, cols))
+    bias = (rows + cols).add_(full).flatten(2)
+    return bias.transpose(1, 2).contiguous() if token_major else bias
 
 
 @MODELS.register_module()
@@ -207,22 +232,24 @@ class AgentAttention(BaseModule):
                           self.wa_bias.squeeze(0).permute(0, 3, 1, 2))
         return agent_to_token, token_to_agent
 
+    def _bias_builder(self, hw_shape: Tuple[int, int],
+                      token_major: bool) -> Callable[..., Tensor]:
+        """:func:`separable_bias` for this module and token grid."""
+        return functools.partial(
+            separable_bias,
+            hw_shape=tuple(hw_shape),
+            agent_shape=self.agent_shape,
+            token_major=token_major)
+
     def _compute_biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor,
                                                                   Tensor]:
         """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
         n)``, the reference's maps computed in the cheap order (see
         :func:`agent_major_bias`)."""
-
-        def summed(sources: Tuple[Tensor, ...]) -> Tensor:
-            full, rows, cols = (
-                agent_major_bias(src, hw_shape, self.agent_shape)
-                for src in sources)
-            return (rows + cols).add_(full).flatten(2)
-
         agent_to_token, token_to_agent = self._separable_sources()
-        # contiguous: PyTorch's fused CPU kernel needs a dense mask
-        return summed(agent_to_token), summed(token_to_agent).transpose(
-            1, 2).contiguous()
+        agent_bias = self._bias_builder(hw_shape, False)(*agent_to_token)
+        token_bias = self._bias_builder(hw_shape, True)(*token_to_agent)
+        return agent_bias, token_bias
 
     def _reference_biases(self, hw_shape: Tuple[int, int],
                           batch: int) -> Tuple[Tensor, Tensor]:
@@ -291,22 +318,48 @@ class AgentAttention(BaseModule):
         return x.reshape(batch, tokens, self.num_heads,
                          self.head_dims).transpose(1, 2)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor,
-                bias: Tensor) -> Tensor:
-        """``softmax(scale * q kᵀ + bias) v`` with dropout on the weights."""
-        if self.attn_impl == 'fast':
-            # a 4-D dense mask lets CPU inference use the fused (flash)
-            # kernel; a 3-D one falls back to the unfused math path
-            return F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=bias.to(query.dtype).unsqueeze(0),
-                dropout_p=self.attn_drop_rate if self.training else 0.,
-                scale=self.scale)
+    def _literal_attention(self, query: Tensor, key: Tensor, value: Tensor,
+                           bias: Tensor) -> Tensor:
+        """``softmax(scale * q kᵀ + bias) v`` with dropout on the weights,
+        computed as written."""
         weights = (query * self.scale) @ key.transpose(-2, -1) + bias
         weights = self.attn_drop(weights.softmax(dim=-1))
         return weights @ value
+
+    def _fused_attention(self, query: Tensor, key: Tensor, value: Tensor,
+                         bias: Tensor, dropout: float) -> Tensor:
+        """The same through ``scaled_dot_product_attention``. A 4-D dense
+        mask lets CPU inference use the fused (flash) kernel; a 3-D one
+        falls back to the unfused math path."""
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=bias.to(query.dtype).unsqueeze(0),
+            dropout_p=dropout,
+            scale=self.scale)
+
+    def _fast_attention(self, query: Tensor, key: Tensor, value: Tensor,
+                        agents: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Both attentions of the fast path, ``(B, heads, N, d)``."""
+        dropout = self.attn_drop_rate if self.training else 0.
+        trains = torch.is_grad_enabled() and (query.requires_grad
+                                              or self.an_bias.requires_grad)
+        if trains and not dropout:
+            # fused kernels give no gradient for a mask: keep only the small
+            # bias sources and rebuild biases and weights in backward
+            agent_to_token, token_to_agent = self._separable_sources()
+            agent_value = recomputed_bias_attention(
+                agents, key, value, self.scale,
+                self._bias_builder(hw_shape, False), *agent_to_token)
+            return recomputed_bias_attention(
+                query, agents, agent_value, self.scale,
+                self._bias_builder(hw_shape, True), *token_to_agent)
+        agent_bias, token_bias = self._cached_biases(hw_shape)
+        agent_value = self._fused_attention(agents, key, value, agent_bias,
+                                            dropout)
+        return self._fused_attention(query, agents, agent_value, token_bias,
+                                     dropout)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
@@ -322,15 +375,17 @@ class AgentAttention(BaseModule):
             tokens_to_map(query, hw_shape),
             self.agent_shape).flatten(2).transpose(1, 2).contiguous()
 
-        if self.attn_impl == 'fast':
-            agent_bias, token_bias = self._cached_biases(hw_shape)
-        else:
-            agent_bias, token_bias = self._reference_biases(
-                hw_shape, batch)
         query, key, value_heads, agents = map(self._split_heads,
                                               (query, key, value, agents))
-        agent_value = self._attend(agents, key, value_heads, agent_bias)
-        out = self._attend(query, agents, agent_value, token_bias)
+        if self.attn_impl == 'fast':
+            out = self._fast_attention(query, key, value_heads, agents,
+                                       hw_shape)
+        else:
+            agent_bias, token_bias = self._reference_biases(hw_shape, batch)
+            agent_value = self._literal_attention(agents, key, value_heads,
+                                                  agent_bias)
+            out = self._literal_attention(query, agents, agent_value,
+                                          token_bias)
 
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         out = out + self.dwc(tokens_to_map(value, hw_shape)).flatten(

@@ -1,0 +1,118 @@
+"""Softmax attention with a learned bias shared by every image of the batch,
+trained without storing any attention-sized tensor.
+
+Agent attention's biases depend on the token grid, not on the image, so one
+``(heads, L, S)`` map serves the whole batch, and it is built from a few
+small parameters. PyTorch's fused kernels cannot return a gradient for an
+additive mask, so with trainable biases ``scaled_dot_product_attention``
+falls back to its unfused path, which keeps the bias and two
+attention-sized tensors per call for the backward pass. Here the forward
+keeps only its inputs and the small bias sources; the backward rebuilds the
+bias and the softmax (one extra ``L×S×d`` product) and sums the bias
+gradient over the batch.
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+BiasFn = Callable[..., Tensor]
+
+
+def _attention_weights(query: Tensor, key: Tensor, bias: Tensor,
+                       scale: float) -> Tensor:
+    """``softmax(scale * q kᵀ + bias)`` of shape ``(B, heads, L, S)``."""
+    logits = torch.matmul(query * scale, key.transpose(-2, -1))
+    return logits.add_(bias).softmax(dim=-1)
+
+
+def _logits_grad(grad_out: Tensor, value: Tensor, weights: Tensor) -> Tensor:
+    """Gradient of the logits, ``w * (g - rowsum(w * g))`` with
+    ``g = grad_out vᵀ``. The row sums equal ``rowsum(grad_out * (w v))``
+    (the output), which avoids a second attention-sized temporary."""
+    row_dot = (grad_out * torch.matmul(weights, value)).sum(
+        dim=-1, keepdim=True)
+    grad_weights = torch.matmul(grad_out, value.transpose(-2, -1))
+    return grad_weights.sub_(row_dot).mul_(weights)
+
+
+def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
+    """``bias`` if it is ``(heads, L, S)`` for ``query`` and ``key``, else a
+    ``ValueError`` naming the expected shape (a wrong shape could broadcast
+    silently)."""
+    expected = (query.shape[1], query.shape[2], key.shape[2])
+    if tuple(bias.shape) != expected:
+        raise ValueError(f'bias must have shape (heads, L, S) = {expected}, '
+                         f'got {tuple(bias.shape)}')
+    return bias
+
+
+class _RecomputedBiasAttention(torch.autograd.Function):
+    """``softmax(scale * q kᵀ + make_bias(*sources)) v``; see
+    :func:`recomputed_bias_attention`."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                make_bias: BiasFn, *sources: Tensor) -> Tensor:
+        bias = _checked_bias(make_bias(*sources), query, key)
+        ctx.save_for_backward(query, key, value, *sources)
+        ctx.scale = scale
+        ctx.make_bias = make_bias
+        return torch.matmul(
+            _attention_weights(query, key, bias, scale), value)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        query, key, value, *sources = ctx.saved_tensors
+        need_query, need_key, need_value, _, _, *need_sources = (
+            ctx.needs_input_grad)
+        with torch.enable_grad():
+            sources = [
+                src.detach().requires_grad_(need)
+                for src, need in zip(sources, need_sources)
+            ]
+            bias = ctx.make_bias(*sources)
+        weights = _attention_weights(query, key, bias.detach(), ctx.scale)
+        grad_value = (
+            torch.matmul(weights.transpose(-2, -1), grad_out)
+            if need_value else None)
+        grad_logits = _logits_grad(grad_out, value, weights)
+        del weights
+        grad_sources = [None] * len(sources)
+        if bias.requires_grad:
+            wanted = [i for i, need in enumerate(need_sources) if need]
+            grads = torch.autograd.grad(bias, [sources[i] for i in wanted],
+                                        grad_logits.sum(dim=0))
+            for i, grad in zip(wanted, grads):
+                grad_sources[i] = grad
+        grad_query = (
+            torch.matmul(grad_logits, key).mul_(ctx.scale)
+            if need_query else None)
+        grad_key = (
+            torch.matmul(grad_logits.transpose(-2, -1), query).mul_(ctx.scale)
+            if need_key else None)
+        return (grad_query, grad_key, grad_value, None, None, *grad_sources)
+
+
+def recomputed_bias_attention(query: Tensor, key: Tensor, value: Tensor,
+                              scale: float, make_bias: BiasFn,
+                              *sources: Tensor) -> Tensor:
+    """``softmax(scale * q kᵀ + bias) v`` with ``bias = make_bias(*sources)``
+    shared by the batch, storing neither the bias nor the attention map.
+
+    Args:
+        query: ``(B, heads, L, d)``.
+        key: ``(B, heads, S, d)``.
+        value: ``(B, heads, S, e)``.
+        scale: Factor of the dot products.
+        make_bias: Builds the ``(heads, L, S)`` bias from ``sources`` with
+            differentiable torch operations; called once in forward and
+            once more in backward.
+        sources: The tensors the bias is built from (usually a few small
+            parameters).
+
+    Returns:
+        ``(B, heads, L, e)``.
+    """
+    return _RecomputedBiasAttention.apply(query, key, value, scale, make_bias,
+                                          *sources)

@@ -1,0 +1,113 @@
+"""Attention with a recomputed shared bias: exact values and gradients,
+nothing attention-sized stored for backward."""
+import pytest
+import torch
+
+from agent_mm.models.biased_attention import recomputed_bias_attention
+
+
+def _inputs(batch=2, heads=3, queries=11, keys=7, dims=5, value_dims=4,
+            dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen,
+                           dtype=dtype).requires_grad_()
+
+    return (rand(batch, heads, queries, dims), rand(batch, heads, keys, dims),
+            rand(batch, heads, keys, value_dims), rand(heads, queries, keys))
+
+
+def _identity(bias):
+    return bias
+
+
+def _low_rank(rows, cols):
+    """A (heads, L, S) bias built from small sources, as agent biases are."""
+    return rows @ cols
+
+
+def shared_bias_attention(query, key, value, bias, scale):
+    return recomputed_bias_attention(query, key, value, scale, _identity,
+                                     bias)
+
+
+def _literal(query, key, value, bias, scale):
+    weights = (scale * query @ key.transpose(-2, -1) + bias).softmax(-1)
+    return weights @ value
+
+
+def test_matches_literal_attention():
+    inputs = _inputs(dtype=torch.float32)
+    expected = _literal(*inputs, 0.3)
+    torch.testing.assert_close(
+        shared_bias_attention(*inputs, 0.3), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_autograd_of_literal_attention():
+    inputs = _inputs()
+    grad_out = torch.randn(2, 3, 11, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        shared_bias_attention(*inputs, 0.7), inputs, grad_out)
+    expected = torch.autograd.grad(_literal(*inputs, 0.7), inputs, grad_out)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradcheck():
+    inputs = _inputs(batch=2, heads=2, queries=4, keys=3, dims=3,
+                     value_dims=2)
+    assert torch.autograd.gradcheck(
+        lambda *args: shared_bias_attention(*args, 0.5), inputs)
+
+
+def test_gradients_reach_the_bias_sources():
+    query, key, value, _ = _inputs()
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    cols = torch.randn(3, 2, 7, generator=gen, dtype=torch.float64)
+    rows.requires_grad_()
+    cols.requires_grad_()
+    inputs = (query, key, value, rows, cols)
+    grad_out = torch.randn(2, 3, 11, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        recomputed_bias_attention(query, key, value, 0.4, _low_rank, rows,
+                                  cols), inputs, grad_out)
+    expected = torch.autograd.grad(
+        _literal(query, key, value, _low_rank(rows, cols), 0.4), inputs,
+        grad_out)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_frozen_bias_gets_no_gradient():
+    query, key, value, bias = _inputs()
+    bias = bias.detach()
+    out = shared_bias_attention(query, key, value, bias, 1.0)
+    out.sum().backward()
+    assert bias.grad is None
+    assert query.grad is not None and value.grad is not None
+
+
+def test_saves_neither_bias_nor_attention_map():
+    query, key, value, _ = _inputs(queries=13, keys=17)
+    rows = torch.randn(3, 13, 2, dtype=torch.float64, requires_grad=True)
+    cols = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        recomputed_bias_attention(query, key, value, 1.0, _low_rank, rows,
+                                  cols)
+    assert sorted(saved) == sorted(
+        tuple(t.shape) for t in (query, key, value, rows, cols))
+
+
+@pytest.mark.parametrize('bias_shape', [(3, 11), (1, 3, 11, 7), (3, 11, 6)])
+def test_rejects_bias_of_wrong_shape(bias_shape):
+    query, key, value, _ = _inputs()
+    with pytest.raises(ValueError, match=r'bias must have shape'):
+        shared_bias_attention(query, key, value, torch.zeros(bias_shape), 1.)
