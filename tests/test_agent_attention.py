@@ -5,7 +5,7 @@ from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
 from agent_mm.models.agent_attention import (BIAS_CACHE_SIZE, BIAS_NAMES,
-                                             agent_major_bias, resize,
+                                             mapped_source, resize,
                                              resize_by_matmul, to_agent_grid)
 
 
@@ -93,27 +93,36 @@ def test_resize_by_matmul_is_bilinear_resizing(size_in, size_out):
     ((14, 14), (14, 14), (2, 3)),
     ((7, 7), (3, 5), (7, 7)),
 ])
-def test_agent_major_bias_is_the_literal_map_computed_in_another_order(
+def test_mapped_source_is_the_literal_map_computed_in_another_order(
         source_hw, hw, agent_shape):
     source = torch.randn(3, 16, *source_hw)
-    literal = to_agent_grid(resize(source, hw), agent_shape).transpose(1, 2)
-    fast = agent_major_bias(source, hw, agent_shape)
-    assert fast.shape == (3, agent_shape[0] * agent_shape[1], *hw)
-    torch.testing.assert_close(fast.flatten(2), literal, atol=1e-4, rtol=1e-4)
+    literal = to_agent_grid(resize(source, hw), agent_shape)
+    agents = agent_shape[0] * agent_shape[1]
+    agent_major = mapped_source(source, hw, agent_shape, token_major=False)
+    token_major = mapped_source(source, hw, agent_shape, token_major=True)
+    assert agent_major.shape == (3, agents, *hw)
+    assert token_major.shape == (3, *hw, agents)
+    torch.testing.assert_close(
+        agent_major.flatten(2), literal.transpose(1, 2), atol=1e-4,
+        rtol=1e-4)
+    torch.testing.assert_close(
+        token_major.flatten(1, 2), literal, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('token_major', [False, True])
 @pytest.mark.parametrize('hw', [(64, 48), (5, 9), (56, 56)])
-def test_separable_source_maps_term_by_term(hw):
+def test_separable_source_maps_term_by_term(hw, token_major):
     rows, cols = torch.randn(2, 9, 56, 1), torch.randn(2, 9, 1, 56)
-    literal = to_agent_grid(resize(rows + cols, hw), (12, 12)).transpose(1, 2)
-    row_map = agent_major_bias(rows, hw, (12, 12))
-    col_map = agent_major_bias(cols, hw, (12, 12))
-    assert row_map.shape[-2:] == (hw[0], 1) and col_map.shape[-2:] == (1,
-                                                                      hw[1])
-    torch.testing.assert_close((row_map + col_map).flatten(2),
-                               literal,
-                               atol=1e-5,
-                               rtol=1e-5)
+    literal = to_agent_grid(resize(rows + cols, hw), (12, 12))
+    row_map = mapped_source(rows, hw, (12, 12), token_major)
+    col_map = mapped_source(cols, hw, (12, 12), token_major)
+    grid_axes = slice(1, 3) if token_major else slice(2, 4)
+    assert row_map.shape[grid_axes] == (hw[0], 1)
+    assert col_map.shape[grid_axes] == (1, hw[1])
+    summed = row_map + col_map
+    summed = summed.flatten(1, 2) if token_major else summed.flatten(
+        2).transpose(1, 2)
+    torch.testing.assert_close(summed, literal, atol=1e-5, rtol=1e-5)
 
 
 def test_bias_cache_is_used_in_eval_and_invalidated_on_update():

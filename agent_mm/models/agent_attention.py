@@ -71,44 +71,55 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     return rows @ x @ cols.t()
 
 
-def agent_major_bias(source: Tensor, hw_shape: Tuple[int, int],
-                     agent_shape: Tuple[int, int]) -> Tensor:
-    """``to_agent_grid(resize(source, hw_shape), agent_shape)``, transposed,
-    computed in the cheap order.
+def mapped_source(source: Tensor, hw_shape: Tuple[int, int],
+                  agent_shape: Tuple[int, int], token_major: bool) -> Tensor:
+    """``to_agent_grid(resize(source, hw_shape), agent_shape)`` computed in
+    the cheap order, in either layout.
 
     The two bilinear resizes act on different axes (tokens and agents), so
     they commute: mapping the agents on the source's small grid first leaves
     one resize of ``heads*n`` channels to the token grid, instead of
     resizing ``H*W`` tiny ``p×p`` maps; both are done by
-    :func:`resize_by_matmul`. A source axis of size 1 stays 1 (the map is
-    constant along it), so a separable source ``a[h] + b[w]`` can be mapped
-    term by term and summed by broadcasting: the interpolation weights of
-    every output pixel sum to one.
+    :func:`resize_by_matmul`-style matrix products, and the token-major
+    result is produced directly in its layout (transposing a large map is
+    slow). A source axis of size 1 stays 1 (the map is constant along it),
+    so a separable source ``a[h] + b[w]`` can be mapped term by term and
+    summed by broadcasting: the interpolation weights of every output pixel
+    sum to one.
 
     Args:
         source: ``(heads, p*p, h, w)``.
         hw_shape: Token grid ``(H, W)``.
         agent_shape: Agent grid ``(a_h, a_w)``.
+        token_major: Layout of the result.
 
     Returns:
-        ``(heads, a_h*a_w, H', W')`` with ``H' = 1 if h == 1 else H`` and
+        ``(heads, H', W', n)`` if ``token_major`` else ``(heads, n, H',
+        W')``, with ``n = a_h*a_w``, ``H' = 1 if h == 1 else H`` and
         likewise ``W'``.
     """
     heads, agent_num, height, width = source.shape
     side = math.isqrt(agent_num)
     per_token = source.reshape(heads, side, side, height * width)
     per_agent = resize_by_matmul(per_token.permute(0, 3, 1, 2), agent_shape)
-    per_agent = per_agent.flatten(2).transpose(1, 2).reshape(
-        heads, -1, height, width)
     size = (hw_shape[0] if height > 1 else 1, hw_shape[1] if width > 1 else 1)
-    return resize_by_matmul(per_agent, size)
+    if not token_major:
+        per_agent = per_agent.flatten(2).transpose(1, 2).reshape(
+            heads, -1, height, width)
+        return resize_by_matmul(per_agent, size)
+    # (heads, h, w, n): resize w, then h with the other axes flattened
+    rows = _interpolation_matrix(height, size[0]).to(source)
+    cols = _interpolation_matrix(width, size[1]).to(source)
+    per_agent = per_agent.reshape(heads, height, width, -1)
+    mapped = rows @ (cols @ per_agent).flatten(2)
+    return mapped.reshape(heads, size[0], size[1], -1)
 
 
 def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
                    hw_shape: Tuple[int, int], agent_shape: Tuple[int, int],
                    token_major: bool) -> Tensor:
     """One bias of agent attention from its three sources, each mapped by
-    :func:`agent_major_bias` and summed by broadcasting.
+    :func:`mapped_source` and summed by broadcasting.
 
     Args:
         full: ``(heads, p*p, 7, 7)`` source.
@@ -122,10 +133,10 @@ def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
         A contiguous map: the attention kernels read it row by row.
     """
     full, rows, cols = (
-        agent_major_bias(src, hw_shape, agent_shape)
+        mapped_source(src, hw_shape, agent_shape, token_major)
         for src in (full, rows, cols))
-    bias = (rows + cols).add_(full).flatten(2)
-    return bias.transpose(1, 2).contiguous() if token_major else bias
+    bias = full.add_(rows).add_(cols)
+    return bias.flatten(1, 2) if token_major else bias.flatten(2)
 
 
 @MODELS.register_module()
@@ -245,7 +256,7 @@ class AgentAttention(BaseModule):
                                                                   Tensor]:
         """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
         n)``, the reference's maps computed in the cheap order (see
-        :func:`agent_major_bias`)."""
+        :func:`mapped_source`)."""
         agent_to_token, token_to_agent = self._separable_sources()
         agent_bias = self._bias_builder(hw_shape, False)(*agent_to_token)
         token_bias = self._bias_builder(hw_shape, True)(*token_to_agent)
