@@ -37,16 +37,19 @@ def _literal(query, key, value, bias, scale):
     return weights @ value
 
 
-def test_matches_literal_attention():
-    inputs = _inputs(dtype=torch.float32)
+# equal head sizes take PyTorch's fused CPU kernel, unequal the fallback
+@pytest.mark.parametrize('value_dims', [5, 4])
+def test_matches_literal_attention(value_dims):
+    inputs = _inputs(value_dims=value_dims, dtype=torch.float32)
     expected = _literal(*inputs, 0.3)
     torch.testing.assert_close(
         shared_bias_attention(*inputs, 0.3), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_gradients_match_autograd_of_literal_attention():
-    inputs = _inputs()
-    grad_out = torch.randn(2, 3, 11, 4, dtype=torch.float64)
+@pytest.mark.parametrize('value_dims', [5, 4])
+def test_gradients_match_autograd_of_literal_attention(value_dims):
+    inputs = _inputs(value_dims=value_dims)
+    grad_out = torch.randn(2, 3, 11, value_dims, dtype=torch.float64)
     ours = torch.autograd.grad(
         shared_bias_attention(*inputs, 0.7), inputs, grad_out)
     expected = torch.autograd.grad(_literal(*inputs, 0.7), inputs, grad_out)
@@ -102,8 +105,15 @@ def test_saves_neither_bias_nor_attention_map():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         recomputed_bias_attention(query, key, value, 1.0, _low_rank, rows,
                                   cols)
-    assert sorted(saved) == sorted(
-        tuple(t.shape) for t in (query, key, value, rows, cols))
+    batch, heads = query.shape[:2]
+    assert (batch, heads, 13, 17) not in saved  # attention map
+    assert (heads, 13, 17) not in saved  # bias
+    # inputs, output, row-wise log-sum-exp, bias sources
+    assert sorted(saved) == sorted([
+        tuple(query.shape), tuple(key.shape), tuple(value.shape),
+        (batch, heads, 13, value.shape[-1]), (batch, heads, 13),
+        tuple(rows.shape), tuple(cols.shape)
+    ])
 
 
 @pytest.mark.parametrize('bias_shape', [(3, 11), (1, 3, 11, 7), (3, 11, 6)])

@@ -3,12 +3,13 @@ trained without storing any attention-sized tensor.
 
 Agent attention's biases depend on the token grid, not on the image, so one
 ``(heads, L, S)`` map serves the whole batch, and it is built from a few
-small parameters. PyTorch's fused kernels cannot return a gradient for an
-additive mask, so with trainable biases ``scaled_dot_product_attention``
+small parameters. PyTorch's fused CPU kernel cannot return a gradient for
+an additive mask, so with trainable biases ``scaled_dot_product_attention``
 falls back to its unfused path, which keeps the bias and two
 attention-sized tensors per call for the backward pass. Here the forward
-keeps only its inputs and the small bias sources; the backward rebuilds the
-bias and the softmax (one extra ``L×S×d`` product) and sums the bias
+runs the fused kernel and keeps its inputs, its output, the row-wise
+log-sum-exp and the small bias sources; the backward rebuilds the bias and
+the attention weights (one extra ``L×S×d`` product) and sums the bias
 gradient over the batch.
 """
 from typing import Callable, Optional, Tuple
@@ -18,20 +19,37 @@ from torch import Tensor
 
 BiasFn = Callable[..., Tensor]
 
-
-def _attention_weights(query: Tensor, key: Tensor, bias: Tensor,
-                       scale: float) -> Tensor:
-    """``softmax(scale * q kᵀ + bias)`` of shape ``(B, heads, L, S)``."""
-    logits = torch.matmul(query * scale, key.transpose(-2, -1))
-    return logits.add_(bias).softmax(dim=-1)
+# PyTorch's fused (flash) CPU kernel; unlike the public function it also
+# returns the log-sum-exp of each row of logits. Absent from some builds.
+_FLASH_CPU = getattr(torch.ops.aten,
+                     '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
-def _logits_grad(grad_out: Tensor, value: Tensor, weights: Tensor) -> Tensor:
+def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``."""
+    return torch.matmul(query * scale, key.transpose(-2, -1)).add_(bias)
+
+
+def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
+                     scale: float) -> Tuple[Tensor, Tensor]:
+    """The attention output and the log-sum-exp ``(B, heads, L)`` of each
+    row of logits; through the fused kernel on the CPU (it needs one head
+    size for queries, keys and values)."""
+    if (query.device.type == 'cpu' and _FLASH_CPU is not None
+            and value.shape[-1] == query.shape[-1]):
+        return _FLASH_CPU(
+            query, key, value, attn_mask=bias.unsqueeze(0), scale=scale)
+    logits = _logits(query, key, bias, scale)
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = logits.sub_(lse.unsqueeze(-1)).exp_()
+    return torch.matmul(weights, value), lse
+
+
+def _logits_grad(grad_out: Tensor, out: Tensor, value: Tensor,
+                 weights: Tensor) -> Tensor:
     """Gradient of the logits, ``w * (g - rowsum(w * g))`` with
-    ``g = grad_out vᵀ``. The row sums equal ``rowsum(grad_out * (w v))``
-    (the output), which avoids a second attention-sized temporary."""
-    row_dot = (grad_out * torch.matmul(weights, value)).sum(
-        dim=-1, keepdim=True)
+    ``g = grad_out vᵀ``; the row sums equal ``rowsum(grad_out * out)``."""
+    row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
     grad_weights = torch.matmul(grad_out, value.transpose(-2, -1))
     return grad_weights.sub_(row_dot).mul_(weights)
 
@@ -55,15 +73,15 @@ class _RecomputedBiasAttention(torch.autograd.Function):
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
                 make_bias: BiasFn, *sources: Tensor) -> Tensor:
         bias = _checked_bias(make_bias(*sources), query, key)
-        ctx.save_for_backward(query, key, value, *sources)
+        out, lse = _attend_with_lse(query, key, value, bias, scale)
+        ctx.save_for_backward(query, key, value, out, lse, *sources)
         ctx.scale = scale
         ctx.make_bias = make_bias
-        return torch.matmul(
-            _attention_weights(query, key, bias, scale), value)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        query, key, value, *sources = ctx.saved_tensors
+        query, key, value, out, lse, *sources = ctx.saved_tensors
         need_query, need_key, need_value, _, _, *need_sources = (
             ctx.needs_input_grad)
         with torch.enable_grad():
@@ -72,11 +90,12 @@ class _RecomputedBiasAttention(torch.autograd.Function):
                 for src, need in zip(sources, need_sources)
             ]
             bias = ctx.make_bias(*sources)
-        weights = _attention_weights(query, key, bias.detach(), ctx.scale)
+        weights = _logits(query, key, bias.detach(),
+                          ctx.scale).sub_(lse.unsqueeze(-1)).exp_()
         grad_value = (
             torch.matmul(weights.transpose(-2, -1), grad_out)
             if need_value else None)
-        grad_logits = _logits_grad(grad_out, value, weights)
+        grad_logits = _logits_grad(grad_out, out, value, weights)
         del weights
         grad_sources = [None] * len(sources)
         if bias.requires_grad:
