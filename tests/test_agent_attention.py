@@ -73,6 +73,21 @@ def test_fast_and_reference_paths_have_equal_gradients():
             grad, grads[1][1][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize('attn_impl, stores_maps', [('fast', False),
+                                                    ('reference', True)])
+def test_only_the_reference_path_stores_attention_maps(attn_impl,
+                                                       stores_maps):
+    module, _ = _pair(False, attn_impl)
+    module.train()
+    hw, agents = (11, 13), 4 * 5
+    map_dims = {(hw[0] * hw[1], agents), (agents, hw[0] * hw[1])}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(tuple(t.shape[-2:])) or t, lambda t: t):
+        module(torch.randn(2, hw[0] * hw[1], 32, requires_grad=True), hw)
+    assert any(dims in map_dims for dims in saved) == stores_maps
+
+
 @pytest.mark.parametrize('size_in, size_out', [((7, 7), (64, 48)),
                                                ((56, 56), (25, 42)),
                                                ((3, 3), (12, 12)),

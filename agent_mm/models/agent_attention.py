@@ -156,7 +156,8 @@ class AgentAttention(BaseModule):
         attn_drop: Dropout on both attention maps.
         proj_drop: Dropout after ``proj``.
         attn_impl: ``'fast'`` (biases computed once and broadcast over the
-            batch, fused attention kernels, bias cache in eval) or
+            batch, fused attention kernels, neither biases nor attention
+            maps stored for backward, bias cache in eval) or
             ``'reference'`` (the equations computed literally, as the
             authors do; for debugging and benchmarks).
         init_cfg: mmengine initialisation config.

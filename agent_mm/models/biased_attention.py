@@ -73,7 +73,8 @@ class _RecomputedBiasAttention(torch.autograd.Function):
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
                 make_bias: BiasFn, *sources: Tensor) -> Tensor:
         bias = _checked_bias(make_bias(*sources), query, key)
-        out, lse = _attend_with_lse(query, key, value, bias, scale)
+        out, lse = _attend_with_lse(query, key, value,
+                                    bias.to(query.dtype), scale)
         ctx.save_for_backward(query, key, value, out, lse, *sources)
         ctx.scale = scale
         ctx.make_bias = make_bias
@@ -90,7 +91,7 @@ class _RecomputedBiasAttention(torch.autograd.Function):
                 for src, need in zip(sources, need_sources)
             ]
             bias = ctx.make_bias(*sources)
-        weights = _logits(query, key, bias.detach(),
+        weights = _logits(query, key, bias.detach().to(query.dtype),
                           ctx.scale).sub_(lse.unsqueeze(-1)).exp_()
         grad_value = (
             torch.matmul(weights.transpose(-2, -1), grad_out)
@@ -100,8 +101,9 @@ class _RecomputedBiasAttention(torch.autograd.Function):
         grad_sources = [None] * len(sources)
         if bias.requires_grad:
             wanted = [i for i, need in enumerate(need_sources) if need]
+            grad_bias = grad_logits.sum(dim=0).to(bias.dtype)
             grads = torch.autograd.grad(bias, [sources[i] for i in wanted],
-                                        grad_logits.sum(dim=0))
+                                        grad_bias)
             for i, grad in zip(wanted, grads):
                 grad_sources[i] = grad
         grad_query = (
