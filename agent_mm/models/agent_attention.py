@@ -59,6 +59,14 @@ def _interpolation_matrix(size_in: int, size_out: int) -> Tensor:
     return weights[0].t().float()
 
 
+def _resize_matrices(in_hw: Sequence[int], size: Sequence[int],
+                     like: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row ``(H, h)`` and column ``(W, w)`` weights of bilinear resizing
+    from ``in_hw`` to ``size``, on ``like``'s device and dtype."""
+    return (_interpolation_matrix(in_hw[0], size[0]).to(like),
+            _interpolation_matrix(in_hw[1], size[1]).to(like))
+
+
 def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     """:func:`resize` of ``(..., h, w)`` as two small matrix products.
 
@@ -66,8 +74,7 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     for the position biases, the products are much faster than the
     interpolation kernel, forward and backward.
     """
-    rows = _interpolation_matrix(x.shape[-2], size[0]).to(x)
-    cols = _interpolation_matrix(x.shape[-1], size[1]).to(x)
+    rows, cols = _resize_matrices(x.shape[-2:], size, x)
     return rows @ x @ cols.t()
 
 
@@ -108,8 +115,7 @@ def mapped_source(source: Tensor, hw_shape: Tuple[int, int],
             heads, -1, height, width)
         return resize_by_matmul(per_agent, size)
     # (heads, h, w, n): resize w, then h with the other axes flattened
-    rows = _interpolation_matrix(height, size[0]).to(source)
-    cols = _interpolation_matrix(width, size[1]).to(source)
+    rows, cols = _resize_matrices((height, width), size, source)
     per_agent = per_agent.reshape(heads, height, width, -1)
     mapped = rows @ (cols @ per_agent).flatten(2)
     return mapped.reshape(heads, size[0], size[1], -1)
