@@ -13,7 +13,8 @@ from .agent_attention import AgentAttention, resize
 from .base import AgentBackbone
 from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
                      drop_path_or_identity, linear_drop_path_rates,
-                     maybe_checkpoint, resolve_arch, tokens_to_map)
+                     maybe_checkpoint, mlp_residual, resolve_arch,
+                     tokens_to_map)
 
 NUM_STAGES = 4
 REF_GRIDS = ((56, 56), (28, 28), (14, 14), (7, 7))
@@ -86,7 +87,8 @@ class AgentPVTBlock(BaseModule):
 
     def _forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return mlp_residual(x, self.norm2, self.mlp, self.drop_path,
+                            self.training)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         return maybe_checkpoint(

@@ -15,7 +15,8 @@ from .agent_attention import AgentAttention
 from .base import AgentBackbone
 from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
                      drop_path_or_identity, linear_drop_path_rates,
-                     maybe_checkpoint, resolve_arch, tokens_to_map)
+                     maybe_checkpoint, mlp_residual, resolve_arch,
+                     tokens_to_map)
 
 NUM_STAGES = 4
 PATCH_SIZE = 4
@@ -192,7 +193,8 @@ class AgentSwinBlock(BaseModule):
         else:
             x = self._window_attention(x, hw_shape)
         x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return mlp_residual(x, self.norm2, self.mlp, self.drop_path,
+                            self.training)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         return maybe_checkpoint(

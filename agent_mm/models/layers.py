@@ -55,6 +55,41 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+# In inference the MLP residual runs over chunks of tokens whose hidden
+# activations stay within this many bytes. The hidden layer is the largest
+# activation of the backbones at high resolution, and an allocation this
+# large would be fresh pages from the kernel at every call (glibc maps
+# anything over 32 MB afresh and unmaps it on free).
+MLP_CHUNK_BYTES = 16 * 2**20
+
+
+def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
+                 training: bool) -> Tensor:
+    """``x + drop_path(mlp(norm(x)))`` of the pre-norm blocks.
+
+    When nothing is trained (``training`` False and autograd off), the
+    norm and the MLP act on each token alone and ``drop_path`` is the
+    identity, so the sum is accumulated into ``x`` in place, a chunk of
+    tokens at a time (:data:`MLP_CHUNK_BYTES`): the full-size hidden layer
+    never exists. The caller must own ``x`` (a fresh residual sum).
+
+    Args:
+        x: ``(..., C)`` tokens.
+        norm: Per-token norm before the MLP.
+        mlp: The block's :class:`Mlp`.
+        drop_path: Stochastic depth on the residual branch.
+        training: The block's training flag.
+    """
+    if training or torch.is_grad_enabled():
+        return x + drop_path(mlp(norm(x)))
+    x = x.contiguous()
+    hidden_bytes = mlp.fc1.out_features * x.element_size()
+    for part in x.view(-1, x.shape[-1]).split(
+            max(1, MLP_CHUNK_BYTES // hidden_bytes)):
+        part.add_(mlp(norm(part)))
+    return x
+
+
 def resolve_arch(backbone: str, arch_zoo: Dict[str, dict], arch: Any,
                  overrides: Dict[str, Any]) -> Dict[str, Any]:
     """Settings of a named (or fully given) architecture, with overrides.

@@ -1,0 +1,74 @@
+"""Tests of the shared backbone layers (agent_mm/models/layers.py)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from agent_mm.models import layers
+from agent_mm.models.layers import DropPath, Mlp, mlp_residual
+
+
+def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
+    """Norm, MLP and drop path of a block in train or eval mode."""
+    torch.manual_seed(0)
+    modules = nn.LayerNorm(dims), Mlp(dims, hidden), DropPath(0.5)
+    return tuple(module.train(training) for module in modules)
+
+
+def _expected(x, norm, mlp):
+    return x + mlp(norm(x))
+
+
+@pytest.mark.parametrize('chunk_tokens', [1, 5, 64, 10_000])
+def test_inference_residual_matches_the_plain_sum(monkeypatch, chunk_tokens):
+    norm, mlp, drop_path = _branch()
+    # chunks of `chunk_tokens` tokens: 32 hidden floats of 4 bytes each
+    monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', chunk_tokens * 32 * 4)
+    x = torch.randn(3, 37, 8)
+    expected = _expected(x, norm, mlp)
+    with torch.no_grad():
+        out = mlp_residual(x.clone(), norm, mlp, drop_path, training=False)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_inference_residual_accumulates_in_place():
+    norm, mlp, drop_path = _branch()
+    x = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        out = mlp_residual(x, norm, mlp, drop_path, training=False)
+    assert out.data_ptr() == x.data_ptr()
+
+
+def test_inference_residual_of_a_strided_input_leaves_it_untouched():
+    norm, mlp, drop_path = _branch()
+    base = torch.randn(10, 2, 8)
+    x = base.transpose(0, 1)  # not contiguous: worked on as a copy
+    before = base.clone()
+    with torch.no_grad():
+        out = mlp_residual(x, norm, mlp, drop_path, training=False)
+    torch.testing.assert_close(out, _expected(before.transpose(0, 1), norm,
+                                              mlp))
+    torch.testing.assert_close(base, before)
+
+
+def test_with_autograd_the_residual_is_a_new_tensor_with_gradients():
+    norm, mlp, drop_path = _branch()
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    out = mlp_residual(x, norm, mlp, drop_path, training=False)
+    assert out.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(out, _expected(x, norm, mlp))
+    out.sum().backward()
+    assert mlp.fc1.weight.grad is not None and x.grad is not None
+
+
+def test_training_applies_drop_path_per_sample():
+    norm, mlp, drop_path = _branch(training=True)
+    x = torch.randn(64, 4, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = mlp_residual(x, norm, mlp, drop_path, training=True)
+    # each sample keeps its residual branch (scaled by 2) or drops it
+    branch = mlp(norm(x))
+    kept = torch.isclose(out, x + 2 * branch, atol=1e-6).all(dim=(1, 2))
+    dropped = torch.isclose(out, x, atol=1e-6).all(dim=(1, 2))
+    assert (kept | dropped).all()
+    assert kept.any() and dropped.any()
