@@ -5,8 +5,9 @@ from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
 from agent_mm.models.agent_attention import (BIAS_CACHE_SIZE, BIAS_NAMES,
-                                             mapped_source, resize,
-                                             resize_by_matmul, to_agent_grid)
+                                             left_matmul, mapped_source,
+                                             resize, resize_by_matmul,
+                                             to_agent_grid)
 
 
 def _pair(fused_qkv, attn_impl='fast', **kwargs):
@@ -86,6 +87,18 @@ def test_only_the_reference_path_stores_attention_maps(attn_impl,
             lambda t: saved.append(tuple(t.shape[-2:])) or t, lambda t: t):
         module(torch.randn(2, hw[0] * hw[1], 32, requires_grad=True), hw)
     assert any(dims in map_dims for dims in saved) == stores_maps
+
+
+@pytest.mark.parametrize('batch_shape', [(), (3, ), (2, 4)])
+def test_left_matmul_is_a_contiguous_matrix_product(batch_shape):
+    matrix = torch.randn(6, 5)
+    x = torch.randn(*batch_shape, 5, 7, requires_grad=True)
+    out = left_matmul(matrix, x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, matrix @ x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, matrix.t() @ grad)
 
 
 @pytest.mark.parametrize('size_in, size_out', [((7, 7), (64, 48)),

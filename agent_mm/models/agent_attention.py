@@ -67,6 +67,20 @@ def _resize_matrices(in_hw: Sequence[int], size: Sequence[int],
             _interpolation_matrix(in_hw[1], size[1]).to(like))
 
 
+def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
+    """``matrix @ x`` for a 2-D ``matrix`` and a batch ``x`` of shape
+    ``(..., k, m)``, as one batched product with a contiguous result.
+
+    ``torch.matmul`` computes this case as ``(xᵀ @ matrixᵀ)ᵀ``: it copies
+    ``x`` into a transposed layout and returns a transposed view, which the
+    next operation copies again, forward and backward (most of the cost of
+    building the large bias maps).
+    """
+    batch = x.reshape(-1, *x.shape[-2:])
+    out = torch.bmm(matrix.expand(batch.shape[0], *matrix.shape), batch)
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
 def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     """:func:`resize` of ``(..., h, w)`` as two small matrix products.
 
@@ -75,7 +89,7 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     interpolation kernel, forward and backward.
     """
     rows, cols = _resize_matrices(x.shape[-2:], size, x)
-    return rows @ x @ cols.t()
+    return left_matmul(rows, x @ cols.t())
 
 
 def mapped_source(source: Tensor, hw_shape: Tuple[int, int],
@@ -117,7 +131,7 @@ def mapped_source(source: Tensor, hw_shape: Tuple[int, int],
     # (heads, h, w, n): resize w, then h with the other axes flattened
     rows, cols = _resize_matrices((height, width), size, source)
     per_agent = per_agent.reshape(heads, height, width, -1)
-    mapped = rows @ (cols @ per_agent).flatten(2)
+    mapped = left_matmul(rows, left_matmul(cols, per_agent).flatten(2))
     return mapped.reshape(heads, size[0], size[1], -1)
 
 
@@ -141,7 +155,9 @@ def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
     full, rows, cols = (
         mapped_source(src, hw_shape, agent_shape, token_major)
         for src in (full, rows, cols))
-    bias = full.add_(rows).add_(cols)
+    # `full` is a view of a product: adding into it in place would make
+    # autograd copy the whole map twice in backward
+    bias = (full + rows).add_(cols)
     return bias.flatten(1, 2) if token_major else bias.flatten(2)
 
 
