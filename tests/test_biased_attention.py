@@ -3,6 +3,7 @@ nothing attention-sized stored for backward."""
 import pytest
 import torch
 
+from agent_mm.models import biased_attention
 from agent_mm.models.biased_attention import recomputed_bias_attention
 
 
@@ -53,6 +54,29 @@ def test_gradients_match_autograd_of_literal_attention(value_dims):
     ours = torch.autograd.grad(
         shared_bias_attention(*inputs, 0.7), inputs, grad_out)
     expected = torch.autograd.grad(_literal(*inputs, 0.7), inputs, grad_out)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
+
+
+# a block of 1 or 3 query rows (7 keys, 2x3 maps of float64), or all 11
+@pytest.mark.parametrize('block_rows', [1, 3, 11])
+def test_blockwise_backward_matches_autograd_of_literal_attention(
+        monkeypatch, block_rows):
+    monkeypatch.setattr(biased_attention, 'BACKWARD_BLOCK_BYTES',
+                        block_rows * 2 * 3 * 7 * 8)
+    query, key, value, bias = _inputs()
+    assert len(biased_attention._row_blocks(query, 7)) == -(-11 //
+                                                           block_rows)
+    # keys and values as strided views, as projections chunked in two are
+    key_value = torch.cat([key, value], dim=-1).detach().requires_grad_()
+    key, value = key_value.split([5, 4], dim=-1)
+    inputs = (query, key_value, bias)
+    grad_out = torch.randn(2, 3, 11, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        shared_bias_attention(query, key, value, bias, 0.7), inputs,
+        grad_out)
+    expected = torch.autograd.grad(
+        _literal(query, key, value, bias, 0.7), inputs, grad_out)
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want)
 

@@ -12,12 +12,18 @@ log-sum-exp and the small bias sources; the backward rebuilds the bias and
 the attention weights (one extra ``L×S×d`` product) and sums the bias
 gradient over the batch.
 """
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 BiasFn = Callable[..., Tensor]
+
+# On the CPU the backward pass works on blocks of query rows whose
+# attention-sized temporaries stay within this many bytes: blocks this small
+# are reused from the allocator's heap and stay in the caches, while a
+# full-size map is fresh pages from the kernel at every call.
+BACKWARD_BLOCK_BYTES = 4 * 2**20
 
 # PyTorch's fused (flash) CPU kernel; unlike the public function it also
 # returns the log-sum-exp of each row of logits. Absent from some builds.
@@ -52,6 +58,23 @@ def _logits_grad(grad_out: Tensor, out: Tensor, value: Tensor,
     row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
     grad_weights = torch.matmul(grad_out, value.transpose(-2, -1))
     return grad_weights.sub_(row_dot).mul_(weights)
+
+
+def _row_blocks(query: Tensor, keys: int) -> List[slice]:
+    """Blocks of query rows for the backward pass; on the CPU each block's
+    ``(B, heads, rows, S)`` temporaries stay within
+    :data:`BACKWARD_BLOCK_BYTES`."""
+    batch, heads, length = query.shape[:3]
+    rows = length
+    if query.device.type == 'cpu':
+        row_bytes = batch * heads * keys * query.element_size()
+        rows = max(1, BACKWARD_BLOCK_BYTES // row_bytes)
+    return [slice(start, start + rows) for start in range(0, length, rows)]
+
+
+def _as_batch_of_matrices(x: Tensor) -> Tensor:
+    """``(B, heads, m, k)`` as ``(B*heads, m, k)`` (a view when possible)."""
+    return x.reshape(-1, *x.shape[-2:])
 
 
 def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
@@ -91,28 +114,61 @@ class _RecomputedBiasAttention(torch.autograd.Function):
                 for src, need in zip(sources, need_sources)
             ]
             bias = ctx.make_bias(*sources)
-        weights = _logits(query, key, bias.detach().to(query.dtype),
-                          ctx.scale).sub_(lse.unsqueeze(-1)).exp_()
-        grad_value = (
-            torch.matmul(weights.transpose(-2, -1), grad_out)
-            if need_value else None)
-        grad_logits = _logits_grad(grad_out, out, value, weights)
-        del weights
+        grads = _blockwise_grads(ctx.scale, query, key, value, out, lse,
+                                 bias.detach().to(query.dtype), grad_out,
+                                 (need_query, need_key, need_value,
+                                  bias.requires_grad))
+        grad_query, grad_key, grad_value, grad_bias = grads
         grad_sources = [None] * len(sources)
-        if bias.requires_grad:
+        if grad_bias is not None:
             wanted = [i for i, need in enumerate(need_sources) if need]
-            grad_bias = grad_logits.sum(dim=0).to(bias.dtype)
-            grads = torch.autograd.grad(bias, [sources[i] for i in wanted],
-                                        grad_bias)
-            for i, grad in zip(wanted, grads):
+            found = torch.autograd.grad(bias, [sources[i] for i in wanted],
+                                        grad_bias.to(bias.dtype))
+            for i, grad in zip(wanted, found):
                 grad_sources[i] = grad
-        grad_query = (
-            torch.matmul(grad_logits, key).mul_(ctx.scale)
-            if need_query else None)
-        grad_key = (
-            torch.matmul(grad_logits.transpose(-2, -1), query).mul_(ctx.scale)
-            if need_key else None)
         return (grad_query, grad_key, grad_value, None, None, *grad_sources)
+
+
+def _blockwise_grads(scale: float, query: Tensor, key: Tensor, value: Tensor,
+                     out: Tensor, lse: Tensor, bias: Tensor, grad_out: Tensor,
+                     needed: Tuple[bool, bool, bool, bool]
+                     ) -> Tuple[Optional[Tensor], ...]:
+    """Gradients of query, key, value and the (batch-summed) bias, each
+    ``None`` unless ``needed``, rebuilding the attention weights from the
+    log-sum-exp one block of query rows at a time (:func:`_row_blocks`).
+    Key and value gradients are accumulated in place over the blocks."""
+    need_query, need_key, need_value, need_bias = needed
+    grad_query = torch.empty_like(query) if need_query else None
+    # contiguous: accumulated through (B*heads, S, d) views
+    dense = torch.contiguous_format
+    grad_key = (
+        torch.zeros_like(key, memory_format=dense) if need_key else None)
+    grad_value = (
+        torch.zeros_like(value, memory_format=dense) if need_value else None)
+    grad_bias = torch.empty_like(bias) if need_bias else None
+    for rows in _row_blocks(query, key.shape[2]):
+        block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
+        weights = _logits(block_query, key, bias[:, rows],
+                          scale).sub_(lse[:, :, rows, None]).exp_()
+        if grad_value is not None:
+            _as_batch_of_matrices(grad_value).baddbmm_(
+                _as_batch_of_matrices(weights).transpose(1, 2),
+                _as_batch_of_matrices(block_grad))
+        grad_logits = _logits_grad(block_grad, out[:, :, rows], value,
+                                   weights)
+        del weights
+        if grad_bias is not None:
+            torch.sum(grad_logits, dim=0, out=grad_bias[:, rows])
+        if grad_query is not None:
+            grad_query[:, :, rows] = torch.matmul(grad_logits, key)
+        if grad_key is not None:
+            _as_batch_of_matrices(grad_key).baddbmm_(
+                _as_batch_of_matrices(grad_logits).transpose(1, 2),
+                _as_batch_of_matrices(block_query))
+    for grad in (grad_query, grad_key):
+        if grad is not None:
+            grad.mul_(scale)
+    return grad_query, grad_key, grad_value, grad_bias
 
 
 def recomputed_bias_attention(query: Tensor, key: Tensor, value: Tensor,
