@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models import layers
-from agent_mm.models.layers import DropPath, Mlp, mlp_residual
+from agent_mm.models.layers import DropPath, Mlp, mlp_residual, residual_sum
 
 
 def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
@@ -72,3 +72,35 @@ def test_training_applies_drop_path_per_sample():
     dropped = torch.isclose(out, x, atol=1e-6).all(dim=(1, 2))
     assert (kept | dropped).all()
     assert kept.any() and dropped.any()
+
+
+def test_residual_sum_adds_into_the_fresh_tensor_without_autograd():
+    fresh, other = torch.randn(2, 5, 3), torch.randn(1, 5, 3)
+    expected = fresh + other
+    with torch.no_grad():
+        out = residual_sum(fresh, other)
+    assert out.data_ptr() == fresh.data_ptr()
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize('fresh, other', [
+    (torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(2, 3)),
+    (torch.randn(1, 3), torch.randn(4, 3)),
+])
+def test_residual_sum_allocates_when_the_sum_would_not_fit(fresh, other):
+    before = fresh.clone()
+    with torch.no_grad():
+        out = residual_sum(fresh, other)
+    assert out.dtype == torch.result_type(fresh, other)
+    assert out.shape == torch.broadcast_shapes(fresh.shape, other.shape)
+    torch.testing.assert_close(fresh, before)
+
+
+def test_residual_sum_with_autograd_allocates_the_sum():
+    branch = torch.randn(2, 3, requires_grad=True) * 2
+    other = torch.randn(2, 3)
+    before = branch.detach().clone()
+    out = residual_sum(branch, other)
+    assert out.data_ptr() != branch.data_ptr()
+    torch.testing.assert_close(branch.detach(), before)
+    torch.testing.assert_close(out, before + other)

@@ -19,7 +19,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .biased_attention import recomputed_bias_attention
-from .layers import tokens_to_map
+from .layers import residual_sum, tokens_to_map
 
 ATTN_IMPLS = ('fast', 'reference')
 BIAS_CACHE_SIZE = 2
@@ -422,6 +422,8 @@ class AgentAttention(BaseModule):
                                           token_bias)
 
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        out = out + self.dwc(tokens_to_map(value, hw_shape)).flatten(
-            2).transpose(1, 2)
+        out = residual_sum(
+            out,
+            self.dwc(tokens_to_map(value, hw_shape)).flatten(2).transpose(
+                1, 2))
         return self.proj_drop(self.proj(out))

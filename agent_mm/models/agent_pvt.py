@@ -14,7 +14,7 @@ from .base import AgentBackbone
 from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
                      drop_path_or_identity, linear_drop_path_rates,
                      maybe_checkpoint, mlp_residual, resolve_arch,
-                     tokens_to_map)
+                     residual_sum, tokens_to_map)
 
 NUM_STAGES = 4
 REF_GRIDS = ((56, 56), (28, 28), (14, 14), (7, 7))
@@ -86,7 +86,8 @@ class AgentPVTBlock(BaseModule):
         self.with_cp = with_cp
 
     def _forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+        x = residual_sum(
+            self.drop_path(self.attn(self.norm1(x), hw_shape)), x)
         return mlp_residual(x, self.norm2, self.mlp, self.drop_path,
                             self.training)
 
@@ -279,7 +280,7 @@ class AgentPVT(AgentBackbone):
         for i in range(NUM_STAGES):
             x, hw_shape = getattr(self, f'patch_embed{i + 1}')(x)
             x = getattr(self, f'pos_drop{i + 1}')(
-                x + self._pos_embed(i, hw_shape))
+                residual_sum(x, self._pos_embed(i, hw_shape)))
             for block in getattr(self, f'block{i + 1}'):
                 x = block(x, hw_shape)
             x = tokens_to_map(x, hw_shape)

@@ -16,7 +16,7 @@ from .base import AgentBackbone
 from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
                      drop_path_or_identity, linear_drop_path_rates,
                      maybe_checkpoint, mlp_residual, resolve_arch,
-                     tokens_to_map)
+                     residual_sum, tokens_to_map)
 
 NUM_STAGES = 4
 PATCH_SIZE = 4
@@ -192,7 +192,7 @@ class AgentSwinBlock(BaseModule):
             x = self.attn(x, hw_shape)
         else:
             x = self._window_attention(x, hw_shape)
-        x = shortcut + self.drop_path(x)
+        x = residual_sum(self.drop_path(x), shortcut)
         return mlp_residual(x, self.norm2, self.mlp, self.drop_path,
                             self.training)
 

@@ -55,6 +55,23 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+def residual_sum(fresh: Tensor, other: Tensor) -> Tensor:
+    """``fresh + other``, written into ``fresh`` when autograd is off.
+
+    Large activations are fresh pages from the kernel at every allocation
+    (see :data:`MLP_CHUNK_BYTES`), so inference adds into a temporary the
+    caller owns (e.g. a branch's output) instead of allocating the sum,
+    unless the sum would have another dtype or shape than ``fresh`` (as
+    under autocast, where a bfloat16 branch meets a float32 residual).
+    """
+    if (torch.is_grad_enabled()
+            or torch.result_type(fresh, other) != fresh.dtype
+            or torch.broadcast_shapes(fresh.shape,
+                                      other.shape) != fresh.shape):
+        return fresh + other
+    return fresh.add_(other)
+
+
 # In inference the MLP residual runs over chunks of tokens whose hidden
 # activations stay within this many bytes. The hidden layer is the largest
 # activation of the backbones at high resolution, and an allocation this
