@@ -7,19 +7,21 @@ _base_ = [
 custom_imports = dict(
     imports=['agent_mm', 'agent_mm.datasets'], allow_failed_imports=False)
 
-crop_size = (256, 256)
+# The 256-pixel images are seen at half size: the shapes (40-100 pixels
+# across) stay clear and an image costs a quarter, so the model sees more
+# images in the same time, which learns faster in this budget.
+img_scale = (128, 128)
 norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
     pretrained=None,  # the base's ResNet weights; ours start from scratch
-    data_preprocessor=dict(size=crop_size),
+    data_preprocessor=dict(size=img_scale),
     backbone=dict(
         _delete_=True,
         type='AgentPVT',
         arch='tiny',
-        drop_path_rate=0.1,
+        drop_path_rate=0.,
         out_indices=(0, 1, 2, 3),
-        # agent grids sized for 256-pixel inputs, as in the detection
-        # quick-start
+        # agent grids sized for small inputs (token grids 32, 16, 8, 4)
         agent_shapes=[(12, 12), (16, 16), (7, 7), (7, 7)],
         init_cfg=None),
     neck=dict(in_channels=[64, 128, 320, 512], out_channels=128),
@@ -28,27 +30,38 @@ model = dict(
         channels=64,
         num_classes=4,
         norm_cfg=norm_cfg,
-        # background covers ~90% of the pixels: weighted down, it no longer
-        # swamps the shapes (mIoU 23 -> 38 here)
-        loss_decode=dict(class_weight=[0.25, 1.0, 1.0, 1.0])))
+        # background covers ~92% of the pixels: weighted down in the
+        # cross-entropy, and a Dice term that weighs each class alike
+        loss_decode=[
+            dict(
+                type='CrossEntropyLoss',
+                use_sigmoid=False,
+                loss_weight=1.0,
+                class_weight=[0.25, 1.0, 1.0, 1.0]),
+            dict(type='DiceLoss', use_sigmoid=False, loss_weight=1.0)
+        ]))
 
 dataset_type = 'ShapesSegDataset'
 data_root = 'data/shapes/'
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs')
 ]
+# predictions are resized back to the 256-pixel label maps for the metric
 test_pipeline = [
     dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs')
 ]
+# loading in the main process: on 2 cores, worker processes only compete
+# with the model for the CPU
 train_dataloader = dict(
-    batch_size=4,
-    num_workers=2,
-    persistent_workers=True,
+    batch_size=8,
+    num_workers=0,
     sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
@@ -58,8 +71,7 @@ train_dataloader = dict(
         pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=1,
-    num_workers=2,
-    persistent_workers=True,
+    num_workers=0,
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
@@ -70,7 +82,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
 
-max_iters = 600
+max_iters = 1000
 train_cfg = dict(
     type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
@@ -78,11 +90,17 @@ test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4))
+# constant lr after the warm-up, x0.1 for the last 15% of the steps
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
          end=50),
-    dict(type='PolyLR', power=0.9, eta_min=0, by_epoch=False, begin=50,
-         end=max_iters)
+    dict(
+        type='MultiStepLR',
+        by_epoch=False,
+        begin=0,
+        end=max_iters,
+        milestones=[int(max_iters * 0.85)],
+        gamma=0.1)
 ]
 
 default_hooks = dict(
@@ -92,3 +110,6 @@ default_hooks = dict(
         max_keep_ckpts=2),
     visualization=dict(type='SegVisualizationHook', interval=1))
 log_processor = dict(by_epoch=False)
+
+# a fixed seed makes the quick-start reproducible
+randomness = dict(seed=0)
