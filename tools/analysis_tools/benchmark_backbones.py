@@ -50,8 +50,8 @@ Step = Callable[[], None]
 MB = 2**20
 # ops where the two attention paths differ: the reference resizes biases
 # with interpolation and attends with matmuls, the fast path resizes with
-# matmuls and attends with SDPA
-PATH_SPECIFIC_OPS = ('upsample_bilinear2d', 'matmul',
+# matrix products (matmul, bmm) and attends with SDPA
+PATH_SPECIFIC_OPS = ('upsample_bilinear2d', 'matmul', 'bmm',
                      'scaled_dot_product_attention')
 DEFAULT_SIZES = ('512', '1024', '1536', '2048', '800x1333')
 
