@@ -114,11 +114,10 @@ class _RecomputedBiasAttention(torch.autograd.Function):
                 for src, need in zip(sources, need_sources)
             ]
             bias = ctx.make_bias(*sources)
-        grads = _blockwise_grads(ctx.scale, query, key, value, out, lse,
-                                 bias.detach().to(query.dtype), grad_out,
-                                 (need_query, need_key, need_value,
-                                  bias.requires_grad))
-        grad_query, grad_key, grad_value, grad_bias = grads
+        grad_query, grad_key, grad_value, grad_bias = _blockwise_grads(
+            ctx.scale, query, key, value, out, lse,
+            bias.detach().to(query.dtype), grad_out,
+            (need_query, need_key, need_value, bias.requires_grad))
         grad_sources = [None] * len(sources)
         if grad_bias is not None:
             wanted = [i for i, need in enumerate(need_sources) if need]
