@@ -6,8 +6,9 @@ from reference_agent import ReferenceAgentAttention, randomize_
 from agent_mm.models import AgentAttention
 from agent_mm.models.agent_attention import (BIAS_CACHE_SIZE, BIAS_NAMES,
                                              left_matmul, mapped_source,
-                                             resize, resize_by_matmul,
-                                             to_agent_grid)
+                                             pool_tokens, resize,
+                                             resize_by_matmul, to_agent_grid)
+from agent_mm.models.layers import map_to_tokens, tokens_to_map
 
 
 def _pair(fused_qkv, attn_impl='fast', **kwargs):
@@ -113,6 +114,25 @@ def test_resize_by_matmul_is_bilinear_resizing(size_in, size_out):
         resize(x, size_out),
         atol=1e-5,
         rtol=1e-5)
+
+
+# divisible, uneven and overlapping bins (more agents than tokens)
+@pytest.mark.parametrize('hw, size', [((56, 56), (7, 7)), ((25, 42), (12, 12)),
+                                      ((5, 3), (7, 7)), ((13, 1), (4, 2))])
+def test_pool_tokens_is_adaptive_average_pooling(hw, size):
+    # queries as a strided view of a fused projection, as in Agent-Swin
+    qkv = torch.randn(2, hw[0] * hw[1], 3 * 6, dtype=torch.float64,
+                      requires_grad=True)
+    query = qkv[..., 6:12]
+    grad = torch.randn(2, size[0] * size[1], 6, dtype=torch.float64)
+    pooled = pool_tokens(query, hw, size)
+    expected = map_to_tokens(
+        torch.nn.functional.adaptive_avg_pool2d(tokens_to_map(query, hw),
+                                                size))
+    torch.testing.assert_close(pooled, expected)
+    ours, = torch.autograd.grad(pooled, qkv, grad)
+    want, = torch.autograd.grad(expected, qkv, grad)
+    torch.testing.assert_close(ours, want)
 
 
 @pytest.mark.parametrize('source_hw, hw, agent_shape', [

@@ -4,7 +4,9 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models import layers
-from agent_mm.models.layers import DropPath, Mlp, mlp_residual, residual_sum
+from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
+                                    map_to_tokens, mlp_residual, residual_sum,
+                                    tokens_to_map)
 
 
 def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
@@ -104,3 +106,37 @@ def test_residual_sum_with_autograd_allocates_the_sum():
     assert out.data_ptr() != branch.data_ptr()
     torch.testing.assert_close(branch.detach(), before)
     torch.testing.assert_close(out, before + other)
+
+
+def _token_map(layout):
+    """A (2, 6, 5, 4) map laid out as the backbones produce them."""
+    tokens = torch.randn(2, 20, 12, dtype=torch.float64)
+    if layout == 'tokens':  # channels-last view of (B, N, C) tokens
+        return tokens_to_map(tokens[..., :6].contiguous(), (5, 4))
+    if layout == 'strided':  # a slice of a fused projection
+        return tokens_to_map(tokens[..., 6:], (5, 4))
+    return tokens_to_map(tokens[..., :6], (5, 4)).contiguous()
+
+
+@pytest.mark.parametrize('layout', ['tokens', 'strided', 'nchw'])
+@pytest.mark.parametrize('groups, kernel, stride', [(6, 3, 1), (1, 2, 2)])
+def test_channels_last_conv_is_conv2d(layout, groups, kernel, stride):
+    conv = nn.Conv2d(6, 6, kernel, stride, padding=kernel // 2,
+                     groups=groups).double()
+    ours = ChannelsLastConv2d(6, 6, kernel, stride, padding=kernel // 2,
+                              groups=groups).double()
+    ours.load_state_dict(conv.state_dict())
+    x = _token_map(layout).requires_grad_()
+    out = ours(x)
+    expected = conv(x)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(expected)
+    inputs = (x, ours.weight, ours.bias)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # tokens of the output are a view, not a copy
+    assert map_to_tokens(out).is_contiguous()
+    assert ours.weight.is_contiguous()  # the parameter keeps its layout
+    assert list(ours.state_dict()) == list(conv.state_dict())

@@ -19,7 +19,8 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .biased_attention import recomputed_bias_attention
-from .layers import residual_sum, tokens_to_map
+from .layers import (ChannelsLastConv2d, map_to_tokens, residual_sum,
+                     tokens_to_map)
 
 ATTN_IMPLS = ('fast', 'reference')
 BIAS_CACHE_SIZE = 2
@@ -67,6 +68,18 @@ def _resize_matrices(in_hw: Sequence[int], size: Sequence[int],
             _interpolation_matrix(in_hw[1], size[1]).to(like))
 
 
+@functools.lru_cache(maxsize=128)
+def _pooling_matrix(size_in: int, size_out: int) -> Tensor:
+    """``(size_out, size_in)`` weights of 1-D adaptive average pooling: bin
+    ``i`` averages ``[floor(i*in/out), ceil((i+1)*in/out))``."""
+    weights = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        start = i * size_in // size_out
+        end = -(-(i + 1) * size_in // size_out)
+        weights[i, start:end] = 1 / (end - start)
+    return weights
+
+
 def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
     """``matrix @ x`` for a 2-D ``matrix`` and a batch ``x`` of shape
     ``(..., k, m)``, as one batched product with a contiguous result.
@@ -90,6 +103,26 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     """
     rows, cols = _resize_matrices(x.shape[-2:], size, x)
     return left_matmul(rows, x) @ cols.t()
+
+
+def pool_tokens(x: Tensor, hw_shape: Sequence[int],
+                size: Sequence[int]) -> Tensor:
+    """``F.adaptive_avg_pool2d`` of ``(B, H*W, C)`` tokens laid out as
+    ``hw_shape`` to ``size``, returned as ``(B, h*w, C)`` tokens.
+
+    Computed as two small matrix products, along the width then the height,
+    on the tokens as they are (a strided view of a fused projection too):
+    the pooling kernel would first copy the channels-last map to NCHW, a
+    full-size copy several times the cost of the pooling at high
+    resolution.
+    """
+    batch, _, channels = x.shape
+    (height, width), (out_h, out_w) = hw_shape, size
+    pool_h = _pooling_matrix(height, out_h).to(x)
+    pool_w = _pooling_matrix(width, out_w).to(x)
+    rows = left_matmul(pool_w, x.reshape(batch * height, width, channels))
+    pooled = left_matmul(pool_h, rows.reshape(batch, height, -1))
+    return pooled.reshape(batch, out_h * out_w, channels)
 
 
 def mapped_source(source: Tensor, hw_shape: Tuple[int, int],
@@ -225,7 +258,7 @@ class AgentAttention(BaseModule):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(
+        self.dwc = ChannelsLastConv2d(
             embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
 
         ref_h, ref_w = ref_size
@@ -404,10 +437,7 @@ class AgentAttention(BaseModule):
             raise ValueError(f'x has {tokens} tokens but hw_shape is '
                              f'{tuple(hw_shape)} ({height * width} tokens).')
         query, key, value = self._project(x)
-        # token-major agents: fused attention needs unit-stride channels
-        agents = F.adaptive_avg_pool2d(
-            tokens_to_map(query, hw_shape),
-            self.agent_shape).flatten(2).transpose(1, 2).contiguous()
+        agents = pool_tokens(query, hw_shape, self.agent_shape)
 
         query, key, value_heads, agents = map(self._split_heads,
                                               (query, key, value, agents))
@@ -423,7 +453,5 @@ class AgentAttention(BaseModule):
 
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         out = residual_sum(
-            out,
-            self.dwc(tokens_to_map(value, hw_shape)).flatten(2).transpose(
-                1, 2))
+            out, map_to_tokens(self.dwc(tokens_to_map(value, hw_shape))))
         return self.proj_drop(self.proj(out))

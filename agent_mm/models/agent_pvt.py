@@ -11,10 +11,10 @@ from torch import Tensor
 
 from .agent_attention import AgentAttention, resize
 from .base import AgentBackbone
-from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
-                     drop_path_or_identity, linear_drop_path_rates,
-                     maybe_checkpoint, mlp_residual, resolve_arch,
-                     residual_sum, tokens_to_map)
+from .layers import (ChannelsLastConv2d, Mlp, check_input, check_out_indices,
+                     check_stage_lists, drop_path_or_identity,
+                     linear_drop_path_rates, map_to_tokens, maybe_checkpoint,
+                     mlp_residual, resolve_arch, residual_sum, tokens_to_map)
 
 NUM_STAGES = 4
 REF_GRIDS = ((56, 56), (28, 28), (14, 14), (7, 7))
@@ -47,7 +47,7 @@ class SpatialReductionAttention(BaseModule):
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(
+            self.sr = ChannelsLastConv2d(
                 embed_dims, embed_dims, sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(embed_dims)
 
@@ -56,7 +56,7 @@ class SpatialReductionAttention(BaseModule):
         source = x
         if self.sr_ratio > 1:
             source = tokens_to_map(x, hw_shape)
-            source = self.norm(self.sr(source).flatten(2).transpose(1, 2))
+            source = self.norm(map_to_tokens(self.sr(source)))
 
         def heads(t: Tensor) -> Tensor:
             return t.reshape(batch, t.shape[1], self.num_heads,
@@ -101,14 +101,14 @@ class PatchEmbed(BaseModule):
 
     def __init__(self, in_channels: int, embed_dims: int, patch_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(
+        self.proj = ChannelsLastConv2d(
             in_channels, embed_dims, patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dims)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         x = self.proj(x)
         hw_shape = tuple(x.shape[-2:])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw_shape
+        return self.norm(map_to_tokens(x)), hw_shape
 
 
 @MODELS.register_module()
@@ -257,7 +257,7 @@ class AgentPVT(AgentBackbone):
             return pos_embed
         ref_h, ref_w = REF_GRIDS[stage]
         grid = pos_embed.reshape(1, ref_h, ref_w, -1).permute(0, 3, 1, 2)
-        return resize(grid, hw_shape).flatten(2).transpose(1, 2)
+        return map_to_tokens(resize(grid, hw_shape))
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
         stages = min(self.frozen_stages, NUM_STAGES)

@@ -13,10 +13,10 @@ from torch import Tensor
 
 from .agent_attention import AgentAttention
 from .base import AgentBackbone
-from .layers import (Mlp, check_input, check_out_indices, check_stage_lists,
-                     drop_path_or_identity, linear_drop_path_rates,
-                     maybe_checkpoint, mlp_residual, resolve_arch,
-                     residual_sum, tokens_to_map)
+from .layers import (ChannelsLastConv2d, Mlp, check_input, check_out_indices,
+                     check_stage_lists, drop_path_or_identity,
+                     linear_drop_path_rates, map_to_tokens, maybe_checkpoint,
+                     mlp_residual, resolve_arch, residual_sum, tokens_to_map)
 
 NUM_STAGES = 4
 PATCH_SIZE = 4
@@ -243,7 +243,7 @@ class SwinPatchEmbed(BaseModule):
 
     def __init__(self, in_channels: int, embed_dims: int):
         super().__init__()
-        self.proj = nn.Conv2d(
+        self.proj = ChannelsLastConv2d(
             in_channels, embed_dims, PATCH_SIZE, stride=PATCH_SIZE)
         self.norm = nn.LayerNorm(embed_dims)
 
@@ -252,7 +252,7 @@ class SwinPatchEmbed(BaseModule):
         x = F.pad(x, (0, -width % PATCH_SIZE, 0, -height % PATCH_SIZE))
         x = self.proj(x)
         hw_shape = tuple(x.shape[-2:])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw_shape
+        return self.norm(map_to_tokens(x)), hw_shape
 
 
 @MODELS.register_module()

@@ -18,6 +18,32 @@ def tokens_to_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
 
 
+def map_to_tokens(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` feature map → ``(B, H*W, C)`` tokens (a view; free
+    for a channels-last map)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class ChannelsLastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed in channels-last memory layout.
+
+    Token maps (:func:`tokens_to_map`) are channels-last views. With the
+    weight in the default layout, PyTorch's CPU convolution copies such an
+    input to NCHW, computes, and the NCHW result must be copied again to
+    become tokens: at high resolution these copies cost several times the
+    convolution itself. A channels-last view of the weight (a tiny copy per
+    call, gradients flow to the parameter as usual; ``contiguous`` would
+    keep the ambiguous NCHW strides of a depthwise ``(C, 1, k, k)`` weight)
+    keeps the whole
+    convolution in that layout, and :func:`map_to_tokens` of its output is a
+    contiguous view. Parameters and state dict are those of ``nn.Conv2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.to(memory_format=torch.channels_last)
+        return self._conv_forward(x, weight, self.bias)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample."""
 
