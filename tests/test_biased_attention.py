@@ -58,20 +58,27 @@ def test_gradients_match_autograd_of_literal_attention(value_dims):
         torch.testing.assert_close(got, want)
 
 
-# a block of 1 or 3 query rows (7 keys, 2x3 maps of float64), or all 11
-@pytest.mark.parametrize('block_rows', [1, 3, 11])
+# the map is split along its longer axis: blocks of 1 or 3 query rows of 11
+# (7 keys), or 1 or 3 key columns of 11 (7 queries), or the whole map;
+# each block holds 2x3 (batch x heads) lines of 7 float64
+@pytest.mark.parametrize('queries,keys', [(11, 7), (7, 11)])
+@pytest.mark.parametrize('block', [1, 3, 11])
 def test_blockwise_backward_matches_autograd_of_literal_attention(
-        monkeypatch, block_rows):
+        monkeypatch, queries, keys, block):
     monkeypatch.setattr(biased_attention, 'BACKWARD_BLOCK_BYTES',
-                        block_rows * 2 * 3 * 7 * 8)
-    query, key, value, bias = _inputs()
-    assert len(biased_attention._row_blocks(query, 7)) == -(-11 //
-                                                           block_rows)
+                        block * 2 * 3 * 7 * 8)
+    query, key, value, bias = _inputs(queries=queries, keys=keys)
+    blocks = biased_attention._blocks(query, key)
+    assert len(blocks) == -(-11 // block)
+    split = [rows if queries > keys else cols for rows, cols in blocks]
+    assert [(s.start, s.stop) for s in split] == [
+        (start, start + block) for start in range(0, 11, block)
+    ]
     # keys and values as strided views, as projections chunked in two are
     key_value = torch.cat([key, value], dim=-1).detach().requires_grad_()
     key, value = key_value.split([5, 4], dim=-1)
     inputs = (query, key_value, bias)
-    grad_out = torch.randn(2, 3, 11, 4, dtype=torch.float64)
+    grad_out = torch.randn(2, 3, queries, 4, dtype=torch.float64)
     ours = torch.autograd.grad(
         shared_bias_attention(query, key, value, bias, 0.7), inputs,
         grad_out)

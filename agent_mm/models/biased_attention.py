@@ -51,25 +51,26 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
     return torch.matmul(weights, value), lse
 
 
-def _logits_grad(grad_out: Tensor, out: Tensor, value: Tensor,
-                 weights: Tensor) -> Tensor:
-    """Gradient of the logits, ``w * (g - rowsum(w * g))`` with
-    ``g = grad_out vᵀ``; the row sums equal ``rowsum(grad_out * out)``."""
-    row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
-    grad_weights = torch.matmul(grad_out, value.transpose(-2, -1))
-    return grad_weights.sub_(row_dot).mul_(weights)
-
-
-def _row_blocks(query: Tensor, keys: int) -> List[slice]:
-    """Blocks of query rows for the backward pass; on the CPU each block's
-    ``(B, heads, rows, S)`` temporaries stay within
-    :data:`BACKWARD_BLOCK_BYTES`."""
-    batch, heads, length = query.shape[:3]
-    rows = length
+def _blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
+    """``(rows, cols)`` blocks of the ``L×S`` attention map for the backward
+    pass, split along its longer axis (queries, or keys when there are more
+    keys) so that, on the CPU, each block's ``(B, heads, rows, cols)``
+    temporaries stay within :data:`BACKWARD_BLOCK_BYTES`. Splitting the
+    longer axis keeps the products' shared dimension long: blocks of a few
+    agent rows over many keys would re-read and re-write the whole key and
+    value gradients once per block."""
+    batch, heads, queries = query.shape[:3]
+    keys = key.shape[2]
+    length, other = max(queries, keys), min(queries, keys)
+    size = length
     if query.device.type == 'cpu':
-        row_bytes = batch * heads * keys * query.element_size()
-        rows = max(1, BACKWARD_BLOCK_BYTES // row_bytes)
-    return [slice(start, start + rows) for start in range(0, length, rows)]
+        line_bytes = batch * heads * other * query.element_size()
+        size = max(1, BACKWARD_BLOCK_BYTES // line_bytes)
+    parts = [slice(start, start + size) for start in range(0, length, size)]
+    whole = slice(None)
+    if keys > queries:
+        return [(whole, cols) for cols in parts]
+    return [(rows, whole) for rows in parts]
 
 
 def _as_batch_of_matrices(x: Tensor) -> Tensor:
@@ -128,42 +129,49 @@ class _RecomputedBiasAttention(torch.autograd.Function):
         return (grad_query, grad_key, grad_value, None, None, *grad_sources)
 
 
+def _accumulate(grad: Optional[Tensor], part: slice, left: Tensor,
+                right: Tensor) -> None:
+    """``grad[:, :, part] += left @ right`` over ``(B, heads)`` batches."""
+    if grad is not None:
+        target = grad[:, :, part]
+        # a view (not reshape): the sum must land in ``grad``
+        target.view(-1, *target.shape[-2:]).baddbmm_(
+            _as_batch_of_matrices(left), _as_batch_of_matrices(right))
+
+
 def _blockwise_grads(scale: float, query: Tensor, key: Tensor, value: Tensor,
                      out: Tensor, lse: Tensor, bias: Tensor, grad_out: Tensor,
                      needed: Tuple[bool, bool, bool, bool]
                      ) -> Tuple[Optional[Tensor], ...]:
     """Gradients of query, key, value and the (batch-summed) bias, each
     ``None`` unless ``needed``, rebuilding the attention weights from the
-    log-sum-exp one block of query rows at a time (:func:`_row_blocks`).
-    Key and value gradients are accumulated in place over the blocks."""
+    log-sum-exp one block of the map at a time (:func:`_blocks`); the
+    gradients are accumulated in place over the blocks."""
     need_query, need_key, need_value, need_bias = needed
-    grad_query = torch.empty_like(query) if need_query else None
-    # contiguous: accumulated through (B*heads, S, d) views
+    # contiguous: accumulated through (B*heads, n, d) views
     dense = torch.contiguous_format
-    grad_key = (
-        torch.zeros_like(key, memory_format=dense) if need_key else None)
-    grad_value = (
-        torch.zeros_like(value, memory_format=dense) if need_value else None)
+    grad_query, grad_key, grad_value = (
+        torch.zeros_like(x, memory_format=dense) if need else None
+        for x, need in ((query, need_query), (key, need_key),
+                        (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
-    for rows in _row_blocks(query, key.shape[2]):
+    row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
+    for rows, cols in _blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
-        weights = _logits(block_query, key, bias[:, rows],
+        block_key, block_value = key[:, :, cols], value[:, :, cols]
+        weights = _logits(block_query, block_key, bias[:, rows, cols],
                           scale).sub_(lse[:, :, rows, None]).exp_()
-        if grad_value is not None:
-            _as_batch_of_matrices(grad_value).baddbmm_(
-                _as_batch_of_matrices(weights).transpose(1, 2),
-                _as_batch_of_matrices(block_grad))
-        grad_logits = _logits_grad(block_grad, out[:, :, rows], value,
-                                   weights)
+        _accumulate(grad_value, cols, weights.transpose(-2, -1), block_grad)
+        # gradient of the logits, w * (g - rowsum(w * g)) with g = dO vᵀ;
+        # the row sums equal rowsum(dO * out)
+        grad_logits = torch.matmul(block_grad, block_value.transpose(
+            -2, -1)).sub_(row_dot[:, :, rows]).mul_(weights)
         del weights
         if grad_bias is not None:
-            torch.sum(grad_logits, dim=0, out=grad_bias[:, rows])
-        if grad_query is not None:
-            grad_query[:, :, rows] = torch.matmul(grad_logits, key)
-        if grad_key is not None:
-            _as_batch_of_matrices(grad_key).baddbmm_(
-                _as_batch_of_matrices(grad_logits).transpose(1, 2),
-                _as_batch_of_matrices(block_query))
+            torch.sum(grad_logits, dim=0, out=grad_bias[:, rows, cols])
+        _accumulate(grad_query, rows, grad_logits, block_key)
+        _accumulate(grad_key, cols, grad_logits.transpose(-2, -1),
+                    block_query)
     for grad in (grad_query, grad_key):
         if grad is not None:
             grad.mul_(scale)
