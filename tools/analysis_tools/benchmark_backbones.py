@@ -279,7 +279,12 @@ def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
                       device: torch.device) -> Dict[str, List[float]]:
     """Warm up, then time every step once per repeat, round-robin.
 
-    The order rotates each repeat, so no step always follows the same one.
+    The order rotates each repeat, so no step always follows the same one,
+    and each timed call directly follows an untimed call of the same step:
+    it runs warm, with the caches and the allocator's free memory as that
+    step left them (after another model's call, the C allocator has
+    returned its large blocks to the kernel, and their pages would fault in
+    again).
     """
     keys = list(steps)
     for _ in range(warmup):
@@ -289,6 +294,7 @@ def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
     for repeat in range(repeats):
         shift = repeat % len(keys)
         for key in keys[shift:] + keys[:shift]:
+            steps[key]()
             times[key].append(timed(steps[key], device))
     return times
 
@@ -629,7 +635,8 @@ def markdown(results: dict) -> str:
         '# Backbone benchmark', '',
         f"{meta['device']}, float32, {meta['threads']} threads, torch "
         f"{meta['torch']}, {meta['warmup']} warm-up + median of "
-        f"{meta['repeats']} interleaved calls; load average "
+        f"{meta['repeats']} interleaved calls, each right after an untimed "
+        'call of the same model; load average '
         f"{meta['load_avg_start']:.1f} at start, {meta['load_avg_end']:.1f} "
         'at end.', f"Peak memory: {meta['memory_method']}",
         'FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, '
