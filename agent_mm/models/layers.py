@@ -31,12 +31,12 @@ class ChannelsLastConv2d(nn.Conv2d):
     weight in the default layout, PyTorch's CPU convolution copies such an
     input to NCHW, computes, and the NCHW result must be copied again to
     become tokens: at high resolution these copies cost several times the
-    convolution itself. A channels-last view of the weight (a tiny copy per
-    call, gradients flow to the parameter as usual; ``contiguous`` would
-    keep the ambiguous NCHW strides of a depthwise ``(C, 1, k, k)`` weight)
-    keeps the whole
+    convolution itself. A channels-last copy of the weight (tiny, made per
+    call; gradients flow to the parameter as usual) keeps the whole
     convolution in that layout, and :func:`map_to_tokens` of its output is a
-    contiguous view. Parameters and state dict are those of ``nn.Conv2d``.
+    contiguous view. ``Tensor.to`` is used because ``contiguous`` keeps the
+    ambiguous NCHW strides of a depth-wise ``(C, 1, k, k)`` weight.
+    Parameters and state dict are those of ``nn.Conv2d``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
