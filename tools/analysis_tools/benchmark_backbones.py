@@ -211,7 +211,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--repeats', type=int, default=5, help='timed calls per model')
     parser.add_argument(
-        '--warmup', type=int, default=1, help='untimed calls first')
+        '--warmup',
+        type=int,
+        default=1,
+        help='untimed calls of a model right before each timed one')
     parser.add_argument(
         '--models',
         nargs='+',
@@ -277,24 +280,22 @@ def timed(step: Step, device: torch.device) -> float:
 
 def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
                       device: torch.device) -> Dict[str, List[float]]:
-    """Warm up, then time every step once per repeat, round-robin.
+    """Time every step once per repeat, round-robin, each timed call right
+    after ``warmup`` untimed calls of the same step.
 
-    The order rotates each repeat, so no step always follows the same one,
-    and each timed call directly follows an untimed call of the same step:
-    it runs warm, with the caches and the allocator's free memory as that
-    step left them (after another model's call, the C allocator has
-    returned its large blocks to the kernel, and their pages would fault in
-    again).
+    The order rotates each repeat, so no step always follows the same one.
+    The untimed calls make the timed one warm, with the caches and the
+    allocator's free memory as that step left them (after another model's
+    call, the C allocator has returned its large blocks to the kernel, and
+    their pages would fault in again).
     """
     keys = list(steps)
-    for _ in range(warmup):
-        for key in keys:
-            steps[key]()
     times: Dict[str, List[float]] = {key: [] for key in keys}
     for repeat in range(repeats):
         shift = repeat % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            steps[key]()
+            for _ in range(warmup):
+                steps[key]()
             times[key].append(timed(steps[key], device))
     return times
 
@@ -634,9 +635,9 @@ def markdown(results: dict) -> str:
     lines = [
         '# Backbone benchmark', '',
         f"{meta['device']}, float32, {meta['threads']} threads, torch "
-        f"{meta['torch']}, {meta['warmup']} warm-up + median of "
-        f"{meta['repeats']} interleaved calls, each right after an untimed "
-        'call of the same model; load average '
+        f"{meta['torch']}, median of {meta['repeats']} interleaved calls, "
+        f"each right after {meta['warmup']} untimed call(s) of the same "
+        'model; load average '
         f"{meta['load_avg_start']:.1f} at start, {meta['load_avg_end']:.1f} "
         'at end.', f"Peak memory: {meta['memory_method']}",
         'FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, '
