@@ -182,3 +182,33 @@ def test_get_flops_on_tiny_segmentor(tmp_path, capsys):
     # matrix products), a large share of this tiny model's FLOPs
     assert fast['flops'] == pytest.approx(ref['flops'], rel=0.1)
     assert 'FLOPs:' in capsys.readouterr().out
+
+
+def test_training_bound_tiny_run(capsys):
+    bound = load_tool('training_bound')
+    medians = bound.main(
+        ['--size', '32', '--batch', '1', '--repeats', '1', '--warmup', '0'])
+    assert set(medians) == set(bound.VARIANTS)
+    assert all(ms > 0 for ms in medians.values())
+    out = capsys.readouterr().out
+    assert all(name in out for name in bound.VARIANTS)
+
+
+def test_constant_bias_variant_computes_the_reference_without_bias_grads():
+    bound = load_tool('training_bound')
+    models = bound.build_variants('tiny')
+    inputs = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    for name in ('reference', 'constant_bias'):
+        torch.manual_seed(0)  # same drop-path draws
+        outs = models[name](inputs)
+        torch.stack([out.sum() for out in outs]).sum().backward()
+        outputs[name] = outs
+    for ref, const in zip(outputs['reference'], outputs['constant_bias']):
+        torch.testing.assert_close(const, ref)
+    for name, has_grad in (('reference', True), ('constant_bias', False)):
+        attns = [m for m in models[name].modules()
+                 if isinstance(m, AgentAttention)]
+        assert attns
+        assert all((m.an_bias.grad is not None) == has_grad for m in attns)
+        assert all(m.q.weight.grad is not None for m in attns)

@@ -1,0 +1,112 @@
+"""How much faster can agent attention train than the reference path?
+
+Times Agent-PVT training steps (forward + backward of the summed outputs)
+side by side, round-robin and warm as ``benchmark_backbones.py`` does, for
+three variants with the same weights:
+
+- ``reference``: the literal path (bias maps built at every call, for every
+  image of the batch);
+- ``fast``: the default path;
+- ``constant_bias``: the reference path with every bias map replaced by a
+  constant computed once: no bias map is built and no bias gradient is
+  computed. It does less work than any correct implementation that computes
+  the same attention products, so ``constant_bias / reference`` is a lower
+  bound on the training-time ratio such an implementation can reach.
+
+Example::
+
+    python tools/analysis_tools/training_bound.py --size 512 --batch 2
+"""
+import argparse
+import os.path as osp
+import statistics
+import sys
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from agent_mm.models import AgentAttention, AgentPVT
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from benchmark_backbones import interleaved_times, train_step  # noqa: E402
+
+VARIANTS = ('reference', 'fast', 'constant_bias')
+Biases = Tuple[Tensor, Tensor]
+BiasFn = Callable[[Tuple[int, int], int], Biases]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--arch', default='tiny', help='Agent-PVT arch')
+    parser.add_argument('--size', type=int, default=512, help='input side')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1,
+                        help='untimed calls right before each timed call')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def use_constant_biases(model: nn.Module) -> None:
+    """Make every agent attention of a reference-path ``model`` use bias
+    maps computed once per input shape (for one image, broadcast over the
+    batch) and detached, so they cost nothing and get no gradient."""
+    for module in model.modules():
+        if isinstance(module, AgentAttention):
+            module._reference_biases = _constant(module._reference_biases)
+
+
+def _constant(compute: BiasFn) -> BiasFn:
+    """``compute(hw_shape, batch)`` memoised per shape, without autograd."""
+    cache: Dict[Tuple[int, int], Biases] = {}
+
+    def biases(hw_shape: Tuple[int, int], batch: int) -> Biases:
+        key = tuple(hw_shape)
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = compute(key, 1)
+        return cache[key]
+
+    return biases
+
+
+def build_variants(arch: str) -> Dict[str, nn.Module]:
+    """The three variants, in train mode, sharing the fast model's
+    weights."""
+    models = {}
+    for name in VARIANTS:
+        impl = 'fast' if name == 'fast' else 'reference'
+        model = AgentPVT(arch=arch, attn_impl=impl, init_cfg=None).train()
+        if models:
+            model.load_state_dict(models['reference'].state_dict())
+        models[name] = model
+    use_constant_biases(models['constant_bias'])
+    return models
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Print and return the median time (ms) of each variant and the
+    ratios to the reference."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    models = build_variants(args.arch)
+    inputs = torch.randn(args.batch, 3, args.size, args.size)
+    steps = {name: train_step(model, inputs) for name, model in models.items()}
+    times = interleaved_times(steps, args.warmup, args.repeats,
+                              torch.device('cpu'))
+    medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    print(f'Agent-PVT ({args.arch}) train, {args.size}x{args.size}, batch '
+          f'{args.batch}, {torch.get_num_threads()} threads, median of '
+          f'{args.repeats}:')
+    for name, ms in medians.items():
+        print(f'  {name:14s} {ms:9.1f} ms  '
+              f'{ms / medians["reference"]:.3f} x reference')
+    return medians
+
+
+if __name__ == '__main__':
+    main()
