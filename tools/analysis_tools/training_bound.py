@@ -74,8 +74,8 @@ def _constant(compute: BiasFn) -> BiasFn:
 
 
 def build_variants(arch: str) -> Dict[str, nn.Module]:
-    """The three variants, in train mode, sharing the fast model's
-    weights."""
+    """The three variants, in train mode, all with the weights of the
+    first one built (the reference)."""
     models = {}
     for name in VARIANTS:
         impl = 'fast' if name == 'fast' else 'reference'
@@ -88,8 +88,8 @@ def build_variants(arch: str) -> Dict[str, nn.Module]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """Print and return the median time (ms) of each variant and the
-    ratios to the reference."""
+    """Print each variant's median time (ms) and its ratio to the
+    reference's; return the medians."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
