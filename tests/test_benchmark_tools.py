@@ -135,12 +135,6 @@ def test_max_tokens_names_a_benchmarked_model():
         bench.parse_args(['--max-tokens', 'resnet=64'])
 
 
-def test_replay_peak():
-    bench = load_tool('benchmark_backbones')
-    events = [(3, -5), (1, 10), (2, 5), (4, 2)]  # unsorted on purpose
-    assert bench.replay_peak(events) == 15
-
-
 TINY_SEG_CONFIG = """
 default_scope = 'mmseg'
 custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)

@@ -44,9 +44,10 @@ from torch import Tensor
 
 from agent_mm.models import AgentPVT, AgentSwinTransformer
 from agent_mm.utils.flops import flop_analyzer
+from agent_mm.utils.timing import (eval_step, interleaved_times, peak_bytes,
+                                   train_step)
 
 Size = Tuple[int, int]
-Step = Callable[[], None]
 MB = 2**20
 # ops where the two attention paths differ: the reference resizes biases
 # with interpolation and attends with matmuls, the fast path resizes with
@@ -264,78 +265,6 @@ def log(message: str) -> None:
         flush=True)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def timed(step: Step, device: torch.device) -> float:
-    """Wall time of one call, in seconds."""
-    synchronize(device)
-    start = time.perf_counter()
-    step()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
-                      device: torch.device) -> Dict[str, List[float]]:
-    """Time every step once per repeat, round-robin, each timed call right
-    after ``warmup`` untimed calls of the same step.
-
-    The order rotates each repeat, so no step always follows the same one.
-    The untimed calls make the timed one warm, with the caches and the
-    allocator's free memory as that step left them (after another model's
-    call, the C allocator has returned its large blocks to the kernel, and
-    their pages would fault in again).
-    """
-    keys = list(steps)
-    times: Dict[str, List[float]] = {key: [] for key in keys}
-    for repeat in range(repeats):
-        shift = repeat % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            for _ in range(warmup):
-                steps[key]()
-            times[key].append(timed(steps[key], device))
-    return times
-
-
-def replay_peak(events: Sequence[Tuple[int, int]]) -> int:
-    """Peak of the running total of ``(time, bytes)`` alloc (+) / free (-)
-    events, counted from zero."""
-    live = peak = 0
-    for _, nbytes in sorted(events):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
-def cpu_peak_bytes(step: Step) -> int:
-    """Peak tensor memory allocated by ``step`` on the CPU (see module
-    docstring)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [(e.start_ns(), e.nbytes())
-              for e in prof.profiler.kineto_results.events()
-              if e.name() == '[memory]' and e.device_type() == DeviceType.CPU]
-    return replay_peak(events)
-
-
-def peak_bytes(step: Step, device: torch.device) -> int:
-    """Peak memory of one call above the memory live before it."""
-    if device.type != 'cuda':
-        return cpu_peak_bytes(step)
-    synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
 def count_flops(model: nn.Module,
                 inputs: Tensor) -> Tuple[int, int, List[str]]:
     """FLOPs (multiply-adds) of one cold eval forward, the part of them
@@ -363,27 +292,6 @@ def bias_cache_bytes(model: nn.Module) -> int:
                for module in model.modules()
                for biases in getattr(module, '_bias_cache', {}).values()
                for tensor in biases)
-
-
-def eval_step(model: nn.Module, inputs: Tensor) -> Step:
-
-    def step() -> None:
-        with torch.no_grad():
-            model(inputs)
-
-    return step
-
-
-def train_step(model: nn.Module, inputs: Tensor) -> Step:
-    """Forward, then backward of the sum of all outputs; gradients are
-    dropped first, so their allocation is part of every call."""
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        outputs = model(inputs)
-        torch.stack([out.sum() for out in outputs]).sum().backward()
-
-    return step
 
 
 # ----------------------------------------------------------------------

@@ -18,9 +18,7 @@ Example::
     python tools/analysis_tools/training_bound.py --size 512 --batch 2
 """
 import argparse
-import os.path as osp
 import statistics
-import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -28,9 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from agent_mm.models import AgentAttention, AgentPVT
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from benchmark_backbones import interleaved_times, train_step  # noqa: E402
+from agent_mm.utils.timing import interleaved_times, train_step
 
 VARIANTS = ('reference', 'fast', 'constant_bias')
 Biases = Tuple[Tensor, Tensor]

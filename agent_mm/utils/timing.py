@@ -1,0 +1,114 @@
+"""Timing and peak-memory measurement of model calls, for the analysis tools.
+
+A *step* is a callable that runs one call of a model (see :func:`eval_step`
+and :func:`train_step`). :func:`interleaved_times` times several steps
+round-robin so that load from other processes hits all of them alike, and
+:func:`peak_bytes` reports the largest amount of tensor memory a step
+allocates on top of what was live before it: on CUDA from
+``torch.cuda.max_memory_allocated``, on the CPU by replaying the allocation
+and free events that ``torch.profiler`` records for torch's CPU allocator
+(memory allocated outside it, such as oneDNN scratchpads, is not seen).
+"""
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+Step = Callable[[], None]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Step, device: torch.device) -> float:
+    """Wall time of one call, in seconds."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
+                      device: torch.device) -> Dict[str, List[float]]:
+    """Time every step once per repeat, round-robin, each timed call right
+    after ``warmup`` untimed calls of the same step.
+
+    The order rotates each repeat, so no step always follows the same one.
+    The untimed calls make the timed one warm, with the caches and the
+    allocator's free memory as that step left them (after another model's
+    call, the C allocator has returned its large blocks to the kernel, and
+    their pages would fault in again).
+    """
+    keys = list(steps)
+    times: Dict[str, List[float]] = {key: [] for key in keys}
+    for repeat in range(repeats):
+        shift = repeat % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            for _ in range(warmup):
+                steps[key]()
+            times[key].append(timed(steps[key], device))
+    return times
+
+
+def replay_peak(events: Sequence[Tuple[int, int]]) -> int:
+    """Peak of the running total of ``(time, bytes)`` alloc (+) / free (-)
+    events, counted from zero."""
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def cpu_peak_bytes(step: Step) -> int:
+    """Peak tensor memory allocated by ``step`` on the CPU (see the module
+    docstring)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [(e.start_ns(), e.nbytes())
+              for e in prof.profiler.kineto_results.events()
+              if e.name() == '[memory]' and e.device_type() == DeviceType.CPU]
+    return replay_peak(events)
+
+
+def peak_bytes(step: Step, device: torch.device) -> int:
+    """Peak memory of one call above the memory live before it."""
+    if device.type != 'cuda':
+        return cpu_peak_bytes(step)
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def eval_step(model: nn.Module, inputs: Tensor) -> Step:
+    """A forward of ``inputs`` without autograd."""
+
+    def step() -> None:
+        with torch.no_grad():
+            model(inputs)
+
+    return step
+
+
+def train_step(model: nn.Module, inputs: Tensor) -> Step:
+    """Forward, then backward of the sum of all outputs; gradients are
+    dropped first, so their allocation is part of every call."""
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        outputs = model(inputs)
+        torch.stack([out.sum() for out in outputs]).sum().backward()
+
+    return step
