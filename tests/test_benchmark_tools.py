@@ -91,8 +91,9 @@ def test_fast_and_reference_agent_attention_have_equal_flops():
 def test_benchmark_tiny_run(tmp_path):
     bench = load_tool('benchmark_backbones')
     results = bench.main([
-        '--sizes', '32', '--train-sizes', '32', '--repeats', '1', '--warmup',
-        '0', '--threads', '1', '--out-dir',
+        '--sizes', '32', '--train-sizes', '32', '--scaling-sizes', '32',
+        '64', '--repeats', '1', '--warmup', '0', '--threads', '1',
+        '--out-dir',
         str(tmp_path)
     ])
     table = (tmp_path / 'benchmark.md').read_text()
@@ -108,6 +109,31 @@ def test_benchmark_tiny_run(tmp_path):
     checks = saved['flop_checks']
     assert len(checks) == 3 and all(check['ok'] for check in checks)
     assert all(d < 1e-3 for d in saved['output_max_abs_diff'].values())
+    scaling = saved['scaling']
+    assert scaling['sizes'] == [[32, 32], [64, 64]]
+    assert [len(t) for t in scaling['times_ms'].values()] == [1, 1]
+    first, second = scaling['median_ms']
+    assert scaling['ratio'] == pytest.approx(second / first)
+    assert '## Scaling' in table
+    # the target is the 2048² / 1024² ratio, not that of other sizes
+    assert saved['ratios']['pvt_t_time_2048_over_1024'] is None
+
+
+def test_scaling_target_is_read_from_the_interleaved_pair():
+    bench = load_tool('benchmark_backbones')
+    scaling = dict(sizes=[[1024, 1024], [2048, 2048]], ratio=4.2)
+    ratios = bench.target_ratios([], [], scaling)
+    assert ratios['pvt_t_time_2048_over_1024'] == 4.2
+    assert bench.target_ratios([], [], None)[
+        'pvt_t_time_2048_over_1024'] is None
+
+
+@pytest.mark.parametrize('sizes', [['1024'], ['64', '64'],
+                                   ['32', '64', '96']])
+def test_scaling_sizes_must_be_two_different_sizes(sizes):
+    bench = load_tool('benchmark_backbones')
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--scaling-sizes', *sizes])
 
 
 def test_benchmark_max_tokens_skips_large_inputs(tmp_path):
@@ -115,9 +141,12 @@ def test_benchmark_max_tokens_skips_large_inputs(tmp_path):
     results = bench.main([
         '--models', 'agent_pvt_t', 'pvt_t', '--sizes', '32', '64',
         '--train-sizes', '64', '--repeats', '1', '--warmup', '0',
-        '--threads', '1', '--max-tokens', 'pvt_t=64', '--out-dir',
+        '--threads', '1', '--max-tokens', 'pvt_t=64', 'agent_pvt_t=256',
+        '--scaling-sizes', '32', '128', '--out-dir',
         str(tmp_path)
     ])
+    # 128² has 1024 tokens, above agent_pvt_t's limit
+    assert 'scaling' not in results
     measured = {(row['model'], row['size'][0]) for row in results['eval']}
     assert measured == {('agent_pvt_t', 32), ('agent_pvt_t', 64),
                         ('pvt_t', 32)}

@@ -5,6 +5,8 @@ For every model and input size it reports forward latency (eval, no_grad),
 peak memory, parameters and FLOPs, and forward+backward latency and peak
 memory in train mode. Models are measured round-robin (one call of each per
 repeat, in a rotating order) so load from other processes hits all of them.
+The scaling of Agent-PVT-T's forward time with the input size is timed the
+same way, its two sizes alternating.
 
 Peak memory is the largest amount of tensor memory allocated during one call
 on top of what was live when the call started (weights, the input and the
@@ -154,11 +156,15 @@ TARGETS = (
            'Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory',
            0.8),
     Target('pvt_t_time_2048_over_1024',
-           'Agent-PVT-T forward time 2048² / 1024²', 4.5),
+           'Agent-PVT-T forward time 2048² / 1024² (sizes alternating)',
+           4.5),
     Target('pvt_s_time_agent_over_mmdet',
            'Agent-PVT-S (fast) / mmdet PVT-S forward time at 1024²', 1.0),
 )
 
+# the model and sizes of the scaling target, timed alternately
+SCALING_MODEL = 'agent_pvt_t'
+TARGET_SCALING = ((1024, 1024), (2048, 2048))
 
 # ----------------------------------------------------------------------
 # command line
@@ -244,6 +250,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help='skip MODEL at inputs of more tokens (H·W/16), e.g. '
         'pvt_t=147456 pvt_s=147456 keeps mmdet PVT, whose stage-1 '
         'attention is quadratic, below 2048² (~20 GB there)')
+    parser.add_argument(
+        '--scaling-sizes',
+        nargs='*',
+        type=parse_size,
+        default=[(1024, 1024), (2048, 2048)],
+        metavar='SIZE',
+        help='two eval sizes at which Agent-PVT-T (fast) is timed '
+        'alternately for the scaling ratio (default: 1024 2048); none to '
+        'skip')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
         '--out-dir',
@@ -252,6 +267,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error('--repeats must be ≥ 1 and --warmup ≥ 0')
+    if len(set(args.scaling_sizes)) != len(args.scaling_sizes) or len(
+            args.scaling_sizes) not in (0, 2):
+        parser.error('--scaling-sizes takes two different sizes (or none to '
+                     f'skip), got {len(args.scaling_sizes)}')
     return args
 
 
@@ -370,6 +389,31 @@ def measure(models: Dict[str, nn.Module], size: Size, batch: int, train: bool,
     return rows
 
 
+def measure_scaling(model: nn.Module, sizes: Sequence[Size],
+                    args: argparse.Namespace,
+                    device: torch.device) -> dict:
+    """Eval forward time of one model at two sizes and the second's over
+    the first's, the sizes alternating call by call so that a drift of the
+    machine's speed hits both alike (the tables time sizes minutes apart)."""
+    model.eval()
+    steps = {
+        size_text(size): eval_step(
+            model, torch.randn(args.batch, 3, *size, device=device))
+        for size in sizes
+    }
+    times = interleaved_times(steps, args.warmup, args.repeats, device)
+    model.eval()  # drop the bias caches of both sizes
+    medians = [statistics.median(times[key]) * 1e3 for key in steps]
+    log(f'scaling {" / ".join(steps)} done')
+    return dict(
+        model=SCALING_MODEL,
+        sizes=[list(size) for size in sizes],
+        times_ms={key: [t * 1e3 for t in times[key]]
+                  for key in steps},
+        median_ms=medians,
+        ratio=medians[1] / medians[0])
+
+
 # ----------------------------------------------------------------------
 # reporting
 def find(rows: List[dict], model: str, size: Size) -> Optional[dict]:
@@ -398,10 +442,19 @@ def with_footprint(rows: List[dict]) -> List[dict]:
     ]
 
 
-def target_ratios(eval_rows: List[dict],
-                  train_rows: List[dict]) -> Dict[str, Optional[float]]:
+def scaling_ratio(scaling: Optional[dict]) -> Optional[float]:
+    """The interleaved 2048² / 1024² ratio, None if not measured at
+    those sizes."""
+    wanted = [list(size) for size in TARGET_SCALING]
+    if scaling is None or scaling['sizes'] != wanted:
+        return None
+    return scaling['ratio']
+
+
+def target_ratios(eval_rows: List[dict], train_rows: List[dict],
+                  scaling: Optional[dict]) -> Dict[str, Optional[float]]:
     """The ratios of :data:`TARGETS`, from rows of one run."""
-    fast, ref = 'agent_pvt_t', 'agent_pvt_t_ref'
+    fast, ref = SCALING_MODEL, 'agent_pvt_t_ref'
     s1024, s512 = (1024, 1024), (512, 512)
     return {
         'pvt_t_eval_time_fast_over_ref':
@@ -417,7 +470,7 @@ def target_ratios(eval_rows: List[dict],
         'pvt_t_train_mem_fast_over_ref':
         ratio(train_rows, 'peak_mb', (fast, s512), (ref, s512)),
         'pvt_t_time_2048_over_1024':
-        ratio(eval_rows, 'median_ms', (fast, (2048, 2048)), (fast, s1024)),
+        scaling_ratio(scaling),
         'pvt_s_time_agent_over_mmdet':
         ratio(eval_rows, 'median_ms', ('agent_pvt_s', s1024),
               ('pvt_s', s1024)),
@@ -518,6 +571,18 @@ def ratio_lines(ratios: Dict[str, Optional[float]]) -> List[str]:
     return lines
 
 
+def scaling_lines(scaling: Optional[dict]) -> List[str]:
+    if scaling is None:
+        return []
+    (first, second), sizes = scaling['median_ms'], scaling['sizes']
+    return [
+        '', '## Scaling (the two sizes alternating, call by call)', '',
+        f"{MODELS[scaling['model']].label} forward: {first:.0f} ms at "
+        f'{size_text(sizes[0])}, {second:.0f} ms at {size_text(sizes[1])}, '
+        f"ratio {scaling['ratio']:.2f}"
+    ]
+
+
 def check_lines(results: dict) -> List[str]:
     lines = []
     for check in results['flop_checks']:
@@ -559,6 +624,7 @@ def markdown(results: dict) -> str:
             f"{meta['train_batch']})", ''
         ]
         lines += train_table(results['train'])
+    lines += scaling_lines(results.get('scaling'))
     lines += ['', '## Ratios', ''] + ratio_lines(results['ratios'])
     lines += ['', '## Checks', ''] + check_lines(results)
     return '\n'.join(lines) + '\n'
@@ -645,8 +711,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             results[mode] += measure(active, size, batch, mode == 'train',
                                      args, device)
             save(results, args.out_dir)
+    largest = max(args.scaling_sizes, key=lambda s: s[0] * s[1], default=None)
+    if largest and SCALING_MODEL in within_limits(models, largest, limits):
+        results['scaling'] = measure_scaling(models[SCALING_MODEL],
+                                             args.scaling_sizes, args, device)
+        save(results, args.out_dir)
     results['meta']['load_avg_end'] = os.getloadavg()[0]
-    results['ratios'] = target_ratios(results['eval'], results['train'])
+    results['ratios'] = target_ratios(results['eval'], results['train'],
+                                      results.get('scaling'))
     results['flop_checks'] = flop_checks(results['eval'])
     save(results, args.out_dir)
     table = markdown(results)
