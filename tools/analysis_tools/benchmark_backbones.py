@@ -27,7 +27,7 @@ Example::
 
     python tools/analysis_tools/benchmark_backbones.py --repeats 3
     python tools/analysis_tools/benchmark_backbones.py --sizes 64 96x128 \
-        --train-sizes 64 --repeats 1 --warmup 0
+        --train-sizes 64 --scaling-sizes 64 128 --repeats 1 --warmup 0
 """
 import argparse
 import json
@@ -254,7 +254,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         '--scaling-sizes',
         nargs='*',
         type=parse_size,
-        default=[(1024, 1024), (2048, 2048)],
+        default=list(TARGET_SCALING),
         metavar='SIZE',
         help='two eval sizes at which Agent-PVT-T (fast) is timed '
         'alternately for the scaling ratio (default: 1024 2048); none to '
@@ -267,10 +267,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error('--repeats must be ≥ 1 and --warmup ≥ 0')
-    if len(set(args.scaling_sizes)) != len(args.scaling_sizes) or len(
-            args.scaling_sizes) not in (0, 2):
+    scaling = args.scaling_sizes
+    if len(scaling) not in (0, 2) or len(set(scaling)) < len(scaling):
         parser.error('--scaling-sizes takes two different sizes (or none to '
-                     f'skip), got {len(args.scaling_sizes)}')
+                     f'skip), got {len(scaling)}')
     return args
 
 
@@ -389,10 +389,9 @@ def measure(models: Dict[str, nn.Module], size: Size, batch: int, train: bool,
     return rows
 
 
-def measure_scaling(model: nn.Module, sizes: Sequence[Size],
-                    args: argparse.Namespace,
-                    device: torch.device) -> dict:
-    """Eval forward time of one model at two sizes and the second's over
+def measure_scaling(key: str, model: nn.Module, sizes: Sequence[Size],
+                    args: argparse.Namespace, device: torch.device) -> dict:
+    """Eval forward time of model ``key`` at two sizes and the second's over
     the first's, the sizes alternating call by call so that a drift of the
     machine's speed hits both alike (the tables time sizes minutes apart)."""
     model.eval()
@@ -406,7 +405,7 @@ def measure_scaling(model: nn.Module, sizes: Sequence[Size],
     medians = [statistics.median(times[key]) * 1e3 for key in steps]
     log(f'scaling {" / ".join(steps)} done')
     return dict(
-        model=SCALING_MODEL,
+        model=key,
         sizes=[list(size) for size in sizes],
         times_ms={key: [t * 1e3 for t in times[key]]
                   for key in steps},
@@ -454,7 +453,7 @@ def scaling_ratio(scaling: Optional[dict]) -> Optional[float]:
 def target_ratios(eval_rows: List[dict], train_rows: List[dict],
                   scaling: Optional[dict]) -> Dict[str, Optional[float]]:
     """The ratios of :data:`TARGETS`, from rows of one run."""
-    fast, ref = SCALING_MODEL, 'agent_pvt_t_ref'
+    fast, ref = 'agent_pvt_t', 'agent_pvt_t_ref'
     s1024, s512 = (1024, 1024), (512, 512)
     return {
         'pvt_t_eval_time_fast_over_ref':
@@ -713,7 +712,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             save(results, args.out_dir)
     largest = max(args.scaling_sizes, key=lambda s: s[0] * s[1], default=None)
     if largest and SCALING_MODEL in within_limits(models, largest, limits):
-        results['scaling'] = measure_scaling(models[SCALING_MODEL],
+        results['scaling'] = measure_scaling(SCALING_MODEL,
+                                             models[SCALING_MODEL],
                                              args.scaling_sizes, args, device)
         save(results, args.out_dir)
     results['meta']['load_avg_end'] = os.getloadavg()[0]
