@@ -402,13 +402,13 @@ def measure_scaling(key: str, model: nn.Module, sizes: Sequence[Size],
     }
     times = interleaved_times(steps, args.warmup, args.repeats, device)
     model.eval()  # drop the bias caches of both sizes
-    medians = [statistics.median(times[key]) * 1e3 for key in steps]
+    medians = [statistics.median(times[step]) * 1e3 for step in steps]
     log(f'scaling {" / ".join(steps)} done')
     return dict(
         model=key,
         sizes=[list(size) for size in sizes],
-        times_ms={key: [t * 1e3 for t in times[key]]
-                  for key in steps},
+        times_ms={step: [t * 1e3 for t in times[step]]
+                  for step in steps},
         median_ms=medians,
         ratio=medians[1] / medians[0])
 
