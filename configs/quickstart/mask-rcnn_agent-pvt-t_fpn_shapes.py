@@ -22,8 +22,9 @@ model = dict(
         out_indices=(1, 2, 3),
         # agent grids sized for 256-pixel inputs (token grids 64, 32, 16,
         # 8); the paper's (28, 28) for 800x1333 would upsample stages 3-4
-        # to 784 agents and cost a third of the training time
-        agent_shapes=[(12, 12), (16, 16), (7, 7), (7, 7)],
+        # to 784 agents and cost a third of the training time, and 8x8 in
+        # stages 1-2 trains in 0.9 of the time of 12x12 and 16x16
+        agent_shapes=[(8, 8), (8, 8), (7, 7), (7, 7)],
         init_cfg=None),
     # P3-P6 (the extra level is max-pooled from P5)
     neck=dict(
