@@ -29,7 +29,8 @@ model = dict(
     # P3-P6 (the extra level is max-pooled from P5)
     neck=dict(
         in_channels=[128, 320, 512], out_channels=channels, num_outs=4),
-    # anchors of 32-256 pixels, as mmdet's default on P2-P6 gives
+    # anchors of 32-256 pixels, as mmdet's default gives on P2-P5 (the
+    # shapes are at most ~100 pixels across)
     rpn_head=dict(
         in_channels=channels,
         feat_channels=channels,
