@@ -11,6 +11,8 @@ custom_imports = dict(
 
 num_classes = 3
 channels = 128
+# strides of the pyramid levels P3-P6 that the RPN and RoI heads read
+strides = [8, 16, 32, 64]
 model = dict(
     backbone=dict(
         _delete_=True,
@@ -34,10 +36,10 @@ model = dict(
     rpn_head=dict(
         in_channels=channels,
         feat_channels=channels,
-        anchor_generator=dict(scales=[4], strides=[8, 16, 32, 64])),
+        anchor_generator=dict(scales=[4], strides=strides)),
     roi_head=dict(
         bbox_roi_extractor=dict(
-            out_channels=channels, featmap_strides=[8, 16, 32, 64]),
+            out_channels=channels, featmap_strides=strides),
         bbox_head=dict(
             in_channels=channels,
             fc_out_channels=256,
@@ -47,7 +49,7 @@ model = dict(
             reg_decoded_bbox=True,
             loss_bbox=dict(_delete_=True, type='GIoULoss', loss_weight=10.0)),
         mask_roi_extractor=dict(
-            out_channels=channels, featmap_strides=[8, 16, 32, 64]),
+            out_channels=channels, featmap_strides=strides),
         # small initial mask logits: mmdet's init is tuned for 80 classes
         mask_head=dict(
             type='ScaledInitFCNMaskHead',
