@@ -139,7 +139,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_amp_training_on_cpu_stays_finite(tmp_path):
-    config = _write_config(tmp_path)
+    # from float32, so that the wrapper below is the one --amp chose
+    float32 = DETERMINISTIC_SEG + "optim_wrapper = dict(type='OptimWrapper')\n"
+    config = _write_config(tmp_path, float32)
     out = _train(config, tmp_path / 'amp', '--amp', '--cfg-options',
                  'train_cfg.max_iters=2', 'default_hooks.logger.interval=1')
     expected = ('AmpOptimWrapper'
