@@ -235,3 +235,25 @@ def test_constant_bias_variant_computes_the_reference_without_bias_grads():
         assert attns
         assert all((m.an_bias.grad is not None) == has_grad for m in attns)
         assert all(m.q.weight.grad is not None for m in attns)
+
+
+def test_products_only_variant_keeps_just_the_two_products():
+    bound = load_tool('training_bound')
+    models = bound.build_variants('tiny')
+    attns = [m for m in models['products_only'].modules()
+             if isinstance(m, AgentAttention)]
+    assert attns
+    query, key, value = (torch.randn(2, 1, n, 8) for n in (5, 7, 7))
+    bias = torch.randn(1, 5, 7)
+    expected = (query * attns[0].scale) @ key.transpose(-2, -1) @ value
+    torch.testing.assert_close(
+        attns[0]._literal_attention(query, key, value, bias), expected)
+    # the other variants still attend with softmax and bias
+    reference = [m for m in models['reference'].modules()
+                 if isinstance(m, AgentAttention)][0]
+    assert not torch.allclose(
+        reference._literal_attention(query, key, value, bias), expected)
+    outs = models['products_only'](torch.randn(1, 3, 64, 64))
+    torch.stack([out.sum() for out in outs]).sum().backward()
+    assert all(m.an_bias.grad is None and m.q.weight.grad is not None
+               for m in attns)

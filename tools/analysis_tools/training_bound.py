@@ -2,22 +2,29 @@
 
 Times Agent-PVT training steps (forward + backward of the summed outputs)
 side by side, round-robin and warm as ``benchmark_backbones.py`` does, for
-three variants with the same weights:
+four variants with the same weights:
 
 - ``reference``: the literal path (bias maps built at every call, for every
   image of the batch);
 - ``fast``: the default path;
 - ``constant_bias``: the reference path with every bias map replaced by a
   constant computed once: no bias map is built and no bias gradient is
-  computed. It does less work than any correct implementation that computes
-  the same attention products, so ``constant_bias / reference`` is a lower
-  bound on the training-time ratio such an implementation can reach.
+  computed. It does less bias work than any correct implementation, so
+  ``constant_bias / reference`` bounds the training-time ratio of an
+  implementation that computes the attention as the reference does
+  (products and softmax unfused);
+- ``products_only``: ``constant_bias`` with each attention reduced to its
+  two matrix products ``(scale * q kᵀ) v`` (no bias, no softmax): what is
+  left is the work every exact implementation does, whatever its kernels,
+  unless it computes the same products faster than the reference's
+  ``torch.matmul`` calls.
 
 Example::
 
     python tools/analysis_tools/training_bound.py --size 512 --batch 2
 """
 import argparse
+import functools
 import statistics
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -28,7 +35,7 @@ from torch import Tensor
 from agent_mm.models import AgentAttention, AgentPVT
 from agent_mm.utils.timing import interleaved_times, train_step
 
-VARIANTS = ('reference', 'fast', 'constant_bias')
+VARIANTS = ('reference', 'fast', 'constant_bias', 'products_only')
 Biases = Tuple[Tensor, Tensor]
 BiasFn = Callable[[Tuple[int, int], int], Biases]
 
@@ -55,6 +62,22 @@ def use_constant_biases(model: nn.Module) -> None:
             module._reference_biases = _constant(module._reference_biases)
 
 
+def use_products_only(model: nn.Module) -> None:
+    """Reduce every agent attention of a reference-path ``model`` to its
+    two matrix products, ``(scale * q kᵀ) v``: no bias, no softmax, no
+    dropout (the outputs are not agent attention's)."""
+    for module in model.modules():
+        if isinstance(module, AgentAttention):
+            module._literal_attention = functools.partial(
+                _bare_products, module.scale)
+
+
+def _bare_products(scale: float, query: Tensor, key: Tensor, value: Tensor,
+                   bias: Tensor) -> Tensor:
+    """``(scale * q kᵀ) v``; ``bias`` is ignored."""
+    return torch.matmul(query * scale, key.transpose(-2, -1)) @ value
+
+
 def _constant(compute: BiasFn) -> BiasFn:
     """``compute(hw_shape, batch)`` memoised per shape, without autograd."""
     cache: Dict[Tuple[int, int], Biases] = {}
@@ -70,7 +93,7 @@ def _constant(compute: BiasFn) -> BiasFn:
 
 
 def build_variants(arch: str) -> Dict[str, nn.Module]:
-    """The three variants, in train mode, all with the weights of the
+    """The variants, in train mode, all with the weights of the
     first one built (the reference)."""
     models = {}
     for name in VARIANTS:
@@ -79,7 +102,9 @@ def build_variants(arch: str) -> Dict[str, nn.Module]:
         if models:
             model.load_state_dict(models['reference'].state_dict())
         models[name] = model
-    use_constant_biases(models['constant_bias'])
+    for name in ('constant_bias', 'products_only'):
+        use_constant_biases(models[name])
+    use_products_only(models['products_only'])
     return models
 
 
