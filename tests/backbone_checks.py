@@ -48,6 +48,26 @@ def assert_checkpointing_is_transparent(build, img: torch.Tensor):
         torch.testing.assert_close(grad, params_b[name], msg=name)
 
 
+def assert_bias_cache_size_reaches_every_attention(build,
+                                                   img: torch.Tensor):
+    """``build(bias_cache_size=n)`` gives every agent attention a cache of
+    ``n`` shapes; with 0 an eval forward caches nothing and gives the same
+    features."""
+    from agent_mm.models import AgentAttention
+    features = {}
+    for size in (0, 1):
+        torch.manual_seed(0)
+        module = build(bias_cache_size=size).eval()
+        attns = [m for m in module.modules() if isinstance(m, AgentAttention)]
+        assert attns
+        with torch.no_grad():
+            features[size] = module(img)
+        assert all(m.bias_cache_size == size for m in attns)
+        assert all(len(m._bias_cache) == size for m in attns)
+    for cached, uncached in zip(features[1], features[0]):
+        torch.testing.assert_close(cached, uncached)
+
+
 def assert_frozen(module: nn.Module, frozen_prefixes, trainable_prefixes):
     """Frozen parts have no grad and stay in eval mode after ``train()``."""
     module.train()

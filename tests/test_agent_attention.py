@@ -11,7 +11,8 @@ from agent_mm.models.agent_attention import (BIAS_CACHE_SIZE, BIAS_NAMES,
 from agent_mm.models.layers import map_to_tokens, tokens_to_map
 
 
-def _pair(fused_qkv, attn_impl='fast', **kwargs):
+def _pair(fused_qkv, attn_impl='fast', bias_cache_size=BIAS_CACHE_SIZE,
+          **kwargs):
     settings = dict(
         dim=32,
         num_heads=2,
@@ -29,7 +30,8 @@ def _pair(fused_qkv, attn_impl='fast', **kwargs):
         agent_num=settings['agent_num'],
         agent_shape=settings['agent_shape'],
         fused_qkv=fused_qkv,
-        attn_impl=attn_impl)
+        attn_impl=attn_impl,
+        bias_cache_size=bias_cache_size)
     module.load_state_dict(reference.state_dict(), strict=True)
     return module.eval(), reference.eval()
 
@@ -211,6 +213,19 @@ def test_bias_cache_keeps_recent_input_shapes_only():
     assert [key[0] for key in module._bias_cache] == many[-BIAS_CACHE_SIZE:]
 
 
+@pytest.mark.parametrize('cache_size', [0, 1, 3])
+def test_bias_cache_size_bounds_the_cached_shapes(cache_size):
+    module, reference = _pair(True, bias_cache_size=cache_size)
+    shapes = [(5 + i, 7) for i in range(4)]
+    with torch.no_grad():
+        for hw in shapes:
+            x = torch.randn(1, hw[0] * hw[1], 32)
+            torch.testing.assert_close(
+                module(x, hw), reference(x, *hw), atol=1e-4, rtol=0)
+    cached = [key[0] for key in module._bias_cache]
+    assert cached == shapes[len(shapes) - cache_size:]
+
+
 def test_bias_cache_is_not_used_when_training_or_with_grad():
     module, _ = _pair(False)
     x = torch.randn(1, 64, 32)
@@ -250,7 +265,10 @@ def test_biases_are_initialised_with_truncated_normal():
     'kwargs, message',
     [(dict(agent_num=10), 'square number'),
      (dict(attn_impl='flash'), "'fast', 'reference'"),
-     (dict(num_heads=5), 'divisible')])
+     (dict(num_heads=5), 'divisible'),
+     (dict(bias_cache_size=-1), 'bias_cache_size'),
+     (dict(bias_cache_size=1.5), 'bias_cache_size'),
+     (dict(bias_cache_size=True), 'bias_cache_size')])
 def test_bad_settings_are_rejected(kwargs, message):
     settings = dict(embed_dims=32, num_heads=2, ref_size=(7, 7))
     settings.update(kwargs)

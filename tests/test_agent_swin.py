@@ -1,7 +1,8 @@
 """AgentSwinTransformer: shapes, fidelity to the spec, options, errors."""
 import pytest
 import torch
-from backbone_checks import (assert_checkpointing_is_transparent,
+from backbone_checks import (assert_bias_cache_size_reaches_every_attention,
+                             assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
                              assert_frozen, assert_parity)
 from reference_agent import ReferenceAgentSwin, randomize_
@@ -93,6 +94,14 @@ def test_gradients_reach_every_parameter():
         attn_type='AMBB1')
     model.init_weights()
     assert_every_parameter_gets_gradient(model, torch.randn(2, 3, 64, 64))
+
+
+def test_bias_cache_size_reaches_every_attention():
+    assert_bias_cache_size_reaches_every_attention(
+        lambda **kwargs: AgentSwinTransformer(
+            embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
+            attn_type='AABB', **kwargs),
+        torch.randn(1, 3, 64, 64))
 
 
 def test_with_cp_gives_same_outputs_and_gradients():

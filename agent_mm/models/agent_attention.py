@@ -215,6 +215,9 @@ class AgentAttention(BaseModule):
             maps stored for backward, bias cache in eval) or
             ``'reference'`` (the equations computed literally, as the
             authors do; for debugging and benchmarks).
+        bias_cache_size: Number of input shapes whose bias maps the fast
+            path keeps in eval mode (the most recently used); 0 turns the
+            cache off. Each shape costs ``2 * heads * n * H * W`` floats.
         init_cfg: mmengine initialisation config.
     """
 
@@ -229,6 +232,7 @@ class AgentAttention(BaseModule):
                  attn_drop: float = 0.,
                  proj_drop: float = 0.,
                  attn_impl: str = 'fast',
+                 bias_cache_size: int = BIAS_CACHE_SIZE,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         if embed_dims % num_heads:
@@ -240,6 +244,12 @@ class AgentAttention(BaseModule):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, '
                              f'got {attn_impl!r}.')
+        if (isinstance(bias_cache_size, bool)
+                or not isinstance(bias_cache_size, int)
+                or bias_cache_size < 0):
+            raise ValueError('bias_cache_size must be an int >= 0 (0 turns '
+                             'the eval bias cache off), got '
+                             f'{bias_cache_size!r}.')
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -248,6 +258,7 @@ class AgentAttention(BaseModule):
         self.agent_shape = tuple(agent_shape)
         self.fused_qkv = fused_qkv
         self.attn_impl = attn_impl
+        self.bias_cache_size = bias_cache_size
         self.attn_drop_rate = attn_drop
 
         if fused_qkv:
@@ -349,13 +360,13 @@ class AgentAttention(BaseModule):
         The cache is used only in eval mode when no gradient can flow to the
         biases; it is keyed by the biases' storage and version counters, so
         any in-place update (optimizer step, ``load_state_dict``) misses it.
-        It keeps only the :data:`BIAS_CACHE_SIZE` most recently used shapes:
+        It keeps only the ``bias_cache_size`` most recently used shapes:
         the maps are large (``heads * n * H * W`` floats each, 615 MB for all
         of Agent-PVT-T's blocks at 1024²) and keep-ratio test pipelines
         produce many shapes.
         """
         needs_grad = torch.is_grad_enabled() and self.an_bias.requires_grad
-        if self.training or needs_grad:
+        if self.training or needs_grad or not self.bias_cache_size:
             return self._compute_biases(hw_shape)
         key = self._cache_key(hw_shape)
         if key in self._bias_cache:
@@ -364,7 +375,7 @@ class AgentAttention(BaseModule):
         stale = [k for k in self._bias_cache if k[1:] != key[1:]]
         for k in stale:
             del self._bias_cache[k]
-        while len(self._bias_cache) >= BIAS_CACHE_SIZE:
+        while len(self._bias_cache) >= self.bias_cache_size:
             self._bias_cache.popitem(last=False)
         self._bias_cache[key] = self._compute_biases(hw_shape)
         return self._bias_cache[key]

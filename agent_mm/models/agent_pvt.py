@@ -9,7 +9,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from .agent_attention import AgentAttention, resize
+from .agent_attention import BIAS_CACHE_SIZE, AgentAttention, resize
 from .base import AgentBackbone
 from .layers import (ChannelsLastConv2d, Mlp, check_input, check_out_indices,
                      check_stage_lists, drop_path_or_identity,
@@ -136,6 +136,8 @@ class AgentPVT(AgentBackbone):
         frozen_stages: See :class:`AgentBackbone`.
         with_cp: Gradient checkpointing of each block (saves memory).
         attn_impl: ``'fast'`` or ``'reference'`` agent attention.
+        bias_cache_size: Input shapes whose bias maps each agent attention
+            keeps in eval mode (0: none); see :class:`AgentAttention`.
         pretrained: Deprecated, use ``init_cfg``.
         init_cfg: Initialisation config.
     """
@@ -173,6 +175,7 @@ class AgentPVT(AgentBackbone):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  attn_impl: str = 'fast',
+                 bias_cache_size: int = BIAS_CACHE_SIZE,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(frozen_stages, pretrained, init_cfg)
@@ -212,7 +215,7 @@ class AgentPVT(AgentBackbone):
                     dims,
                     settings['mlp_ratios'][i],
                     self._build_attn(settings, i, qkv_bias, attn_drop_rate,
-                                     drop_rate, attn_impl),
+                                     drop_rate, attn_impl, bias_cache_size),
                     drop_rate,
                     rate,
                     with_cp,
@@ -231,8 +234,8 @@ class AgentPVT(AgentBackbone):
         return attn_type
 
     def _build_attn(self, settings: dict, stage: int, qkv_bias: bool,
-                    attn_drop: float, proj_drop: float,
-                    attn_impl: str) -> nn.Module:
+                    attn_drop: float, proj_drop: float, attn_impl: str,
+                    bias_cache_size: int) -> nn.Module:
         dims = settings['embed_dims'][stage]
         heads = settings['num_heads'][stage]
         if self.attn_type[stage] == 'B':
@@ -248,7 +251,8 @@ class AgentPVT(AgentBackbone):
             qkv_bias=qkv_bias,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
-            attn_impl=attn_impl)
+            attn_impl=attn_impl,
+            bias_cache_size=bias_cache_size)
 
     def _pos_embed(self, stage: int, hw_shape: Tuple[int, int]) -> Tensor:
         """Stage position embedding resized to the token grid."""

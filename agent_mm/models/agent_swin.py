@@ -11,7 +11,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from .agent_attention import AgentAttention
+from .agent_attention import BIAS_CACHE_SIZE, AgentAttention
 from .base import AgentBackbone
 from .layers import (ChannelsLastConv2d, Mlp, check_input, check_out_indices,
                      check_stage_lists, drop_path_or_identity,
@@ -280,6 +280,8 @@ class AgentSwinTransformer(AgentBackbone):
         frozen_stages: See :class:`AgentBackbone`.
         with_cp: Gradient checkpointing of each block.
         attn_impl: ``'fast'`` or ``'reference'`` agent attention.
+        bias_cache_size: Input shapes whose bias maps each agent attention
+            keeps in eval mode (0: none); see :class:`AgentAttention`.
         pretrained: Deprecated, use ``init_cfg``.
         init_cfg: Initialisation config.
     """
@@ -329,6 +331,7 @@ class AgentSwinTransformer(AgentBackbone):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  attn_impl: str = 'fast',
+                 bias_cache_size: int = BIAS_CACHE_SIZE,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(frozen_stages, pretrained, init_cfg)
@@ -362,7 +365,7 @@ class AgentSwinTransformer(AgentBackbone):
                     dims,
                     self._build_attn(settings, i, kind, dims, window_size,
                                      qkv_bias, attn_drop_rate, drop_rate,
-                                     attn_impl),
+                                     attn_impl, bias_cache_size),
                     shift=window_size // 2 if kind == 'B' and j % 2 else 0,
                     mlp_ratio=mlp_ratio,
                     drop_rate=drop_rate,
@@ -378,7 +381,8 @@ class AgentSwinTransformer(AgentBackbone):
     @staticmethod
     def _build_attn(settings: dict, stage: int, kind: str, dims: int,
                     window_size: int, qkv_bias: bool, attn_drop: float,
-                    proj_drop: float, attn_impl: str) -> nn.Module:
+                    proj_drop: float, attn_impl: str,
+                    bias_cache_size: int) -> nn.Module:
         heads = settings['num_heads'][stage]
         if kind == 'B':
             return WindowAttention(dims, heads, window_size, qkv_bias,
@@ -394,7 +398,8 @@ class AgentSwinTransformer(AgentBackbone):
             fused_qkv=True,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
-            attn_impl=attn_impl)
+            attn_impl=attn_impl,
+            bias_cache_size=bias_cache_size)
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
         modules = [self.patch_embed] if self.frozen_stages >= 0 else []

@@ -123,6 +123,9 @@ MODELS: Dict[str, ModelSpec] = {
             'pvt_t', 'PVT-T (mmdet)',
             partial(_mmdet_backbone, 'PyramidVisionTransformer',
                     **MMDET_PVT_T)),
+    'agent_pvt_t_nocache':
+    ModelSpec('Agent-PVT-T (bias cache off)',
+              partial(AgentPVT, arch='tiny', bias_cache_size=0)),
     **_trio('agent_pvt_s', 'Agent-PVT-S', partial(AgentPVT, arch='small'),
             'pvt_s', 'PVT-S (mmdet)',
             partial(_mmdet_backbone, 'PyramidVisionTransformer',
