@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from agent_mm.models import AgentAttention
+
 
 def assert_parity(module: nn.Module, reference: nn.Module, img: torch.Tensor):
     """``module`` loaded with ``reference``'s weights gives its features."""
@@ -53,7 +55,6 @@ def assert_bias_cache_size_reaches_every_attention(build,
     """``build(bias_cache_size=n)`` gives every agent attention a cache of
     ``n`` shapes; with 0 an eval forward caches nothing and gives the same
     features."""
-    from agent_mm.models import AgentAttention
     features = {}
     for size in (0, 1):
         torch.manual_seed(0)

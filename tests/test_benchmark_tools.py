@@ -230,8 +230,7 @@ def test_constant_bias_variant_computes_the_reference_without_bias_grads():
     for ref, const in zip(outputs['reference'], outputs['constant_bias']):
         torch.testing.assert_close(const, ref)
     for name, has_grad in (('reference', True), ('constant_bias', False)):
-        attns = [m for m in models[name].modules()
-                 if isinstance(m, AgentAttention)]
+        attns = bound.agent_attentions(models[name])
         assert attns
         assert all((m.an_bias.grad is not None) == has_grad for m in attns)
         assert all(m.q.weight.grad is not None for m in attns)
@@ -240,8 +239,7 @@ def test_constant_bias_variant_computes_the_reference_without_bias_grads():
 def test_products_only_variant_keeps_just_the_two_products():
     bound = load_tool('training_bound')
     models = bound.build_variants('tiny')
-    attns = [m for m in models['products_only'].modules()
-             if isinstance(m, AgentAttention)]
+    attns = bound.agent_attentions(models['products_only'])
     assert attns
     query, key, value = (torch.randn(2, 1, n, 8) for n in (5, 7, 7))
     bias = torch.randn(1, 5, 7)
@@ -249,8 +247,7 @@ def test_products_only_variant_keeps_just_the_two_products():
     torch.testing.assert_close(
         attns[0]._literal_attention(query, key, value, bias), expected)
     # the other variants still attend with softmax and bias
-    reference = [m for m in models['reference'].modules()
-                 if isinstance(m, AgentAttention)][0]
+    reference = bound.agent_attentions(models['reference'])[0]
     assert not torch.allclose(
         reference._literal_attention(query, key, value, bias), expected)
     outs = models['products_only'](torch.randn(1, 3, 64, 64))

@@ -26,7 +26,7 @@ Example::
 import argparse
 import functools
 import statistics
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,23 +53,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def agent_attentions(model: nn.Module) -> List[AgentAttention]:
+    """The agent attention modules of ``model``."""
+    return [m for m in model.modules() if isinstance(m, AgentAttention)]
+
+
 def use_constant_biases(model: nn.Module) -> None:
     """Make every agent attention of a reference-path ``model`` use bias
     maps computed once per input shape (for one image, broadcast over the
     batch) and detached, so they cost nothing and get no gradient."""
-    for module in model.modules():
-        if isinstance(module, AgentAttention):
-            module._reference_biases = _constant(module._reference_biases)
+    for module in agent_attentions(model):
+        module._reference_biases = _constant(module._reference_biases)
 
 
 def use_products_only(model: nn.Module) -> None:
     """Reduce every agent attention of a reference-path ``model`` to its
     two matrix products, ``(scale * q kᵀ) v``: no bias, no softmax, no
     dropout (the outputs are not agent attention's)."""
-    for module in model.modules():
-        if isinstance(module, AgentAttention):
-            module._literal_attention = functools.partial(
-                _bare_products, module.scale)
+    for module in agent_attentions(model):
+        module._literal_attention = functools.partial(_bare_products,
+                                                      module.scale)
 
 
 def _bare_products(scale: float, query: Tensor, key: Tensor, value: Tensor,
