@@ -10,10 +10,7 @@ import subprocess
 import sys
 
 import pytest
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-QUICKSTART = osp.join(REPO, 'configs', 'quickstart')
-TINY_DATA = 'dict(num_train=8, num_val=4, img_size=64, seed=1)'
+from tiny_configs import DET_OVERRIDES, SEG_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,42 +25,6 @@ def _mim(*args: str, cwd: str) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
-
-
-def _tiny_config(tmp_path, base: str, overrides: str) -> str:
-    data_root = str(tmp_path / 'shapes') + '/'
-    path = tmp_path / osp.basename(base)
-    path.write_text(f'_base_ = {osp.join(QUICKSTART, base)!r}\n'
-                    f'data_root = {data_root!r}\n'
-                    f'generate = {TINY_DATA}\n' + overrides)
-    return str(path)
-
-
-DET_OVERRIDES = '''
-train_dataloader = dict(
-    num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate))
-val_dataloader = dict(
-    num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-train_cfg = dict(max_epochs=1, val_interval=1)
-'''
-
-SEG_OVERRIDES = '''
-train_dataloader = dict(
-    num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate))
-val_dataloader = dict(
-    num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate))
-test_dataloader = val_dataloader
-model = dict(data_preprocessor=dict(size=(64, 64)))
-train_cfg = dict(max_iters=2, val_interval=2)
-default_hooks = dict(checkpoint=dict(interval=2))
-'''
 
 
 FLOWS = {
@@ -85,7 +46,7 @@ FLOWS = {
 def test_quickstart_train_resume_test(tmp_path, flow):
     (base, overrides, first_trainer, longer, (first, last), resumed,
      metrics, pngs) = FLOWS[flow]
-    config = _tiny_config(tmp_path, base, overrides)
+    config = tiny_config(tmp_path, base, overrides)
     work_dir = str(tmp_path / 'work')
 
     _mim('train', first_trainer, config, '--work-dir', work_dir,

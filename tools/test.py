@@ -68,8 +68,9 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def main(argv=None) -> None:
-    build_runner(build_config(parse_args(argv))).test()
+def main(argv=None) -> dict:
+    """Run the test loop; returns its metrics."""
+    return build_runner(build_config(parse_args(argv))).test()
 
 
 if __name__ == '__main__':

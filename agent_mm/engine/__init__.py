@@ -1,5 +1,8 @@
 """Training-engine pieces of agent_mm."""
+from .checkpoint_match import CheckpointMatchHook
 from .model_wrapper import CPUDistributedDataParallel
 from .optim_wrapper import CPUAmpOptimWrapper
 
-__all__ = ['CPUAmpOptimWrapper', 'CPUDistributedDataParallel']
+__all__ = [
+    'CheckpointMatchHook', 'CPUAmpOptimWrapper', 'CPUDistributedDataParallel'
+]

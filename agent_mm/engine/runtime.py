@@ -10,6 +10,8 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
+from .checkpoint_match import CheckpointMatchHook
+
 
 def has_accelerator() -> bool:
     """Whether a CUDA device can be used."""
@@ -98,6 +100,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none',
         help='job launcher')
+    parser.add_argument(
+        '--partial-load',
+        action='store_true',
+        help='load a checkpoint whose weights only partly match the model '
+        '(warn instead of failing)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
@@ -108,15 +115,22 @@ def load_config(args: argparse.Namespace) -> Config:
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    if args.partial_load:
+        cfg.partial_load = True
     set_work_dir(cfg, args.config, args.work_dir)
     adapt_to_cpu(cfg)
     return cfg
 
 
 def build_runner(cfg: Config) -> Runner:
-    """A runner in the config's codebase scope (mmdet or mmseg)."""
+    """A runner in the config's codebase scope (mmdet or mmseg) that refuses
+    checkpoints whose weights do not match the model
+    (:class:`CheckpointMatchHook`, unless the config has one)."""
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     init_cpu_distributed(cfg)
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(
+        cfg)
+    if not any(isinstance(hook, CheckpointMatchHook) for hook in runner.hooks):
+        runner.register_hook(
+            CheckpointMatchHook(partial_load=cfg.get('partial_load', False)))
+    return runner

@@ -8,6 +8,7 @@ Two layouts are released:
 - downstream checkpoints saved by mmdet 2.x / mmseg 0.x, ``{'state_dict':
   ..., 'meta': ...}``, whose backbone keys start with ``backbone.``.
 """
+import re
 from collections import OrderedDict
 from typing import Dict, List, Mapping
 
@@ -16,6 +17,12 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.runner import CheckpointLoader
 from torch import Tensor
 
+# Keys of released checkpoints that no backbone uses, skipped when loading:
+# the ImageNet classifier and the norm before it, and the shift masks that
+# Swin's original code stores as buffers (the backbone builds its own).
+IGNORED_EXTRA_KEYS = (r'head\..+', r'norm\..+', r'.+\.attn_mask')
+# Unexpected keys listed in an error message, at most.
+MAX_KEYS_SHOWN = 10
 
 
 def _strip_prefix(state_dict: Mapping[str, Tensor],
@@ -67,18 +74,48 @@ def check_shapes(module: nn.Module, state_dict: Mapping[str, Tensor],
             'mismatches:\n  ' + '\n  '.join(mismatched))
 
 
+def list_keys(keys: List[str]) -> str:
+    """``keys`` for an error message: the first :data:`MAX_KEYS_SHOWN`, and
+    how many more there are."""
+    shown = ', '.join(keys[:MAX_KEYS_SHOWN])
+    more = len(keys) - MAX_KEYS_SHOWN
+    return shown + (f' (and {more} more)' if more > 0 else '')
+
+
+def check_no_unexpected_keys(module: nn.Module,
+                             state_dict: Mapping[str, Tensor],
+                             source: str) -> None:
+    """Raise a ``ValueError`` naming the checkpoint weights that ``module``
+    does not have, beyond :data:`IGNORED_EXTRA_KEYS`."""
+    own = module.state_dict()
+    unexpected = [
+        key for key in state_dict if key not in own and not any(
+            re.fullmatch(pattern, key) for pattern in IGNORED_EXTRA_KEYS)
+    ]
+    if unexpected:
+        raise ValueError(
+            f'{source} has {len(unexpected)} weights that '
+            f'{type(module).__name__} does not have: {list_keys(unexpected)}.'
+            ' It is most likely a checkpoint of another architecture (e.g. '
+            'Agent-PVT-S weights for an Agent-PVT-T backbone): check the '
+            'arch / depths of the config against the checkpoint.')
+
+
 def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
     """Load released weights into ``module``, reporting unmatched keys.
 
-    Missing and unexpected keys are logged through mmengine's current logger.
+    Missing keys and the known extras of released checkpoints
+    (:data:`IGNORED_EXTRA_KEYS`) are logged through mmengine's current
+    logger; any other checkpoint weight the module lacks is an error.
 
     Returns:
         The module's keys that the checkpoint did not provide.
 
     Raises:
         FileNotFoundError: ``filename`` does not exist.
-        ValueError: The checkpoint does not fit the module, or holds no
-            weights of it at all.
+        ValueError: The checkpoint does not fit the module (shapes, or
+            weights the module does not have), or holds no weights of it at
+            all.
     """
     logger = MMLogger.get_current_instance()
     checkpoint = CheckpointLoader.load_checkpoint(
@@ -91,6 +128,7 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
         raise ValueError(f'{source} shares no weight name with '
                          f'{type(module).__name__}: it is a checkpoint of '
                          'another model.')
+    check_no_unexpected_keys(module, state_dict, source)
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     print_log(
         f'Loaded {len(own_keys) - len(missing)}/{len(own_keys)} weights of '
@@ -101,6 +139,7 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
             + ', '.join(missing), logger='current', level=30)
     if unexpected:
         print_log(
-            'Checkpoint weights not used by the backbone: ' +
+            'Checkpoint weights not used by the backbone (known extras of '
+            'released checkpoints): ' +
             ', '.join(unexpected), logger='current')
     return list(missing)

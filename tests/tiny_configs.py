@@ -1,0 +1,44 @@
+"""Quick-start configs shrunk to a tiny generated shapes set, for tests that
+run the real tools."""
+import os.path as osp
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+QUICKSTART = osp.join(REPO, 'configs', 'quickstart')
+DET_CONFIG = 'mask-rcnn_agent-pvt-t_fpn_shapes.py'
+SEG_CONFIG = 'fpn_agent-pvt-t_shapes.py'
+TINY_DATA = 'dict(num_train=8, num_val=4, img_size=64, seed=1)'
+
+# in-process loaders over the tiny set
+LOADERS = '''
+train_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, generate=generate))
+val_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, generate=generate))
+test_dataloader = val_dataloader
+'''
+
+DET_OVERRIDES = LOADERS + '''
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=1, val_interval=1)
+'''
+
+SEG_OVERRIDES = LOADERS + '''
+model = dict(data_preprocessor=dict(size=(64, 64)))
+train_cfg = dict(max_iters=2, val_interval=2)
+default_hooks = dict(checkpoint=dict(interval=2))
+'''
+
+
+def tiny_config(tmp_path, base: str, overrides: str,
+                data: str = TINY_DATA) -> str:
+    """Write ``base`` (a quick-start config name) with its data under
+    ``tmp_path / 'shapes'`` and ``overrides`` appended; return its path."""
+    data_root = str(tmp_path / 'shapes') + '/'
+    path = tmp_path / osp.basename(base)
+    path.write_text(f'_base_ = {osp.join(QUICKSTART, base)!r}\n'
+                    f'data_root = {data_root!r}\n'
+                    f'generate = {data}\n' + overrides)
+    return str(path)
