@@ -1,4 +1,6 @@
 """Loading the authors' released checkpoint layouts into the backbones."""
+import re
+
 import pytest
 import torch
 
@@ -143,3 +145,99 @@ def test_extract_strips_prefixes_and_keeps_backbone_only():
     assert list(extract_backbone_state_dict({'state_dict': weights})) == ['a']
     with pytest.raises(ValueError, match='no tensors'):
         extract_backbone_state_dict({'meta': {'epoch': 1}})
+
+
+def _plain_pvt_layout(state_dict):
+    """A plain PVT v1 ImageNet state dict: spatial reduction in every
+    stage with sr_ratio > 1, a class token in stage 4, no agent weights."""
+    plain = {k: v for k, v in state_dict.items()
+             if not re.fullmatch(checkpoint_module.AGENT_ONLY_KEYS, k)}
+    for stage, (dims, sr_ratio) in enumerate(zip([64, 128, 320, 512],
+                                                 [8, 4, 2, 1])):
+        if sr_ratio > 1:
+            plain[f'block{stage + 1}.0.attn.sr.weight'] = torch.randn(
+                dims, dims, sr_ratio, sr_ratio)
+            plain[f'block{stage + 1}.0.attn.sr.bias'] = torch.randn(dims)
+            plain[f'block{stage + 1}.0.attn.norm.weight'] = torch.randn(dims)
+            plain[f'block{stage + 1}.0.attn.norm.bias'] = torch.randn(dims)
+    plain['cls_token'] = torch.randn(1, 1, 512)
+    plain['pos_embed4'] = torch.cat(
+        [plain['cls_token'], state_dict['pos_embed4']], dim=1)
+    plain.update({'norm.weight': torch.ones(512), 'norm.bias': torch.zeros(
+        512), 'head.weight': torch.zeros(1000, 512),
+        'head.bias': torch.zeros(1000)})
+    return plain
+
+
+def _plain_swin_layout(model, state_dict):
+    """An original Swin ImageNet state dict: window attention (position
+    bias table and index) in every block, shift masks, one final norm."""
+    plain = {k: v for k, v in state_dict.items()
+             if not re.fullmatch(checkpoint_module.AGENT_ONLY_KEYS, k)
+             and not re.fullmatch(r'norm\d\..+', k)}
+    for name, module in model.named_modules():
+        if name.endswith('.attn') and hasattr(module, 'an_bias'):
+            heads = module.num_heads
+            plain[f'{name}.relative_position_bias_table'] = torch.randn(
+                13 * 13, heads)
+            plain[f'{name}.relative_position_index'] = torch.zeros(
+                49, 49, dtype=torch.long)
+    plain['layers.0.blocks.1.attn_mask'] = torch.zeros(64, 49, 49)
+    plain.update({'norm.weight': torch.ones(128), 'norm.bias': torch.zeros(
+        128), 'head.weight': torch.zeros(1000, 128),
+        'head.bias': torch.zeros(1000)})
+    return plain
+
+
+@pytest.mark.parametrize('arch', ['pvt', 'swin'])
+def test_plain_imagenet_checkpoint_loads_shared_weights(tmp_path,
+                                                        log_messages, arch):
+    if arch == 'pvt':
+        source = _source(lambda: AgentPVT(**SMALL_PVT))
+        saved = _plain_pvt_layout(source.state_dict())
+    else:
+        source = _source(lambda: AgentSwinTransformer(**SMALL_SWIN))
+        saved = _plain_swin_layout(source, source.state_dict())
+    path = str(tmp_path / f'plain_{arch}.pth')
+    torch.save({'model': saved}, path)
+
+    model = (AgentPVT(**SMALL_PVT) if arch == 'pvt' else
+             AgentSwinTransformer(**SMALL_SWIN))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_cfg = dict(type='Pretrained', checkpoint=path)
+    model.init_weights()
+
+    agent_keys = [k for k in initial
+                  if re.fullmatch(checkpoint_module.AGENT_ONLY_KEYS, k)]
+    assert agent_keys
+    for key, value in model.state_dict().items():
+        if key in agent_keys or key not in saved:
+            assert torch.equal(value, initial[key]), key
+        else:
+            assert torch.equal(value, source.state_dict()[key]), key
+    listed = [m for m in log_messages if 'agent-only parameters' in m]
+    assert len(listed) == 1
+    num_agent_modules = len({k.rsplit('.attn.', 1)[0] for k in agent_keys})
+    assert f'of {num_agent_modules} agent attention modules' in listed[0]
+    assert 'an_bias' in listed[0] and 'dwc.weight' in listed[0]
+
+
+def test_plain_checkpoint_of_an_unrelated_model_is_still_an_error(tmp_path):
+    plain_pvt = _plain_pvt_layout(_source(
+        lambda: AgentPVT(**SMALL_PVT)).state_dict())
+    path = str(tmp_path / 'plain_pvt.pth')
+    torch.save({'model': plain_pvt}, path)
+    model = AgentSwinTransformer(**SMALL_SWIN, init_cfg=dict(
+        type='Pretrained', checkpoint=path))
+    with pytest.raises(ValueError, match='another model'):
+        model.init_weights()
+
+
+def test_agent_checkpoint_with_extra_blocks_is_not_taken_for_plain(tmp_path):
+    deeper = AgentPVT(**dict(SMALL_PVT, depths=[2, 1, 1, 1])).state_dict()
+    path = str(tmp_path / 'deeper.pth')
+    torch.save({'model': deeper}, path)
+    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
+                                                 checkpoint=path))
+    with pytest.raises(ValueError, match='block1.1.attn.an_bias'):
+        model.init_weights()

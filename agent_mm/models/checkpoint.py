@@ -1,16 +1,23 @@
-"""Loading the authors' released checkpoints into the agent backbones.
+"""Loading released checkpoints into the agent backbones.
 
-Two layouts are released:
+The authors release two layouts:
 
 - ImageNet classification checkpoints, ``{'model': state_dict, 'optimizer':
   ..., 'config': <yacs CfgNode>, ...}``, whose state dict also holds the
   classifier (``head.*``) and a final ``norm.*``;
 - downstream checkpoints saved by mmdet 2.x / mmseg 0.x, ``{'state_dict':
   ..., 'meta': ...}``, whose backbone keys start with ``backbone.``.
+
+Plain Swin and PVT (v1) ImageNet checkpoints in their original layout (the
+files mmdet's Swin / PVT configs name) load too: their parameter names are
+those of the agent backbones wherever the two models share a layer, so every
+shared weight is loaded, the plain model's own extras (spatial reduction and
+window position bias of blocks that are agent attention here, PVT's class
+token) are skipped, and the agent-only parameters are listed in the log.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Sequence
 
 import torch.nn as nn
 from mmengine.logging import MMLogger, print_log
@@ -21,6 +28,12 @@ from torch import Tensor
 # the ImageNet classifier and the norm before it, and the shift masks that
 # Swin's original code stores as buffers (the backbone builds its own).
 IGNORED_EXTRA_KEYS = (r'head\..+', r'norm\..+', r'.+\.attn_mask')
+# Keys of plain PVT / Swin checkpoints that agent attention blocks do not
+# have: PVT's spatial reduction and class token, Swin's window position bias.
+PLAIN_ONLY_KEYS = (r'cls_token', r'.+\.attn\.(sr|norm)\..+',
+                   r'.+\.attn\.relative_position_(bias_table|index)')
+# Parameters that only agent attention has.
+AGENT_ONLY_KEYS = r'(.+\.attn)\.((an|na|ah|aw|ha|wa)_bias|dwc\..+)'
 # Unexpected keys listed in an error message, at most.
 MAX_KEYS_SHOWN = 10
 
@@ -82,15 +95,49 @@ def list_keys(keys: List[str]) -> str:
     return shown + (f' (and {more} more)' if more > 0 else '')
 
 
+def is_plain_layout(module: nn.Module,
+                    state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether ``state_dict`` is a plain PVT / Swin one for an agent
+    ``module``: the module has agent attention, the checkpoint none."""
+    def has_agents(keys):
+        return any(re.fullmatch(AGENT_ONLY_KEYS, key) for key in keys)
+
+    return has_agents(module.state_dict()) and not has_agents(state_dict)
+
+
+def drop_class_token(module: nn.Module,
+                     state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Position embeddings with one token more than the module's (PVT v1's
+    class token, first) lose that token, as mmdet's PVT conversion does."""
+    own = module.state_dict()
+    for key, value in state_dict.items():
+        if (key.startswith('pos_embed') and key in own and value.dim() == 3
+                and value.shape[1] == own[key].shape[1] + 1):
+            state_dict[key] = value[:, 1:]
+    return state_dict
+
+
+def agent_only_summary(missing: List[str]) -> str:
+    """One readable line for the agent-only parameters in ``missing``."""
+    matches = [re.fullmatch(AGENT_ONLY_KEYS, key) for key in missing]
+    modules = sorted({m[1] for m in matches if m})
+    names = sorted({m[2] for m in matches if m})
+    return (f'{", ".join(names)} of {len(modules)} agent attention modules '
+            f'({list_keys(modules)})')
+
+
 def check_no_unexpected_keys(module: nn.Module,
                              state_dict: Mapping[str, Tensor],
-                             source: str) -> None:
+                             source: str,
+                             tolerated: Sequence[str] = ()) -> None:
     """Raise a ``ValueError`` naming the checkpoint weights that ``module``
-    does not have, beyond :data:`IGNORED_EXTRA_KEYS`."""
+    does not have, beyond :data:`IGNORED_EXTRA_KEYS` and ``tolerated``
+    patterns."""
     own = module.state_dict()
+    patterns = (*IGNORED_EXTRA_KEYS, *tolerated)
     unexpected = [
         key for key in state_dict if key not in own and not any(
-            re.fullmatch(pattern, key) for pattern in IGNORED_EXTRA_KEYS)
+            re.fullmatch(pattern, key) for pattern in patterns)
     ]
     if unexpected:
         raise ValueError(
@@ -105,8 +152,9 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
     """Load released weights into ``module``, reporting unmatched keys.
 
     Missing keys and the known extras of released checkpoints
-    (:data:`IGNORED_EXTRA_KEYS`) are logged through mmengine's current
-    logger; any other checkpoint weight the module lacks is an error.
+    (:data:`IGNORED_EXTRA_KEYS`; for plain PVT / Swin checkpoints also
+    :data:`PLAIN_ONLY_KEYS`) are logged through mmengine's current logger;
+    any other checkpoint weight the module lacks is an error.
 
     Returns:
         The module's keys that the checkpoint did not provide.
@@ -120,7 +168,8 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
     logger = MMLogger.get_current_instance()
     checkpoint = CheckpointLoader.load_checkpoint(
         filename, map_location='cpu', logger=logger)
-    state_dict = extract_backbone_state_dict(checkpoint)
+    state_dict = drop_class_token(module,
+                                  extract_backbone_state_dict(checkpoint))
     source = f'Checkpoint {filename!r}'
     check_shapes(module, state_dict, source)
     own_keys = set(module.state_dict())
@@ -128,15 +177,26 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
         raise ValueError(f'{source} shares no weight name with '
                          f'{type(module).__name__}: it is a checkpoint of '
                          'another model.')
-    check_no_unexpected_keys(module, state_dict, source)
+    plain = is_plain_layout(module, state_dict)
+    check_no_unexpected_keys(module, state_dict, source,
+                             PLAIN_ONLY_KEYS if plain else ())
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     print_log(
         f'Loaded {len(own_keys) - len(missing)}/{len(own_keys)} weights of '
         f'{type(module).__name__} from {filename}', logger='current')
-    if missing:
+    if plain:
+        print_log(
+            'A plain (non-agent) checkpoint: agent-only parameters kept at '
+            f'their initial values: {agent_only_summary(missing)}',
+            logger='current')
+    others = [
+        k for k in missing
+        if not (plain and re.fullmatch(AGENT_ONLY_KEYS, k))
+    ]
+    if others:
         print_log(
             'Weights not in the checkpoint (kept at their initial values): '
-            + ', '.join(missing), logger='current', level=30)
+            + ', '.join(others), logger='current', level=30)
     if unexpected:
         print_log(
             'Checkpoint weights not used by the backbone (known extras of '
