@@ -2,6 +2,10 @@
 import json
 import os
 import os.path as osp
+import socket
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -126,16 +130,17 @@ def test_invalid_arguments_raise_value_error(tmp_path, kwargs, message):
     assert not root.exists()
 
 
-def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize('error', [OSError, KeyboardInterrupt])
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch, error):
     written = []
 
     def fail_on_fifth_png(path, array):
         if len(written) == 4:
-            raise OSError('disk full')
+            raise error('disk full')
         written.append(path)
 
     monkeypatch.setattr(shapes, '_write_png', fail_on_fifth_png)
-    with pytest.raises(OSError, match='disk full'):
+    with pytest.raises(error, match='disk full'):
         generate_shapes(str(tmp_path / 'shapes'), **TINY)
     assert len(written) == 4
     assert os.listdir(tmp_path) == []
@@ -169,6 +174,46 @@ def test_existing_root_is_not_regenerated(tiny_root, tmp_path):
     with pytest.warns(UserWarning, match='generated with'):
         ensure_shapes(tiny_root, seed=1, **TINY)
     assert _files(tiny_root) == before
+
+
+def _ended_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, '-c', ''])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    host = socket.gethostname()
+    ended = _ended_pid()
+    kept = {
+        f'.shapes.tmp-{host}-{os.getpid()}-0123abcd',  # a live process
+        f'.shapes.tmp-elsewhere-{ended}-0123abcd',  # another host, recent
+        '.shapes.tmp-a1b2c3d4',  # no owner (older versions), recent
+        f'.other.tmp-{host}-{ended}-0123abcd',  # not ours
+    }
+    killed_here = f'.shapes.tmp-{host}-{ended}-4567cdef'
+    old = {f'.shapes.tmp-elsewhere-{ended}-4567cdef', '.shapes.tmp-e5f6g7h8'}
+    for name in kept | old | {killed_here}:
+        os.makedirs(tmp_path / name / 'images' / 'train')
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for name in old:
+        os.utime(tmp_path / name, (two_days_ago, two_days_ago))
+    ensure_shapes(str(tmp_path / 'shapes'), **TINY)
+    assert set(os.listdir(tmp_path)) == kept | {'shapes'}
+
+
+def test_generated_folders_are_world_readable(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        root = generate_shapes(str(tmp_path / 'shapes'), **TINY)
+    finally:
+        os.umask(umask)
+    for folder, _, names in os.walk(root):
+        assert os.stat(folder).st_mode & 0o755 == 0o755, folder
+        for name in names:
+            path = osp.join(folder, name)
+            assert os.stat(path).st_mode & 0o644 == 0o644, path
 
 
 def test_generation_json_records_arguments(tiny_root):

@@ -14,13 +14,23 @@ describes a fully visible object. The layout under ``root`` is::
 
 Polygon coordinates are continuous: pixel ``(row, col)`` covers
 ``[col, col + 1) x [row, row + 1)``, as in COCO.
+
+The data set is written into a temporary sibling
+``.{name}.tmp-{host}-{pid}-{random}`` of ``root``, then renamed. A temporary
+folder left behind by a killed process is removed by the next
+:func:`ensure_shapes` once it is stale: on the same host when process ``pid``
+has ended; otherwise (another host, whose processes cannot be checked, or a
+name without an owner) when it has been untouched for a day.
 """
 import inspect
 import json
 import os
 import os.path as osp
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -41,6 +51,11 @@ _TRIES_PER_SHAPE = 100
 _MAX_LAYOUT_RESTARTS = 100
 # Smallest Euclidean RGB distance between a shape and its background.
 _MIN_CONTRAST = 100.0
+
+# The owner at the end of a temporary folder's name.
+_OWNER = re.compile(r'(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]+')
+# Seconds after which a temporary folder of an unknown owner is stale.
+_STALE_AFTER = 24 * 3600
 
 
 class Shape(NamedTuple):
@@ -260,6 +275,57 @@ def _write_json(path: str, obj: dict) -> None:
         json.dump(obj, f, separators=(',', ':'))
 
 
+def _temporary_prefix(root: str) -> str:
+    """Start of the names of the temporary siblings of ``root``."""
+    return f'.{osp.basename(osp.abspath(root))}.tmp-'
+
+
+def _temporary_path(root: str) -> str:
+    """A new path for a temporary sibling of ``root``, naming its owner."""
+    owner = f'{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}'
+    return osp.join(
+        osp.dirname(osp.abspath(root)),
+        _temporary_prefix(root) + owner)
+
+
+def _is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists but belongs to another user
+    return True
+
+
+def _is_stale(path: str, owner: str) -> bool:
+    """Whether the temporary folder ``path`` was left by an ended process.
+
+    See the module docstring for the rule; ``owner`` is the end of the
+    folder's name (``{host}-{pid}-{random}``).
+    """
+    match = _OWNER.fullmatch(owner)
+    if match and match['host'] == socket.gethostname():
+        return not _is_running(int(match['pid']))
+    try:
+        return time.time() - osp.getmtime(path) > _STALE_AFTER
+    except FileNotFoundError:
+        return False  # another process removed it meanwhile
+
+
+def _remove_stale_temporaries(root: str) -> None:
+    """Delete the temporary siblings of ``root`` left by killed processes."""
+    parent = osp.dirname(osp.abspath(root))
+    prefix = _temporary_prefix(root)
+    if not osp.isdir(parent):
+        return
+    for name in os.listdir(parent):
+        path = osp.join(parent, name)
+        if name.startswith(prefix) and _is_stale(path, name[len(prefix):]):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _rename_unless_taken(src: str, dst: str) -> None:
     """Rename ``src`` to ``dst``; quietly give up if ``dst`` now exists."""
     try:
@@ -272,14 +338,16 @@ def _rename_unless_taken(src: str, dst: str) -> None:
 def _write_atomically(root: str, write: Callable[[str], None]) -> None:
     """Run ``write`` on a temporary sibling of ``root``, then rename it.
 
-    An interrupted ``write`` leaves no ``root`` behind. When another process
+    An interrupted ``write`` (an exception, ``KeyboardInterrupt`` included)
+    leaves no ``root`` and no temporary folder behind. When another process
     created ``root`` in the meantime, its copy wins and ours is discarded.
+    The folders get the mode the umask gives (``tempfile.mkdtemp`` would make
+    the top one private).
     """
     root = osp.abspath(root)
-    parent = osp.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp_root = tempfile.mkdtemp(
-        prefix=f'.{osp.basename(root)}.tmp-', dir=parent)
+    os.makedirs(osp.dirname(root), exist_ok=True)
+    tmp_root = _temporary_path(root)
+    os.mkdir(tmp_root)
     try:
         write(tmp_root)
         _rename_unless_taken(tmp_root, root)
@@ -348,8 +416,9 @@ def _generation_args(**kwargs) -> dict:
 def ensure_shapes(root: str, **kwargs) -> str:
     """Generate the shapes data set at ``root`` unless it exists already.
 
-    An existing ``root`` is used as it is; a warning tells when it was
-    generated with other arguments than ``kwargs``.
+    Stale temporary folders of earlier runs are removed first (see the
+    module docstring). An existing ``root`` is used as it is; a warning tells
+    when it was generated with other arguments than ``kwargs``.
 
     Args:
         root (str): Folder of the data set.
@@ -359,6 +428,7 @@ def ensure_shapes(root: str, **kwargs) -> str:
         str: ``root``.
     """
     args = _generation_args(**kwargs)
+    _remove_stale_temporaries(root)
     if not osp.exists(root):
         try:
             return generate_shapes(root, **args)
