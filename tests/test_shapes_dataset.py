@@ -1,11 +1,15 @@
 """Shapes data set: generation, atomic writing and the dataset classes."""
+import hashlib
 import json
 import os
 import os.path as osp
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -161,19 +165,106 @@ def test_losing_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['shapes']
 
 
-def test_existing_root_is_not_regenerated(tiny_root, tmp_path):
-    root = tmp_path / 'shapes'
-    root.mkdir()
-    (root / 'marker').touch()
-    assert ensure_shapes(str(root), **TINY) == str(root)
-    assert os.listdir(root) == ['marker']
-    with pytest.raises(FileExistsError):
-        generate_shapes(str(root), **TINY)
-
+def test_complete_root_is_not_regenerated(tiny_root):
     before = _files(tiny_root)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert ensure_shapes(tiny_root, **TINY) == tiny_root
+    with pytest.raises(FileExistsError):
+        generate_shapes(tiny_root, **TINY)
     with pytest.warns(UserWarning, match='generated with'):
         ensure_shapes(tiny_root, seed=1, **TINY)
     assert _files(tiny_root) == before
+
+
+@pytest.fixture
+def root(tmp_path) -> str:
+    """A tiny shapes data set to damage, by its real path (messages name)."""
+    return generate_shapes(osp.realpath(tmp_path / 'shapes'), **TINY)
+
+
+def _truncate(path: str) -> None:
+    """Cut the file at ``path`` in half, as a killed copy would."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])
+
+
+def _flip_last_byte(path: str) -> None:
+    """Change the file at ``path`` but not its size."""
+    with open(path, 'r+b') as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+
+
+def _add_a_copy(path: str) -> None:
+    """Copy the image at ``path`` as an extra image of its split."""
+    shutil.copy(path, osp.join(osp.dirname(path), '000099.png'))
+
+
+@pytest.mark.parametrize('damage, path, named', [
+    (os.remove, 'images/train/000002.png', 'images/train'),
+    (_truncate, 'ann_semseg/val/000001.png', 'ann_semseg/val/000001.png'),
+    (_flip_last_byte, 'images/val/000003.png', 'images/val/000003.png'),
+    (_add_a_copy, 'images/val/000001.png', 'images/val'),
+    (shutil.rmtree, 'ann_semseg', 'ann_semseg/train'),
+    (os.remove, 'manifest.json', 'manifest.json'),
+])
+def test_damaged_root_is_regenerated(tiny_root, root, damage, path, named):
+    damage(osp.join(root, path))
+    with pytest.warns(UserWarning, match='incomplete or damaged') as record:
+        assert ensure_shapes(root, **TINY) == root
+    assert osp.join(root, named) in str(record[0].message)
+    assert _files(root) == _files(tiny_root)
+    assert os.listdir(osp.dirname(root)) == ['shapes']
+
+
+def test_truncated_annotation_file_names_itself_and_the_fix(tiny_root, root):
+    ann_file = osp.join(root, 'annotations', 'instances_train.json')
+    _truncate(ann_file)
+    # Not deleted while it holds files of someone else.
+    open(osp.join(root, 'notes.txt'), 'w').close()
+    with pytest.raises(RuntimeError) as error:
+        ensure_shapes(root, **TINY)
+    for part in (ann_file, 'notes.txt', f'delete {root}',
+                 'generated again on the next run'):
+        assert part in str(error.value)
+    assert osp.isfile(osp.join(root, 'notes.txt'))
+
+    os.remove(osp.join(root, 'notes.txt'))
+    with pytest.warns(UserWarning, match=re.escape(ann_file)):
+        ensure_shapes(root, **TINY)
+    assert _files(root) == _files(tiny_root)
+
+
+def test_damaged_root_removed_meanwhile_by_another_rank(root, monkeypatch):
+    find_damage = shapes._find_damage
+
+    def another_rank_removes_it_after_the_check(path):
+        damage = find_damage(path)
+        shutil.rmtree(path)
+        return damage
+
+    monkeypatch.setattr(shapes, '_find_damage',
+                        another_rank_removes_it_after_the_check)
+    os.remove(osp.join(root, 'manifest.json'))
+    assert ensure_shapes(root, **TINY) == root
+    assert find_damage(root) is None
+
+
+def test_symlinked_root_is_regenerated_at_its_target(tiny_root, root,
+                                                     tmp_path):
+    link = tmp_path / 'link'
+    link.symlink_to(root)
+    os.remove(osp.join(root, 'manifest.json'))
+    with pytest.warns(UserWarning, match='incomplete or damaged'):
+        assert ensure_shapes(str(link), **TINY) == str(link)
+    assert link.is_symlink()
+    assert _files(root) == _files(tiny_root)
+    assert sorted(os.listdir(tmp_path)) == ['link', 'shapes']
 
 
 def _ended_pid() -> int:
@@ -221,6 +312,18 @@ def test_generation_json_records_arguments(tiny_root):
         assert json.load(f) == dict(seed=0, min_shapes=1, max_shapes=3, **TINY)
 
 
+def test_manifest_records_counts_and_every_file(tiny_root):
+    with open(osp.join(tiny_root, 'manifest.json')) as f:
+        manifest = json.load(f)
+    assert manifest['num_images'] == dict(train=6, val=3)
+    files = _files(tiny_root)
+    del files['manifest.json']
+    assert sorted(manifest['files']) == sorted(files)
+    for name, (size, digest) in manifest['files'].items():
+        assert size == len(files[name])
+        assert digest == hashlib.sha256(files[name]).hexdigest()
+
+
 def test_det_dataset_generates_and_loads(tmp_path):
     from mmdet.registry import DATASETS
     data_root = str(tmp_path / 'shapes')
@@ -250,6 +353,12 @@ def test_det_dataset_generates_and_loads(tmp_path):
             assert sorted(instances.labels.tolist()) == sorted(
                 ann['category_id'] - 1 for ann in anns)
             assert instances.masks.to_ndarray().shape == (len(anns), 64, 64)
+
+        ann_file = osp.join(
+            osp.realpath(data_root), 'annotations', 'instances_train.json')
+        _truncate(ann_file)
+        with pytest.warns(UserWarning, match=re.escape(ann_file)):
+            assert len(DATASETS.build(cfg)) == 6
 
 
 def test_seg_dataset_generates_and_loads(tmp_path):

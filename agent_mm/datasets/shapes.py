@@ -11,6 +11,9 @@ describes a fully visible object. The layout under ``root`` is::
                                              1 = circle, 2 = square,
                                              3 = triangle
     generation.json                          the arguments used
+    manifest.json                            image count per split, size
+                                             and SHA-256 of every other
+                                             file (written last)
 
 Polygon coordinates are continuous: pixel ``(row, col)`` covers
 ``[col, col + 1) x [row, row + 1)``, as in COCO.
@@ -22,6 +25,7 @@ folder left behind by a killed process is removed by the next
 has ended; otherwise (another host, whose processes cannot be checked, or a
 name without an owner) when it has been untouched for a day.
 """
+import hashlib
 import inspect
 import json
 import os
@@ -32,7 +36,7 @@ import shutil
 import socket
 import time
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -52,6 +56,11 @@ _MAX_LAYOUT_RESTARTS = 100
 # Smallest Euclidean RGB distance between a shape and its background.
 _MIN_CONTRAST = 100.0
 
+MANIFEST = 'manifest.json'
+# What the generator writes at the top of ``root``: a damaged ``root`` holding
+# anything else is not deleted.
+_LAYOUT = frozenset(
+    ('images', 'annotations', 'ann_semseg', 'generation.json', MANIFEST))
 # The owner at the end of a temporary folder's name.
 _OWNER = re.compile(r'(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]+')
 # Seconds after which a temporary folder of an unknown owner is stale.
@@ -275,6 +284,64 @@ def _write_json(path: str, obj: dict) -> None:
         json.dump(obj, f, separators=(',', ':'))
 
 
+def _sha256(path: str) -> str:
+    """Hex SHA-256 of the file at ``path``."""
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _write_manifest(root: str, num_images: Dict[str, int]) -> None:
+    """Record the image counts and the size and SHA-256 of every file."""
+    files = {}
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            path = osp.join(folder, name)
+            files[osp.relpath(path, root)] = [osp.getsize(path), _sha256(path)]
+    _write_json(
+        osp.join(root, MANIFEST), dict(num_images=num_images, files=files))
+
+
+def _file_damage(path: str, size: int, digest: str) -> Optional[str]:
+    """What is wrong with one generated file, or None when it is intact."""
+    try:
+        actual = osp.getsize(path)
+        intact = actual == size and _sha256(path) == digest
+    except FileNotFoundError:
+        return f'{path} is missing'
+    if intact:
+        return None
+    if actual != size:
+        return f'{path} has {actual} bytes instead of {size}'
+    return f'{path} does not match its SHA-256 in {MANIFEST}'
+
+
+def _find_damage(root: str) -> Optional[str]:
+    """The first sign that ``root`` is incomplete or damaged, or None.
+
+    ``root`` is complete when its manifest (written last) is readable, every
+    split folder holds as many files as the manifest counts images (the
+    segmentation dataset lists these folders) and every file it records has
+    the recorded size and SHA-256.
+    """
+    try:
+        with open(osp.join(root, MANIFEST)) as f:
+            manifest = json.load(f)
+        num_images, files = manifest['num_images'], manifest['files']
+    except (OSError, ValueError, KeyError, TypeError):
+        return f'{osp.join(root, MANIFEST)} is missing or unreadable'
+    for split, count in num_images.items():
+        for folder in ('images', 'ann_semseg'):
+            path = osp.join(root, folder, split)
+            found = len(os.listdir(path)) if osp.isdir(path) else 0
+            if found != count:
+                return f'{path} holds {found} files instead of {count}'
+    for name, (size, digest) in files.items():
+        damage = _file_damage(osp.join(root, name), size, digest)
+        if damage:
+            return damage
+    return None
+
+
 def _temporary_prefix(root: str) -> str:
     """Start of the names of the temporary siblings of ``root``."""
     return f'.{osp.basename(osp.abspath(root))}.tmp-'
@@ -392,12 +459,14 @@ def generate_shapes(root: str,
     if osp.exists(root):
         raise FileExistsError(f'{root} already exists; remove it to '
                               'generate the shapes data set again')
+    num_images = dict(zip(SPLITS, (num_train, num_val)))
 
     def write(tmp_root: str) -> None:
-        for split, num_images in zip(SPLITS, (num_train, num_val)):
-            _write_split(tmp_root, split, num_images, img_size, seed,
-                         min_shapes, max_shapes)
+        for split, count in num_images.items():
+            _write_split(tmp_root, split, count, img_size, seed, min_shapes,
+                         max_shapes)
         _write_json(osp.join(tmp_root, 'generation.json'), args)
+        _write_manifest(tmp_root, num_images)
 
     _write_atomically(root, write)
     return root
@@ -417,8 +486,12 @@ def ensure_shapes(root: str, **kwargs) -> str:
     """Generate the shapes data set at ``root`` unless it exists already.
 
     Stale temporary folders of earlier runs are removed first (see the
-    module docstring). An existing ``root`` is used as it is; a warning tells
-    when it was generated with other arguments than ``kwargs``.
+    module docstring). An existing ``root`` is checked against its manifest:
+    when incomplete or damaged, it is generated again with a warning naming
+    the problem, unless it holds files the generator does not write (an
+    error says what to do then). A complete ``root`` is used as it is; a
+    warning tells when it was generated with other arguments than
+    ``kwargs``.
 
     Args:
         root (str): Folder of the data set.
@@ -428,14 +501,44 @@ def ensure_shapes(root: str, **kwargs) -> str:
         str: ``root``.
     """
     args = _generation_args(**kwargs)
-    _remove_stale_temporaries(root)
-    if not osp.exists(root):
-        try:
-            return generate_shapes(root, **args)
-        except FileExistsError:
-            pass  # another process created it since we looked
-    _warn_if_generated_differently(root, args)
+    # A symbolic link is followed: its target is checked and replaced.
+    folder = osp.realpath(root)
+    _remove_stale_temporaries(folder)
+    damage = _find_damage(folder) if osp.exists(folder) else None
+    if damage:
+        _remove_damaged(folder, damage)
+    try:
+        generate_shapes(folder, **args)
+    except FileExistsError:  # complete, or created by another process
+        _warn_if_generated_differently(folder, args)
     return root
+
+
+def _remove_damaged(root: str, damage: str) -> None:
+    """Delete the damaged ``root`` unless it holds files of someone else.
+
+    ``root`` is renamed to a temporary sibling first: a kill during the
+    deletion leaves a stale temporary folder, not a damaged ``root``.
+
+    Raises:
+        RuntimeError: ``root`` holds files the generator does not write.
+    """
+    try:
+        foreign = sorted(set(os.listdir(root)) - _LAYOUT)
+        if foreign:
+            raise RuntimeError(
+                f'{root} is incomplete or damaged ({damage}) and also holds '
+                f'{", ".join(foreign)}, which the shapes generator does not '
+                f'write; move those away, then delete {root}: the shapes '
+                'data set is generated again on the next run')
+        warnings.warn(
+            f'{root} is incomplete or damaged ({damage}); generating the '
+            'shapes data set again', UserWarning)
+        trash = _temporary_path(root)
+        os.rename(root, trash)
+    except FileNotFoundError:
+        return  # another process removed it first
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _warn_if_generated_differently(root: str, args: dict) -> None:

@@ -13,7 +13,7 @@ class ShapesDetDataset(CocoDataset):
 
     The data set is generated under ``data_root`` by
     :func:`~agent_mm.datasets.shapes.ensure_shapes` when that folder does not
-    exist, so training needs no download. Use ``ann_file`` =
+    exist or is incomplete, so training needs no download. Use ``ann_file`` =
     ``'annotations/instances_{train,val}.json'`` and ``data_prefix`` =
     ``dict(img='images/{train,val}/')``.
 

@@ -15,7 +15,8 @@ class ShapesSegDataset(BaseSegDataset):
     class (background), so ``reduce_zero_label`` is False. The data set is
     generated under ``data_root`` by
     :func:`~agent_mm.datasets.shapes.ensure_shapes` when that folder does not
-    exist. Use ``data_prefix`` = ``dict(img_path='images/{train,val}',
+    exist or is incomplete. Use ``data_prefix`` =
+    ``dict(img_path='images/{train,val}',
     seg_map_path='ann_semseg/{train,val}')``.
 
     Args:
