@@ -1,0 +1,7 @@
+# mmdet's RetinaNet R-50 1x with AgentAttention2d in stages c3-c5
+_base_ = [
+    'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/agent-c3-c5.py'
+]
+custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)
+
+model = dict(backbone=dict(plugins={{_base_.agent_plugins}}))
