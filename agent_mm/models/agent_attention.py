@@ -19,7 +19,9 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .biased_attention import recomputed_bias_attention
-from .layers import (ChannelsLastConv2d, map_to_tokens, residual_sum,
+from .layers import (ChannelsLastConv2d, check_agent_num, check_agent_shape,
+                     check_int_pair, check_int_range, check_num_heads,
+                     check_probability, map_to_tokens, residual_sum,
                      tokens_to_map)
 
 ATTN_IMPLS = ('fast', 'reference')
@@ -235,21 +237,12 @@ class AgentAttention(BaseModule):
                  bias_cache_size: int = BIAS_CACHE_SIZE,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
-        if embed_dims % num_heads:
-            raise ValueError(f'embed_dims ({embed_dims}) must be divisible '
-                             f'by num_heads ({num_heads}).')
-        if math.isqrt(agent_num)**2 != agent_num:
-            raise ValueError(f'agent_num must be a square number (e.g. 9, '
-                             f'16, 49), got {agent_num}.')
+        self._check_settings(embed_dims, num_heads, ref_size, agent_num,
+                             agent_shape, attn_drop, proj_drop,
+                             bias_cache_size)
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, '
                              f'got {attn_impl!r}.')
-        if (isinstance(bias_cache_size, bool)
-                or not isinstance(bias_cache_size, int)
-                or bias_cache_size < 0):
-            raise ValueError('bias_cache_size must be an int >= 0 (0 turns '
-                             'the eval bias cache off), got '
-                             f'{bias_cache_size!r}.')
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -287,6 +280,35 @@ class AgentAttention(BaseModule):
             trunc_normal_(getattr(self, name), std=.02)
         self._bias_cache: 'OrderedDict[tuple, Tuple[Tensor, Tensor]]' = (
             OrderedDict())
+
+    @staticmethod
+    def _check_settings(embed_dims: int, num_heads: int,
+                        ref_size: Tuple[int, int], agent_num: int,
+                        agent_shape: Tuple[int, int], attn_drop: float,
+                        proj_drop: float, bias_cache_size: int) -> None:
+        """Raise a ``ValueError`` naming the first invalid argument."""
+        name = 'AgentAttention'
+        check_int_range(
+            name,
+            'embed_dims',
+            embed_dims,
+            1,
+            fix='Give the channels C of the tokens.')
+        check_num_heads(name, 'num_heads', num_heads, embed_dims)
+        check_int_pair(name, 'ref_size', ref_size,
+                       'Give the token grid (r_h, r_w) of a 224x224 image.')
+        check_agent_num(name, 'agent_num', agent_num)
+        check_agent_shape(name, 'agent_shape', agent_shape)
+        check_probability(name, 'attn_drop', attn_drop,
+                          '0 turns attention dropout off.')
+        check_probability(name, 'proj_drop', proj_drop,
+                          '0 turns projection dropout off.')
+        check_int_range(
+            name,
+            'bias_cache_size',
+            bias_cache_size,
+            0,
+            fix='0 turns the eval bias cache off.')
 
     # ------------------------------------------------------------------
     # position biases
@@ -353,8 +375,8 @@ class AgentAttention(BaseModule):
         return (tuple(hw_shape), params[0].device, params[0].dtype,
                 tuple((p.data_ptr(), p._version) for p in params))
 
-    def _cached_biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor,
-                                                                  Tensor]:
+    def _cached_biases(
+            self, hw_shape: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
         """Biases, memoised per input shape while the module is frozen.
 
         The cache is used only in eval mode when no gradient can flow to the

@@ -10,13 +10,14 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .agent_attention import BIAS_CACHE_SIZE, AgentAttention, resize
-from .base import AgentBackbone
-from .layers import (ChannelsLastConv2d, Mlp, check_input, check_out_indices,
-                     check_stage_lists, drop_path_or_identity,
-                     linear_drop_path_rates, map_to_tokens, maybe_checkpoint,
-                     mlp_residual, resolve_arch, residual_sum, tokens_to_map)
+from .base import NUM_STAGES, AgentBackbone
+from .layers import (ChannelsLastConv2d, Mlp, check_backbone_settings,
+                     check_input, check_num_heads, check_out_indices,
+                     check_stage_heads, check_stage_lists,
+                     drop_path_or_identity, linear_drop_path_rates,
+                     map_to_tokens, maybe_checkpoint, mlp_residual,
+                     residual_sum, resolve_arch, tokens_to_map)
 
-NUM_STAGES = 4
 REF_GRIDS = ((56, 56), (28, 28), (14, 14), (7, 7))
 PATCH_SIZES = (4, 2, 2, 2)
 MIN_INPUT_SIZE = 32
@@ -36,9 +37,8 @@ class SpatialReductionAttention(BaseModule):
                  attn_drop: float = 0.,
                  proj_drop: float = 0.):
         super().__init__()
-        if embed_dims % num_heads:
-            raise ValueError(f'embed_dims ({embed_dims}) must be divisible '
-                             f'by num_heads ({num_heads}).')
+        check_num_heads(
+            type(self).__name__, 'num_heads', num_heads, embed_dims)
         self.num_heads = num_heads
         self.attn_drop_rate = attn_drop
         self.sr_ratio = sr_ratio
@@ -179,6 +179,8 @@ class AgentPVT(AgentBackbone):
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(frozen_stages, pretrained, init_cfg)
+        check_backbone_settings('AgentPVT', in_channels, drop_rate,
+                                attn_drop_rate, drop_path_rate)
         settings = resolve_arch(
             'AgentPVT', self.arch_zoo, arch,
             dict(
@@ -191,6 +193,8 @@ class AgentPVT(AgentBackbone):
                 agent_shapes=agent_shapes,
                 attn_type=attn_type))
         check_stage_lists('AgentPVT', NUM_STAGES, settings, STAGE_LISTS)
+        check_stage_heads('AgentPVT', settings['embed_dims'],
+                          settings['num_heads'])
         self.attn_type = self._check_attn_type(settings['attn_type'])
         self.out_indices = check_out_indices('AgentPVT', out_indices,
                                              NUM_STAGES)
@@ -264,18 +268,17 @@ class AgentPVT(AgentBackbone):
         return map_to_tokens(resize(grid, hw_shape))
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
-        stages = min(self.frozen_stages, NUM_STAGES)
         modules = [self.patch_embed1] if self.frozen_stages >= 0 else []
-        for i in range(1, stages + 1):
+        for i in range(1, self.frozen_stages + 1):
             modules += [getattr(self, f'patch_embed{i}'),
                         getattr(self, f'block{i}')]
         return modules
 
     def frozen_params(self) -> List[Optional[nn.Parameter]]:
-        stages = min(self.frozen_stages, NUM_STAGES)
         params = [self.pos_embed1] if self.frozen_stages >= 0 else []
         return params + [
-            getattr(self, f'pos_embed{i}') for i in range(1, stages + 1)
+            getattr(self, f'pos_embed{i}')
+            for i in range(1, self.frozen_stages + 1)
         ]
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:

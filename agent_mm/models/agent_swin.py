@@ -12,13 +12,14 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .agent_attention import BIAS_CACHE_SIZE, AgentAttention
-from .base import AgentBackbone
-from .layers import (ChannelsLastConv2d, Mlp, check_input, check_out_indices,
-                     check_stage_lists, drop_path_or_identity,
-                     linear_drop_path_rates, map_to_tokens, maybe_checkpoint,
-                     mlp_residual, resolve_arch, residual_sum, tokens_to_map)
+from .base import NUM_STAGES, AgentBackbone
+from .layers import (ChannelsLastConv2d, Mlp, check_backbone_settings,
+                     check_input, check_int_range, check_out_indices,
+                     check_positive, check_stage_heads, check_stage_lists,
+                     drop_path_or_identity, linear_drop_path_rates,
+                     map_to_tokens, maybe_checkpoint, mlp_residual,
+                     residual_sum, resolve_arch, tokens_to_map)
 
-NUM_STAGES = 4
 PATCH_SIZE = 4
 MIN_INPUT_SIZE = 32
 REF_GRID = 56  # token grid of stage 0 for a 224×224 image
@@ -335,6 +336,16 @@ class AgentSwinTransformer(AgentBackbone):
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(frozen_stages, pretrained, init_cfg)
+        check_backbone_settings('AgentSwinTransformer', in_channels, drop_rate,
+                                attn_drop_rate, drop_path_rate)
+        check_int_range(
+            'AgentSwinTransformer',
+            'window_size',
+            window_size,
+            1,
+            fix='The released models use 7.')
+        check_positive('AgentSwinTransformer', 'mlp_ratio', mlp_ratio,
+                       'The released models use 4.')
         settings = resolve_arch(
             'AgentSwinTransformer', self.arch_zoo, arch,
             dict(
@@ -344,6 +355,12 @@ class AgentSwinTransformer(AgentBackbone):
                 agent_num=agent_num,
                 agent_shapes=agent_shapes,
                 attn_type=attn_type))
+        check_int_range(
+            'AgentSwinTransformer',
+            'embed_dims',
+            settings['embed_dims'],
+            1,
+            fix='The released models use 96 or 128.')
         check_stage_lists('AgentSwinTransformer', NUM_STAGES, settings,
                           STAGE_LISTS)
         self.block_types = parse_attn_type(settings['attn_type'],
@@ -353,6 +370,8 @@ class AgentSwinTransformer(AgentBackbone):
         self.in_channels = in_channels
         base_dims = settings['embed_dims']
         self.num_features = [base_dims * 2**i for i in range(NUM_STAGES)]
+        check_stage_heads('AgentSwinTransformer', self.num_features,
+                          settings['num_heads'])
         self.patch_embed = SwinPatchEmbed(in_channels, base_dims)
         self.pos_drop = nn.Dropout(drop_rate)
 
@@ -403,7 +422,7 @@ class AgentSwinTransformer(AgentBackbone):
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
         modules = [self.patch_embed] if self.frozen_stages >= 0 else []
-        for i in range(min(self.frozen_stages, NUM_STAGES)):
+        for i in range(self.frozen_stages):
             modules += [self.layers[i], getattr(self, f'norm{i}', None)]
         return modules
 

@@ -7,11 +7,16 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import constant_init, trunc_normal_init
 
 from .checkpoint import load_backbone_checkpoint
-from .layers import freeze
+from .layers import check_int_range, freeze
+
+NUM_STAGES = 4  # of both backbones
 
 
 class AgentBackbone(BaseModule):
     """Base of :class:`AgentPVT` and :class:`AgentSwinTransformer`.
+
+    Every setting is validated at construction: a bad one raises a
+    ``ValueError`` naming it, its value, the allowed range and a fix.
 
     Args:
         frozen_stages: Stages to freeze (parameters fixed, eval mode kept
@@ -36,6 +41,14 @@ class AgentBackbone(BaseModule):
                 'instead')
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
+        check_int_range(
+            type(self).__name__,
+            'frozen_stages',
+            frozen_stages,
+            -1,
+            NUM_STAGES,
+            fix='-1 freezes nothing, 0 only the first patch embedding, k '
+            'the first k stages.')
         self.frozen_stages = frozen_stages
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:

@@ -1,0 +1,192 @@
+"""Every setting is validated at construction, with a ``ValueError`` naming
+the argument, the value, the allowed range and the fix."""
+import math
+import re
+
+import pytest
+import torch
+
+from agent_mm.models import AgentAttention, AgentPVT, AgentSwinTransformer
+
+TINY_SETTINGS = {
+    'pvt': (AgentPVT,
+            dict(
+                depths=[1, 1, 1, 1],
+                embed_dims=[8, 16, 16, 32],
+                num_heads=[1, 2, 2, 4],
+                attn_type='AABA')),
+    'swin': (AgentSwinTransformer,
+             dict(
+                 embed_dims=8,
+                 depths=[1, 1, 2, 1],
+                 num_heads=[1, 2, 2, 4],
+                 attn_type='AAMB1')),
+}
+
+
+def tiny(name, **kwargs):
+    """A tiny backbone (agent and plain attention stages) with ``kwargs``
+    overriding its settings."""
+    backbone, settings = TINY_SETTINGS[name]
+    return backbone(**{**settings, **kwargs})
+
+
+# (backbones, argument, value, stage): ``stage`` is the bad entry of a
+# per-stage list, None for a scalar argument.
+BAD_BACKBONE_SETTINGS = [
+    (('pvt', 'swin'), 'depths', [-1, 2, 2, 2], 0),
+    (('pvt', 'swin'), 'depths', [1, 0, 1, 1], 1),
+    (('pvt', 'swin'), 'depths', [1, 1, 1.5, 1], 2),
+    (('pvt', 'swin'), 'depths', [True, 1, 1, 1], 0),
+    (('pvt', 'swin'), 'drop_path_rate', 1.0, None),
+    (('pvt', 'swin'), 'drop_path_rate', 1.5, None),
+    (('pvt', 'swin'), 'drop_path_rate', -0.1, None),
+    (('pvt', 'swin'), 'drop_path_rate', math.nan, None),
+    (('pvt', 'swin'), 'drop_rate', 1.0, None),
+    (('pvt', 'swin'), 'drop_rate', -0.5, None),
+    (('pvt', 'swin'), 'attn_drop_rate', 1.0, None),
+    (('pvt', 'swin'), 'attn_drop_rate', -0.1, None),
+    (('pvt', 'swin'), 'frozen_stages', 5, None),
+    (('pvt', 'swin'), 'frozen_stages', 9, None),
+    (('pvt', 'swin'), 'frozen_stages', -2, None),
+    (('pvt', 'swin'), 'frozen_stages', -3, None),
+    (('pvt', 'swin'), 'frozen_stages', 1.0, None),
+    (('pvt', 'swin'), 'frozen_stages', True, None),
+    (('pvt', 'swin'), 'agent_num', [0, 16, 49, 49], 0),
+    (('pvt', 'swin'), 'agent_num', [9, 15, 49, 49], 1),
+    (('pvt', 'swin'), 'agent_num', [9, 16, -49, 49], 2),
+    (('pvt', 'swin'), 'agent_num', [9, 16, 49, 49.0], 3),
+    (('pvt', 'swin'), 'agent_shapes', [(0, 0), (2, 2), (2, 2), (2, 2)], 0),
+    (('pvt', 'swin'), 'agent_shapes', [(2, 2), (2, -1), (2, 2), (2, 2)], 1),
+    (('pvt', 'swin'), 'agent_shapes', [(2, 2), (2, 2), (2, ), (2, 2)], 2),
+    (('pvt', 'swin'), 'agent_shapes', [(2, 2), (2, 2), (2, 2), (2., 2)], 3),
+    (('pvt', 'swin'), 'num_heads', [0, 2, 2, 4], 0),
+    (('pvt', 'swin'), 'num_heads', [1, 3, 2, 4], 1),
+    (('pvt', 'swin'), 'num_heads', [1, 2, True, 4], 2),
+    (('pvt', 'swin'), 'in_channels', 0, None),
+    (('pvt', 'swin'), 'in_channels', -3, None),
+    (('pvt', 'swin'), 'in_channels', True, None),
+    (('pvt', ), 'embed_dims', [0, 16, 16, 32], 0),
+    (('pvt', ), 'embed_dims', [8, -16, 16, 32], 1),
+    (('pvt', ), 'mlp_ratios', [8, 0, 4, 4], 1),
+    (('pvt', ), 'mlp_ratios', [8, 8, -4, 4], 2),
+    (('pvt', ), 'mlp_ratios', [8, 8, 4, math.inf], 3),
+    (('pvt', ), 'sr_ratios', [0, 4, 2, 1], 0),
+    (('pvt', ), 'sr_ratios', [8, 4, 2, 0.5], 3),
+    (('swin', ), 'embed_dims', 0, None),
+    (('swin', ), 'embed_dims', -96, None),
+    (('swin', ), 'window_size', 0, None),
+    (('swin', ), 'window_size', -7, None),
+    (('swin', ), 'window_size', 7.0, None),
+    (('swin', ), 'mlp_ratio', 0, None),
+    (('swin', ), 'mlp_ratio', -4., None),
+    (('swin', ), 'mlp_ratio', math.nan, None),
+]
+
+BAD_ATTENTION_SETTINGS = [
+    ('embed_dims', 0),
+    ('embed_dims', -32),
+    ('embed_dims', True),
+    ('num_heads', 0),
+    ('num_heads', 5),
+    ('num_heads', -2),
+    ('num_heads', 2.0),
+    ('ref_size', (0, 7)),
+    ('ref_size', (7, )),
+    ('ref_size', 7),
+    ('agent_num', 0),
+    ('agent_num', 10),
+    ('agent_num', -9),
+    ('agent_shape', (0, 0)),
+    ('agent_shape', (7, )),
+    ('agent_shape', (7, -7)),
+    ('attn_drop', 1.0),
+    ('attn_drop', -0.1),
+    ('proj_drop', 1.5),
+    ('bias_cache_size', -1),
+    ('bias_cache_size', True),
+]
+
+
+def _message(argument, value):
+    """What every error says: the argument, what it must be, the value and
+    a fix (the sentence after the value)."""
+    return rf'{re.escape(argument)} must be .+, got {re.escape(repr(value))}'\
+        r'\. \S'
+
+
+def _cases(settings):
+    return [
+        pytest.param(name, arg, value, stage, id=f'{name}-{arg}={value}')
+        for names, arg, value, stage in settings for name in names
+    ]
+
+
+@pytest.mark.parametrize('name, arg, value, stage',
+                         _cases(BAD_BACKBONE_SETTINGS))
+def test_bad_backbone_setting_is_a_value_error(name, arg, value, stage):
+    argument, bad = (arg, value) if stage is None else (f'{arg}[{stage}]',
+                                                        value[stage])
+    with pytest.raises(ValueError, match=_message(argument, bad)):
+        tiny(name, **{arg: value})
+
+
+@pytest.mark.parametrize('arg, value', BAD_ATTENTION_SETTINGS)
+def test_bad_attention_setting_is_a_value_error(arg, value):
+    settings = dict(embed_dims=32, num_heads=2, ref_size=(7, 7))
+    settings[arg] = value
+    with pytest.raises(ValueError, match=_message(arg, value)):
+        AgentAttention(**settings)
+
+
+@pytest.mark.parametrize('name, kwargs, message', [
+    ('pvt', dict(frozen_stages=5), r'an int in -1\.\.4.*-1 freezes nothing'),
+    ('swin', dict(drop_path_rate=1.0), r'in \[0, 1\).*NaN in training'),
+    ('swin', dict(window_size=0), 'an int >= 1, got 0. The released'),
+    ('pvt', dict(num_heads=[1, 3, 2, 4]),
+     r'16 channels are divisible, got 3\. Use one of \[1, 2, 4, 8, 16\]'),
+    ('swin', dict(num_heads=[1, 2, 2, 5]), r'num_heads\[3\] .* 64 channels'),
+    ('swin', dict(agent_num=[9, 16, 49, 50]), 'square number'),
+])
+def test_messages_give_the_range_and_the_fix(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(name, **kwargs)
+
+
+@pytest.mark.parametrize('name', sorted(TINY_SETTINGS))
+@pytest.mark.parametrize('kwargs', [
+    dict(drop_path_rate=0.0),
+    dict(drop_path_rate=0.99, drop_rate=0.5, attn_drop_rate=0.99),
+    dict(frozen_stages=-1),
+    dict(frozen_stages=4),
+    dict(agent_num=[1, 1, 1, 1], agent_shapes=[(1, 1)] * 4),
+    dict(out_indices=(3, )),
+    dict(in_channels=1),
+])
+def test_valid_edge_settings_build_and_train(name, kwargs):
+    model = tiny(name, **kwargs)
+    model.train()
+    outs = model(torch.randn(2, model.in_channels, 32, 32))
+    assert all(torch.isfinite(out).all() for out in outs)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(window_size=1),
+    dict(mlp_ratio=0.5),
+    dict(embed_dims=1, num_heads=[1, 1, 1, 1]),
+])
+def test_valid_edge_swin_settings_build(kwargs):
+    model = tiny('swin', **kwargs)
+    assert len(model(torch.randn(1, 3, 32, 32))) == 4
+
+
+@pytest.mark.parametrize('name', sorted(TINY_SETTINGS))
+def test_frozen_stages_4_freezes_every_stage(name):
+    model = tiny(name, frozen_stages=4).train()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_valid_edge_attention_settings_build():
+    module = AgentAttention(
+        1, 1, ref_size=(1, 1), agent_num=1, agent_shape=(1, 1), attn_drop=0.99)
+    assert module(torch.randn(2, 6, 1), (2, 3)).shape == (2, 6, 1)
