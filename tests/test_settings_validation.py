@@ -1,5 +1,6 @@
 """Every setting is validated at construction, with a ``ValueError`` naming
-the argument, the value, the allowed range and the fix."""
+the argument, the value, the allowed range and the fix; an empty batch gives
+empty outputs of the right shapes."""
 import math
 import re
 
@@ -190,3 +191,36 @@ def test_valid_edge_attention_settings_build():
     module = AgentAttention(
         1, 1, ref_size=(1, 1), agent_num=1, agent_shape=(1, 1), attn_drop=0.99)
     assert module(torch.randn(2, 6, 1), (2, 3)).shape == (2, 6, 1)
+
+
+@pytest.mark.parametrize('name', sorted(TINY_SETTINGS))
+@pytest.mark.parametrize('size', [(64, 64), (70, 45), (33, 97)])
+@pytest.mark.parametrize('training', [False, True])
+def test_empty_batch_gives_empty_outputs_of_the_right_shapes(
+        name, size, training):
+    model = tiny(name, out_indices=(0, 2, 3)).train(training)
+    one = model(torch.randn(1, 3, *size))
+    empty = model(torch.randn(0, 3, *size))
+    assert [out.shape for out in empty] == [(0, ) + out.shape[1:]
+                                            for out in one]
+    if training:
+        sum(out.sum() for out in empty).backward()
+
+
+@pytest.mark.parametrize('attn_impl', ['fast', 'reference'])
+@pytest.mark.parametrize('training', [False, True])
+def test_attention_on_an_empty_batch(attn_impl, training):
+    module = AgentAttention(
+        16,
+        2,
+        ref_size=(7, 7),
+        agent_num=9,
+        agent_shape=(3, 3),
+        attn_impl=attn_impl).train(training)
+    x = torch.randn(0, 35, 16, requires_grad=training)
+    out = module(x, (5, 7))
+    assert out.shape == (0, 35, 16)
+    if training:
+        out.sum().backward()
+        for name, param in module.named_parameters():
+            assert torch.equal(param.grad, torch.zeros_like(param)), name

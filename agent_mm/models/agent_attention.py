@@ -91,7 +91,7 @@ def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
     next operation copies again, forward and backward (most of the cost of
     building the large bias maps).
     """
-    batch = x.reshape(-1, *x.shape[-2:])
+    batch = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
     out = torch.bmm(matrix.expand(batch.shape[0], *matrix.shape), batch)
     return out.reshape(*x.shape[:-2], *out.shape[-2:])
 
@@ -123,7 +123,7 @@ def pool_tokens(x: Tensor, hw_shape: Sequence[int],
     pool_h = _pooling_matrix(height, out_h).to(x)
     pool_w = _pooling_matrix(width, out_w).to(x)
     rows = left_matmul(pool_w, x.reshape(batch * height, width, channels))
-    pooled = left_matmul(pool_h, rows.reshape(batch, height, -1))
+    pooled = left_matmul(pool_h, rows.reshape(batch, height, out_w * channels))
     return pooled.reshape(batch, out_h * out_w, channels)
 
 
@@ -364,11 +364,10 @@ class AgentAttention(BaseModule):
                     self.agent_shape) for src in sources)
 
         agent_to_token, token_to_agent = self._bias_sources()
-        heads, tokens = self.num_heads, hw_shape[0] * hw_shape[1]
         agent_bias = per_image(agent_to_token).transpose(1, 2)
         token_bias = per_image(token_to_agent)
-        return (agent_bias.reshape(batch, heads, -1, tokens),
-                token_bias.reshape(batch, heads, tokens, -1))
+        return (agent_bias.unflatten(0, (batch, self.num_heads)),
+                token_bias.unflatten(0, (batch, self.num_heads)))
 
     def _cache_key(self, hw_shape: Tuple[int, int]) -> tuple:
         params = [getattr(self, name) for name in BIAS_NAMES]
@@ -474,7 +473,10 @@ class AgentAttention(BaseModule):
 
         query, key, value_heads, agents = map(self._split_heads,
                                               (query, key, value, agents))
-        if self.attn_impl == 'fast':
+        # an empty batch takes the literal path: the fast path's backward
+        # needs an image, and the literal one gives every bias a zero
+        # gradient, as a convolution gives its weight
+        if self.attn_impl == 'fast' and batch:
             out = self._fast_attention(query, key, value_heads, agents,
                                        hw_shape)
         else:

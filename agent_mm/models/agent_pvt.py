@@ -59,8 +59,7 @@ class SpatialReductionAttention(BaseModule):
             source = self.norm(map_to_tokens(self.sr(source)))
 
         def heads(t: Tensor) -> Tensor:
-            return t.reshape(batch, t.shape[1], self.num_heads,
-                             -1).transpose(1, 2)
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
         key, value = self.kv(source).chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(

@@ -60,9 +60,9 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height // window_size, window_size,
                   width // window_size, window_size, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1,
-                                               window_size * window_size,
-                                               channels)
+    num_windows = (height // window_size) * (width // window_size)
+    x = x.permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, num_windows, window_size * window_size, channels)
 
 
 def window_reverse(windows: Tensor, window_size: int, height: int,
@@ -136,8 +136,7 @@ class WindowAttention(BaseModule):
         """Attend within windows ``(B, nW, ws*ws, C)``; ``mask`` is
         ``(nW, ws*ws, ws*ws)`` or None."""
         batch, num_windows, tokens, channels = windows.shape
-        qkv = self.qkv(windows).reshape(batch, num_windows, tokens, 3,
-                                        self.num_heads, -1)
+        qkv = self.qkv(windows).unflatten(-1, (3, self.num_heads, -1))
         query, key, value = qkv.permute(3, 0, 1, 4, 2, 5)
         bias = self.position_bias()
         if mask is not None:
@@ -173,7 +172,7 @@ class AgentSwinBlock(BaseModule):
                                                            int]) -> Tensor:
         height, width = hw_shape
         size = self.attn.window_size
-        x = x.reshape(x.shape[0], height, width, -1)
+        x = x.unflatten(1, hw_shape)
         x = F.pad(x, (0, 0, 0, -width % size, 0, -height % size))
         padded_h, padded_w = x.shape[1:3]
         mask = None
@@ -185,7 +184,7 @@ class AgentSwinBlock(BaseModule):
         x = window_reverse(windows, size, padded_h, padded_w)
         if self.shift:
             x = torch.roll(x, (self.shift, self.shift), dims=(1, 2))
-        return x[:, :height, :width].reshape(x.shape[0], height * width, -1)
+        return x[:, :height, :width].flatten(1, 2)
 
     def _forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         shortcut, x = x, self.norm1(x)
@@ -214,7 +213,7 @@ class PatchMerging(BaseModule):
     def forward(self, x: Tensor,
                 hw_shape: Tuple[int, int]) -> Tuple[Tensor, Tuple[int, int]]:
         height, width = hw_shape
-        x = x.reshape(x.shape[0], height, width, -1)
+        x = x.unflatten(1, hw_shape)
         x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
         phases = [x[:, r::2, c::2] for r, c in ((0, 0), (1, 0), (0, 1),
                                                 (1, 1))]

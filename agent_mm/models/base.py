@@ -16,7 +16,8 @@ class AgentBackbone(BaseModule):
     """Base of :class:`AgentPVT` and :class:`AgentSwinTransformer`.
 
     Every setting is validated at construction: a bad one raises a
-    ``ValueError`` naming it, its value, the allowed range and a fix.
+    ``ValueError`` naming it, its value, the allowed range and a fix. An
+    empty batch gives empty outputs ``(0, C_i, H_i, W_i)``.
 
     Args:
         frozen_stages: Stages to freeze (parameters fixed, eval mode kept

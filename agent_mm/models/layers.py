@@ -17,7 +17,7 @@ def tokens_to_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     it to code that assumes NCHW memory (mmcv's C++ ops such as RoIAlign read
     channels-last input as garbage).
     """
-    return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *hw_shape)
 
 
 def map_to_tokens(x: Tensor) -> Tensor:
