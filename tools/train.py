@@ -10,6 +10,7 @@ import argparse
 
 from mmengine.config import Config
 
+from agent_mm.engine.resume import find_resume_checkpoint
 from agent_mm.engine.runtime import (add_common_args, build_runner,
                                      enable_amp, load_config)
 
@@ -32,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=str,
         const='auto',
         help='resume from this checkpoint, or (no value) from the latest '
-        'checkpoint in the work dir')
+        'checkpoint in the work dir (the newest complete one if the latest '
+        'is missing or truncated)')
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -55,7 +57,13 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> None:
-    build_runner(build_config(parse_args(argv))).train()
+    args = parse_args(argv)
+    cfg = build_config(args)
+    if args.resume == 'auto':
+        # the checkpoint last_checkpoint names, or the newest complete one
+        cfg.load_from = find_resume_checkpoint(cfg.work_dir)
+        cfg.resume = cfg.load_from is not None
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':

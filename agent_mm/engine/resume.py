@@ -1,0 +1,89 @@
+"""Pick the checkpoint that ``--resume`` (no value) continues from.
+
+mmengine resumes from the file named in ``<work_dir>/last_checkpoint``. When
+that file is missing or truncated (e.g. a run killed while saving with
+mmengine's ``CheckpointHook``), :func:`find_resume_checkpoint` falls back to
+the newest complete ``epoch_N.pth`` / ``iter_N.pth`` instead of failing.
+"""
+import os
+import os.path as osp
+import re
+import zipfile
+from typing import Iterable, List, Optional
+
+from mmengine.logging import print_log
+
+LAST_CHECKPOINT = 'last_checkpoint'
+NUMBERED_CHECKPOINT = re.compile(r'(?:epoch|iter)_(\d+)\.pth')
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be resumed from, or ``None`` if it looks complete.
+
+    Cheap: only the end of the file is read. torch saves a zip archive whose
+    directory is written last, so a truncated checkpoint is not a zip file.
+    """
+    if not osp.isfile(path):
+        return 'the file does not exist'
+    if not zipfile.is_zipfile(path):
+        return 'the file is truncated or not a PyTorch checkpoint'
+    return None
+
+
+def numbered_checkpoints(folders: Iterable[str]) -> List[str]:
+    """The ``epoch_N.pth`` / ``iter_N.pth`` files in ``folders`` (absolute
+    paths), highest N first."""
+    steps = {}
+    for folder in folders:
+        if not osp.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            match = NUMBERED_CHECKPOINT.fullmatch(name)
+            if match:
+                steps[osp.join(osp.abspath(folder), name)] = int(match[1])
+    return sorted(steps, key=steps.__getitem__, reverse=True)
+
+
+def _warn(message: str) -> None:
+    print_log(message, logger='current', level='WARNING')
+
+
+def find_resume_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint to resume the run in ``work_dir`` from.
+
+    That is the file named in ``<work_dir>/last_checkpoint`` if it is
+    complete; otherwise the newest complete ``epoch_N.pth`` / ``iter_N.pth``
+    (by N) in the work dir or next to the named file. Each skipped file is
+    logged as a warning with the reason, and so is the fallback.
+
+    Args:
+        work_dir: The work dir of the run.
+
+    Returns:
+        The checkpoint path, or ``None`` to start from scratch: when there is
+        no ``last_checkpoint`` (nothing was saved, as for mmengine) or no
+        complete checkpoint (with a warning).
+    """
+    record = osp.join(work_dir, LAST_CHECKPOINT)
+    if not osp.isfile(record):
+        return None
+    with open(record) as f:
+        recorded = f.read().strip()
+    if recorded:
+        recorded = osp.abspath(recorded)
+        candidates = [recorded, *numbered_checkpoints(
+            (work_dir, osp.dirname(recorded)))]
+    else:
+        _warn(f'{record} is empty.')
+        candidates = numbered_checkpoints((work_dir, ))
+    for path in dict.fromkeys(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if path != recorded:
+                _warn(f'Resuming from {path}, the newest complete '
+                      'checkpoint.')
+            return path
+        _warn(f'Skipping checkpoint {path}: {problem}.')
+    _warn(f'No complete checkpoint in {work_dir}: training starts from '
+          'scratch.')
+    return None
