@@ -1,8 +1,10 @@
 """Training-engine pieces of agent_mm."""
+from .checkpoint_hook import AtomicCheckpointHook
 from .checkpoint_match import CheckpointMatchHook
 from .model_wrapper import CPUDistributedDataParallel
 from .optim_wrapper import CPUAmpOptimWrapper
 
 __all__ = [
-    'CheckpointMatchHook', 'CPUAmpOptimWrapper', 'CPUDistributedDataParallel'
+    'AtomicCheckpointHook', 'CheckpointMatchHook', 'CPUAmpOptimWrapper',
+    'CPUDistributedDataParallel'
 ]
