@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from agent_mm.benchmark.models import MODELS
+from agent_mm.benchmark.run import Settings
+from agent_mm.benchmark.targets import target_ratios
 from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
 
@@ -88,7 +91,7 @@ def test_fast_and_reference_agent_attention_have_equal_flops():
     assert fast_total < ref_total
 
 
-def test_benchmark_tiny_run(tmp_path):
+def test_benchmark_tiny_run(tmp_path, capsys):
     bench = load_tool('benchmark_backbones')
     results = bench.main([
         '--sizes', '32', '--train-sizes', '32', '--scaling-sizes', '32',
@@ -99,16 +102,20 @@ def test_benchmark_tiny_run(tmp_path):
     table = (tmp_path / 'benchmark.md').read_text()
     saved = json.loads((tmp_path / 'benchmark.json').read_text())
     assert (tmp_path / 'latency_vs_tokens.png').stat().st_size > 0
-    assert saved['ratios'] == results['ratios']
+    assert saved == json.loads(json.dumps(results))
+    assert capsys.readouterr().out == table + '\n'
+    assert set(saved['params']) == set(MODELS)
     for mode in ('eval', 'train'):
-        assert {row['model'] for row in saved[mode]} == set(bench.MODELS)
-    assert all(spec.label in table for spec in bench.MODELS.values())
+        assert {row['model'] for row in saved[mode]} == set(MODELS)
+    assert all(spec.label in table for spec in MODELS.values())
     for row in saved['eval']:
         assert row['flops'] > 0 and row['peak_mb'] > 0
         assert len(row['times_ms']) == 1
     checks = saved['flop_checks']
     assert len(checks) == 3 and all(check['ok'] for check in checks)
-    assert all(d < 1e-3 for d in saved['output_max_abs_diff'].values())
+    diffs = saved['output_max_abs_diff']
+    assert set(diffs) == {'agent_pvt_t', 'agent_pvt_s', 'agent_swin_t'}
+    assert all(d < 1e-3 for d in diffs.values())
     scaling = saved['scaling']
     assert scaling['sizes'] == [[32, 32], [64, 64]]
     assert [len(t) for t in scaling['times_ms'].values()] == [1, 1]
@@ -120,12 +127,11 @@ def test_benchmark_tiny_run(tmp_path):
 
 
 def test_scaling_target_is_read_from_the_interleaved_pair():
-    bench = load_tool('benchmark_backbones')
     scaling = dict(sizes=[[1024, 1024], [2048, 2048]], ratio=4.2)
-    ratios = bench.target_ratios([], [], scaling)
+    ratios = target_ratios([], [], scaling)
     assert ratios['pvt_t_time_2048_over_1024'] == 4.2
-    assert bench.target_ratios([], [], None)[
-        'pvt_t_time_2048_over_1024'] is None
+    assert target_ratios([], [],
+                         None)['pvt_t_time_2048_over_1024'] is None
 
 
 @pytest.mark.parametrize('sizes', [['1024'], ['64', '64'],
@@ -162,6 +168,18 @@ def test_max_tokens_names_a_benchmarked_model():
     bench = load_tool('benchmark_backbones')
     with pytest.raises(SystemExit):
         bench.parse_args(['--max-tokens', 'resnet=64'])
+
+
+def test_command_line_settings_carry_every_option():
+    bench = load_tool('benchmark_backbones')
+    args = bench.parse_args(['--max-tokens', 'pvt_s=64', '--sizes', '64x96'])
+    settings = bench.settings_of(args)
+    assert set(vars(args)) == set(vars(settings)) | {'out_dir'}
+    assert settings.max_tokens == {'pvt_s': 64}
+    assert settings.sizes == [(64, 96)]
+    assert settings.scaling_sizes == [(1024, 1024), (2048, 2048)]
+    assert settings.models == list(MODELS)
+    assert isinstance(settings, Settings)
 
 
 TINY_SEG_CONFIG = """

@@ -1,0 +1,14 @@
+"""Measuring library of ``tools/analysis_tools/benchmark_backbones.py``.
+
+- :mod:`~agent_mm.benchmark.models`: the benchmarked backbones (agent
+  models, their reference-path twins and mmdet baselines) and input sizes;
+- :mod:`~agent_mm.benchmark.measure`: latency, peak memory, bias cache and
+  FLOPs of the models at one input size;
+- :mod:`~agent_mm.benchmark.targets`: the project's acceptance targets
+  (ratios of one run and their bounds) and the FLOP check of the two
+  attention paths;
+- :mod:`~agent_mm.benchmark.report`: the markdown tables, the JSON file and
+  the latency plot;
+- :mod:`~agent_mm.benchmark.run`: a whole run, from its settings to the
+  results dict the report is made from.
+"""

@@ -1,0 +1,260 @@
+"""Latency, peak memory, bias cache and FLOPs of the benchmarked models.
+
+Models are measured round-robin (one call of each per repeat, in a rotating
+order, see :func:`agent_mm.utils.timing.interleaved_times`) so load from
+other processes hits all of them. The scaling of a model's forward time
+with the input size is timed the same way, its two sizes alternating.
+
+Peak memory is the largest amount of tensor memory allocated during one call
+on top of what was live when the call started (weights, the input and the
+eval-mode bias cache are live before, so they are not counted; the cache is
+reported in its own column). On CUDA it comes from
+``torch.cuda.max_memory_allocated``. On the CPU it is replayed from the
+allocation and free events that ``torch.profiler`` (``profile_memory=True``)
+records for every allocation of torch's CPU allocator: the events are sorted
+by time and the running total's maximum is the peak. Memory that libraries
+allocate outside torch's allocator (oneDNN scratchpads, BLAS buffers) is not
+seen, and neither is allocator caching, so this is a lower bound on RSS.
+
+FLOPs come from mmengine's ``FlopAnalyzer`` (one multiply-add = one flop)
+with handles for ``scaled_dot_product_attention`` and ``baddbmm``; they are
+counted on a cold model, so the fast path's bias computation is included.
+"""
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from agent_mm.utils.flops import flop_analyzer
+from agent_mm.utils.timing import (Step, eval_step, interleaved_times,
+                                   peak_bytes, train_step)
+from .models import MODELS, Size, size_text, token_count
+
+MB = 2**20
+# ops where the two attention paths differ: the reference resizes biases
+# with interpolation and attends with matmuls, the fast path resizes with
+# matrix products (matmul, bmm) and attends with SDPA
+PATH_SPECIFIC_OPS = ('upsample_bilinear2d', 'matmul', 'bmm',
+                     'scaled_dot_product_attention')
+
+
+class Timing(NamedTuple):
+    """How calls are timed.
+
+    Attributes:
+        warmup: Untimed calls of a model right before each timed one.
+        repeats: Timed calls per model.
+        device: Where the models run.
+    """
+    warmup: int
+    repeats: int
+    device: torch.device
+
+    def times(self, steps: Dict[str, Step]) -> Dict[str, List[float]]:
+        """Seconds of each step's timed calls, the steps interleaved."""
+        return interleaved_times(steps, self.warmup, self.repeats,
+                                 self.device)
+
+
+def log(message: str) -> None:
+    """Print progress on stderr (stdout carries the table)."""
+    print(
+        f'[{time.strftime("%H:%M:%S")}] {message}',
+        file=sys.stderr,
+        flush=True)
+
+
+def median_ms(times: Sequence[float]) -> float:
+    """The median of times in seconds, in milliseconds."""
+    return statistics.median(times) * 1e3
+
+
+def count_flops(model: nn.Module,
+                inputs: Tensor) -> Tuple[int, int, List[str]]:
+    """Count the FLOPs of one cold eval forward.
+
+    Args:
+        model: The model (left in eval mode, bias caches empty).
+        inputs: Its input batch.
+
+    Returns:
+        FLOPs (multiply-adds), the part of them outside
+        :data:`PATH_SPECIFIC_OPS` (projections, MLPs, convs, norms) and the
+        op kinds the analyzer could not count.
+    """
+    model.eval()  # also empties the agent-attention bias caches
+    with torch.no_grad():
+        analyzer = flop_analyzer(model, (inputs, ))
+        flops = analyzer.total()
+        layer_flops = sum(
+            count for op, count in analyzer.by_operator().items()
+            if op not in PATH_SPECIFIC_OPS)
+        unsupported = sorted(analyzer.unsupported_ops())
+    model.eval()
+    return int(flops), int(layer_flops), unsupported
+
+
+def flops_wanted(peak_mb: float, max_peak_mb: Optional[float]) -> bool:
+    """Whether to count FLOPs of a model whose forward peak is ``peak_mb``.
+
+    Tracing needs more memory than a forward, so FLOPs are skipped above
+    ``max_peak_mb`` (None: always counted).
+    """
+    return max_peak_mb is None or peak_mb <= max_peak_mb
+
+
+def bias_cache_bytes(model: nn.Module) -> int:
+    """Bytes held by the eval-mode bias caches of the agent attentions."""
+    # replaced by AgentAttention's public cache API in the refactor
+    return sum(tensor.numel() * tensor.element_size()
+               for module in model.modules()
+               for biases in getattr(module, '_bias_cache', {}).values()
+               for tensor in biases)
+
+
+def output_differences(models: Dict[str, nn.Module],
+                       inputs: Tensor) -> Dict[str, float]:
+    """Compare the outputs of the fast and reference paths (eval).
+
+    Args:
+        models: Models by key of :data:`~agent_mm.benchmark.models.MODELS`.
+        inputs: The input batch.
+
+    Returns:
+        Max |fast − reference| over all outputs, by key of the fast model,
+        for every reference-path model built with its fast twin.
+    """
+    diffs = {}
+    for key, model in models.items():
+        twin = MODELS[key].reference_of
+        if twin not in models:
+            continue
+        with torch.no_grad():
+            pairs = zip(models[twin].eval()(inputs), model.eval()(inputs))
+            diffs[twin] = max((a - b).abs().max().item() for a, b in pairs)
+    return diffs
+
+
+def time_row(key: str, size: Size, batch: int,
+             times: Sequence[float]) -> dict:
+    """The row of model ``key`` at one size, with its times in ms."""
+    return dict(
+        model=key,
+        size=list(size),
+        batch=batch,
+        tokens=token_count(size),
+        times_ms=[t * 1e3 for t in times],
+        median_ms=median_ms(times))
+
+
+def eval_extras(model: nn.Module, inputs: Tensor, peak_mb: float,
+                flops_max_peak_mb: Optional[float]) -> dict:
+    """The eval-only fields of a row: the bias cache and FLOPs.
+
+    Args:
+        model: The model, its bias caches as its timed calls left them.
+        inputs: Its input batch.
+        peak_mb: Its measured forward peak (see :func:`flops_wanted`).
+        flops_max_peak_mb: No FLOPs counted above this peak (None: always).
+
+    Returns:
+        ``bias_cache_mb``, ``flops``, ``layer_flops`` and
+        ``unsupported_ops`` (the last three None when not counted).
+    """
+    extras = dict(bias_cache_mb=bias_cache_bytes(model) / MB)
+    counts = (
+        count_flops(model, inputs) if flops_wanted(
+            peak_mb, flops_max_peak_mb) else (None, None, None))
+    extras['flops'], extras['layer_flops'], extras['unsupported_ops'] = counts
+    return extras
+
+
+def measure(models: Dict[str, nn.Module],
+            size: Size,
+            batch: int,
+            train: bool,
+            timing: Timing,
+            flops_max_peak_mb: Optional[float] = None) -> List[dict]:
+    """Measure every model at one size.
+
+    First the interleaved latency of all models, then the peak memory of
+    each (and in eval its bias cache and FLOPs).
+
+    Args:
+        models: Models by key.
+        size: Input size ``(H, W)``.
+        batch: Batch size.
+        train: Time forward + backward in train mode instead of an eval
+            forward without autograd.
+        timing: How calls are timed.
+        flops_max_peak_mb: See :func:`eval_extras`.
+
+    Returns:
+        One row per model: ``model``, ``size``, ``batch``, ``tokens``,
+        ``times_ms``, ``median_ms``, ``peak_mb`` and, in eval, the fields
+        of :func:`eval_extras`.
+    """
+    inputs = torch.randn(batch, 3, *size, device=timing.device)
+    make_step = train_step if train else eval_step
+    for model in models.values():
+        model.train(train)
+    steps = {key: make_step(model, inputs) for key, model in models.items()}
+    load_before = os.getloadavg()[0]
+    times = timing.times(steps)
+    rows = []
+    for key, model in models.items():
+        row = time_row(key, size, batch, times[key])
+        model.zero_grad(set_to_none=True)  # frees nothing while profiled
+        row['peak_mb'] = peak_bytes(steps[key], timing.device) / MB
+        if not train:
+            row.update(
+                eval_extras(model, inputs, row['peak_mb'], flops_max_peak_mb))
+        model.zero_grad(set_to_none=True)
+        model.eval()  # drop this size's bias cache before the next size
+        rows.append(row)
+    mode = 'train' if train else 'eval'
+    log(f'{mode} {size[0]}x{size[1]} done (load avg '
+        f'{load_before:.1f} → {os.getloadavg()[0]:.1f})')
+    return rows
+
+
+def measure_scaling(key: str, model: nn.Module, sizes: Sequence[Size],
+                    batch: int, timing: Timing) -> dict:
+    """Time the eval forward of one model at two sizes, alternating.
+
+    The sizes alternate call by call so that a drift of the machine's speed
+    hits both alike (the tables time sizes minutes apart).
+
+    Args:
+        key: The model's key.
+        model: The model.
+        sizes: The two input sizes.
+        batch: Batch size.
+        timing: How calls are timed.
+
+    Returns:
+        ``model``, ``sizes``, ``times_ms`` and ``median_ms`` of each size,
+        and ``ratio``: the second size's median over the first's.
+    """
+    model.eval()
+    steps = {
+        size_text(size): eval_step(
+            model, torch.randn(batch, 3, *size, device=timing.device))
+        for size in sizes
+    }
+    times = timing.times(steps)
+    model.eval()  # drop the bias caches of both sizes
+    medians = [median_ms(times[step]) for step in steps]
+    log(f'scaling {" / ".join(steps)} done')
+    return dict(
+        model=key,
+        sizes=[list(size) for size in sizes],
+        times_ms={step: [t * 1e3 for t in times[step]]
+                  for step in steps},
+        median_ms=medians,
+        ratio=medians[1] / medians[0])

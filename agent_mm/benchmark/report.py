@@ -1,0 +1,205 @@
+"""The outputs of a run: markdown tables, JSON and the latency plot.
+
+Everything here reads the results dict of :func:`agent_mm.benchmark.run.run`
+(as saved to ``benchmark.json``) and measures nothing.
+"""
+import json
+import os.path as osp
+from typing import Dict, List, Optional, Tuple
+
+from .models import MODELS, reference_twin, size_text
+from .targets import TARGETS, Rows, ratio
+
+
+def fmt(value: Optional[float], spec: str = '.2f') -> str:
+    """``value`` formatted with ``spec``, ``'n/a'`` for None."""
+    return 'n/a' if value is None else format(value, spec)
+
+
+def time_over(rows: Rows, row: dict, other: Optional[str]) -> Optional[float]:
+    """Median time of ``row`` over that of model ``other`` at its size."""
+    if other is None:
+        return None
+    return ratio(rows, 'median_ms', (row['model'], row['size']),
+                 (other, row['size']))
+
+
+def comparison(rows: Rows,
+               row: dict) -> Tuple[Optional[float], Optional[float]]:
+    """Time of an agent (fast) model's row over its reference twin's and
+    over its mmdet baseline's at the same size (None where there is none).
+    """
+    return (time_over(rows, row, reference_twin(row['model'])),
+            time_over(rows, row, MODELS[row['model']].baseline))
+
+
+def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
+    """The inference table, one line per eval row."""
+    lines = [
+        '| Model | Input | Tokens | Params (M) | GFLOPs | Fwd ms (median) '
+        '| Peak MB | Bias cache MB | × reference | × mmdet |',
+        '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'
+    ]
+    for row in rows:
+        vs_ref, vs_base = comparison(rows, row)
+        flops = row['flops']
+        gflops = fmt(None if flops is None else flops / 1e9, '.1f')
+        lines.append(
+            f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
+            f"| {row['tokens']} | {params[row['model']] / 1e6:.2f} "
+            f"| {gflops} | {row['median_ms']:.0f} "
+            f"| {row['peak_mb']:.0f} | {row['bias_cache_mb']:.0f} "
+            f'| {fmt(vs_ref)} | {fmt(vs_base)} |')
+    return lines
+
+
+def train_table(rows: Rows) -> List[str]:
+    """The training table, one line per train row."""
+    lines = [
+        '| Model | Input | Batch | Fwd+bwd ms (median) | Peak MB '
+        '| × reference | × mmdet |', '|---|---|---:|---:|---:|---:|---:|'
+    ]
+    for row in rows:
+        vs_ref, vs_base = comparison(rows, row)
+        lines.append(
+            f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
+            f"| {row['batch']} | {row['median_ms']:.0f} "
+            f"| {row['peak_mb']:.0f} | {fmt(vs_ref)} | {fmt(vs_base)} |")
+    return lines
+
+
+def ratio_lines(ratios: Dict[str, Optional[float]]) -> List[str]:
+    """The ratios table: every target's value, bound and whether it is met.
+    """
+    lines = [
+        '| Ratio (same run) | Value | Target | Met |', '|---|---:|---:|---|'
+    ]
+    for target in TARGETS:
+        value = ratios[target.key]
+        met = 'n/a' if value is None else (
+            'yes' if value <= target.bound else 'NO')
+        lines.append(f'| {target.description} | {fmt(value, ".3f")} '
+                     f'| ≤ {target.bound} | {met} |')
+    return lines
+
+
+def scaling_lines(scaling: Optional[dict]) -> List[str]:
+    """The scaling section (none when the pair was not timed)."""
+    if scaling is None:
+        return []
+    (first, second), sizes = scaling['median_ms'], scaling['sizes']
+    return [
+        '', '## Scaling (the two sizes alternating, call by call)', '',
+        f"{MODELS[scaling['model']].label} forward: {first:.0f} ms at "
+        f'{size_text(sizes[0])}, {second:.0f} ms at {size_text(sizes[1])}, '
+        f"ratio {scaling['ratio']:.2f}"
+    ]
+
+
+def check_lines(results: dict) -> List[str]:
+    """The checks: FLOPs of the two paths, skipped models, output
+    differences."""
+    lines = []
+    for check in results['flop_checks']:
+        lines.append(
+            f"- FLOPs outside attention and resizing, "
+            f"{MODELS[check['model']].label} "
+            f"{size_text(check['size'])}: fast {check['fast_gflops']:.2f} G, "
+            f"reference {check['reference_gflops']:.2f} G "
+            f"({check['relative_difference']:+.2%}, "
+            f"{'ok' if check['ok'] else 'OUTSIDE ±5%'})")
+    for skip in results['skipped']:
+        lines.append(f"- Skipped ({skip['mode']}, --max-tokens): "
+                     f"{MODELS[skip['model']].label} at "
+                     f"{size_text(skip['size'])}")
+    for model, diff in results['output_max_abs_diff'].items():
+        lines.append(f'- Outputs {MODELS[model].label} fast vs reference: '
+                     f'max |Δ| = {diff:.2e}')
+    return lines
+
+
+def header_lines(meta: dict) -> List[str]:
+    """Title and how the run measured (from the results' ``meta``)."""
+    return [
+        '# Backbone benchmark', '',
+        f"{meta['device']}, float32, {meta['threads']} threads, torch "
+        f"{meta['torch']}, median of {meta['repeats']} interleaved calls, "
+        f"each right after {meta['warmup']} untimed call(s) of the same "
+        'model; load average '
+        f"{meta['load_avg_start']:.1f} at start, {meta['load_avg_end']:.1f} "
+        'at end.', f"Peak memory: {meta['memory_method']}",
+        'FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, '
+        'attention (SDPA/matmul) included.'
+    ]
+
+
+def markdown(results: dict) -> str:
+    """The whole report (``benchmark.md``) of a run's results."""
+    meta = results['meta']
+    lines = header_lines(meta) + [
+        '', f"## Inference (eval, no_grad, batch {meta['batch']})", ''
+    ]
+    lines += eval_table(results['eval'], results['params'])
+    if results['train']:
+        lines += [
+            '', f"## Training (train mode, forward + backward, batch "
+            f"{meta['train_batch']})", ''
+        ]
+        lines += train_table(results['train'])
+    lines += scaling_lines(results.get('scaling'))
+    lines += ['', '## Ratios', ''] + ratio_lines(results['ratios'])
+    lines += ['', '## Checks', ''] + check_lines(results)
+    return '\n'.join(lines) + '\n'
+
+
+def plot_latency(rows: Rows, path: str) -> None:
+    """Plot forward latency against tokens, log-log, one line per model.
+
+    Args:
+        rows: Eval rows.
+        path: The image file to write.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key in dict.fromkeys(row['model'] for row in rows):
+        points = sorted(
+            (r['tokens'], r['median_ms']) for r in rows if r['model'] == key)
+        style = '--' if MODELS[key].reference_of else '-'
+        ax.plot(*zip(*points), style, marker='o', label=MODELS[key].label)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('tokens (H·W/16)')
+    ax.set_ylabel('forward latency (ms, median)')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize='small')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_json(results: dict, out_dir: str) -> None:
+    """Write ``benchmark.json`` (also called mid-run, after each size)."""
+    with open(osp.join(out_dir, 'benchmark.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+
+
+def write_report(results: dict, out_dir: str) -> str:
+    """Write ``benchmark.json``, ``benchmark.md`` and
+    ``latency_vs_tokens.png`` of a finished run.
+
+    Args:
+        results: The results of the run.
+        out_dir: An existing directory.
+
+    Returns:
+        The markdown report.
+    """
+    save_json(results, out_dir)
+    table = markdown(results)
+    with open(osp.join(out_dir, 'benchmark.md'), 'w') as f:
+        f.write(table)
+    plot_latency(results['eval'],
+                 osp.join(out_dir, 'latency_vs_tokens.png'))
+    return table

@@ -1,0 +1,187 @@
+"""What one run is judged by: the acceptance targets and the FLOP check.
+
+Each target is a ratio of two measurements of the same run with the bound
+it should meet; :data:`TARGETS` is the one list of them (key, description,
+bound and how the value is read from the run's rows).
+"""
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from .models import MODELS, Size
+
+Rows = List[dict]
+# a row's model key and input size
+RowKey = Tuple[str, Sequence[int]]
+
+# the model and sizes of the scaling target, timed alternately
+SCALING_MODEL = 'agent_pvt_t'
+TARGET_SCALING = ((1024, 1024), (2048, 2048))
+FAST, REFERENCE = 'agent_pvt_t', 'agent_pvt_t_ref'
+S512, S1024 = (512, 512), (1024, 1024)
+
+
+class Run(NamedTuple):
+    """The measurements of one run the targets are read from.
+
+    Attributes:
+        eval_rows: Rows of the eval measurements.
+        train_rows: Rows of the train measurements.
+        scaling: The alternating pair of :data:`SCALING_MODEL`, if timed.
+    """
+    eval_rows: Rows
+    train_rows: Rows
+    scaling: Optional[dict]
+
+
+def find_row(rows: Rows, model: str, size: Sequence[int]) -> Optional[dict]:
+    """The row of ``model`` at ``size``, None if there is none."""
+    for row in rows:
+        if row['model'] == model and tuple(row['size']) == tuple(size):
+            return row
+    return None
+
+
+def field_value(row: dict, field: str) -> float:
+    """A row's ``field``.
+
+    ``footprint_mb`` is derived: the peak plus the bias cache the model
+    keeps between calls.
+    """
+    if field == 'footprint_mb':
+        return row['peak_mb'] + row['bias_cache_mb']
+    return row[field]
+
+
+def ratio(rows: Rows, field: str, num: RowKey,
+          den: RowKey) -> Optional[float]:
+    """``field`` of one row over another's.
+
+    Args:
+        rows: The rows to look in.
+        field: A row field, or ``footprint_mb`` (see :func:`field_value`).
+        num: ``(model, size)`` of the numerator's row.
+        den: ``(model, size)`` of the denominator's row.
+
+    Returns:
+        The ratio, None when either row is missing or the denominator is
+        zero or None.
+    """
+    top, bottom = find_row(rows, *num), find_row(rows, *den)
+    if top is None or bottom is None or not field_value(bottom, field):
+        return None
+    return field_value(top, field) / field_value(bottom, field)
+
+
+class RowRatio(NamedTuple):
+    """A target's value: one model's ``field`` over another's at one size.
+
+    Attributes:
+        mode: ``'eval'`` or ``'train'``: which rows of the run.
+        field: See :func:`ratio`.
+        numerator: Key of the numerator's model.
+        denominator: Key of the denominator's model.
+        size: The input size of both rows.
+    """
+    mode: str
+    field: str
+    numerator: str
+    denominator: str
+    size: Size
+
+    def __call__(self, run: Run) -> Optional[float]:
+        """The ratio in ``run``, None if not measured."""
+        rows = run.train_rows if self.mode == 'train' else run.eval_rows
+        return ratio(rows, self.field, (self.numerator, self.size),
+                     (self.denominator, self.size))
+
+
+def scaling_ratio(run: Run) -> Optional[float]:
+    """The interleaved 2048² / 1024² ratio, None if not measured at those
+    sizes."""
+    wanted = [list(size) for size in TARGET_SCALING]
+    if run.scaling is None or run.scaling['sizes'] != wanted:
+        return None
+    return run.scaling['ratio']
+
+
+class Target(NamedTuple):
+    """A ratio measured in one run and the bound it should meet.
+
+    Attributes:
+        key: Name of the ratio in the results.
+        description: Its row label in the ratios table.
+        bound: The target: the ratio should be at most this.
+        value: Reads the ratio from a :class:`Run` (None if not measured).
+    """
+    key: str
+    description: str
+    bound: float
+    value: Callable[[Run], Optional[float]]
+
+
+TARGETS = (
+    Target('pvt_t_eval_time_fast_over_ref',
+           'Agent-PVT-T eval 1024²: fast / reference forward time', 0.5,
+           RowRatio('eval', 'median_ms', FAST, REFERENCE, S1024)),
+    Target('pvt_t_eval_mem_fast_over_ref',
+           'Agent-PVT-T eval 1024²: fast / reference peak memory', 1.0,
+           RowRatio('eval', 'peak_mb', FAST, REFERENCE, S1024)),
+    Target(
+        'pvt_t_eval_footprint_fast_over_ref',
+        'Agent-PVT-T eval 1024²: fast (peak + bias cache) / reference peak',
+        1.0, RowRatio('eval', 'footprint_mb', FAST, REFERENCE, S1024)),
+    Target('pvt_t_train_time_fast_over_ref',
+           'Agent-PVT-T train 512² (fwd+bwd): fast / reference time', 0.7,
+           RowRatio('train', 'median_ms', FAST, REFERENCE, S512)),
+    Target('pvt_t_train_mem_fast_over_ref',
+           'Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory',
+           0.8, RowRatio('train', 'peak_mb', FAST, REFERENCE, S512)),
+    Target('pvt_t_time_2048_over_1024',
+           'Agent-PVT-T forward time 2048² / 1024² (sizes alternating)',
+           4.5, scaling_ratio),
+    Target('pvt_s_time_agent_over_mmdet',
+           'Agent-PVT-S (fast) / mmdet PVT-S forward time at 1024²', 1.0,
+           RowRatio('eval', 'median_ms', 'agent_pvt_s', 'pvt_s', S1024)),
+)
+
+
+def target_ratios(eval_rows: Rows, train_rows: Rows,
+                  scaling: Optional[dict]) -> Dict[str, Optional[float]]:
+    """The value of every target of :data:`TARGETS` in one run, by key."""
+    run = Run(eval_rows, train_rows, scaling)
+    return {target.key: target.value(run) for target in TARGETS}
+
+
+def flop_checks(eval_rows: Rows, tolerance: float = 0.05) -> List[dict]:
+    """Compare the FLOPs of the fast and reference paths.
+
+    Only the FLOPs outside attention and bias resizing, where the paths
+    differ by design: the rest of the network must count the same
+    (attention counting is covered by the unit tests).
+
+    Args:
+        eval_rows: Rows of the eval measurements.
+        tolerance: The largest relative difference that is ok.
+
+    Returns:
+        One check per reference-path row whose fast twin has a row of the
+        same size and both have FLOPs: ``model`` (the fast one), ``size``,
+        ``fast_gflops``, ``reference_gflops``, ``relative_difference`` and
+        ``ok``.
+    """
+    checks = []
+    for row in eval_rows:
+        twin = MODELS[row['model']].reference_of
+        fast = find_row(eval_rows, twin, row['size']) if twin else None
+        if fast is None or None in (fast['flops'], row['flops']):
+            continue
+        fast_flops, ref_flops = fast['layer_flops'], row['layer_flops']
+        rel = fast_flops / ref_flops - 1
+        checks.append(
+            dict(
+                model=twin,
+                size=row['size'],
+                fast_gflops=fast_flops / 1e9,
+                reference_gflops=ref_flops / 1e9,
+                relative_difference=rel,
+                ok=abs(rel) <= tolerance))
+    return checks
