@@ -1,0 +1,167 @@
+"""The benchmark's model registry and measuring functions, on tiny models.
+
+Only structure and counts are checked, never timings (the machine is
+noisy).
+"""
+import statistics
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from agent_mm.benchmark.measure import (PATH_SPECIFIC_OPS, Timing,
+                                        bias_cache_bytes, count_flops,
+                                        flops_wanted, measure, measure_scaling,
+                                        output_differences)
+from agent_mm.benchmark.models import (MODELS, build_models, parameter_counts,
+                                       reference_twin, size_text, token_count,
+                                       within_limits)
+
+CPU = torch.device('cpu')
+TIMING = Timing(warmup=1, repeats=2, device=CPU)
+
+
+class TinyBackbone(nn.Module):
+    """A 1×1 convolution from 3 to 4 channels, optionally followed by
+    self-attention over the pixels; returns a tuple like a backbone."""
+
+    def __init__(self, attend: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.attend = attend
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.attend:
+            tokens = out.flatten(2).transpose(1, 2)
+            out = F.scaled_dot_product_attention(tokens, tokens, tokens)
+        return (out, )
+
+
+def test_registry_names_existing_twins_and_baselines():
+    for key, spec in MODELS.items():
+        assert spec.reference_of is None or spec.reference_of in MODELS
+        assert spec.baseline is None or spec.baseline in MODELS
+        if spec.reference_of:
+            assert reference_twin(spec.reference_of) == key
+    assert reference_twin('agent_pvt_t') == 'agent_pvt_t_ref'
+    assert reference_twin('pvt_t') is None
+    assert reference_twin('agent_pvt_t_nocache') is None
+    assert len({spec.label for spec in MODELS.values()}) == len(MODELS)
+
+
+def test_sizes_and_token_limits():
+    assert token_count((800, 1333)) == 66650
+    assert size_text([800, 1333]) == '800×1333'
+    models = dict(a=nn.Identity(), b=nn.Identity(), c=nn.Identity())
+    limits = dict(a=64, b=63)
+    assert list(within_limits(models, (32, 32), limits)) == ['a', 'c']
+    assert list(within_limits(models, (16, 16), limits)) == ['a', 'b', 'c']
+
+
+def test_reference_model_gets_its_fast_twins_weights():
+    torch.manual_seed(0)
+    models = build_models(['agent_pvt_t', 'agent_pvt_t_ref'], CPU)
+    fast, ref = models['agent_pvt_t'], models['agent_pvt_t_ref']
+    for (name, a), (_, b) in zip(fast.state_dict().items(),
+                                 ref.state_dict().items()):
+        assert torch.equal(a, b), name
+    counts = parameter_counts(models)
+    assert counts['agent_pvt_t'] == counts['agent_pvt_t_ref'] > 10**7
+
+
+def test_bias_cache_bytes_follow_the_eval_cache():
+    torch.manual_seed(0)
+    model = MODELS['agent_pvt_t'].build().eval()
+    assert bias_cache_bytes(model) == 0
+    sizes = []
+    with torch.no_grad():
+        for size in ((32, 32), (48, 64)):
+            model(torch.randn(1, 3, *size))
+            sizes.append(bias_cache_bytes(model))
+    assert 0 < sizes[0] < sizes[1]
+    model.eval()  # empties the cache
+    assert bias_cache_bytes(model) == 0
+    uncached = MODELS['agent_pvt_t_nocache'].build().eval()
+    with torch.no_grad():
+        uncached(torch.randn(1, 3, 32, 32))
+    assert bias_cache_bytes(uncached) == 0
+    assert bias_cache_bytes(TinyBackbone()) == 0
+
+
+def test_count_flops_splits_off_the_attention():
+    inputs = torch.randn(1, 3, 8, 8)
+    conv = 8 * 8 * 4 * 3  # one multiply-add per pixel, output and input
+    attention = 2 * 64 * 64 * 4
+    assert count_flops(TinyBackbone(), inputs) == (conv, conv, [])
+    assert count_flops(TinyBackbone(attend=True),
+                       inputs) == (conv + attention, conv, [])
+    assert 'scaled_dot_product_attention' in PATH_SPECIFIC_OPS
+
+
+def test_flops_wanted_up_to_the_peak_limit():
+    assert flops_wanted(1e6, None)
+    assert flops_wanted(10.0, 10.0)
+    assert not flops_wanted(10.5, 10.0)
+
+
+def test_output_differences_of_each_pair():
+    fast, ref, other = TinyBackbone(), TinyBackbone(), TinyBackbone()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        ref.conv.bias += 0.5
+    models = dict(agent_pvt_t=fast, agent_pvt_t_ref=ref, pvt_t=other)
+    diffs = output_differences(models, torch.randn(1, 3, 4, 4))
+    assert diffs == {'agent_pvt_t': pytest.approx(0.5)}
+    assert output_differences(dict(agent_pvt_t_ref=ref),
+                              torch.randn(1, 3, 4, 4)) == {}
+
+
+def test_timing_interleaves_every_step():
+    calls = []
+    times = TIMING.times(dict(a=lambda: calls.append('a'),
+                              b=lambda: calls.append('b')))
+    assert {key: len(t) for key, t in times.items()} == dict(a=2, b=2)
+    # each timed call right after one untimed call; the order rotates
+    assert calls == ['a', 'a', 'b', 'b', 'b', 'b', 'a', 'a']
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_measure_rows(train):
+    models = dict(one=TinyBackbone(), two=TinyBackbone(attend=True))
+    rows = measure(models, (8, 12), 2, train, TIMING)
+    assert [row['model'] for row in rows] == ['one', 'two']
+    eval_fields = {'bias_cache_mb', 'flops', 'layer_flops', 'unsupported_ops'}
+    for row in rows:
+        fields = {'model', 'size', 'batch', 'tokens', 'times_ms',
+                  'median_ms', 'peak_mb'} | (set() if train else eval_fields)
+        assert set(row) == fields
+        assert row['size'] == [8, 12] and row['batch'] == 2
+        assert row['tokens'] == 6
+        assert len(row['times_ms']) == TIMING.repeats
+        assert row['median_ms'] == statistics.median(row['times_ms'])
+        assert row['peak_mb'] > 0
+        assert not train or all(p.grad is None
+                                for p in models[row['model']].parameters())
+    if not train:
+        assert [row['flops'] for row in rows] == [2 * 96 * 12, 2 * 96 * 12 +
+                                                  2 * 2 * 96 * 96 * 4]
+        assert all(row['bias_cache_mb'] == 0 for row in rows)
+
+
+def test_measure_skips_flops_above_the_peak_limit():
+    rows = measure(dict(one=TinyBackbone()), (8, 8), 1, False, TIMING, -1.0)
+    assert (rows[0]['flops'], rows[0]['layer_flops'],
+            rows[0]['unsupported_ops']) == (None, None, None)
+
+
+def test_measure_scaling_alternates_two_sizes():
+    scaling = measure_scaling('one', TinyBackbone(), [(8, 8), (16, 8)], 1,
+                              TIMING)
+    assert scaling['model'] == 'one'
+    assert scaling['sizes'] == [[8, 8], [16, 8]]
+    assert list(scaling['times_ms']) == ['8×8', '16×8']
+    assert [len(t) for t in scaling['times_ms'].values()] == [2, 2]
+    first, second = scaling['median_ms']
+    assert scaling['ratio'] == pytest.approx(second / first)

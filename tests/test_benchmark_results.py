@@ -1,0 +1,279 @@
+"""The benchmark's targets and report, from fixed fake results.
+
+Nothing is measured here: the rows are typed in, so the ratios and the
+markdown can be checked exactly.
+"""
+import json
+
+import pytest
+
+from agent_mm.benchmark.models import MODELS
+from agent_mm.benchmark.report import markdown, ratio_lines, write_report
+from agent_mm.benchmark.targets import (TARGETS, RowRatio, find_row,
+                                        flop_checks, ratio, target_ratios)
+
+S1024, S512 = [1024, 1024], [512, 512]
+SCALING = dict(
+    model='agent_pvt_t',
+    sizes=[[1024, 1024], [2048, 2048]],
+    times_ms={
+        '1024×1024': [400.0],
+        '2048×2048': [1700.0]
+    },
+    median_ms=[400.0, 1700.0],
+    ratio=4.25)
+
+
+def row(model, size, median_ms, peak_mb, **extras):
+    """A measured row with one timed call."""
+    return dict(
+        model=model,
+        size=size,
+        batch=2 if size == S512 else 1,
+        tokens=size[0] * size[1] // 16,
+        times_ms=[median_ms],
+        median_ms=median_ms,
+        peak_mb=peak_mb,
+        **extras)
+
+
+def eval_row(model, median_ms, peak_mb, cache_mb, gflops, layer_gflops):
+    """An eval row at 1024²; FLOPs in G (None: not counted)."""
+    flops = None if gflops is None else gflops * 1e9
+    layer = None if layer_gflops is None else layer_gflops * 1e9
+    return row(
+        model,
+        S1024,
+        median_ms,
+        peak_mb,
+        bias_cache_mb=cache_mb,
+        flops=flops,
+        layer_flops=layer,
+        unsupported_ops=None if flops is None else [])
+
+
+EVAL_ROWS = [
+    eval_row('agent_pvt_t', 400.0, 100.0, 600.0, 62.8, 41.0),
+    eval_row('agent_pvt_t_ref', 1000.0, 300.0, 0.0, 62.9, 40.0),
+    eval_row('agent_pvt_s', 900.0, 120.0, 1300.0, None, None),
+    eval_row('pvt_s', 3000.0, 600.0, 0.0, 139.2, 139.2),
+]
+TRAIN_ROWS = [
+    row('agent_pvt_t', S512, 2500.0, 800.0),
+    row('agent_pvt_t_ref', S512, 2000.0, 1000.0),
+]
+RATIOS = {
+    'pvt_t_eval_time_fast_over_ref': 0.4,
+    'pvt_t_eval_mem_fast_over_ref': 1 / 3,
+    'pvt_t_eval_footprint_fast_over_ref': 7 / 3,
+    'pvt_t_train_time_fast_over_ref': 1.25,
+    'pvt_t_train_mem_fast_over_ref': 0.8,
+    'pvt_t_time_2048_over_1024': 4.25,
+    'pvt_s_time_agent_over_mmdet': 0.3,
+}
+
+
+def test_targets_name_each_key_and_description_once():
+    keys = [target.key for target in TARGETS]
+    descriptions = [target.description for target in TARGETS]
+    assert len(set(keys)) == len(keys) == 7
+    assert len(set(descriptions)) == len(descriptions)
+    assert all(target.bound > 0 for target in TARGETS)
+    assert target_ratios([], [], None) == dict.fromkeys(keys)
+
+
+def test_row_ratios_compare_benchmarked_models():
+    row_ratios = [t.value for t in TARGETS if isinstance(t.value, RowRatio)]
+    assert len(row_ratios) == 6
+    for value in row_ratios:
+        assert {value.numerator, value.denominator} <= set(MODELS)
+        assert value.mode in ('eval', 'train')
+
+
+def test_target_ratios_of_one_run():
+    ratios = target_ratios(EVAL_ROWS, TRAIN_ROWS, SCALING)
+    assert ratios == pytest.approx(RATIOS)
+    assert list(ratios) == list(RATIOS)
+
+
+def test_scaling_target_needs_the_1024_2048_pair():
+    other = dict(SCALING, sizes=[[512, 512], [1024, 1024]])
+    ratios = target_ratios(EVAL_ROWS, TRAIN_ROWS, other)
+    assert ratios['pvt_t_time_2048_over_1024'] is None
+
+
+def test_ratio_is_none_without_a_row_or_with_a_zero_denominator():
+    fast, ref = ('agent_pvt_t', S1024), ('agent_pvt_t_ref', S1024)
+    assert ratio(EVAL_ROWS, 'peak_mb', ref, fast) == 3.0
+    assert ratio(EVAL_ROWS, 'peak_mb', fast, ('pvt_t', S1024)) is None
+    assert ratio(EVAL_ROWS, 'peak_mb', fast, ('agent_pvt_t', S512)) is None
+    # the reference path keeps no bias cache
+    assert ratio(EVAL_ROWS, 'bias_cache_mb', fast, ref) is None
+    assert ratio(EVAL_ROWS, 'bias_cache_mb', ref, fast) == 0.0
+
+
+def test_find_row_matches_sizes_as_lists_or_tuples():
+    assert find_row(EVAL_ROWS, 'pvt_s', (1024, 1024)) is EVAL_ROWS[3]
+    assert find_row(EVAL_ROWS, 'pvt_s', [1024, 1024]) is EVAL_ROWS[3]
+    assert find_row(EVAL_ROWS, 'pvt_s', (1024, 2048)) is None
+
+
+def test_flop_checks_compare_layer_flops_of_each_reference_pair():
+    rows = EVAL_ROWS + [
+        dict(eval_row('agent_swin_t', 1, 1, 0, 30.0, 30.0), size=S512),
+        dict(eval_row('agent_swin_t_ref', 1, 1, 0, 28.0, 28.0), size=S512),
+        # no fast twin at this size, and one without FLOPs
+        dict(eval_row('agent_swin_t_ref', 1, 1, 0, 28.0, 28.0), size=[8, 8]),
+        eval_row('agent_pvt_s_ref', 1, 1, 0, 60.0, 40.0),
+    ]
+    checks = flop_checks(rows)
+    assert [(c['model'], c['size'], c['ok']) for c in checks] == [
+        ('agent_pvt_t', S1024, True), ('agent_swin_t', S512, False)
+    ]
+    assert checks[0]['fast_gflops'] == pytest.approx(41.0)
+    assert checks[0]['reference_gflops'] == pytest.approx(40.0)
+    assert checks[0]['relative_difference'] == pytest.approx(0.025)
+    assert checks[1]['relative_difference'] == pytest.approx(2 / 28)
+    assert flop_checks(rows, tolerance=0.1)[1]['ok']
+
+
+def fake_results():
+    """The results of a run, as saved to benchmark.json."""
+    return dict(
+        meta=dict(
+            device='cpu',
+            threads=2,
+            torch='2.0.0',
+            python='3.11.7',
+            cpu_count=2,
+            batch=1,
+            train_batch=2,
+            repeats=3,
+            warmup=1,
+            memory_method='replayed profiler events',
+            load_avg_start=0.5,
+            load_avg_end=1.5),
+        params=dict(
+            agent_pvt_t=11_060_000,
+            agent_pvt_t_ref=11_060_000,
+            agent_pvt_s=20_120_000,
+            pvt_s=23_970_000),
+        eval=EVAL_ROWS,
+        train=TRAIN_ROWS,
+        skipped=[dict(model='pvt_s', size=[2048, 2048], mode='eval')],
+        output_max_abs_diff=dict(agent_pvt_t=5.48e-06),
+        scaling=SCALING,
+        ratios=dict(RATIOS, pvt_s_time_agent_over_mmdet=None),
+        flop_checks=[
+            dict(
+                model='agent_pvt_t',
+                size=S1024,
+                fast_gflops=41.0,
+                reference_gflops=40.0,
+                relative_difference=0.025,
+                ok=True),
+            dict(
+                model='agent_swin_t',
+                size=S512,
+                fast_gflops=30.0,
+                reference_gflops=28.0,
+                relative_difference=2 / 28,
+                ok=False),
+        ])
+
+
+EXPECTED_MARKDOWN = """\
+# Backbone benchmark
+
+cpu, float32, 2 threads, torch 2.0.0, median of 3 interleaved calls, \
+each right after 1 untimed call(s) of the same model; \
+load average 0.5 at start, 1.5 at end.
+Peak memory: replayed profiler events
+FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, \
+attention (SDPA/matmul) included.
+
+## Inference (eval, no_grad, batch 1)
+
+| Model | Input | Tokens | Params (M) | GFLOPs | Fwd ms (median) \
+| Peak MB | Bias cache MB | × reference | × mmdet |
+|---|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 1024×1024 | 65536 | 11.06 | 62.8 | 400 | 100 | 600 \
+| 0.40 | n/a |
+| Agent-PVT-T (reference) | 1024×1024 | 65536 | 11.06 | 62.9 | 1000 | 300 \
+| 0 | n/a | n/a |
+| Agent-PVT-S | 1024×1024 | 65536 | 20.12 | n/a | 900 | 120 | 1300 \
+| n/a | 0.30 |
+| PVT-S (mmdet) | 1024×1024 | 65536 | 23.97 | 139.2 | 3000 | 600 | 0 \
+| n/a | n/a |
+
+## Training (train mode, forward + backward, batch 2)
+
+| Model | Input | Batch | Fwd+bwd ms (median) | Peak MB | × reference \
+| × mmdet |
+|---|---|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 512×512 | 2 | 2500 | 800 | 1.25 | n/a |
+| Agent-PVT-T (reference) | 512×512 | 2 | 2000 | 1000 | n/a | n/a |
+
+## Scaling (the two sizes alternating, call by call)
+
+Agent-PVT-T forward: 400 ms at 1024×1024, 1700 ms at 2048×2048, ratio 4.25
+
+## Ratios
+
+| Ratio (same run) | Value | Target | Met |
+|---|---:|---:|---|
+| Agent-PVT-T eval 1024²: fast / reference forward time | 0.400 | ≤ 0.5 \
+| yes |
+| Agent-PVT-T eval 1024²: fast / reference peak memory | 0.333 | ≤ 1.0 \
+| yes |
+| Agent-PVT-T eval 1024²: fast (peak + bias cache) / reference peak \
+| 2.333 | ≤ 1.0 | NO |
+| Agent-PVT-T train 512² (fwd+bwd): fast / reference time | 1.250 | ≤ 0.7 \
+| NO |
+| Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory \
+| 0.800 | ≤ 0.8 | yes |
+| Agent-PVT-T forward time 2048² / 1024² (sizes alternating) | 4.250 \
+| ≤ 4.5 | yes |
+| Agent-PVT-S (fast) / mmdet PVT-S forward time at 1024² | n/a | ≤ 1.0 \
+| n/a |
+
+## Checks
+
+- FLOPs outside attention and resizing, Agent-PVT-T 1024×1024: \
+fast 41.00 G, reference 40.00 G (+2.50%, ok)
+- FLOPs outside attention and resizing, Agent-Swin-T 512×512: \
+fast 30.00 G, reference 28.00 G (+7.14%, OUTSIDE ±5%)
+- Skipped (eval, --max-tokens): PVT-S (mmdet) at 2048×2048
+- Outputs Agent-PVT-T fast vs reference: max |Δ| = 5.48e-06
+"""
+
+
+def test_markdown_report_of_fixed_results():
+    assert markdown(fake_results()) == EXPECTED_MARKDOWN
+
+
+def test_markdown_leaves_out_sections_not_measured():
+    results = dict(fake_results(), train=[])
+    del results['scaling']
+    start = EXPECTED_MARKDOWN.index('\n## Training')
+    end = EXPECTED_MARKDOWN.index('\n## Ratios')
+    expected = EXPECTED_MARKDOWN[:start] + EXPECTED_MARKDOWN[end:]
+    assert markdown(results) == expected
+    assert '## Training' not in expected and '## Scaling' not in expected
+
+
+def test_ratio_lines_follow_the_targets_order():
+    lines = ratio_lines(dict.fromkeys(t.key for t in TARGETS))
+    assert len(lines) == 2 + len(TARGETS)
+    assert all(line.endswith('| n/a | ≤ ' + str(target.bound) + ' | n/a |')
+               for line, target in zip(lines[2:], TARGETS))
+
+
+def test_write_report_writes_json_markdown_and_plot(tmp_path):
+    results = fake_results()
+    table = write_report(results, str(tmp_path))
+    assert table == EXPECTED_MARKDOWN
+    assert (tmp_path / 'benchmark.md').read_text() == table
+    saved = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert saved == results
+    assert (tmp_path / 'latency_vs_tokens.png').stat().st_size > 0
