@@ -197,6 +197,17 @@ def test_config_recipe(config):
             assert (warmup.begin, warmup.end) == (0, 1500)
             assert (poly.power, poly.begin) == (1.0, 1500)
 
+    # checkpoints: saved atomically, every epoch (det) or every tenth of the
+    # iterations (seg) as in mmdet's and mmseg's bases, none removed
+    checkpoint = cfg.default_hooks.checkpoint
+    assert checkpoint.type == 'AtomicCheckpointHook'
+    assert 'max_keep_ckpts' not in checkpoint
+    if info['task'] == 'det':
+        assert checkpoint.interval == 1 and 'by_epoch' not in checkpoint
+    else:
+        assert (checkpoint.by_epoch,
+                checkpoint.interval) == (False, cfg.train_cfg.max_iters // 10)
+
     # data: the pipelines build, and follow the recipe
     init_default_scope(cfg.default_scope)
     Compose(cfg.train_dataloader.dataset.pipeline)

@@ -26,3 +26,7 @@ optim_wrapper = dict(
 # 8 GPUs x 2 images
 train_dataloader = dict(batch_size=2)
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# checkpoints written to a temporary file and renamed, so that a kill cannot
+# break one (interval and the rest from the base)
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))

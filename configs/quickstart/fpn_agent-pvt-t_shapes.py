@@ -117,8 +117,9 @@ param_scheduler = [
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
+    # written to a temporary file and renamed: a kill cannot break it
     checkpoint=dict(
-        type='CheckpointHook', by_epoch=False, interval=100,
+        type='AtomicCheckpointHook', by_epoch=False, interval=100,
         max_keep_ckpts=2),
     visualization=dict(type='SegVisualizationHook', interval=1))
 log_processor = dict(by_epoch=False)

@@ -142,4 +142,6 @@ randomness = dict(seed=0)
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2))
+    # written to a temporary file and renamed: a kill cannot break it
+    checkpoint=dict(
+        type='AtomicCheckpointHook', interval=1, max_keep_ckpts=2))

@@ -59,3 +59,7 @@ optim_wrapper = dict(
             'wa_bias': dict(decay_mult=0.),
             'norm': dict(decay_mult=0.)
         }))
+
+# checkpoints written to a temporary file and renamed, so that a kill cannot
+# break one (interval and the rest from the base)
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
