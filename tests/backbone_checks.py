@@ -64,7 +64,7 @@ def assert_bias_cache_size_reaches_every_attention(build,
         with torch.no_grad():
             features[size] = module(img)
         assert all(m.bias_cache_size == size for m in attns)
-        assert all(len(m._bias_cache) == size for m in attns)
+        assert all(len(m.bias_cache) == size for m in attns)
     for cached, uncached in zip(features[1], features[0]):
         torch.testing.assert_close(cached, uncached)
 

@@ -8,7 +8,8 @@ from backbone_checks import (assert_bias_cache_size_reaches_every_attention,
 from reference_agent import ReferenceAgentSwin, randomize_
 
 from agent_mm.models import AgentAttention, AgentSwinTransformer
-from agent_mm.models.agent_swin import WindowAttention, parse_attn_type
+from agent_mm.models.agent_swin import parse_attn_type
+from agent_mm.models.window_attention import ShiftWindowAttention
 
 
 @pytest.mark.parametrize('arch, dims, blocks', [('tiny', 96, 12),
@@ -19,8 +20,8 @@ def test_every_arch_builds_and_gives_four_strided_maps(arch, dims, blocks):
     assert sum(len(stage.blocks) for stage in model.layers) == blocks
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 64, 64))
-    assert [o.shape for o in outs] == [(1, dims * 2**i, 16 // 2**i,
-                                        16 // 2**i) for i in range(4)]
+    assert [o.shape for o in outs] == [(1, dims * 2**i, 16 // 2**i, 16 // 2**i)
+                                       for i in range(4)]
     # NCHW memory: mmcv's C++ ops (RoIAlign) misread channels-last maps
     assert all(o.is_contiguous() for o in outs)
 
@@ -29,9 +30,9 @@ def test_block_types_follow_the_arch_code():
     model = AgentSwinTransformer(arch='base')
     kinds = [[type(b.attn) for b in stage.blocks] for stage in model.layers]
     assert kinds[0] == kinds[1] == [AgentAttention] * 2
-    assert kinds[2] == [AgentAttention] * 2 + [WindowAttention] * 16
-    assert kinds[3] == [WindowAttention] * 2
-    shifts = [b.shift for b in model.layers[2].blocks]
+    assert kinds[2] == [AgentAttention] * 2 + [ShiftWindowAttention] * 16
+    assert kinds[3] == [ShiftWindowAttention] * 2
+    shifts = [getattr(b.attn, 'shift', 0) for b in model.layers[2].blocks]
     assert shifts == [0, 0] + [0, 3] * 8
 
 
@@ -54,22 +55,30 @@ def test_bad_attn_type_is_a_value_error(code):
 @pytest.mark.parametrize('size', [(96, 128), (100, 150), (224, 224)])
 def test_matches_spec_reference(attn_type, size):
     reference = ReferenceAgentSwin(
-        depths=(2, 2, 4, 2), embed_dims=32, num_heads=(1, 2, 4, 8),
+        depths=(2, 2, 4, 2),
+        embed_dims=32,
+        num_heads=(1, 2, 4, 8),
         attn_type=attn_type)
     randomize_(reference, seed=7)
     model = AgentSwinTransformer(
-        embed_dims=32, depths=[2, 2, 4, 2], num_heads=[1, 2, 4, 8],
+        embed_dims=32,
+        depths=[2, 2, 4, 2],
+        num_heads=[1, 2, 4, 8],
         attn_type=attn_type)
     assert_parity(model, reference, torch.randn(2, 3, *size))
 
 
 def test_out_indices_and_their_norms_match_reference():
     reference = ReferenceAgentSwin(
-        depths=(1, 1, 1, 1), embed_dims=16, num_heads=(1, 2, 2, 4),
+        depths=(1, 1, 1, 1),
+        embed_dims=16,
+        num_heads=(1, 2, 2, 4),
         out_indices=(1, 3))
     randomize_(reference, seed=8)
     model = AgentSwinTransformer(
-        embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
+        embed_dims=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
         out_indices=(1, 3))
     assert not hasattr(model, 'norm0')
     assert_parity(model, reference, torch.randn(1, 3, 64, 96))
@@ -78,7 +87,9 @@ def test_out_indices_and_their_norms_match_reference():
 @pytest.mark.parametrize('size', [(32, 32), (33, 45), (32, 400), (250, 36)])
 def test_any_input_size(size):
     model = AgentSwinTransformer(
-        embed_dims=16, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2],
+        embed_dims=16,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 1, 2, 2],
         attn_type='ABMB1').eval()
     with torch.no_grad():
         outs = model(torch.randn(2, 3, *size))
@@ -90,7 +101,9 @@ def test_any_input_size(size):
 
 def test_gradients_reach_every_parameter():
     model = AgentSwinTransformer(
-        embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
+        embed_dims=16,
+        depths=[2, 2, 2, 2],
+        num_heads=[1, 2, 2, 4],
         attn_type='AMBB1')
     model.init_weights()
     assert_every_parameter_gets_gradient(model, torch.randn(2, 3, 64, 64))
@@ -99,31 +112,37 @@ def test_gradients_reach_every_parameter():
 def test_bias_cache_size_reaches_every_attention():
     assert_bias_cache_size_reaches_every_attention(
         lambda **kwargs: AgentSwinTransformer(
-            embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
-            attn_type='AABB', **kwargs),
-        torch.randn(1, 3, 64, 64))
+            embed_dims=16,
+            depths=[2, 2, 2, 2],
+            num_heads=[1, 2, 2, 4],
+            attn_type='AABB',
+            **kwargs), torch.randn(1, 3, 64, 64))
 
 
 def test_with_cp_gives_same_outputs_and_gradients():
     assert_checkpointing_is_transparent(
         lambda with_cp: AgentSwinTransformer(
-            embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
-            attn_type='AABB', drop_path_rate=0., with_cp=with_cp),
-        torch.randn(1, 3, 64, 64))
+            embed_dims=16,
+            depths=[2, 2, 2, 2],
+            num_heads=[1, 2, 2, 4],
+            attn_type='AABB',
+            drop_path_rate=0.,
+            with_cp=with_cp), torch.randn(1, 3, 64, 64))
 
 
 def test_frozen_stages():
     model = AgentSwinTransformer(
-        embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
+        embed_dims=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
         frozen_stages=1)
     assert_frozen(model, ['patch_embed', 'layers.0', 'norm0'],
                   ['layers.1', 'layers.2', 'norm1', 'norm3'])
 
 
 def test_arch_fields_are_overridable():
-    model = AgentSwinTransformer(arch='small',
-                                 agent_shapes=[(9, 9), (5, 5), (7, 7),
-                                               (7, 7)])
+    model = AgentSwinTransformer(
+        arch='small', agent_shapes=[(9, 9), (5, 5), (7, 7), (7, 7)])
     assert model.layers[1].blocks[0].attn.agent_shape == (5, 5)
     assert model.layers[0].blocks[0].attn.agent_shape == (9, 9)
 

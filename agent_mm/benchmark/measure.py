@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
 from agent_mm.utils.timing import (Step, eval_step, interleaved_times,
                                    peak_bytes, train_step)
@@ -110,11 +111,8 @@ def flops_wanted(peak_mb: float, max_peak_mb: Optional[float]) -> bool:
 
 def bias_cache_bytes(model: nn.Module) -> int:
     """Bytes held by the eval-mode bias caches of the agent attentions."""
-    # replaced by AgentAttention's public cache API in the refactor
-    return sum(tensor.numel() * tensor.element_size()
-               for module in model.modules()
-               for biases in getattr(module, '_bias_cache', {}).values()
-               for tensor in biases)
+    return sum(module.bias_cache.nbytes for module in model.modules()
+               if isinstance(module, AgentAttention))
 
 
 def output_differences(models: Dict[str, nn.Module],

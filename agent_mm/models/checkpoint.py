@@ -65,9 +65,10 @@ def extract_backbone_state_dict(checkpoint: Mapping) -> Dict[str, Tensor]:
     state_dict = _strip_prefix(state_dict, 'module.')
     if any(k.startswith('backbone.') for k in state_dict):
         state_dict = _strip_prefix(
-            {k: v
-             for k, v in state_dict.items() if k.startswith('backbone.')},
-            'backbone.')
+            {
+                k: v
+                for k, v in state_dict.items() if k.startswith('backbone.')
+            }, 'backbone.')
     return state_dict
 
 
@@ -95,10 +96,11 @@ def list_keys(keys: List[str]) -> str:
     return shown + (f' (and {more} more)' if more > 0 else '')
 
 
-def is_plain_layout(module: nn.Module,
-                    state_dict: Mapping[str, Tensor]) -> bool:
+def is_plain_layout(module: nn.Module, state_dict: Mapping[str,
+                                                           Tensor]) -> bool:
     """Whether ``state_dict`` is a plain PVT / Swin one for an agent
     ``module``: the module has agent attention, the checkpoint none."""
+
     def has_agents(keys):
         return any(re.fullmatch(AGENT_ONLY_KEYS, key) for key in keys)
 
@@ -127,8 +129,7 @@ def agent_only_summary(missing: List[str]) -> str:
 
 
 def check_no_unexpected_keys(module: nn.Module,
-                             state_dict: Mapping[str, Tensor],
-                             source: str,
+                             state_dict: Mapping[str, Tensor], source: str,
                              tolerated: Sequence[str] = ()) -> None:
     """Raise a ``ValueError`` naming the checkpoint weights that ``module``
     does not have, beyond :data:`IGNORED_EXTRA_KEYS` and ``tolerated``
@@ -183,23 +184,25 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     print_log(
         f'Loaded {len(own_keys) - len(missing)}/{len(own_keys)} weights of '
-        f'{type(module).__name__} from {filename}', logger='current')
+        f'{type(module).__name__} from {filename}',
+        logger='current')
     if plain:
         print_log(
             'A plain (non-agent) checkpoint: agent-only parameters kept at '
             f'their initial values: {agent_only_summary(missing)}',
             logger='current')
     others = [
-        k for k in missing
-        if not (plain and re.fullmatch(AGENT_ONLY_KEYS, k))
+        k for k in missing if not (plain and re.fullmatch(AGENT_ONLY_KEYS, k))
     ]
     if others:
         print_log(
-            'Weights not in the checkpoint (kept at their initial values): '
-            + ', '.join(others), logger='current', level=30)
+            'Weights not in the checkpoint (kept at their initial values): ' +
+            ', '.join(others),
+            logger='current',
+            level=30)
     if unexpected:
         print_log(
             'Checkpoint weights not used by the backbone (known extras of '
-            'released checkpoints): ' +
-            ', '.join(unexpected), logger='current')
+            'released checkpoints): ' + ', '.join(unexpected),
+            logger='current')
     return list(missing)

@@ -51,7 +51,7 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
     return torch.matmul(weights, value), lse
 
 
-def _blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
+def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
     """``(rows, cols)`` blocks of the ``L×S`` attention map for the backward
     pass, split along its longer axis (queries, or keys when there are more
     keys) so that, on the CPU, each block's ``(B, heads, rows, cols)``
@@ -65,7 +65,7 @@ def _blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
     size = length
     if query.device.type == 'cpu':
         line_bytes = batch * heads * other * query.element_size()
-        size = max(1, BACKWARD_BLOCK_BYTES // line_bytes)
+        size = max(1, BACKWARD_BLOCK_BYTES // max(1, line_bytes))
     parts = [slice(start, start + size) for start in range(0, length, size)]
     whole = slice(None)
     if keys > queries:
@@ -89,16 +89,16 @@ def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
     return bias
 
 
-class _RecomputedBiasAttention(torch.autograd.Function):
+class _SharedBiasAttention(torch.autograd.Function):
     """``softmax(scale * q kᵀ + make_bias(*sources)) v``; see
-    :func:`recomputed_bias_attention`."""
+    :func:`shared_bias_attention`."""
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
                 make_bias: BiasFn, *sources: Tensor) -> Tensor:
         bias = _checked_bias(make_bias(*sources), query, key)
-        out, lse = _attend_with_lse(query, key, value,
-                                    bias.to(query.dtype), scale)
+        out, lse = _attend_with_lse(query, key, value, bias.to(query.dtype),
+                                    scale)
         ctx.save_for_backward(query, key, value, out, lse, *sources)
         ctx.scale = scale
         ctx.make_bias = make_bias
@@ -139,24 +139,25 @@ def _accumulate(grad: Optional[Tensor], part: slice, left: Tensor,
             _as_batch_of_matrices(left), _as_batch_of_matrices(right))
 
 
-def _blockwise_grads(scale: float, query: Tensor, key: Tensor, value: Tensor,
-                     out: Tensor, lse: Tensor, bias: Tensor, grad_out: Tensor,
-                     needed: Tuple[bool, bool, bool, bool]
-                     ) -> Tuple[Optional[Tensor], ...]:
+def _blockwise_grads(
+        scale: float, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+        lse: Tensor, bias: Tensor, grad_out: Tensor,
+        needed: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
     """Gradients of query, key, value and the (batch-summed) bias, each
     ``None`` unless ``needed``, rebuilding the attention weights from the
-    log-sum-exp one block of the map at a time (:func:`_blocks`); the
+    log-sum-exp one block of the map at a time (:func:`backward_blocks`); the
     gradients are accumulated in place over the blocks."""
     need_query, need_key, need_value, need_bias = needed
     # contiguous: accumulated through (B*heads, n, d) views
     dense = torch.contiguous_format
-    grad_query, grad_key, grad_value = (
-        torch.zeros_like(x, memory_format=dense) if need else None
-        for x, need in ((query, need_query), (key, need_key),
-                        (value, need_value)))
+    grad_query, grad_key, grad_value = (torch.zeros_like(
+        x, memory_format=dense) if need else None
+                                        for x, need in ((query, need_query),
+                                                        (key, need_key),
+                                                        (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
     row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
-    for rows, cols in _blocks(query, key):
+    for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
         block_key, block_value = key[:, :, cols], value[:, :, cols]
         weights = _logits(block_query, block_key, bias[:, rows, cols],
@@ -170,17 +171,16 @@ def _blockwise_grads(scale: float, query: Tensor, key: Tensor, value: Tensor,
         if grad_bias is not None:
             torch.sum(grad_logits, dim=0, out=grad_bias[:, rows, cols])
         _accumulate(grad_query, rows, grad_logits, block_key)
-        _accumulate(grad_key, cols, grad_logits.transpose(-2, -1),
-                    block_query)
+        _accumulate(grad_key, cols, grad_logits.transpose(-2, -1), block_query)
     for grad in (grad_query, grad_key):
         if grad is not None:
             grad.mul_(scale)
     return grad_query, grad_key, grad_value, grad_bias
 
 
-def recomputed_bias_attention(query: Tensor, key: Tensor, value: Tensor,
-                              scale: float, make_bias: BiasFn,
-                              *sources: Tensor) -> Tensor:
+def shared_bias_attention(query: Tensor, key: Tensor, value: Tensor,
+                          scale: float, make_bias: BiasFn, *sources:
+                          Tensor) -> Tensor:
     """``softmax(scale * q kᵀ + bias) v`` with ``bias = make_bias(*sources)``
     shared by the batch, storing neither the bias nor the attention map.
 
@@ -198,5 +198,5 @@ def recomputed_bias_attention(query: Tensor, key: Tensor, value: Tensor,
     Returns:
         ``(B, heads, L, e)``.
     """
-    return _RecomputedBiasAttention.apply(query, key, value, scale, make_bias,
-                                          *sources)
+    return _SharedBiasAttention.apply(query, key, value, scale, make_bias,
+                                      *sources)

@@ -3,17 +3,20 @@ nothing attention-sized stored for backward."""
 import pytest
 import torch
 
-from agent_mm.models import biased_attention
-from agent_mm.models.biased_attention import recomputed_bias_attention
+from agent_mm.ops import shared_bias_attention as op_module
 
 
-def _inputs(batch=2, heads=3, queries=11, keys=7, dims=5, value_dims=4,
+def _inputs(batch=2,
+            heads=3,
+            queries=11,
+            keys=7,
+            dims=5,
+            value_dims=4,
             dtype=torch.float64):
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen,
-                           dtype=dtype).requires_grad_()
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
 
     return (rand(batch, heads, queries, dims), rand(batch, heads, keys, dims),
             rand(batch, heads, keys, value_dims), rand(heads, queries, keys))
@@ -28,9 +31,9 @@ def _low_rank(rows, cols):
     return rows @ cols
 
 
-def shared_bias_attention(query, key, value, bias, scale):
-    return recomputed_bias_attention(query, key, value, scale, _identity,
-                                     bias)
+def _with_bias(query, key, value, bias, scale):
+    return op_module.shared_bias_attention(query, key, value, scale, _identity,
+                                           bias)
 
 
 def _literal(query, key, value, bias, scale):
@@ -44,15 +47,14 @@ def test_matches_literal_attention(value_dims):
     inputs = _inputs(value_dims=value_dims, dtype=torch.float32)
     expected = _literal(*inputs, 0.3)
     torch.testing.assert_close(
-        shared_bias_attention(*inputs, 0.3), expected, rtol=1e-5, atol=1e-6)
+        _with_bias(*inputs, 0.3), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('value_dims', [5, 4])
 def test_gradients_match_autograd_of_literal_attention(value_dims):
     inputs = _inputs(value_dims=value_dims)
     grad_out = torch.randn(2, 3, 11, value_dims, dtype=torch.float64)
-    ours = torch.autograd.grad(
-        shared_bias_attention(*inputs, 0.7), inputs, grad_out)
+    ours = torch.autograd.grad(_with_bias(*inputs, 0.7), inputs, grad_out)
     expected = torch.autograd.grad(_literal(*inputs, 0.7), inputs, grad_out)
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want)
@@ -65,23 +67,21 @@ def test_gradients_match_autograd_of_literal_attention(value_dims):
 @pytest.mark.parametrize('block', [1, 3, 11])
 def test_blockwise_backward_matches_autograd_of_literal_attention(
         monkeypatch, queries, keys, block):
-    monkeypatch.setattr(biased_attention, 'BACKWARD_BLOCK_BYTES',
+    monkeypatch.setattr(op_module, 'BACKWARD_BLOCK_BYTES',
                         block * 2 * 3 * 7 * 8)
     query, key, value, bias = _inputs(queries=queries, keys=keys)
-    blocks = biased_attention._blocks(query, key)
+    blocks = op_module.backward_blocks(query, key)
     assert len(blocks) == -(-11 // block)
     split = [rows if queries > keys else cols for rows, cols in blocks]
-    assert [(s.start, s.stop) for s in split] == [
-        (start, start + block) for start in range(0, 11, block)
-    ]
+    assert [(s.start, s.stop) for s in split
+            ] == [(start, start + block) for start in range(0, 11, block)]
     # keys and values as strided views, as projections chunked in two are
     key_value = torch.cat([key, value], dim=-1).detach().requires_grad_()
     key, value = key_value.split([5, 4], dim=-1)
     inputs = (query, key_value, bias)
     grad_out = torch.randn(2, 3, queries, 4, dtype=torch.float64)
     ours = torch.autograd.grad(
-        shared_bias_attention(query, key, value, bias, 0.7), inputs,
-        grad_out)
+        _with_bias(query, key, value, bias, 0.7), inputs, grad_out)
     expected = torch.autograd.grad(
         _literal(query, key, value, bias, 0.7), inputs, grad_out)
     for got, want in zip(ours, expected):
@@ -89,10 +89,9 @@ def test_blockwise_backward_matches_autograd_of_literal_attention(
 
 
 def test_gradcheck():
-    inputs = _inputs(batch=2, heads=2, queries=4, keys=3, dims=3,
-                     value_dims=2)
-    assert torch.autograd.gradcheck(
-        lambda *args: shared_bias_attention(*args, 0.5), inputs)
+    inputs = _inputs(batch=2, heads=2, queries=4, keys=3, dims=3, value_dims=2)
+    assert torch.autograd.gradcheck(lambda *args: _with_bias(*args, 0.5),
+                                    inputs)
 
 
 def test_gradients_reach_the_bias_sources():
@@ -105,8 +104,8 @@ def test_gradients_reach_the_bias_sources():
     inputs = (query, key, value, rows, cols)
     grad_out = torch.randn(2, 3, 11, 4, dtype=torch.float64)
     ours = torch.autograd.grad(
-        recomputed_bias_attention(query, key, value, 0.4, _low_rank, rows,
-                                  cols), inputs, grad_out)
+        op_module.shared_bias_attention(query, key, value, 0.4, _low_rank,
+                                        rows, cols), inputs, grad_out)
     expected = torch.autograd.grad(
         _literal(query, key, value, _low_rank(rows, cols), 0.4), inputs,
         grad_out)
@@ -117,7 +116,7 @@ def test_gradients_reach_the_bias_sources():
 def test_frozen_bias_gets_no_gradient():
     query, key, value, bias = _inputs()
     bias = bias.detach()
-    out = shared_bias_attention(query, key, value, bias, 1.0)
+    out = _with_bias(query, key, value, bias, 1.0)
     out.sum().backward()
     assert bias.grad is None
     assert query.grad is not None and value.grad is not None
@@ -134,16 +133,19 @@ def test_saves_neither_bias_nor_attention_map():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        recomputed_bias_attention(query, key, value, 1.0, _low_rank, rows,
-                                  cols)
+        op_module.shared_bias_attention(query, key, value, 1.0, _low_rank,
+                                        rows, cols)
     batch, heads = query.shape[:2]
     assert (batch, heads, 13, 17) not in saved  # attention map
     assert (heads, 13, 17) not in saved  # bias
     # inputs, output, row-wise log-sum-exp, bias sources
     assert sorted(saved) == sorted([
-        tuple(query.shape), tuple(key.shape), tuple(value.shape),
-        (batch, heads, 13, value.shape[-1]), (batch, heads, 13),
-        tuple(rows.shape), tuple(cols.shape)
+        tuple(query.shape),
+        tuple(key.shape),
+        tuple(value.shape), (batch, heads, 13, value.shape[-1]),
+        (batch, heads, 13),
+        tuple(rows.shape),
+        tuple(cols.shape)
     ])
 
 
@@ -151,4 +153,4 @@ def test_saves_neither_bias_nor_attention_map():
 def test_rejects_bias_of_wrong_shape(bias_shape):
     query, key, value, _ = _inputs()
     with pytest.raises(ValueError, match=r'bias must have shape'):
-        shared_bias_attention(query, key, value, torch.zeros(bias_shape), 1.)
+        _with_bias(query, key, value, torch.zeros(bias_shape), 1.)

@@ -1,0 +1,219 @@
+"""Validation of the settings of the agent backbones and attention modules.
+
+Every check raises a ``ValueError`` that names the owner, the argument, the
+value given, what is allowed and how to fix it.
+"""
+import math
+import numbers
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+ATTN_IMPLS = ('fast', 'reference')
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, but not a bool (which Python counts as one)."""
+    return (isinstance(value, numbers.Integral)
+            and not isinstance(value, bool))
+
+
+def _is_real(value: Any) -> bool:
+    """A real number, but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _setting_error(owner: str, name: str, value: Any, allowed: str,
+                   fix: str) -> ValueError:
+    """The error for a bad setting: which, its value, what is allowed and
+    how to fix it."""
+    return ValueError(f'{owner}: {name} must be {allowed}, got {value!r}. '
+                      f'{fix}')
+
+
+def check_int_range(owner: str,
+                    name: str,
+                    value: Any,
+                    low: int,
+                    high: Optional[int] = None,
+                    *,
+                    fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is an int in ``low..high``.
+
+    Args:
+        owner: Class name, for the message.
+        name: Argument name, for the message.
+        value: The value given.
+        low: Smallest allowed value.
+        high: Largest allowed value; None for no bound.
+        fix: How to choose a valid value, for the message.
+    """
+    if _is_int(value) and low <= value and (high is None or value <= high):
+        return
+    allowed = (f'an int >= {low}'
+               if high is None else f'an int in {low}..{high}')
+    raise _setting_error(owner, name, value, allowed, fix)
+
+
+def check_probability(owner: str, name: str, value: Any, fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a number in [0, 1)
+    (a dropout or drop-path rate)."""
+    if not (_is_real(value) and 0 <= value < 1):
+        raise _setting_error(owner, name, value, 'a number in [0, 1)', fix)
+
+
+def check_positive(owner: str, name: str, value: Any, fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a finite number > 0."""
+    if not (_is_real(value) and 0 < value < math.inf):
+        raise _setting_error(owner, name, value, 'a finite number > 0', fix)
+
+
+def check_agent_num(owner: str, name: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a square int >= 1 (the
+    agents' bias grid is ``p×p``)."""
+    if not (_is_int(value) and value >= 1 and math.isqrt(value)**2 == value):
+        raise _setting_error(owner, name, value,
+                             'a square number >= 1 (p*p agents)',
+                             'Use e.g. 9, 16 or 49.')
+
+
+def check_int_pair(owner: str, name: str, value: Any, fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is two ints >= 1 (a grid
+    ``(h, w)``)."""
+    if not (isinstance(value, Sequence) and len(value) == 2
+            and all(_is_int(side) and side >= 1 for side in value)):
+        raise _setting_error(owner, name, value, 'a pair of ints >= 1', fix)
+
+
+def check_agent_shape(owner: str, name: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is an agent grid
+    ``(a_h, a_w)`` of ints >= 1."""
+    check_int_pair(owner, name, value,
+                   'Give the agent grid as (a_h, a_w), e.g. (7, 7).')
+
+
+def check_num_heads(owner: str, name: str, num_heads: Any,
+                    channels: int) -> None:
+    """Raise a ``ValueError`` unless ``num_heads`` is an int >= 1 dividing
+    ``channels``."""
+    if not (_is_int(num_heads) and num_heads >= 1
+            and channels % num_heads == 0):
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        raise _setting_error(
+            owner, name, num_heads,
+            f'an int >= 1 by which the {channels} channels are divisible',
+            f'Use one of {divisors}.')
+
+
+def check_stage_heads(owner: str, channels: Sequence[int],
+                      num_heads: Sequence[Any]) -> None:
+    """:func:`check_num_heads` for every stage."""
+    for stage, (dims, heads) in enumerate(zip(channels, num_heads)):
+        check_num_heads(owner, f'num_heads[{stage}]', heads, dims)
+
+
+def check_backbone_settings(owner: str, in_channels: Any, drop_rate: Any,
+                            attn_drop_rate: Any, drop_path_rate: Any) -> None:
+    """Raise a ``ValueError`` unless a backbone's image channels are >= 1
+    and its dropout and stochastic depth rates are in [0, 1)."""
+    check_int_range(
+        owner, 'in_channels', in_channels, 1, fix='Use 3 for RGB images.')
+    check_probability(owner, 'drop_rate', drop_rate,
+                      '0 (as released) turns dropout off.')
+    check_probability(owner, 'attn_drop_rate', attn_drop_rate,
+                      '0 (as released) turns attention dropout off.')
+    check_probability(
+        owner, 'drop_path_rate', drop_path_rate,
+        'A rate of 1 drops every residual branch of the last block and '
+        'divides by 0 (NaN in training); the released configs use 0.1 to '
+        '0.5, 0 turns stochastic depth off.')
+
+
+# Per-stage settings: the check of each entry and its keyword arguments.
+STAGE_RULES: Dict[str, Tuple[Callable[..., None], Dict[str, Any]]] = {
+    'depths': (check_int_range,
+               dict(low=1, fix='Every stage needs at least one block.')),
+    'embed_dims':
+    (check_int_range, dict(low=1, fix='The released models use 64 to 512.')),
+    'num_heads':
+    (check_int_range, dict(low=1, fix='Every stage needs at least one head.')),
+    'mlp_ratios': (check_positive,
+                   dict(fix='The released models use 8, 8, 4, 4.')),
+    'sr_ratios': (check_int_range,
+                  dict(low=1, fix='1 keeps keys at full resolution.')),
+    'agent_num': (check_agent_num, {}),
+    'agent_shapes': (check_agent_shape, {}),
+}
+
+
+def check_stage_lists(backbone: str, num_stages: int, settings: Dict[str, Any],
+                      names: Iterable[str]) -> None:
+    """Raise a ``ValueError`` unless each named setting has one valid entry
+    per stage (see :data:`STAGE_RULES`)."""
+    for name in names:
+        value = settings[name]
+        if not isinstance(value, Sequence) or len(value) != num_stages:
+            raise ValueError(f'{backbone}: {name} needs {num_stages} entries '
+                             f'(one per stage), got {value!r}.')
+        check, kwargs = STAGE_RULES[name]
+        for stage, entry in enumerate(value):
+            check(backbone, f'{name}[{stage}]', entry, **kwargs)
+
+
+def check_out_indices(backbone: str, out_indices: Sequence[int],
+                      num_stages: int) -> Tuple[int, ...]:
+    """Validate ``out_indices`` (0-based stage indices)."""
+    out_indices = tuple(out_indices)
+    if not out_indices or any(not _is_int(i) or not 0 <= i < num_stages
+                              for i in out_indices):
+        raise ValueError(f'{backbone}: out_indices must be stage indices in '
+                         f'0..{num_stages - 1}, got {out_indices}.')
+    return out_indices
+
+
+def check_input(backbone: str, img: Tensor, in_channels: int,
+                min_size: int) -> None:
+    """Reject images the backbone cannot process, saying why."""
+    if img.dim() != 4 or img.shape[1] != in_channels:
+        raise ValueError(f'{backbone} expects images of shape (B, '
+                         f'{in_channels}, H, W), got {tuple(img.shape)}. '
+                         'Convert grayscale/RGBA images to 3 channels (or '
+                         'set in_channels).')
+    height, width = img.shape[-2:]
+    if height < min_size or width < min_size:
+        raise ValueError(f'{backbone} needs inputs of at least {min_size}×'
+                         f'{min_size} pixels (its total stride), got '
+                         f'{height}×{width}. Resize or pad the image.')
+
+
+def check_agent_attention(embed_dims: Any, num_heads: Any, ref_size: Any,
+                          agent_num: Any, agent_shape: Any, attn_drop: Any,
+                          proj_drop: Any, attn_impl: Any,
+                          bias_cache_size: Any) -> None:
+    """Raise a ``ValueError`` naming the first invalid argument of
+    :class:`AgentAttention`."""
+    name = 'AgentAttention'
+    check_int_range(
+        name,
+        'embed_dims',
+        embed_dims,
+        1,
+        fix='Give the channels C of the tokens.')
+    check_num_heads(name, 'num_heads', num_heads, embed_dims)
+    check_int_pair(name, 'ref_size', ref_size,
+                   'Give the token grid (r_h, r_w) of a 224x224 image.')
+    check_agent_num(name, 'agent_num', agent_num)
+    check_agent_shape(name, 'agent_shape', agent_shape)
+    check_probability(name, 'attn_drop', attn_drop,
+                      '0 turns attention dropout off.')
+    check_probability(name, 'proj_drop', proj_drop,
+                      '0 turns projection dropout off.')
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f'{name}: attn_impl must be one of {ATTN_IMPLS}, '
+                         f'got {attn_impl!r}.')
+    check_int_range(
+        name,
+        'bias_cache_size',
+        bias_cache_size,
+        0,
+        fix='0 turns the eval bias cache off.')

@@ -1,0 +1,66 @@
+"""PVT's spatial-reduction attention as a token mixer ``forward(x,
+hw_shape)``."""
+from typing import Tuple
+
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from .checks import check_num_heads
+from .layers import ChannelsLastConv2d, map_to_tokens, tokens_to_map
+
+
+class SpatialReductionAttention(BaseModule):
+    """PVT attention whose keys/values come from a map shrunk by
+    ``sr_ratio`` (a strided convolution, then a norm).
+
+    Args:
+        embed_dims: Channels ``C``.
+        num_heads: Number of heads.
+        sr_ratio: Stride of the reduction; 1 keeps keys at full resolution.
+        qkv_bias: Bias in the q/kv projections.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 sr_ratio: int,
+                 qkv_bias: bool = True,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.):
+        super().__init__()
+        check_num_heads(
+            type(self).__name__, 'num_heads', num_heads, embed_dims)
+        self.num_heads = num_heads
+        self.attn_drop_rate = attn_drop
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(embed_dims, embed_dims, bias=qkv_bias)
+        self.kv = nn.Linear(embed_dims, embed_dims * 2, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = ChannelsLastConv2d(
+                embed_dims, embed_dims, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        batch, tokens, channels = x.shape
+        source = x
+        if self.sr_ratio > 1:
+            source = tokens_to_map(x, hw_shape)
+            source = self.norm(map_to_tokens(self.sr(source)))
+
+        def heads(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        key, value = self.kv(source).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(
+            heads(self.q(x)),
+            heads(key),
+            heads(value),
+            dropout_p=self.attn_drop_rate if self.training else 0.)
+        out = out.transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,114 @@
+"""What the agent backbones share: the pre-norm block around any token
+mixer, the patch embedding, and the stage constants."""
+from typing import Optional, Tuple
+
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from .layers import (ChannelsLastConv2d, Mlp, drop_path_or_identity,
+                     map_to_tokens, maybe_checkpoint, mlp_residual,
+                     residual_sum)
+
+NUM_STAGES = 4
+# Side of the images the released models were pre-trained on; the position
+# embeddings and biases are sized for its token grids.
+PRETRAIN_IMG_SIZE = 224
+# Total stride of the four stages: smaller inputs leave no token.
+MIN_INPUT_SIZE = 32
+
+
+def build_norm(norm_cfg: dict, dims: int) -> nn.Module:
+    """The norm layer of ``norm_cfg`` (mmcv's builder) over ``dims``."""
+    return build_norm_layer(norm_cfg, dims)[1]
+
+
+class TransformerBlock(BaseModule):
+    """Pre-norm transformer block around a token mixer:
+    ``x + drop_path(attn(norm1(x), hw_shape))``, then
+    ``x + drop_path(mlp(norm2(x)))``.
+
+    Args:
+        embed_dims: Channels ``C``.
+        attn: The token mixer, ``forward(x, hw_shape)`` on ``(B, H*W, C)``.
+        mlp_ratio: Hidden channels of the MLP over ``C``.
+        drop_rate: Dropout in the MLP.
+        drop_path_rate: Stochastic depth of both residual branches.
+        with_cp: Gradient checkpointing of the whole block.
+        norm_cfg: Both norms (mmcv config).
+        act_cfg: The MLP's activation (mmcv config).
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 attn: nn.Module,
+                 mlp_ratio: float,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 with_cp: bool = False,
+                 norm_cfg: Optional[dict] = None,
+                 act_cfg: Optional[dict] = None):
+        super().__init__()
+        norm_cfg = norm_cfg or dict(type='LN')
+        self.norm1 = build_norm(norm_cfg, embed_dims)
+        self.attn = attn
+        self.drop_path = drop_path_or_identity(drop_path_rate)
+        self.norm2 = build_norm(norm_cfg, embed_dims)
+        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop_rate,
+                       act_cfg)
+        self.with_cp = with_cp
+
+    def _forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        x = residual_sum(self.drop_path(self.attn(self.norm1(x), hw_shape)), x)
+        return mlp_residual(x, self.norm2, self.mlp, self.drop_path,
+                            self.training)
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        return maybe_checkpoint(
+            self._forward, x, hw_shape, enabled=self.with_cp)
+
+
+class PatchEmbed(BaseModule):
+    """Non-overlapping ``patch_size``² patches, then a norm; returns tokens
+    and their grid.
+
+    Args:
+        in_channels: Input channels.
+        embed_dims: Output channels.
+        patch_size: Side (and stride) of the patches.
+        pad: Zero-pad right/bottom to whole patches (Swin) instead of
+            dropping the remainder (PVT).
+        norm_cfg: The norm after the projection (mmcv config).
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 embed_dims: int,
+                 patch_size: int,
+                 pad: bool = False,
+                 norm_cfg: Optional[dict] = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.pad = pad
+        self.proj = ChannelsLastConv2d(
+            in_channels, embed_dims, patch_size, stride=patch_size)
+        self.norm = build_norm(norm_cfg or dict(type='LN'), embed_dims)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        if self.pad:
+            height, width = x.shape[-2:]
+            x = F.pad(
+                x, (0, -width % self.patch_size, 0, -height % self.patch_size))
+        x = self.proj(x)
+        hw_shape = tuple(x.shape[-2:])
+        return self.norm(map_to_tokens(x)), hw_shape
+
+
+def pretrain_grid(stage: int) -> Tuple[int, int]:
+    """Token grid of stage ``stage`` (strides 4, 8, 16, 32) for a
+    :data:`PRETRAIN_IMG_SIZE` image: the size of the position embeddings and
+    biases learned on it."""
+    side = PRETRAIN_IMG_SIZE // (4 * 2**stage)
+    return side, side

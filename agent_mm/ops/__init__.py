@@ -1,0 +1,5 @@
+"""Autograd operations of agent_mm (no parameters, no registry).
+
+- :mod:`.shared_bias_attention`: softmax attention with one bias shared by
+  the batch, rebuilt in backward instead of stored.
+"""

@@ -1,0 +1,76 @@
+"""The shared pieces: the pre-norm block around any token mixer, the patch
+embedding, the pre-training grids."""
+import pytest
+import torch
+import torch.nn as nn
+
+from agent_mm.models.transformer import (PRETRAIN_IMG_SIZE, PatchEmbed,
+                                         TransformerBlock, pretrain_grid)
+
+
+class _RowMixer(nn.Module):
+    """A token mixer that uses the grid: each token plus its row's mean."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.proj = nn.Linear(dims, dims)
+
+    def forward(self, x, hw_shape):
+        rows = x.unflatten(1, hw_shape)
+        return self.proj(x + rows.mean(2, keepdim=True).expand_as(
+            rows).flatten(1, 2))
+
+
+def _block(**kwargs):
+    torch.manual_seed(0)
+    return TransformerBlock(8, _RowMixer(8), mlp_ratio=2., **kwargs)
+
+
+def _pre_norm(block, x, hw_shape):
+    x = x + block.attn(block.norm1(x), hw_shape)
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize('grad', [True, False])
+def test_block_is_pre_norm_residual_around_the_mixer(grad):
+    block = _block().eval()
+    x = torch.randn(2, 12, 8)
+    with torch.set_grad_enabled(grad):
+        expected = _pre_norm(block, x, (3, 4))
+        out = block(x.clone(), (3, 4))
+    torch.testing.assert_close(out, expected)
+
+
+def test_block_with_cp_gives_the_same_outputs_and_gradients():
+    plain, checkpointed = _block(), _block(with_cp=True)
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    outs, grads = [], []
+    for block in (plain, checkpointed):
+        out = block(x, (3, 4))
+        grads.append(torch.autograd.grad(out.sum(), [x, *block.parameters()]))
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_norm_and_activation_come_from_the_configs():
+    block = _block(
+        norm_cfg=dict(type='LN', eps=1e-6), act_cfg=dict(type='ReLU'))
+    assert block.norm1.eps == block.norm2.eps == 1e-6
+    assert isinstance(block.mlp.act, nn.ReLU)
+    assert _block().norm1.eps == 1e-5
+
+
+@pytest.mark.parametrize('pad, expected', [(False, (4, 2)), (True, (5, 3))])
+def test_patch_embed_floors_or_pads(pad, expected):
+    embed = PatchEmbed(3, 6, 4, pad=pad)
+    tokens, hw_shape = embed(torch.randn(2, 3, 17, 11))
+    assert hw_shape == expected
+    assert tokens.shape == (2, expected[0] * expected[1], 6)
+
+
+def test_pretrain_grids_are_the_token_grids_of_a_224_image():
+    assert PRETRAIN_IMG_SIZE == 224
+    assert [pretrain_grid(i) for i in range(4)] == [(56, 56), (28, 28),
+                                                    (14, 14), (7, 7)]
