@@ -5,3 +5,7 @@ _base_ = [
 custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)
 
 model = dict(backbone=dict(plugins={{_base_.agent_plugins}}))
+
+# checkpoints written to a temporary file and renamed, so that a kill cannot
+# break one (interval and the rest from the base)
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
