@@ -24,7 +24,7 @@ def _pair(fused_qkv,
     module = AgentAttention(
         settings['dim'],
         settings['num_heads'],
-        ref_size=settings['ref_size'],
+        pretrain_grid=settings['ref_size'],
         agent_num=settings['agent_num'],
         agent_shape=settings['agent_shape'],
         fused_qkv=fused_qkv,
@@ -171,7 +171,7 @@ def test_load_state_dict_invalidates_cache():
 
 
 def test_biases_are_initialised_with_truncated_normal():
-    module = AgentAttention(64, 4, ref_size=(28, 28), agent_num=49)
+    module = AgentAttention(64, 4, pretrain_grid=(28, 28), agent_num=49)
     for name in BIAS_NAMES:
         values = getattr(module, name).detach()
         assert values.abs().max() <= 2.0, name
@@ -186,14 +186,14 @@ def test_biases_are_initialised_with_truncated_normal():
                           (dict(bias_cache_size=1.5), 'bias_cache_size'),
                           (dict(bias_cache_size=True), 'bias_cache_size')])
 def test_bad_settings_are_rejected(kwargs, message):
-    settings = dict(embed_dims=32, num_heads=2, ref_size=(7, 7))
+    settings = dict(embed_dims=32, num_heads=2, pretrain_grid=(7, 7))
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         AgentAttention(**settings)
 
 
 def test_token_count_must_match_hw_shape():
-    module = AgentAttention(32, 2, ref_size=(7, 7), agent_num=9)
+    module = AgentAttention(32, 2, pretrain_grid=(7, 7), agent_num=9)
     with pytest.raises(ValueError, match='hw_shape'):
         module(torch.randn(1, 50, 32), (7, 7))
 
@@ -205,7 +205,7 @@ def test_registered_in_root_registry():
             type='AgentAttention',
             embed_dims=16,
             num_heads=2,
-            ref_size=(7, 7),
+            pretrain_grid=(7, 7),
             agent_num=4,
             agent_shape=(3, 3)))
     assert isinstance(module, AgentAttention)

@@ -26,7 +26,7 @@ SETTINGS = dict(
     num_heads=2,
     agent_num=9,
     agent_shape=(4, 5),
-    ref_size=(6, 6))
+    pretrain_grid=(6, 6))
 # bottlenecks of a ResNet-50 in stages c3, c4, c5
 PLUGGED_BLOCKS = dict(layer2=4, layer3=6, layer4=3)
 
@@ -37,7 +37,7 @@ class LiteralPlugin(nn.Module):
     are those of :class:`AgentAttention2d`."""
 
     def __init__(self, in_channels, num_heads, agent_num, agent_shape,
-                 ref_size):
+                 pretrain_grid):
         super().__init__()
         self.norm = nn.LayerNorm(in_channels, eps=1e-6)
         self.attn = ReferenceAgentAttention(
@@ -45,7 +45,7 @@ class LiteralPlugin(nn.Module):
             num_heads,
             agent_num,
             agent_shape,
-            ref_size,
+            pretrain_grid,
             fused_qkv=True)
         self.gamma = nn.Parameter(torch.zeros(in_channels))
 

@@ -70,7 +70,7 @@ def test_fast_and_reference_agent_attention_have_equal_flops():
         attn = AgentAttention(
             heads * head_dims,
             heads,
-            ref_size=(7, 7),
+            pretrain_grid=(7, 7),
             agent_num=9,
             agent_shape=(3, 4),
             attn_impl=impl).eval()

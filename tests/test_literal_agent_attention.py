@@ -10,7 +10,7 @@ from agent_mm.models.literal_agent_attention import (literal_attention,
 
 @pytest.mark.parametrize('hw', [(8, 8), (5, 11)])
 def test_literal_biases_equal_the_fast_maps_for_every_image(hw):
-    attn = AgentAttention(16, 2, ref_size=(7, 7), agent_num=9,
+    attn = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9,
                           agent_shape=(3, 4))
     agent_bias, token_bias = literal_biases(attn, hw, batch=3)
     fast_agent, fast_token = attn.biases(hw)
@@ -33,8 +33,8 @@ def test_literal_attention_is_softmax_of_biased_products():
 
 
 def test_attn_impl_selects_the_path_with_the_same_numbers():
-    fast = AgentAttention(16, 2, ref_size=(7, 7), agent_num=9).eval()
-    literal = AgentAttention(16, 2, ref_size=(7, 7), agent_num=9,
+    fast = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9).eval()
+    literal = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9,
                              attn_impl='reference').eval()
     literal.load_state_dict(fast.state_dict())
     x = torch.randn(2, 48, 16)

@@ -92,9 +92,9 @@ BAD_ATTENTION_SETTINGS = [
     ('num_heads', 5),
     ('num_heads', -2),
     ('num_heads', 2.0),
-    ('ref_size', (0, 7)),
-    ('ref_size', (7, )),
-    ('ref_size', 7),
+    ('pretrain_grid', (0, 7)),
+    ('pretrain_grid', (7, )),
+    ('pretrain_grid', 7),
     ('agent_num', 0),
     ('agent_num', 10),
     ('agent_num', -9),
@@ -134,7 +134,7 @@ def test_bad_backbone_setting_is_a_value_error(name, arg, value, stage):
 
 @pytest.mark.parametrize('arg, value', BAD_ATTENTION_SETTINGS)
 def test_bad_attention_setting_is_a_value_error(arg, value):
-    settings = dict(embed_dims=32, num_heads=2, ref_size=(7, 7))
+    settings = dict(embed_dims=32, num_heads=2, pretrain_grid=(7, 7))
     settings[arg] = value
     with pytest.raises(ValueError, match=_message(arg, value)):
         AgentAttention(**settings)
@@ -189,7 +189,8 @@ def test_frozen_stages_4_freezes_every_stage(name):
 
 def test_valid_edge_attention_settings_build():
     module = AgentAttention(
-        1, 1, ref_size=(1, 1), agent_num=1, agent_shape=(1, 1), attn_drop=0.99)
+        1, 1, pretrain_grid=(1, 1), agent_num=1, agent_shape=(1, 1),
+        attn_drop=0.99)
     assert module(torch.randn(2, 6, 1), (2, 3)).shape == (2, 6, 1)
 
 
@@ -213,7 +214,7 @@ def test_attention_on_an_empty_batch(attn_impl, training):
     module = AgentAttention(
         16,
         2,
-        ref_size=(7, 7),
+        pretrain_grid=(7, 7),
         agent_num=9,
         agent_shape=(3, 3),
         attn_impl=attn_impl).train(training)

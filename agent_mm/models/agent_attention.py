@@ -36,8 +36,8 @@ class AgentAttention(BaseModule):
     Args:
         embed_dims: Channels ``C``.
         num_heads: Number of heads; ``C`` must be divisible by it.
-        ref_size: Token grid ``(r_h, r_w)`` of a 224×224 image at this stage
-            (shape of the ``ah/aw/ha/wa`` biases).
+        pretrain_grid: Token grid ``(r_h, r_w)`` of a 224×224 image at this
+            stage (shape of the ``ah/aw/ha/wa`` biases).
         agent_num: Number of learned bias agents, a square ``p*p``.
         agent_shape: Agent grid ``(a_h, a_w)`` used downstream.
         qkv_bias: Whether the projections have a bias.
@@ -59,7 +59,7 @@ class AgentAttention(BaseModule):
     def __init__(self,
                  embed_dims: int,
                  num_heads: int,
-                 ref_size: Tuple[int, int],
+                 pretrain_grid: Tuple[int, int],
                  agent_num: int = 49,
                  agent_shape: Tuple[int, int] = (7, 7),
                  qkv_bias: bool = True,
@@ -70,9 +70,9 @@ class AgentAttention(BaseModule):
                  bias_cache_size: int = BIAS_CACHE_SIZE,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
-        check_agent_attention(embed_dims, num_heads, ref_size, agent_num,
-                              agent_shape, attn_drop, proj_drop, attn_impl,
-                              bias_cache_size)
+        check_agent_attention(embed_dims, num_heads, pretrain_grid,
+                              agent_num, agent_shape, attn_drop, proj_drop,
+                              attn_impl, bias_cache_size)
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -95,14 +95,14 @@ class AgentAttention(BaseModule):
         self.dwc = ChannelsLastConv2d(
             embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
 
-        ref_h, ref_w = ref_size
+        grid_h, grid_w = pretrain_grid
         shapes = dict(
             an_bias=(num_heads, agent_num, 7, 7),
             na_bias=(num_heads, agent_num, 7, 7),
-            ah_bias=(1, num_heads, agent_num, ref_h, 1),
-            aw_bias=(1, num_heads, agent_num, 1, ref_w),
-            ha_bias=(1, num_heads, ref_h, 1, agent_num),
-            wa_bias=(1, num_heads, 1, ref_w, agent_num))
+            ah_bias=(1, num_heads, agent_num, grid_h, 1),
+            aw_bias=(1, num_heads, agent_num, 1, grid_w),
+            ha_bias=(1, num_heads, grid_h, 1, agent_num),
+            wa_bias=(1, num_heads, 1, grid_w, agent_num))
         for name in BIAS_NAMES:
             bias = nn.Parameter(torch.zeros(shapes[name]))
             trunc_normal_(bias, std=.02)

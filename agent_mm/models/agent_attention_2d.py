@@ -61,8 +61,9 @@ class AgentAttention2d(BaseModule):
         agent_num: Number of learned bias agents, a square ``p*p``.
         agent_shape: Agent grid ``(a_h, a_w)``: the queries are pooled to
             this many agent tokens.
-        ref_size: Grid ``(r_h, r_w)`` of the row and column position biases,
-            resized to the map (default: a 224×224 image at stride 16).
+        pretrain_grid: Grid ``(r_h, r_w)`` of the row and column position
+            biases, resized to the map (default: a 224×224 image at stride
+            16).
         layer_scale_init_value: Initial value of ``gamma``.
         data_format: ``'NCHW'`` for ``(B, C, H, W)`` maps (PyTorch,
             OpenMMLab), ``'NHWC'`` for ``(B, H, W, C)`` maps (channels-last
@@ -77,7 +78,7 @@ class AgentAttention2d(BaseModule):
                  num_heads: Optional[int] = None,
                  agent_num: int = 49,
                  agent_shape: Tuple[int, int] = (7, 7),
-                 ref_size: Tuple[int, int] = (14, 14),
+                 pretrain_grid: Tuple[int, int] = (14, 14),
                  layer_scale_init_value: float = 0.,
                  data_format: str = 'NCHW',
                  init_cfg: Optional[dict] = None):
@@ -89,7 +90,7 @@ class AgentAttention2d(BaseModule):
         self.attn = AgentAttention(
             in_channels,
             default_num_heads(in_channels) if num_heads is None else num_heads,
-            ref_size=ref_size,
+            pretrain_grid=pretrain_grid,
             agent_num=agent_num,
             agent_shape=agent_shape,
             fused_qkv=True)

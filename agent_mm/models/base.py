@@ -131,8 +131,8 @@ class AgentBackbone(BaseModule):
             attn_impl=attn_impl, bias_cache_size=bias_cache_size)
 
     def agent_attention(self, stage: int, embed_dims: int,
-                        ref_size: Tuple[int,
-                                        int], **kwargs: Any) -> AgentAttention:
+                        pretrain_grid: Tuple[int, int],
+                        **kwargs: Any) -> AgentAttention:
         """The agent attention of a block of ``stage``: heads and agents
         from the arch settings, the backbone's mixer options, ``kwargs``
         (e.g. ``fused_qkv``)."""
@@ -140,7 +140,7 @@ class AgentBackbone(BaseModule):
         return AgentAttention(
             embed_dims,
             settings['num_heads'][stage],
-            ref_size=ref_size,
+            pretrain_grid=pretrain_grid,
             agent_num=settings['agent_num'][stage],
             agent_shape=tuple(settings['agent_shapes'][stage]),
             **self.mixer_cfg,

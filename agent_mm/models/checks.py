@@ -186,7 +186,7 @@ def check_input(backbone: str, img: Tensor, in_channels: int,
                          f'{height}×{width}. Resize or pad the image.')
 
 
-def check_agent_attention(embed_dims: Any, num_heads: Any, ref_size: Any,
+def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
                           agent_num: Any, agent_shape: Any, attn_drop: Any,
                           proj_drop: Any, attn_impl: Any,
                           bias_cache_size: Any) -> None:
@@ -200,7 +200,7 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, ref_size: Any,
         1,
         fix='Give the channels C of the tokens.')
     check_num_heads(name, 'num_heads', num_heads, embed_dims)
-    check_int_pair(name, 'ref_size', ref_size,
+    check_int_pair(name, 'pretrain_grid', pretrain_grid,
                    'Give the token grid (r_h, r_w) of a 224x224 image.')
     check_agent_num(name, 'agent_num', agent_num)
     check_agent_shape(name, 'agent_shape', agent_shape)
