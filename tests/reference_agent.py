@@ -19,7 +19,6 @@ names are the authors' released names, so that
 Only ``torch`` / ``torch.nn`` are used (no mmengine, mmdet, mmseg or timm).
 """
 from __future__ import annotations
-
 import math
 import zlib
 from typing import List, Optional, Sequence, Tuple

@@ -97,8 +97,8 @@ def test_missing_keys_are_reported_through_the_logger(tmp_path,
     del state_dict['pos_embed1']
     path = str(tmp_path / 'partial.pth')
     torch.save({'state_dict': state_dict}, path)
-    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
-                                                 checkpoint=path))
+    model = AgentPVT(
+        **SMALL_PVT, init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     missing = [m for m in log_messages if 'not in the checkpoint' in m]
     assert len(missing) == 1 and 'pos_embed1' in missing[0]
@@ -125,16 +125,16 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
                    'layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1)}
     path = str(tmp_path / 'resnet50.pth')
     torch.save({'state_dict': resnet_like}, path)
-    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
-                                                 checkpoint=path))
+    model = AgentPVT(
+        **SMALL_PVT, init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(ValueError, match='another model'):
         model.init_weights()
 
 
 def test_missing_checkpoint_file_names_the_path(tmp_path):
     path = str(tmp_path / 'agent_pvt_t_max_acc.pth')
-    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
-                                                 checkpoint=path))
+    model = AgentPVT(
+        **SMALL_PVT, init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(FileNotFoundError, match='agent_pvt_t_max_acc.pth'):
         model.init_weights()
 
@@ -237,7 +237,7 @@ def test_agent_checkpoint_with_extra_blocks_is_not_taken_for_plain(tmp_path):
     deeper = AgentPVT(**dict(SMALL_PVT, depths=[2, 1, 1, 1])).state_dict()
     path = str(tmp_path / 'deeper.pth')
     torch.save({'model': deeper}, path)
-    model = AgentPVT(**SMALL_PVT, init_cfg=dict(type='Pretrained',
-                                                 checkpoint=path))
+    model = AgentPVT(
+        **SMALL_PVT, init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(ValueError, match='block1.1.attn.an_bias'):
         model.init_weights()

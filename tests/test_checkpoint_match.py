@@ -16,7 +16,6 @@ from agent_mm.models import AgentPVT
 
 sys.path.insert(0, osp.join(REPO, 'tools'))
 import test as test_tool  # noqa: E402
-
 import train as train_tool  # noqa: E402
 
 PVT_S_DEPTHS = [3, 4, 6, 3]

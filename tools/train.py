@@ -11,8 +11,8 @@ import argparse
 from mmengine.config import Config
 
 from agent_mm.engine.resume import find_resume_checkpoint
-from agent_mm.engine.runtime import (add_common_args, build_runner,
-                                     enable_amp, load_config)
+from agent_mm.engine.runtime import (add_common_args, build_runner, enable_amp,
+                                     load_config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

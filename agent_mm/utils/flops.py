@@ -71,8 +71,8 @@ def flop_analyzer(model: nn.Module,
     return analyzer
 
 
-def top_level_flops(
-    analyzer: Any, names: Sequence[str] = ()) -> List[Tuple[str, int]]:
+def top_level_flops(analyzer: Any,
+                    names: Sequence[str] = ()) -> List[Tuple[str, int]]:
     """``(name, flops)`` of the model's direct children (or of ``names``).
 
     Children that ran no counted op are left out.
