@@ -164,7 +164,7 @@ def _truncate(path) -> None:
 def warned(monkeypatch):
     """The warnings that the resume fallback logs."""
     logged = []
-    monkeypatch.setattr('agent_mm.engine.resume._warn', logged.append)
+    monkeypatch.setattr('agent_mm.engine.resume.warn', logged.append)
     return logged
 
 

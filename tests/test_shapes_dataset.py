@@ -143,7 +143,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch, error):
             raise error('disk full')
         written.append(path)
 
-    monkeypatch.setattr(shapes, '_write_png', fail_on_fifth_png)
+    monkeypatch.setattr(shapes, 'write_png', fail_on_fifth_png)
     with pytest.raises(error, match='disk full'):
         generate_shapes(str(tmp_path / 'shapes'), **TINY)
     assert len(written) == 4
@@ -152,14 +152,14 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch, error):
 
 def test_losing_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     root = tmp_path / 'shapes'
-    write_split = shapes._write_split
+    write_split = shapes.write_split
 
     def another_rank_finishes_first(*args):
         root.mkdir(exist_ok=True)
         (root / 'winner').touch()
         write_split(*args)
 
-    monkeypatch.setattr(shapes, '_write_split', another_rank_finishes_first)
+    monkeypatch.setattr(shapes, 'write_split', another_rank_finishes_first)
     assert generate_shapes(str(root), **TINY) == str(root)
     assert os.listdir(root) == ['winner']
     assert os.listdir(tmp_path) == ['shapes']
@@ -241,14 +241,14 @@ def test_truncated_annotation_file_names_itself_and_the_fix(tiny_root, root):
 
 
 def test_damaged_root_removed_meanwhile_by_another_rank(root, monkeypatch):
-    find_damage = shapes._find_damage
+    find_damage = shapes.find_damage
 
     def another_rank_removes_it_after_the_check(path):
         damage = find_damage(path)
         shutil.rmtree(path)
         return damage
 
-    monkeypatch.setattr(shapes, '_find_damage',
+    monkeypatch.setattr(shapes, 'find_damage',
                         another_rank_removes_it_after_the_check)
     os.remove(osp.join(root, 'manifest.json'))
     assert ensure_shapes(root, **TINY) == root

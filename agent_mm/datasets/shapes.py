@@ -233,14 +233,14 @@ def _coco_annotation(ann_id: int, image_id: int, shape: Shape,
         iscrowd=0)
 
 
-def _write_png(path: str, array: np.ndarray) -> None:
+def write_png(path: str, array: np.ndarray) -> None:
     """Write ``array`` as a PNG, raising on failure (cv2 only warns)."""
     if not cv2.imwrite(path, array):
         raise OSError(f'could not write {path}')
 
 
-def _write_split(root: str, split: str, num_images: int, img_size: int,
-                 seed: int, min_shapes: int, max_shapes: int) -> None:
+def write_split(root: str, split: str, num_images: int, img_size: int,
+                seed: int, min_shapes: int, max_shapes: int) -> None:
     """Write the images, label maps and COCO file of one split."""
     image_dir = osp.join(root, 'images', split)
     label_dir = osp.join(root, 'ann_semseg', split)
@@ -255,8 +255,8 @@ def _write_split(root: str, split: str, num_images: int, img_size: int,
         shapes = _layout(rng, img_size, num_shapes, radius_range)
         image, label_map, areas = _render(rng, img_size, shapes)
         file_name = f'{image_id:06d}.png'
-        _write_png(osp.join(image_dir, file_name), image)
-        _write_png(osp.join(label_dir, file_name), label_map)
+        write_png(osp.join(image_dir, file_name), image)
+        write_png(osp.join(label_dir, file_name), label_map)
         images.append(
             dict(
                 id=image_id,
@@ -315,7 +315,7 @@ def _file_damage(path: str, size: int, digest: str) -> Optional[str]:
     return f'{path} does not match its SHA-256 in {MANIFEST}'
 
 
-def _find_damage(root: str) -> Optional[str]:
+def find_damage(root: str) -> Optional[str]:
     """The first sign that ``root`` is incomplete or damaged, or None.
 
     ``root`` is complete when its manifest (written last) is readable, every
@@ -463,8 +463,8 @@ def generate_shapes(root: str,
 
     def write(tmp_root: str) -> None:
         for split, count in num_images.items():
-            _write_split(tmp_root, split, count, img_size, seed, min_shapes,
-                         max_shapes)
+            write_split(tmp_root, split, count, img_size, seed, min_shapes,
+                        max_shapes)
         _write_json(osp.join(tmp_root, 'generation.json'), args)
         _write_manifest(tmp_root, num_images)
 
@@ -504,7 +504,7 @@ def ensure_shapes(root: str, **kwargs) -> str:
     # A symbolic link is followed: its target is checked and replaced.
     folder = osp.realpath(root)
     _remove_stale_temporaries(folder)
-    damage = _find_damage(folder) if osp.exists(folder) else None
+    damage = find_damage(folder) if osp.exists(folder) else None
     if damage:
         _remove_damaged(folder, damage)
     try:

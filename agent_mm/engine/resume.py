@@ -44,7 +44,8 @@ def numbered_checkpoints(folders: Iterable[str]) -> List[str]:
     return sorted(steps, key=steps.__getitem__, reverse=True)
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """Log ``message`` as a warning of the current mmengine logger."""
     print_log(message, logger='current', level='WARNING')
 
 
@@ -74,16 +75,16 @@ def find_resume_checkpoint(work_dir: str) -> Optional[str]:
         candidates = [recorded, *numbered_checkpoints(
             (work_dir, osp.dirname(recorded)))]
     else:
-        _warn(f'{record} is empty.')
+        warn(f'{record} is empty.')
         candidates = numbered_checkpoints((work_dir, ))
     for path in dict.fromkeys(candidates):
         problem = checkpoint_problem(path)
         if problem is None:
             if path != recorded:
-                _warn(f'Resuming from {path}, the newest complete '
-                      'checkpoint.')
+                warn(f'Resuming from {path}, the newest complete '
+                     'checkpoint.')
             return path
-        _warn(f'Skipping checkpoint {path}: {problem}.')
-    _warn(f'No complete checkpoint in {work_dir}: training starts from '
-          'scratch.')
+        warn(f'Skipping checkpoint {path}: {problem}.')
+    warn(f'No complete checkpoint in {work_dir}: training starts from '
+         'scratch.')
     return None
