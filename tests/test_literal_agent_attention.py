@@ -42,3 +42,22 @@ def test_attn_impl_selects_the_path_with_the_same_numbers():
         torch.testing.assert_close(fast(x, (6, 8)), literal(x, (6, 8)),
                                    atol=1e-5, rtol=1e-5)
     assert not literal.bias_cache and fast.bias_cache.shapes == [(6, 8)]
+
+
+def test_qk_scale_replaces_the_default_scale_on_both_paths():
+    default = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9)
+    assert default.scale == 8**-0.5
+    x = torch.randn(1, 48, 16)
+    outs = []
+    for impl in ('fast', 'reference'):
+        scaled = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9,
+                                qk_scale=0.1, attn_impl=impl).eval()
+        scaled.load_state_dict(default.state_dict())
+        assert scaled.scale == 0.1
+        with torch.no_grad():
+            outs.append(scaled(x, (6, 8)))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(outs[0], default.eval()(x, (6, 8)))
+    with pytest.raises(ValueError, match='qk_scale'):
+        AgentAttention(16, 2, pretrain_grid=(7, 7), qk_scale=-1.)

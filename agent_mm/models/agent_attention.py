@@ -53,6 +53,8 @@ class AgentAttention(BaseModule):
         bias_cache_size: Input shapes whose bias maps the fast path keeps in
             eval mode (:attr:`bias_cache`); 0 turns the cache off. Each shape
             costs ``2 * heads * n * H * W`` values.
+        qk_scale: Factor of the dot products; ``None`` for ``d ** -0.5``
+            (as mmdet's and mmseg's Swin take it).
         init_cfg: mmengine initialisation config.
     """
 
@@ -68,15 +70,16 @@ class AgentAttention(BaseModule):
                  proj_drop: float = 0.,
                  attn_impl: str = 'fast',
                  bias_cache_size: int = BIAS_CACHE_SIZE,
+                 qk_scale: Optional[float] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         check_agent_attention(embed_dims, num_heads, pretrain_grid,
                               agent_num, agent_shape, attn_drop, proj_drop,
-                              attn_impl, bias_cache_size)
+                              attn_impl, bias_cache_size, qk_scale)
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
-        self.scale = self.head_dims**-0.5
+        self.scale = qk_scale or self.head_dims**-0.5
         self.agent_num = agent_num
         self.agent_shape = tuple(agent_shape)
         self.fused_qkv = fused_qkv

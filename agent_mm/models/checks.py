@@ -189,7 +189,7 @@ def check_input(backbone: str, img: Tensor, in_channels: int,
 def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
                           agent_num: Any, agent_shape: Any, attn_drop: Any,
                           proj_drop: Any, attn_impl: Any,
-                          bias_cache_size: Any) -> None:
+                          bias_cache_size: Any, qk_scale: Any) -> None:
     """Raise a ``ValueError`` naming the first invalid argument of
     :class:`AgentAttention`."""
     name = 'AgentAttention'
@@ -217,3 +217,6 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
         bias_cache_size,
         0,
         fix='0 turns the eval bias cache off.')
+    if qk_scale is not None:
+        check_positive(name, 'qk_scale', qk_scale,
+                       'None gives the usual head_dims ** -0.5.')
