@@ -7,6 +7,8 @@ import math
 import numbers
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
+import torch.nn as nn
+from mmcv.cnn import build_activation_layer, build_norm_layer
 from torch import Tensor
 
 ATTN_IMPLS = ('fast', 'reference')
@@ -21,6 +23,12 @@ def _is_int(value: Any) -> bool:
 def _is_real(value: Any) -> bool:
     """A real number, but not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_tuple(value: Any) -> Any:
+    """A list or tuple as a tuple (to compare settings); other values as
+    they are."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _setting_error(owner: str, name: str, value: Any, allowed: str,
@@ -66,6 +74,120 @@ def check_positive(owner: str, name: str, value: Any, fix: str) -> None:
     """Raise a ``ValueError`` unless ``value`` is a finite number > 0."""
     if not (_is_real(value) and 0 < value < math.inf):
         raise _setting_error(owner, name, value, 'a finite number > 0', fix)
+
+
+def check_qk_scale(owner: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``qk_scale`` is None (the usual
+    ``head_dims ** -0.5``) or a finite number > 0."""
+    if value is not None:
+        check_positive(owner, 'qk_scale', value,
+                       'None gives the usual head_dims ** -0.5.')
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise _setting_error(owner, name, value, 'True or False',
+                             'Give a bool.')
+
+
+def check_supported(owner: str, name: str, value: Any, supported: Any,
+                    why: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is ``supported`` (a sequence
+    compared as a tuple): a setting of mmdet's / mmseg's backbones that the
+    agent backbone can take only at this value.
+
+    Args:
+        owner: Class name, for the message.
+        name: Argument name, for the message.
+        value: The value given.
+        supported: The one value the backbone can honour.
+        why: Why other values cannot be honoured, for the message.
+    """
+    given = _as_tuple(value)
+    if given != supported or type(given) is not type(supported):
+        raise _setting_error(owner, name, value, repr(supported), why)
+
+
+def check_alias(owner: str, name: str, value: Any, alias: str,
+                alias_value: Any) -> Any:
+    """The value of a setting that has two names (e.g. ``depths`` and
+    mmdet's ``num_layers``): whichever is given, or ``None``.
+
+    Raises:
+        ValueError: Both are given, with different values.
+    """
+    if alias_value is None:
+        return value
+    if value is not None and _as_tuple(value) != _as_tuple(alias_value):
+        raise ValueError(f'{owner}: {name}={value!r} and {alias}='
+                         f'{alias_value!r} name the same setting; give one.')
+    return alias_value
+
+
+def to_size_pair(owner: str, name: str, value: Any, min_size: int,
+                 fix: str) -> Tuple[int, int]:
+    """``value``, an int or a sequence of one or two ints (as mmdet's
+    ``pretrain_img_size``), as ``(h, w)``.
+
+    Raises:
+        ValueError: Not such a value, or a side below ``min_size``.
+    """
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(sides) == 1:
+        sides *= 2
+    if not (len(sides) == 2
+            and all(_is_int(side) and side >= min_size for side in sides)):
+        raise _setting_error(
+            owner, name, value,
+            f'an int >= {min_size} or a pair of them (height, width)', fix)
+    return sides[0], sides[1]
+
+
+# Norm layers over axis 1 of NCHW maps: on tokens (B, N, C) they would
+# normalise over the tokens instead of the channels.
+CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+def check_layer_cfg(owner: str, name: str, cfg: Any,
+                    build: Callable[[dict], nn.Module], example: str) -> None:
+    """Raise a ``ValueError`` unless ``cfg`` is an mmcv layer config that
+    ``build`` (e.g. ``build_activation_layer``) builds; norms must act on
+    the last axis (LayerNorm-like), as the blocks see tokens ``(B, N, C)``.
+
+    Args:
+        owner: Class name, for the message.
+        name: Argument name (``norm_cfg``, ``act_cfg``).
+        cfg: The value given.
+        build: Builds a layer from ``cfg``.
+        example: A valid config, for the message.
+    """
+    fix = f'Use e.g. {example}.'
+    if not (isinstance(cfg, dict) and 'type' in cfg):
+        raise _setting_error(owner, name, cfg, 'a dict with a "type" key',
+                             fix)
+    try:
+        layer = build(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _setting_error(owner, name, cfg, 'an mmcv layer config',
+                             f'Building it failed: {error}. {fix}') from error
+    if isinstance(layer, CHANNEL_FIRST_NORMS):
+        raise _setting_error(
+            owner, name, cfg, 'a norm over the channels of tokens (B, N, C)',
+            f'{type(layer).__name__} normalises axis 1 of NCHW maps. {fix}')
+
+
+def check_norm_and_act_cfgs(owner: str, norm_cfg: Optional[dict],
+                            act_cfg: Optional[dict]) -> None:
+    """:func:`check_layer_cfg` of a backbone's ``norm_cfg`` and
+    ``act_cfg`` (None: the backbone's defaults)."""
+    if norm_cfg is not None:
+        check_layer_cfg(owner, 'norm_cfg', norm_cfg,
+                        lambda cfg: build_norm_layer(cfg, 8)[1],
+                        "dict(type='LN', eps=1e-6)")
+    if act_cfg is not None:
+        check_layer_cfg(owner, 'act_cfg', act_cfg, build_activation_layer,
+                        "dict(type='GELU')")
 
 
 def check_agent_num(owner: str, name: str, value: Any) -> None:
@@ -141,6 +263,8 @@ STAGE_RULES: Dict[str, Tuple[Callable[..., None], Dict[str, Any]]] = {
                    dict(fix='The released models use 8, 8, 4, 4.')),
     'sr_ratios': (check_int_range,
                   dict(low=1, fix='1 keeps keys at full resolution.')),
+    'patch_sizes': (check_int_range,
+                    dict(low=1, fix='The released models use 4, 2, 2, 2.')),
     'agent_num': (check_agent_num, {}),
     'agent_shapes': (check_agent_shape, {}),
 }
@@ -217,6 +341,4 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
         bias_cache_size,
         0,
         fix='0 turns the eval bias cache off.')
-    if qk_scale is not None:
-        check_positive(name, 'qk_scale', qk_scale,
-                       'None gives the usual head_dims ** -0.5.')
+    check_qk_scale(name, qk_scale)
