@@ -1,22 +1,24 @@
 """Agent-PVT: Pyramid Vision Transformer with agent attention."""
+import numbers
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
-from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
 from .base import AgentBackbone
-from .bias_maps import resize
-from .checks import check_stage_heads
-from .layers import map_to_tokens, residual_sum, tokens_to_map
+from .checks import (check_alias, check_bool, check_int_range,
+                     check_stage_heads, check_supported)
+from .layers import tokens_to_map
 from .sr_attention import SpatialReductionAttention
-from .transformer import NUM_STAGES, PatchEmbed, pretrain_grid
+from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
+                          build_norm)
 
-PATCH_SIZES = (4, 2, 2, 2)
-# LayerNorm of the blocks, as released (the patch embeddings keep 1e-5)
+# LayerNorm of the blocks, as released (the patch embeddings and the
+# spatial reductions keep 1e-5)
 BLOCK_NORM = dict(type='LN', eps=1e-6)
+NON_OVERLAPPING = ('Agent-PVT embeds non-overlapping, unpadded patches (PVT '
+                   'v1); overlapping ones (PVT v2) are not supported.')
 
 
 @MODELS.register_module()
@@ -28,18 +30,40 @@ class AgentPVT(AgentBackbone):
     embedding (resized to the token grid) → blocks; every stage output is a
     feature map ``(B, C_i, H_i, W_i)`` at strides 4, 8, 16, 32.
 
+    Takes every keyword of mmdet's ``PyramidVisionTransformer`` (v1), so
+    that changing only ``type`` in its configs builds an Agent-PVT; a value
+    that Agent-PVT cannot honour is a ``ValueError`` saying what is
+    supported.
+
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'medium'``, ``'large'`` or a dict
-            with every key of :attr:`arch_zoo` entries.
-        embed_dims, depths, num_heads, mlp_ratios, sr_ratios, agent_num,
+        arch: ``'tiny'``, ``'small'``, ``'medium'``, ``'large'`` (or
+            ``'t'``, ``'s'``, ``'m'``, ``'l'``) or a dict with every key of
+            :attr:`arch_zoo` entries.
+        embed_dims: Channels of each stage (4 entries), or, as in mmdet, one
+            int: the channels per head (stage ``i`` has ``embed_dims *
+            num_heads[i]``).
+        depths, num_heads, mlp_ratios, sr_ratios, agent_num,
         agent_shapes: Per-stage overrides of the arch (4 entries each).
+        num_layers: mmdet's name for ``depths``.
         attn_type: One letter per stage, 'A' agent attention, 'B' PVT
             spatial-reduction attention.
-        kwargs: ``in_channels``, ``qkv_bias``, ``drop_rate`` (also after
-            the position embeddings), ``attn_drop_rate``,
-            ``drop_path_rate``, ``out_indices``, ``frozen_stages``,
-            ``with_cp``, ``attn_impl``, ``bias_cache_size``, ``pretrained``,
-            ``init_cfg``; see :class:`AgentBackbone`.
+        num_stages: Must be 4.
+        patch_sizes: Patch side (and stride) of each stage's embedding.
+        strides: Must equal ``patch_sizes`` (None: equal).
+        paddings: Must be zeros.
+        use_abs_pos_embed: Learned position embeddings ``pos_embed{i}``,
+            sized for ``pretrain_img_size`` and resized to the input.
+        norm_after_stage: A norm ``norm{i}`` after the blocks of each stage.
+        use_conv_ffn: Must be False.
+        norm_cfg: Every norm (patch embeddings, blocks, spatial reductions,
+            ``norm_after_stage``); None keeps the released ones, LayerNorm
+            with eps 1e-6 in the blocks and 1e-5 elsewhere.
+        kwargs: ``pretrain_img_size``, ``in_channels``, ``qkv_bias``,
+            ``qk_scale``, ``drop_rate`` (also after the position
+            embeddings), ``attn_drop_rate``, ``drop_path_rate``,
+            ``act_cfg``, ``out_indices``, ``frozen_stages``, ``with_cp``,
+            ``attn_impl``, ``bias_cache_size``, ``convert_weights``,
+            ``pretrained``, ``init_cfg``; see :class:`AgentBackbone`.
     """
     _common = dict(
         embed_dims=[64, 128, 320, 512],
@@ -60,7 +84,7 @@ class AgentPVT(AgentBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[Sequence[int]] = None,
+                 embed_dims: Optional[Union[int, Sequence[int]]] = None,
                  depths: Optional[Sequence[int]] = None,
                  num_heads: Optional[Sequence[int]] = None,
                  mlp_ratios: Optional[Sequence[float]] = None,
@@ -68,37 +92,97 @@ class AgentPVT(AgentBackbone):
                  agent_num: Optional[Sequence[int]] = None,
                  agent_shapes: Optional[Sequence[Tuple[int, int]]] = None,
                  attn_type: Optional[str] = None,
+                 num_layers: Optional[Sequence[int]] = None,
+                 num_stages: int = NUM_STAGES,
+                 patch_sizes: Sequence[int] = PATCH_SIZES,
+                 strides: Optional[Sequence[int]] = None,
+                 paddings: Sequence[int] = (0, ) * NUM_STAGES,
+                 use_abs_pos_embed: bool = True,
+                 norm_after_stage: bool = False,
+                 use_conv_ffn: bool = False,
                  **kwargs: Any):
+        head_dims = embed_dims if isinstance(embed_dims,
+                                             numbers.Integral) else None
         overrides = dict(
-            embed_dims=embed_dims, depths=depths, num_heads=num_heads,
-            mlp_ratios=mlp_ratios, sr_ratios=sr_ratios, agent_num=agent_num,
-            agent_shapes=agent_shapes, attn_type=attn_type)
-        super().__init__(arch, overrides, **kwargs)
+            embed_dims=None if head_dims is not None else embed_dims,
+            depths=check_alias('AgentPVT', 'depths', depths, 'num_layers',
+                               num_layers),
+            num_heads=num_heads, mlp_ratios=mlp_ratios, sr_ratios=sr_ratios,
+            agent_num=agent_num, agent_shapes=agent_shapes,
+            attn_type=attn_type)
+        super().__init__(arch, overrides, patch_sizes=patch_sizes, **kwargs)
+        self._check_mmdet_settings(num_stages, strides, paddings,
+                                   use_abs_pos_embed, norm_after_stage,
+                                   use_conv_ffn)
         settings = self.arch_settings
+        if head_dims is not None:
+            settings['embed_dims'] = self._dims_from_heads(
+                head_dims, settings['num_heads'])
         check_stage_heads('AgentPVT', settings['embed_dims'],
                           settings['num_heads'])
         self.attn_type = self._check_attn_type(settings['attn_type'])
         self.embed_dims = list(settings['embed_dims'])
         self.depths = list(settings['depths'])
+        self._build_stages(use_abs_pos_embed, norm_after_stage)
 
+    def _build_stages(self, use_abs_pos_embed: bool,
+                      norm_after_stage: bool) -> None:
+        """``patch_embed{i}``, ``pos_embed{i}``, ``pos_drop{i}``,
+        ``block{i}`` and ``norm{i}`` of each stage ``i`` (1-based)."""
         stage_in = self.in_channels
+        block_norm = self.norm_cfg_or(BLOCK_NORM)
         for i, dims in enumerate(self.embed_dims):
-            setattr(self, f'patch_embed{i + 1}',
-                    PatchEmbed(stage_in, dims, PATCH_SIZES[i]))
-            grid_h, grid_w = pretrain_grid(i)
-            pos_embed = nn.Parameter(torch.zeros(1, grid_h * grid_w, dims))
-            trunc_normal_(pos_embed, std=.02)
-            setattr(self, f'pos_embed{i + 1}', pos_embed)
+            setattr(
+                self, f'patch_embed{i + 1}',
+                PatchEmbed(stage_in, dims, self.patch_sizes[i],
+                           norm_cfg=self.norm_cfg_or(LAYER_NORM)))
+            self.register_pos_embed(f'pos_embed{i + 1}', i, dims,
+                                    use_abs_pos_embed)
             setattr(self, f'pos_drop{i + 1}', nn.Dropout(self.drop_rate))
             setattr(
                 self, f'block{i + 1}',
-                self.make_blocks(
-                    i,
-                    dims,
-                    lambda _, i=i: self._mixer(i),
-                    settings['mlp_ratios'][i],
-                    BLOCK_NORM))
+                self.make_blocks(i, dims, lambda _, i=i: self._mixer(i),
+                                 self.arch_settings['mlp_ratios'][i],
+                                 block_norm))
+            self.add_module(
+                f'norm{i + 1}',
+                build_norm(block_norm, dims) if norm_after_stage else None)
             stage_in = dims
+
+    def _check_mmdet_settings(self, num_stages: Any, strides: Any,
+                              paddings: Any, use_abs_pos_embed: Any,
+                              norm_after_stage: Any,
+                              use_conv_ffn: Any) -> None:
+        """Validate the keywords of mmdet's PVT that Agent-PVT takes only
+        at some values."""
+        name = 'AgentPVT'
+        check_supported(name, 'num_stages', num_stages, NUM_STAGES,
+                        'Agent-PVT has four stages.')
+        if strides is not None:
+            check_supported(name, 'strides', strides, self.patch_sizes,
+                            NON_OVERLAPPING)
+        check_supported(name, 'paddings', paddings, (0, ) * NUM_STAGES,
+                        NON_OVERLAPPING)
+        for flag, value in (('use_abs_pos_embed', use_abs_pos_embed),
+                            ('norm_after_stage', norm_after_stage),
+                            ('use_conv_ffn', use_conv_ffn)):
+            check_bool(name, flag, value)
+        check_supported(
+            name, 'use_conv_ffn', use_conv_ffn, False,
+            "Agent-PVT's blocks have PVT v1's MLP; the convolutional FFN "
+            '(PVT v2) is not supported.')
+
+    @staticmethod
+    def _dims_from_heads(head_dims: int, num_heads: Sequence[int]) -> list:
+        """mmdet's stage channels: ``head_dims`` per head."""
+        check_int_range(
+            'AgentPVT',
+            'embed_dims',
+            head_dims,
+            1,
+            fix='An int is the channels per head (64 as released, giving '
+            '64, 128, 320, 512); or give 4 per-stage channels.')
+        return [head_dims * heads for heads in num_heads]
 
     @staticmethod
     def _check_attn_type(attn_type: str) -> str:
@@ -113,26 +197,20 @@ class AgentPVT(AgentBackbone):
         """The token mixer of a block of ``stage``."""
         dims = self.embed_dims[stage]
         if self.attn_type[stage] == 'A':
-            return self.agent_attention(stage, dims, pretrain_grid(stage))
+            return self.agent_attention(stage, dims)
         return SpatialReductionAttention(
-            dims, self.arch_settings['num_heads'][stage],
-            self.arch_settings['sr_ratios'][stage], **self.mixer_cfg)
-
-    def _pos_embed(self, stage: int, hw_shape: Tuple[int, int]) -> Tensor:
-        """Stage position embedding resized to the token grid."""
-        pos_embed = getattr(self, f'pos_embed{stage + 1}')
-        grid = pretrain_grid(stage)
-        if tuple(hw_shape) == grid:
-            return pos_embed
-        grid_map = pos_embed.reshape(1, *grid, -1).permute(0, 3, 1, 2)
-        return map_to_tokens(resize(grid_map, hw_shape))
+            dims,
+            self.arch_settings['num_heads'][stage],
+            self.arch_settings['sr_ratios'][stage],
+            norm_cfg=self.norm_cfg_or(LAYER_NORM),
+            **self.mixer_cfg)
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
         modules = [self.patch_embed1] if self.frozen_stages >= 0 else []
         for i in range(1, self.frozen_stages + 1):
             modules += [
-                getattr(self, f'patch_embed{i}'),
-                getattr(self, f'block{i}')
+                getattr(self, f'{part}{i}')
+                for part in ('patch_embed', 'block', 'norm')
             ]
         return modules
 
@@ -149,9 +227,12 @@ class AgentPVT(AgentBackbone):
         for i in range(NUM_STAGES):
             x, hw_shape = getattr(self, f'patch_embed{i + 1}')(x)
             x = getattr(self, f'pos_drop{i + 1}')(
-                residual_sum(x, self._pos_embed(i, hw_shape)))
+                self.add_pos_embed(x, f'pos_embed{i + 1}', i, hw_shape))
             for block in getattr(self, f'block{i + 1}'):
                 x = block(x, hw_shape)
+            norm = getattr(self, f'norm{i + 1}')
+            if norm is not None:
+                x = norm(x)
             x = tokens_to_map(x, hw_shape)
             if i in self.out_indices:
                 outs.append(x.contiguous())

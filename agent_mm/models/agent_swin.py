@@ -11,12 +11,15 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .base import AgentBackbone
-from .checks import check_int_range, check_positive, check_stage_heads
+from .checks import (check_bool, check_int_range, check_positive,
+                     check_stage_heads, check_supported)
 from .layers import tokens_to_map
-from .transformer import NUM_STAGES, PatchEmbed, pretrain_grid
+from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
+                          build_norm, optional_norm)
 from .window_attention import ShiftWindowAttention
 
-PATCH_SIZE = 4
+# PatchMerging halves the grid between stages
+MERGE_STRIDES = PATCH_SIZES[1:]
 
 
 def swin_arch(embed_dims: int, depths: List[int], attn_type: str) -> dict:
@@ -61,12 +64,13 @@ def parse_attn_type(attn_type: str, depths: Sequence[int]) -> List[str]:
 
 
 class PatchMerging(BaseModule):
-    """2×2 neighbourhood → one token: ``LayerNorm(4C)`` then
-    ``Linear(4C, 2C)``; odd sides are padded bottom/right."""
+    """2×2 neighbourhood → one token: a norm of the ``4C`` channels
+    (``norm_cfg``, mmcv config; None for none), then ``Linear(4C, 2C)``;
+    odd sides are padded bottom/right."""
 
-    def __init__(self, embed_dims: int):
+    def __init__(self, embed_dims: int, norm_cfg: Optional[dict] = LAYER_NORM):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * embed_dims)
+        self.norm = optional_norm(norm_cfg, 4 * embed_dims)
         self.reduction = nn.Linear(4 * embed_dims, 2 * embed_dims, bias=False)
 
     def forward(self, x: Tensor,
@@ -106,19 +110,32 @@ class AgentSwinTransformer(AgentBackbone):
     ``out_indices``, the stage's features before merging, through
     ``norm{i}``, as ``(B, C·2^i, H_i, W_i)`` at strides 4, 8, 16, 32.
 
+    Takes every keyword of mmdet's and mmseg's ``SwinTransformer``, so that
+    changing only ``type`` in their configs builds an Agent-Swin; a value
+    that Agent-Swin cannot honour is a ``ValueError`` saying what is
+    supported.
+
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with every key
-            of :attr:`arch_zoo` entries.
+        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``, ``'s'``,
+            ``'b'``) or a dict with every key of :attr:`arch_zoo` entries.
         embed_dims: Channels of stage 0 (doubling at each stage).
         depths, num_heads, agent_num, agent_shapes: Per-stage overrides.
         attn_type: Stage code, see :func:`parse_attn_type`.
         window_size: Window of the 'B' blocks.
         mlp_ratio: MLP hidden ratio.
-        kwargs: ``in_channels``, ``qkv_bias``, ``drop_rate``,
-            ``attn_drop_rate``, ``drop_path_rate``, ``out_indices``,
+        patch_size: Side (and stride) of the patches of the embedding.
+        strides: Must be ``(patch_size, 2, 2, 2)`` (None: that).
+        patch_norm: A norm after the patch embedding and in each patch
+            merging.
+        use_abs_pos_embed: A learned position embedding
+            ``absolute_pos_embed`` after the patch embedding, sized for
+            ``pretrain_img_size`` and resized to the input.
+        kwargs: ``pretrain_img_size``, ``in_channels``, ``qkv_bias``,
+            ``qk_scale``, ``drop_rate``, ``attn_drop_rate``,
+            ``drop_path_rate``, ``norm_cfg``, ``act_cfg``, ``out_indices``,
             ``frozen_stages``, ``with_cp``, ``attn_impl``,
-            ``bias_cache_size``, ``pretrained``, ``init_cfg``; see
-            :class:`AgentBackbone`.
+            ``bias_cache_size``, ``convert_weights``, ``pretrained``,
+            ``init_cfg``; see :class:`AgentBackbone`.
     """
     arch_zoo = {
         'tiny': swin_arch(96, [2, 2, 6, 2], 'AAAB'),
@@ -137,17 +154,25 @@ class AgentSwinTransformer(AgentBackbone):
                  attn_type: Optional[str] = None,
                  window_size: int = 7,
                  mlp_ratio: float = 4.,
+                 patch_size: int = PATCH_SIZES[0],
+                 strides: Optional[Sequence[int]] = None,
+                 patch_norm: bool = True,
+                 use_abs_pos_embed: bool = False,
                  **kwargs: Any):
+        name = 'AgentSwinTransformer'
+        check_int_range(name, 'patch_size', patch_size, 1,
+                        fix='The released models use 4.')
         overrides = dict(
             embed_dims=embed_dims, depths=depths, num_heads=num_heads,
             agent_num=agent_num, agent_shapes=agent_shapes,
             attn_type=attn_type)
-        super().__init__(arch, overrides, **kwargs)
-        name = 'AgentSwinTransformer'
-        check_int_range(name, 'window_size', window_size, 1,
-                        fix='The released models use 7.')
-        check_positive(name, 'mlp_ratio', mlp_ratio,
-                       'The released models use 4.')
+        super().__init__(
+            arch,
+            overrides,
+            patch_sizes=(patch_size, *MERGE_STRIDES),
+            **kwargs)
+        self._check_swin_settings(window_size, mlp_ratio, strides,
+                                  patch_norm, use_abs_pos_embed)
         settings = self.arch_settings
         check_int_range(
             name,
@@ -161,18 +186,47 @@ class AgentSwinTransformer(AgentBackbone):
         self.num_features = [base_dims * 2**i for i in range(NUM_STAGES)]
         check_stage_heads(name, self.num_features, settings['num_heads'])
         self.window_size = window_size
+        norm_cfg = self.norm_cfg_or(LAYER_NORM)
+        patch_norm_cfg = norm_cfg if patch_norm else None
         self.patch_embed = PatchEmbed(
-            self.in_channels, base_dims, PATCH_SIZE, pad=True)
+            self.in_channels,
+            base_dims,
+            patch_size,
+            pad=True,
+            norm_cfg=patch_norm_cfg)
+        self.register_pos_embed('absolute_pos_embed', 0, base_dims,
+                                use_abs_pos_embed)
         self.pos_drop = nn.Dropout(self.drop_rate)
 
         self.layers = nn.ModuleList()
         for i, dims in enumerate(self.num_features):
-            blocks = self.make_blocks(
-                i, dims, lambda j, i=i: self._mixer(i, j), mlp_ratio)
-            downsample = PatchMerging(dims) if i < NUM_STAGES - 1 else None
+            blocks = self.make_blocks(i, dims,
+                                      lambda j, i=i: self._mixer(i, j),
+                                      mlp_ratio, norm_cfg)
+            downsample = (
+                PatchMerging(dims, patch_norm_cfg)
+                if i < NUM_STAGES - 1 else None)
             self.layers.append(AgentSwinStage(blocks, downsample))
         for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+            self.add_module(f'norm{i}', build_norm(norm_cfg,
+                                                   self.num_features[i]))
+
+    def _check_swin_settings(self, window_size: Any, mlp_ratio: Any,
+                             strides: Any, patch_norm: Any,
+                             use_abs_pos_embed: Any) -> None:
+        """Validate the Swin keywords."""
+        name = type(self).__name__
+        check_int_range(name, 'window_size', window_size, 1,
+                        fix='The released models use 7.')
+        check_positive(name, 'mlp_ratio', mlp_ratio,
+                       'The released models use 4.')
+        if strides is not None:
+            check_supported(
+                name, 'strides', strides, self.patch_sizes,
+                'The first stride is the patch size and Agent-Swin merges '
+                '2x2 patches between stages.')
+        check_bool(name, 'patch_norm', patch_norm)
+        check_bool(name, 'use_abs_pos_embed', use_abs_pos_embed)
 
     def _mixer(self, stage: int, block: int) -> nn.Module:
         """The token mixer of block ``block`` of ``stage``: agent attention
@@ -180,8 +234,7 @@ class AgentSwinTransformer(AgentBackbone):
         block."""
         dims = self.num_features[stage]
         if self.block_types[stage][block] == 'A':
-            return self.agent_attention(
-                stage, dims, pretrain_grid(stage), fused_qkv=True)
+            return self.agent_attention(stage, dims, fused_qkv=True)
         return ShiftWindowAttention(
             dims,
             self.arch_settings['num_heads'][stage],
@@ -195,10 +248,14 @@ class AgentSwinTransformer(AgentBackbone):
             modules += [self.layers[i], getattr(self, f'norm{i}', None)]
         return modules
 
+    def frozen_params(self) -> List[Optional[nn.Parameter]]:
+        return [self.absolute_pos_embed] if self.frozen_stages >= 0 else []
+
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self.check_input(x)
         x, hw_shape = self.patch_embed(x)
-        x = self.pos_drop(x)
+        x = self.pos_drop(
+            self.add_pos_embed(x, 'absolute_pos_embed', 0, hw_shape))
         outs = []
         for i, stage in enumerate(self.layers):
             x = stage(x, hw_shape)

@@ -1,8 +1,9 @@
 """What both agent backbones share: settings, agent attention and blocks,
-init, pretrained loading, freezing."""
+position embeddings, init, pretrained loading, freezing."""
 import copy
+import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
@@ -11,10 +12,17 @@ from torch import Tensor
 
 from .agent_attention import BIAS_CACHE_SIZE, AgentAttention
 from .checkpoint import load_backbone_checkpoint
-from .checks import (check_backbone_settings, check_input, check_int_range,
-                     check_out_indices, check_stage_lists)
-from .layers import freeze, linear_drop_path_rates
-from .transformer import MIN_INPUT_SIZE, NUM_STAGES, TransformerBlock
+from .checks import (check_backbone_settings, check_bool, check_input,
+                     check_int_range, check_norm_and_act_cfgs,
+                     check_out_indices, check_qk_scale, check_stage_lists,
+                     to_size_pair)
+from .layers import freeze, linear_drop_path_rates, residual_sum
+from .transformer import (NUM_STAGES, PATCH_SIZES, PRETRAIN_IMG_SIZE,
+                          TransformerBlock, learned_pos_embed, pretrain_grid,
+                          resized_pos_embed)
+
+# Short arch names, as in mmpretrain's arch_zoo.
+ARCH_ALIASES = dict(t='tiny', s='small', m='medium', l='large', b='base')
 
 
 def resolve_arch(backbone: str, arch_zoo: Dict[str, dict], arch: Any,
@@ -24,7 +32,8 @@ def resolve_arch(backbone: str, arch_zoo: Dict[str, dict], arch: Any,
     Args:
         backbone: Class name, for error messages.
         arch_zoo: Named architectures, each a complete settings dict.
-        arch: A name from ``arch_zoo`` or a dict of all settings.
+        arch: A name from ``arch_zoo`` (or its initial, see
+            :data:`ARCH_ALIASES`) or a dict of all settings.
         overrides: Keyword overrides; ``None`` values are ignored.
 
     Raises:
@@ -32,11 +41,15 @@ def resolve_arch(backbone: str, arch_zoo: Dict[str, dict], arch: Any,
     """
     required = set(next(iter(arch_zoo.values())))
     if isinstance(arch, str):
-        if arch not in arch_zoo:
+        name = ARCH_ALIASES.get(arch, arch)
+        if name not in arch_zoo:
+            initials = sorted(k for k, v in ARCH_ALIASES.items()
+                              if v in arch_zoo)
             raise ValueError(f'Unknown {backbone} arch {arch!r}; valid '
-                             f'names: {sorted(arch_zoo)}, or a dict with '
-                             f'the keys {sorted(required)}.')
-        settings = copy.deepcopy(arch_zoo[arch])
+                             f'names: {sorted(arch_zoo)} or their initials '
+                             f'{initials}, or a dict with the keys '
+                             f'{sorted(required)}.')
+        settings = copy.deepcopy(arch_zoo[name])
     elif isinstance(arch, dict):
         missing = required - set(arch)
         if missing:
@@ -55,22 +68,39 @@ class AgentBackbone(BaseModule):
 
     Subclasses give :attr:`arch_zoo` (named architectures) and
     :attr:`stage_lists` (the per-stage settings to validate), build their
-    stages with :meth:`agent_attention` and :meth:`make_blocks`, and say
-    what ``frozen_stages`` freezes.
+    stages with :meth:`agent_attention`, :meth:`make_blocks` and
+    :meth:`register_pos_embed`, and say what ``frozen_stages`` freezes.
 
     Every setting is validated at construction: a bad one raises a
     ``ValueError`` naming it, its value, the allowed range and a fix. An
     empty batch gives empty outputs ``(0, C_i, H_i, W_i)``.
 
+    The keywords are those of mmdet's / mmseg's Swin and PVT backbones where
+    the concept is the same, so that changing only ``type`` in their
+    configs builds an agent backbone.
+
     Args:
-        arch: A name of :attr:`arch_zoo` or a dict with all its keys.
+        arch: A name of :attr:`arch_zoo` (or its initial, e.g. ``'t'``) or
+            a dict with all its keys.
         overrides: Per-stage settings overriding the arch (None: keep).
+        patch_sizes: Downsampling of each stage's patch embedding or
+            merging (the subclass's geometry).
+        pretrain_img_size: Side, or ``(height, width)``, of the
+            pre-training images: the position embeddings and agent
+            attention's row / column biases are sized for their token grids
+            (and resized to the input's).
         in_channels: Image channels.
         out_indices: Stages whose outputs are returned.
         qkv_bias: Bias in the attention projections.
+        qk_scale: Factor of the dot products of every attention; None for
+            ``head_dims ** -0.5``.
         drop_rate: Dropout in the MLPs and after the attention projections.
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, rising linearly to this value.
+        norm_cfg: Every norm of the backbone (mmcv config of a norm over the
+            channels of tokens, e.g. ``dict(type='LN', eps=1e-6)``); None
+            keeps the released norms.
+        act_cfg: The MLPs' activation (mmcv config); None for GELU.
         frozen_stages: Stages to freeze (parameters fixed, eval mode kept
             across ``train()``); -1 freezes nothing, 0 only the first patch
             embedding, k the first k stages.
@@ -78,10 +108,14 @@ class AgentBackbone(BaseModule):
         attn_impl: ``'fast'`` or ``'reference'`` agent attention.
         bias_cache_size: Input shapes whose bias maps each agent attention
             keeps in eval mode (0: none); see :class:`AgentAttention`.
+        convert_weights: mmdet's flag for checkpoints in the original Swin /
+            PVT layout; the layout is recognised from the checkpoint's keys
+            either way (see :func:`load_backbone_checkpoint`).
         pretrained: Deprecated, use ``init_cfg``.
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads the
-            authors' ImageNet or downstream checkpoints, or plain Swin / PVT
-            ImageNet ones.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` (``type``
+            may be left out, as mmdet's Swin / PVT allow) loads the authors'
+            ImageNet or downstream checkpoints, or plain Swin / PVT ImageNet
+            ones.
     """
     arch_zoo: Dict[str, dict] = {}
     stage_lists: Tuple[str, ...] = ()
@@ -89,16 +123,23 @@ class AgentBackbone(BaseModule):
     def __init__(self,
                  arch: Any,
                  overrides: Dict[str, Any],
+                 patch_sizes: Sequence[int] = PATCH_SIZES,
+                 pretrain_img_size: Union[int,
+                                          Sequence[int]] = PRETRAIN_IMG_SIZE,
                  in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
+                 norm_cfg: Optional[dict] = None,
+                 act_cfg: Optional[dict] = None,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  attn_impl: str = 'fast',
                  bias_cache_size: int = BIAS_CACHE_SIZE,
+                 convert_weights: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(
@@ -114,6 +155,17 @@ class AgentBackbone(BaseModule):
             'the first k stages.')
         check_backbone_settings(name, in_channels, drop_rate, attn_drop_rate,
                                 drop_path_rate)
+        check_qk_scale(name, qk_scale)
+        check_norm_and_act_cfgs(name, norm_cfg, act_cfg)
+        check_bool(name, 'convert_weights', convert_weights)
+        self.patch_sizes = self._check_patch_sizes(patch_sizes)
+        self.pretrain_img_size = to_size_pair(
+            name,
+            'pretrain_img_size',
+            pretrain_img_size,
+            math.prod(self.patch_sizes),
+            fix=f'Give the side of the pre-training images ('
+            f'{PRETRAIN_IMG_SIZE} for the released models).')
         self.arch_settings = resolve_arch(name, self.arch_zoo, arch, overrides)
         check_stage_lists(name, NUM_STAGES, self.arch_settings,
                           self.stage_lists)
@@ -122,39 +174,56 @@ class AgentBackbone(BaseModule):
         self.frozen_stages = frozen_stages
         self.with_cp = with_cp
         self.drop_rate = drop_rate
+        self.norm_cfg = norm_cfg
+        self.act_cfg = act_cfg
+        self.convert_weights = convert_weights
         self.drop_path_rates = linear_drop_path_rates(
             self.arch_settings['depths'], drop_path_rate)
         # what every token mixer takes, and what agent attention adds
         self.mixer_cfg = dict(
-            qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop_rate,
+            proj_drop=drop_rate,
+            qk_scale=qk_scale)
         self.agent_cfg = dict(
             attn_impl=attn_impl, bias_cache_size=bias_cache_size)
 
+    def _check_patch_sizes(self, patch_sizes: Sequence[int]) -> Tuple[int]:
+        check_stage_lists(
+            type(self).__name__, NUM_STAGES, dict(patch_sizes=patch_sizes),
+            ('patch_sizes', ))
+        return tuple(patch_sizes)
+
+    def pretrain_grid(self, stage: int) -> Tuple[int, int]:
+        """Token grid of ``stage`` for a ``pretrain_img_size`` image."""
+        return pretrain_grid(stage, self.pretrain_img_size, self.patch_sizes)
+
+    def norm_cfg_or(self, default: dict) -> dict:
+        """The ``norm_cfg`` given, or the released ``default``."""
+        return self.norm_cfg if self.norm_cfg is not None else default
+
     def agent_attention(self, stage: int, embed_dims: int,
-                        pretrain_grid: Tuple[int, int],
                         **kwargs: Any) -> AgentAttention:
         """The agent attention of a block of ``stage``: heads and agents
-        from the arch settings, the backbone's mixer options, ``kwargs``
-        (e.g. ``fused_qkv``)."""
+        from the arch settings, biases sized for the stage's pre-training
+        grid, the backbone's mixer options, ``kwargs`` (e.g.
+        ``fused_qkv``)."""
         settings = self.arch_settings
         return AgentAttention(
             embed_dims,
             settings['num_heads'][stage],
-            pretrain_grid=pretrain_grid,
+            pretrain_grid=self.pretrain_grid(stage),
             agent_num=settings['agent_num'][stage],
             agent_shape=tuple(settings['agent_shapes'][stage]),
             **self.mixer_cfg,
             **self.agent_cfg,
             **kwargs)
 
-    def make_blocks(self,
-                    stage: int,
-                    embed_dims: int,
-                    mixer: Callable[[int], nn.Module],
-                    mlp_ratio: float,
-                    norm_cfg: Optional[dict] = None) -> nn.ModuleList:
+    def make_blocks(self, stage: int, embed_dims: int,
+                    mixer: Callable[[int], nn.Module], mlp_ratio: float,
+                    norm_cfg: dict) -> nn.ModuleList:
         """The blocks of ``stage``; ``mixer(j)`` builds the token mixer of
-        block ``j``."""
+        block ``j``; ``norm_cfg`` is both norms of each block."""
         return nn.ModuleList(
             TransformerBlock(
                 embed_dims,
@@ -163,12 +232,35 @@ class AgentBackbone(BaseModule):
                 drop_rate=self.drop_rate,
                 drop_path_rate=rate,
                 with_cp=self.with_cp,
-                norm_cfg=norm_cfg)
+                norm_cfg=norm_cfg,
+                act_cfg=self.act_cfg)
             for j, rate in enumerate(self.drop_path_rates[stage]))
+
+    def register_pos_embed(self, name: str, stage: int, dims: int,
+                           enabled: bool) -> None:
+        """Register a learned position embedding ``name`` for the
+        pre-training grid of ``stage`` (None when not ``enabled``)."""
+        self.register_parameter(
+            name,
+            learned_pos_embed(self.pretrain_grid(stage), dims)
+            if enabled else None)
+
+    def add_pos_embed(self, x: Tensor, name: str, stage: int,
+                      hw_shape: Tuple[int, int]) -> Tensor:
+        """``x`` plus the position embedding ``name`` of ``stage`` resized to
+        the token grid ``hw_shape``; ``x`` itself if there is none."""
+        pos_embed = getattr(self, name)
+        if pos_embed is None:
+            return x
+        return residual_sum(
+            x, resized_pos_embed(pos_embed, self.pretrain_grid(stage),
+                                 hw_shape))
 
     def check_input(self, img: Tensor) -> None:
         """Reject images the backbone cannot process, saying why."""
-        check_input(type(self).__name__, img, self.in_channels, MIN_INPUT_SIZE)
+        check_input(
+            type(self).__name__, img, self.in_channels,
+            math.prod(self.patch_sizes))
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
         """Modules that ``frozen_stages`` freezes (per backbone)."""
@@ -186,9 +278,9 @@ class AgentBackbone(BaseModule):
 
     def init_weights(self) -> None:
         """Random init, or a checkpoint via ``init_cfg``."""
-        if self.init_cfg is not None and self.init_cfg.get(
-                'type') == 'Pretrained':
-            load_backbone_checkpoint(self, self.init_cfg['checkpoint'])
+        checkpoint = _pretrained_checkpoint(self.init_cfg)
+        if checkpoint is not None:
+            load_backbone_checkpoint(self, checkpoint)
             self._is_init = True
             return
         if self.init_cfg is None:
@@ -196,6 +288,15 @@ class AgentBackbone(BaseModule):
             self._is_init = True
             return
         super().init_weights()
+
+
+def _pretrained_checkpoint(init_cfg: Any) -> Optional[str]:
+    """The checkpoint of a ``Pretrained`` ``init_cfg``, also of one without
+    ``type`` (as mmdet's Swin / PVT configs give), else None."""
+    if (isinstance(init_cfg, dict) and 'checkpoint' in init_cfg
+            and init_cfg.get('type', 'Pretrained') == 'Pretrained'):
+        return init_cfg['checkpoint']
+    return None
 
 
 def _pretrained_to_init_cfg(pretrained: Optional[str],

@@ -1,14 +1,15 @@
 """PVT's spatial-reduction attention as a token mixer ``forward(x,
 hw_shape)``."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from .checks import check_num_heads
+from .checks import check_num_heads, check_qk_scale
 from .layers import ChannelsLastConv2d, map_to_tokens, tokens_to_map
+from .transformer import LAYER_NORM, build_norm
 
 
 class SpatialReductionAttention(BaseModule):
@@ -22,6 +23,9 @@ class SpatialReductionAttention(BaseModule):
         qkv_bias: Bias in the q/kv projections.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
+        qk_scale: Factor of the dot products; ``None`` for
+            ``head_dims ** -0.5``.
+        norm_cfg: The norm after the reduction (mmcv config).
     """
 
     def __init__(self,
@@ -30,11 +34,15 @@ class SpatialReductionAttention(BaseModule):
                  sr_ratio: int,
                  qkv_bias: bool = True,
                  attn_drop: float = 0.,
-                 proj_drop: float = 0.):
+                 proj_drop: float = 0.,
+                 qk_scale: Optional[float] = None,
+                 norm_cfg: dict = LAYER_NORM):
         super().__init__()
-        check_num_heads(
-            type(self).__name__, 'num_heads', num_heads, embed_dims)
+        owner = type(self).__name__
+        check_num_heads(owner, 'num_heads', num_heads, embed_dims)
+        check_qk_scale(owner, qk_scale)
         self.num_heads = num_heads
+        self.qk_scale = qk_scale
         self.attn_drop_rate = attn_drop
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(embed_dims, embed_dims, bias=qkv_bias)
@@ -44,7 +52,7 @@ class SpatialReductionAttention(BaseModule):
         if sr_ratio > 1:
             self.sr = ChannelsLastConv2d(
                 embed_dims, embed_dims, sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(embed_dims)
+            self.norm = build_norm(norm_cfg, embed_dims)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         batch, tokens, channels = x.shape
@@ -61,6 +69,7 @@ class SpatialReductionAttention(BaseModule):
             heads(self.q(x)),
             heads(key),
             heads(value),
-            dropout_p=self.attn_drop_rate if self.training else 0.)
+            dropout_p=self.attn_drop_rate if self.training else 0.,
+            scale=self.qk_scale)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         return self.proj_drop(self.proj(out))

@@ -1,28 +1,42 @@
 """What the agent backbones share: the pre-norm block around any token
-mixer, the patch embedding, and the stage constants."""
-from typing import Optional, Tuple
+mixer, the patch embedding, learned position embeddings, and the stage
+constants."""
+import math
+from typing import Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
+from .bias_maps import resize
 from .layers import (ChannelsLastConv2d, Mlp, drop_path_or_identity,
                      map_to_tokens, maybe_checkpoint, mlp_residual,
-                     residual_sum)
+                     residual_sum, tokens_to_map)
 
 NUM_STAGES = 4
 # Side of the images the released models were pre-trained on; the position
 # embeddings and biases are sized for its token grids.
 PRETRAIN_IMG_SIZE = 224
-# Total stride of the four stages: smaller inputs leave no token.
-MIN_INPUT_SIZE = 32
+# Downsampling of each stage's patch embedding (or merging), as released:
+# strides 4, 8, 16, 32.
+PATCH_SIZES = (4, 2, 2, 2)
+# The norm of the blocks and patch embeddings unless a backbone says
+# otherwise (mmcv config).
+LAYER_NORM = dict(type='LN')
 
 
 def build_norm(norm_cfg: dict, dims: int) -> nn.Module:
     """The norm layer of ``norm_cfg`` (mmcv's builder) over ``dims``."""
     return build_norm_layer(norm_cfg, dims)[1]
+
+
+def optional_norm(norm_cfg: Optional[dict], dims: int) -> nn.Module:
+    """:func:`build_norm`, or identity when ``norm_cfg`` is None."""
+    return nn.Identity() if norm_cfg is None else build_norm(norm_cfg, dims)
 
 
 class TransformerBlock(BaseModule):
@@ -80,7 +94,8 @@ class PatchEmbed(BaseModule):
         patch_size: Side (and stride) of the patches.
         pad: Zero-pad right/bottom to whole patches (Swin) instead of
             dropping the remainder (PVT).
-        norm_cfg: The norm after the projection (mmcv config).
+        norm_cfg: The norm after the projection (mmcv config); None for no
+            norm, as in mmcv's ``PatchEmbed``.
     """
 
     def __init__(self,
@@ -88,13 +103,13 @@ class PatchEmbed(BaseModule):
                  embed_dims: int,
                  patch_size: int,
                  pad: bool = False,
-                 norm_cfg: Optional[dict] = None):
+                 norm_cfg: Optional[dict] = LAYER_NORM):
         super().__init__()
         self.patch_size = patch_size
         self.pad = pad
         self.proj = ChannelsLastConv2d(
             in_channels, embed_dims, patch_size, stride=patch_size)
-        self.norm = build_norm(norm_cfg or dict(type='LN'), embed_dims)
+        self.norm = optional_norm(norm_cfg, embed_dims)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         if self.pad:
@@ -106,9 +121,36 @@ class PatchEmbed(BaseModule):
         return self.norm(map_to_tokens(x)), hw_shape
 
 
-def pretrain_grid(stage: int) -> Tuple[int, int]:
-    """Token grid of stage ``stage`` (strides 4, 8, 16, 32) for a
-    :data:`PRETRAIN_IMG_SIZE` image: the size of the position embeddings and
-    biases learned on it."""
-    side = PRETRAIN_IMG_SIZE // (4 * 2**stage)
-    return side, side
+def pretrain_grid(
+    stage: int,
+    img_size: Tuple[int, int] = (PRETRAIN_IMG_SIZE, PRETRAIN_IMG_SIZE),
+    patch_sizes: Sequence[int] = PATCH_SIZES
+) -> Tuple[int, int]:
+    """Token grid of stage ``stage`` for a pre-training image of
+    ``img_size`` (by default 224×224 at strides 4, 8, 16, 32): the size of
+    the position embeddings and biases learned on it.
+
+    Args:
+        stage: Stage index.
+        img_size: ``(height, width)`` of the pre-training images.
+        patch_sizes: Downsampling of each stage.
+    """
+    stride = math.prod(patch_sizes[:stage + 1])
+    return img_size[0] // stride, img_size[1] // stride
+
+
+def learned_pos_embed(grid: Tuple[int, int], dims: int) -> nn.Parameter:
+    """A learned position embedding ``(1, h*w, dims)`` for the token grid
+    ``(h, w)``, truncated normal (std 0.02)."""
+    pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dims))
+    trunc_normal_(pos_embed, std=.02)
+    return pos_embed
+
+
+def resized_pos_embed(pos_embed: Tensor, grid: Tuple[int, int],
+                      hw_shape: Tuple[int, int]) -> Tensor:
+    """A position embedding learned on ``grid``, bilinearly resized to the
+    token grid ``hw_shape`` (as mmdet's PVT does)."""
+    if tuple(hw_shape) == tuple(grid):
+        return pos_embed
+    return map_to_tokens(resize(tokens_to_map(pos_embed, grid), hw_shape))

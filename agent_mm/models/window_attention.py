@@ -9,6 +9,8 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
+from .checks import check_qk_scale
+
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
     """``(B, H, W, C)`` → ``(B, nW, ws*ws, C)``; H, W multiples of ws."""
@@ -73,6 +75,8 @@ class ShiftWindowAttention(BaseModule):
         qkv_bias: Bias in the qkv projection.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
+        qk_scale: Factor of the dot products; ``None`` for
+            ``head_dims ** -0.5``.
     """
 
     def __init__(self,
@@ -82,9 +86,12 @@ class ShiftWindowAttention(BaseModule):
                  shift: int = 0,
                  qkv_bias: bool = True,
                  attn_drop: float = 0.,
-                 proj_drop: float = 0.):
+                 proj_drop: float = 0.,
+                 qk_scale: Optional[float] = None):
         super().__init__()
+        check_qk_scale(type(self).__name__, qk_scale)
         self.num_heads = num_heads
+        self.qk_scale = qk_scale
         self.window_size = window_size
         self.shift = shift
         self.attn_drop_rate = attn_drop
@@ -119,7 +126,8 @@ class ShiftWindowAttention(BaseModule):
             key,
             value,
             attn_mask=bias.to(query.dtype),
-            dropout_p=self.attn_drop_rate if self.training else 0.)
+            dropout_p=self.attn_drop_rate if self.training else 0.,
+            scale=self.qk_scale)
         out = out.transpose(2, 3).reshape(batch, num_windows, tokens, channels)
         return self.proj_drop(self.proj(out))
 
