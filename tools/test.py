@@ -10,7 +10,8 @@ import os.path as osp
 
 from mmengine.config import Config
 
-from agent_mm.engine.runtime import add_common_args, build_runner, load_config
+from agent_mm.engine.runtime import (add_common_args, build_runner,
+                                     has_accelerator, load_config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--show', action='store_true', help='show predictions in a window')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='seconds per image shown')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='mixed precision: the backbone and neck in bfloat16 on the CPU, '
+        'the whole model in fp16 on a GPU')
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -51,10 +57,25 @@ def enable_visualization(cfg: Config, args: argparse.Namespace) -> None:
             hook['test_out_dir'] = args.show_dir
 
 
+def enable_test_amp(cfg: Config) -> None:
+    """Mixed-precision inference: on a GPU mmengine's test loop autocasts
+    the whole model to fp16; on the CPU :class:`FeatureAutocastHook` runs
+    the backbone and neck in bfloat16 (mmcv's CPU ops need float32)."""
+    if has_accelerator():
+        cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
+    else:
+        cfg.custom_hooks = [
+            *cfg.get('custom_hooks', []),
+            dict(type='FeatureAutocastHook', dtype='bfloat16')
+        ]
+
+
 def build_config(args: argparse.Namespace) -> Config:
     """The config file with the command line applied."""
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
+    if args.amp:
+        enable_test_amp(cfg)
     if args.show or args.show_dir:
         enable_visualization(cfg, args)
     if args.out is not None:

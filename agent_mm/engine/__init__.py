@@ -1,10 +1,11 @@
 """Training-engine pieces of agent_mm."""
 from .checkpoint_hook import AtomicCheckpointHook
 from .checkpoint_match import CheckpointMatchHook
+from .feature_autocast import FeatureAutocastHook
 from .model_wrapper import CPUDistributedDataParallel
 from .optim_wrapper import CPUAmpOptimWrapper
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMatchHook', 'CPUAmpOptimWrapper',
-    'CPUDistributedDataParallel'
+    'CPUDistributedDataParallel', 'FeatureAutocastHook'
 ]

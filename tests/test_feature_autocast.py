@@ -1,0 +1,111 @@
+"""FeatureAutocastHook and tools/test.py --amp: the backbone and neck run in
+bfloat16, the heads (and mmcv's float32-only CPU ops) get float32."""
+import os.path as osp
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from tiny_configs import (DET_CONFIG, DET_OVERRIDES, REPO, SEG_CONFIG,
+                          SEG_OVERRIDES, tiny_config)
+
+import agent_mm  # noqa: F401  (registers the hook)
+from agent_mm.engine.feature_autocast import (FeatureAutocastHook,
+                                              autocast_features)
+
+sys.path.insert(0, osp.join(REPO, 'tools'))
+import test as test_tool  # noqa: E402
+
+
+class _Detector(nn.Module):
+    """extract_feat → head, as mmdet / mmseg models are split."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def extract_feat(self, x):
+        return (self.backbone(x), )
+
+    def forward(self, x):
+        return self.head(self.extract_feat(x)[0])
+
+
+def _first_tensor(value):
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    return value
+
+
+def _record_dtypes(*modules):
+    """(input dtype, output dtype) of every call of ``modules``."""
+    seen = []
+    for module in modules:
+        module.register_forward_hook(lambda m, args, out: seen.append(
+            (_first_tensor(args).dtype, _first_tensor(out).dtype)))
+    return seen
+
+
+def test_extract_feat_runs_in_bfloat16_and_returns_float32():
+    model = _Detector()
+    seen = _record_dtypes(model.backbone, model.head)
+    autocast_features(model, torch.bfloat16)
+    autocast_features(model, torch.bfloat16)  # idempotent
+    out = model(torch.randn(3, 4))
+    backbone_io, head_io = seen
+    assert backbone_io[1] == torch.bfloat16
+    assert head_io == (torch.float32, torch.float32)
+    assert out.dtype == torch.float32
+    # gradients flow through the autocast region
+    out.sum().backward()
+    assert model.backbone.weight.grad is not None
+
+
+def test_models_without_extract_feat_are_refused():
+    with pytest.raises(ValueError, match='extract_feat'):
+        autocast_features(nn.Linear(2, 2), torch.bfloat16)
+    with pytest.raises(ValueError, match='dtype'):
+        FeatureAutocastHook(dtype='float64')
+
+
+@pytest.mark.parametrize('base, overrides, scope, metric', [
+    (DET_CONFIG, DET_OVERRIDES, 'mmdet', 'coco/bbox_mAP'),
+    (SEG_CONFIG, SEG_OVERRIDES, 'mmseg', 'mIoU'),
+], ids=['detection', 'segmentation'])
+def test_test_tool_amp_runs_features_in_bfloat16(
+        tmp_path, monkeypatch, base, overrides, scope, metric):
+    if torch.cuda.is_available():
+        pytest.skip('on a GPU --amp autocasts the whole model in fp16')
+    config = tiny_config(
+        tmp_path, base, overrides,
+        data='dict(num_train=2, num_val=2, img_size=64, seed=3)')
+    init_default_scope(scope)
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    model = registry.build(Config.fromfile(config).model)
+    checkpoint = str(tmp_path / 'model.pth')
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
+
+    seen = {}
+    build_runner = test_tool.build_runner
+
+    def recording_runner(cfg):
+        runner = build_runner(cfg)
+        inner = runner.model
+        # the seg head's predict calls its forward directly: hook its conv
+        head = (inner.rpn_head
+                if scope == 'mmdet' else inner.decode_head.conv_seg)
+        seen['backbone'] = _record_dtypes(inner.backbone.patch_embed1.norm)
+        seen['head'] = _record_dtypes(head)
+        return runner
+
+    monkeypatch.setattr(test_tool, 'build_runner', recording_runner)
+    metrics = test_tool.main([config, checkpoint, '--work-dir',
+                              str(tmp_path / 'work'), '--amp'])
+    assert metric in metrics
+    assert seen['backbone'] and all(
+        out == torch.bfloat16 for _, out in seen['backbone'])
+    assert seen['head'] and all(
+        inp == torch.float32 for inp, _ in seen['head'])
