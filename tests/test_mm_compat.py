@@ -289,8 +289,12 @@ def test_pvt_int_embed_dims_are_channels_per_head():
 
 
 def test_pvt_without_abs_pos_embed():
-    model = tiny('pvt', use_abs_pos_embed=False, frozen_stages=1).train()
+    model = tiny(
+        'pvt', use_abs_pos_embed=False, frozen_stages=1,
+        drop_rate=0.5).train()
     assert not any('pos_embed' in key for key in model.state_dict())
+    # as in mmdet's PVT, the dropout belongs to the position embedding
+    assert isinstance(model.pos_drop1, nn.Identity)
     outs = model(torch.randn(1, 3, 64, 64))
     assert all(torch.isfinite(out).all() for out in outs)
 

@@ -52,7 +52,8 @@ class AgentPVT(AgentBackbone):
         strides: Must equal ``patch_sizes`` (None: equal).
         paddings: Must be zeros.
         use_abs_pos_embed: Learned position embeddings ``pos_embed{i}``,
-            sized for ``pretrain_img_size`` and resized to the input.
+            sized for ``pretrain_img_size`` and resized to the input, with
+            ``drop_rate`` dropout after them.
         norm_after_stage: A norm ``norm{i}`` after the blocks of each stage.
         use_conv_ffn: Must be False.
         norm_cfg: Every norm (patch embeddings, blocks, spatial reductions,
@@ -138,7 +139,11 @@ class AgentPVT(AgentBackbone):
                            norm_cfg=self.norm_cfg_or(LAYER_NORM)))
             self.register_pos_embed(f'pos_embed{i + 1}', i, dims,
                                     use_abs_pos_embed)
-            setattr(self, f'pos_drop{i + 1}', nn.Dropout(self.drop_rate))
+            # dropout of the position embeddings (none without, as mmdet's)
+            setattr(
+                self, f'pos_drop{i + 1}',
+                nn.Dropout(self.drop_rate)
+                if use_abs_pos_embed else nn.Identity())
             setattr(
                 self, f'block{i + 1}',
                 self.make_blocks(i, dims, lambda _, i=i: self._mixer(i),

@@ -188,7 +188,9 @@ class AgentBackbone(BaseModule):
         self.agent_cfg = dict(
             attn_impl=attn_impl, bias_cache_size=bias_cache_size)
 
-    def _check_patch_sizes(self, patch_sizes: Sequence[int]) -> Tuple[int]:
+    def _check_patch_sizes(self,
+                           patch_sizes: Sequence[int]) -> Tuple[int, ...]:
+        """``patch_sizes`` as a tuple, once each stage's is an int >= 1."""
         check_stage_lists(
             type(self).__name__, NUM_STAGES, dict(patch_sizes=patch_sizes),
             ('patch_sizes', ))
