@@ -75,8 +75,7 @@ OPTIMIZERS = {
 }
 AGENT_BIASES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias',
                 'wa_bias')
-SWIN_NO_DECAY = ('absolute_pos_embed', 'relative_position_bias_table', 'norm',
-                 *AGENT_BIASES)
+SWIN_NO_DECAY = ('relative_position_bias_table', 'norm', *AGENT_BIASES)
 MS_SCALES = [(short, 1333) for short in range(480, 801, 32)]
 CASCADE_STDS = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1],
                 [0.033, 0.033, 0.067, 0.067]]

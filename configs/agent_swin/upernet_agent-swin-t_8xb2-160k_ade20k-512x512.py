@@ -1,7 +1,7 @@
 _base_ = [
     'mmseg::_base_/models/upernet_swin.py', 'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
-    'mmseg::_base_/schedules/schedule_160k.py'
+    'mmseg::_base_/schedules/schedule_160k.py', './_base_/no-decay.py'
 ]
 custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)
 
@@ -22,24 +22,13 @@ model = dict(
     # auxiliary FCN head on stage 3, loss weight 0.4 (from the base)
     auxiliary_head=dict(in_channels=384, num_classes=150))
 
-# no weight decay on position embeddings/biases, agent biases and norms
+# no weight decay on position biases, agent biases and norms
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     optimizer=dict(
         type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
-    paramwise_cfg=dict(
-        custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'an_bias': dict(decay_mult=0.),
-            'na_bias': dict(decay_mult=0.),
-            'ah_bias': dict(decay_mult=0.),
-            'aw_bias': dict(decay_mult=0.),
-            'ha_bias': dict(decay_mult=0.),
-            'wa_bias': dict(decay_mult=0.),
-            'norm': dict(decay_mult=0.)
-        }))
+    paramwise_cfg={{_base_.swin_no_decay}})
 param_scheduler = [
     dict(
         type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),

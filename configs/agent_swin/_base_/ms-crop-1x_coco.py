@@ -5,7 +5,7 @@
 _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py'
+    'mmdet::_base_/default_runtime.py', './no-decay.py'
 ]
 custom_imports = dict(imports=['agent_mm'], allow_failed_imports=False)
 
@@ -41,24 +41,13 @@ train_pipeline = [
 train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
-# no weight decay on position embeddings/biases, agent biases and norms
+# no weight decay on position biases, agent biases and norms
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     optimizer=dict(
         type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(
-        custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'an_bias': dict(decay_mult=0.),
-            'na_bias': dict(decay_mult=0.),
-            'ah_bias': dict(decay_mult=0.),
-            'aw_bias': dict(decay_mult=0.),
-            'ha_bias': dict(decay_mult=0.),
-            'wa_bias': dict(decay_mult=0.),
-            'norm': dict(decay_mult=0.)
-        }))
+    paramwise_cfg={{_base_.swin_no_decay}})
 
 # checkpoints written to a temporary file and renamed, so that a kill cannot
 # break one (interval and the rest from the base)
