@@ -1,15 +1,7 @@
-_base_ = './cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco.py'
-
-max_epochs = 36
-train_cfg = dict(max_epochs=max_epochs)
-param_scheduler = [
-    dict(
-        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(
-        type='MultiStepLR',
-        begin=0,
-        end=max_epochs,
-        by_epoch=True,
-        milestones=[27, 33],
-        gamma=0.1)
+_base_ = [
+    './cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco.py',
+    './_base_/schedule_3x.py'
 ]
+
+train_cfg = {{_base_.schedule_3x.train_cfg}}
+param_scheduler = {{_base_.schedule_3x.param_scheduler}}
