@@ -1,18 +1,29 @@
-"""The paper's configs: recipes, and one train/predict step of each model.
+"""The shipped configs: what their names say, the paper's recipes, and one
+train/predict step of each of the paper's models.
 
-Every config under ``configs/agent_pvt`` and ``configs/agent_swin`` is loaded
-and checked against the recipes of the paper (``paper-results.md``) and the
-per-detector backbone settings; then its model is built on the CPU with a
-randomly initialised backbone (the ImageNet checkpoints are never read), run
-through one loss + backward step and one prediction on a tiny input.
+Every config under ``configs/agent_pvt``, ``configs/agent_swin`` and
+``configs/agent_plugin`` is loaded and checked against its name (dataset,
+crop, schedule length, GPUs x images per GPU), its metafile entry and the
+model it builds (the backbone's outputs feed the neck or heads, every
+no-decay key matches a parameter, the parameter count); the paper's configs
+also against one table of the recipes of ``paper-results.md``. Each paper
+model is then built on the CPU with a randomly initialised backbone (the
+ImageNet checkpoints are never read) and run through one loss + backward step
+and one prediction on a tiny input (the plug-in models in
+``test_agent_attention_2d.py``).
 """
+import copy
+import functools
 import re
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import yaml
+from mmdet.registry import DATASETS as DET_DATASETS
 from mmdet.registry import MODELS as DET_MODELS
 from mmdet.structures import DetDataSample
 from mmdet.structures.mask import BitmapMasks
@@ -22,63 +33,125 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData, PixelData
+from mmseg.registry import DATASETS as SEG_DATASETS
 from mmseg.registry import MODELS as SEG_MODELS
 from mmseg.structures import SegDataSample
 
 import agent_mm  # noqa: F401  (registers the backbones)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIRS = ('agent_pvt', 'agent_swin')
 
-EXPECTED_CONFIGS = {
-    *(f'agent_pvt/{name}' for k in 'tsml'
-      for name in (f'mask-rcnn_agent-pvt-{k}_fpn_1x_coco.py',
-                   f'retinanet_agent-pvt-{k}_fpn_1x_coco.py',
-                   f'fpn_agent-pvt-{k}_8xb2-40k_ade20k-512x512.py')),
-    *(f'agent_swin/mask-rcnn_agent-swin-{k}_fpn_ms-crop-{s}_coco.py'
-      for k in 'ts' for s in ('1x', '3x')),
-    'agent_swin/cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco.py',
-    *(f'agent_swin/cascade-mask-rcnn_agent-swin-{k}_fpn_ms-crop-3x_coco.py'
-      for k in 'tsb'),
-    *(f'agent_swin/upernet_agent-swin-{k}_8xb2-160k_ade20k-512x512.py'
-      for k in 'tsb'),
-}
-CONFIGS = sorted(
-    str(path.relative_to(REPO / 'configs')) for folder in CONFIG_DIRS
-    for path in (REPO / 'configs' / folder).glob('*.py'))
+
+def _configs(*folders: str) -> list:
+    """The configs of ``configs/<folder>``, as paths under ``configs/``."""
+    return sorted(
+        str(path.relative_to(REPO / 'configs')) for folder in folders
+        for path in (REPO / 'configs' / folder).glob('*.py'))
+
+
+PAPER_CONFIGS = _configs('agent_pvt', 'agent_swin')
+CONFIGS = PAPER_CONFIGS + _configs('agent_plugin')
 
 # side of the fake images: every stage keeps a token grid of at least 2x2
 IMAGE_SIZE = 64
+# mmdet's and mmseg's config names: {method}_{backbone}_[{misc}_]
+# [{gpus}xb{images per GPU}-]{schedule}_{dataset}[-{crop}], 8xb2 if not said
+NAME = re.compile(r'(?P<method>[^_]+)_(?P<backbone>[^_]+)_.*?'
+                  r'(?:(?P<gpus>\d+)xb(?P<per_gpu>\d+)-)?'
+                  r'(?P<schedule>(?P<count>\d+)(?P<unit>[xk]))_'
+                  r'(?P<dataset>[^-_]+)(?:-(?P<crop>\d+)x(?P<crop_w>\d+))?')
+PAPER_BACKBONE = re.compile(r'agent-(?P<family>pvt|swin)-(?P<size>[tsmlb])')
+# a dataset name: the scope of its configs, its registry and class, its name
+# in the metafiles
+DATASET_NAMES = dict(
+    coco=('mmdet', DET_DATASETS, 'CocoDataset', 'COCO'),
+    ade20k=('mmseg', SEG_DATASETS, 'ADE20KDataset', 'ADE20K'))
+# a schedule unit: its train loop and the loop's length key, and how many
+# epochs or iterations one unit is (1x = 12 epochs, 1k = 1000 iterations)
+SCHEDULE_UNITS = dict(
+    x=('EpochBasedTrainLoop', 'max_epochs', 12),
+    k=('IterBasedTrainLoop', 'max_iters', 1000))
+# what the metafiles call an optimiser
+TECHNIQUES = dict(AdamW='AdamW', SGD='SGD with Momentum')
+
 BACKBONES = dict(pvt='AgentPVT', swin='AgentSwinTransformer')
 ARCHS = dict(t='tiny', s='small', m='medium', l='large', b='base')
-STAGE_CHANNELS = dict(
-    pvt=dict.fromkeys('tsml', [64, 128, 320, 512]),
-    swin=dict(
-        t=[96, 192, 384, 768], s=[96, 192, 384, 768], b=[128, 256, 512, 1024]))
-# stochastic depth per (backbone, method, size), from agent-backbones.md
-DROP_PATH = {
-    ('pvt', 'mask-rcnn'): dict(t=0.1, s=0.2, m=0.1, l=0.2),
-    ('pvt', 'retinanet'): dict(t=0.1, s=0.1, m=0.2, l=0.3),
-    ('pvt', 'fpn'): dict(t=0.1, s=0.1, m=0.2, l=0.1),
-    ('swin', 'mask-rcnn'): dict(t=0.1, s=0.1),
-    ('swin', 'cascade-mask-rcnn'): dict(t=0.1, s=0.1, b=0.4),
-    ('swin', 'upernet'): dict(t=0.3, s=0.3, b=0.5),
-}
-# optimiser per (backbone, method), from paper-results.md
-OPTIMIZERS = {
-    ('pvt', 'mask-rcnn'): dict(lr=2e-4, weight_decay=1e-4),
-    ('pvt', 'retinanet'): dict(lr=1e-4, weight_decay=1e-4),
-    ('pvt', 'fpn'): dict(lr=2e-4, weight_decay=1e-4),
-    ('swin', 'mask-rcnn'): dict(lr=1e-4, weight_decay=0.05),
-    ('swin', 'cascade-mask-rcnn'): dict(lr=1e-4, weight_decay=0.05),
-    ('swin', 'upernet'): dict(lr=6e-5, weight_decay=0.01),
-}
 AGENT_BIASES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias',
                 'wa_bias')
-SWIN_NO_DECAY = ('relative_position_bias_table', 'norm', *AGENT_BIASES)
-MS_SCALES = [(short, 1333) for short in range(480, 801, 32)]
-CASCADE_STDS = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1],
-                [0.033, 0.033, 0.067, 0.067]]
+
+
+class Recipe(NamedTuple):
+    """What a paper config's name does not say (``agent_shapes``: the arch's
+    if None)."""
+    optimizer: str
+    lr: float
+    weight_decay: float
+    drop_path_rate: float
+    agent_shapes: Optional[list] = None
+
+
+# The paper's recipe of each config: optimiser, lr and weight decay from
+# paper-results.md, stochastic depth and agent shapes from agent-backbones.md
+RECIPES = {
+    'mask-rcnn_agent-pvt-t_fpn_1x_coco': Recipe('AdamW', 2e-4, 1e-4, 0.1),
+    'mask-rcnn_agent-pvt-s_fpn_1x_coco': Recipe('AdamW', 2e-4, 1e-4, 0.2),
+    'mask-rcnn_agent-pvt-m_fpn_1x_coco': Recipe('AdamW', 2e-4, 1e-4, 0.1),
+    'mask-rcnn_agent-pvt-l_fpn_1x_coco': Recipe('AdamW', 2e-4, 1e-4, 0.2),
+    'retinanet_agent-pvt-t_fpn_1x_coco': Recipe('AdamW', 1e-4, 1e-4, 0.1),
+    'retinanet_agent-pvt-s_fpn_1x_coco': Recipe('AdamW', 1e-4, 1e-4, 0.1),
+    'retinanet_agent-pvt-m_fpn_1x_coco': Recipe('AdamW', 1e-4, 1e-4, 0.2),
+    'retinanet_agent-pvt-l_fpn_1x_coco': Recipe('AdamW', 1e-4, 1e-4, 0.3),
+    'fpn_agent-pvt-t_8xb2-40k_ade20k-512x512': Recipe(
+        'AdamW', 2e-4, 1e-4, 0.1),
+    'fpn_agent-pvt-s_8xb2-40k_ade20k-512x512': Recipe(
+        'AdamW', 2e-4, 1e-4, 0.1),
+    'fpn_agent-pvt-m_8xb2-40k_ade20k-512x512': Recipe(
+        'AdamW', 2e-4, 1e-4, 0.2),
+    'fpn_agent-pvt-l_8xb2-40k_ade20k-512x512': Recipe(
+        'AdamW', 2e-4, 1e-4, 0.1),
+    'mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'mask-rcnn_agent-swin-t_fpn_ms-crop-3x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'mask-rcnn_agent-swin-s_fpn_ms-crop-1x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'mask-rcnn_agent-swin-s_fpn_ms-crop-3x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-3x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'cascade-mask-rcnn_agent-swin-s_fpn_ms-crop-3x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.1),
+    'cascade-mask-rcnn_agent-swin-b_fpn_ms-crop-3x_coco': Recipe(
+        'AdamW', 1e-4, 0.05, 0.4),
+    'upernet_agent-swin-t_8xb2-160k_ade20k-512x512': Recipe(
+        'AdamW', 6e-5, 0.01, 0.3),
+    'upernet_agent-swin-s_8xb2-160k_ade20k-512x512': Recipe(
+        'AdamW', 6e-5, 0.01, 0.3, [(9, 9), (12, 12), (7, 7), (7, 7)]),
+    'upernet_agent-swin-b_8xb2-160k_ade20k-512x512': Recipe(
+        'AdamW', 6e-5, 0.01, 0.5),
+}
+# the paper's lr schedulers of each schedule: mmdet's 500-iteration warm-up
+# then x0.1 steps at the epochs given; poly decay to 0 (after a warm-up of
+# 1500 iterations from 1e-6 for 160k)
+LR_SCHEDULERS = {
+    '1x': dict(
+        LinearLR=dict(start_factor=0.001, end=500),
+        MultiStepLR=dict(milestones=[8, 11], gamma=0.1)),
+    '3x': dict(
+        LinearLR=dict(start_factor=0.001, end=500),
+        MultiStepLR=dict(milestones=[27, 33], gamma=0.1)),
+    '40k': dict(PolyLR=dict(power=0.9, eta_min=0.0, begin=0)),
+    '160k': dict(
+        LinearLR=dict(start_factor=1e-6, end=1500),
+        PolyLR=dict(power=1.0, eta_min=0.0, begin=1500)),
+}
+# AdamW's betas in every recipe (torch's default)
+BETAS = (0.9, 0.999)
+# the paper's parameters without weight decay, by backbone family
+NO_DECAY = dict(
+    pvt=(), swin=('relative_position_bias_table', 'norm', *AGENT_BIASES))
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -91,21 +164,44 @@ def _one_thread():
 
 
 def _parse(config: str) -> dict:
-    """Backbone family, method, size letter and schedule of a config."""
+    """What a config's name says.
+
+    Args:
+        config (str): The config's path (only its file name is read).
+
+    Returns:
+        dict: ``name``, ``method``, ``dataset``, ``schedule`` (e.g. ``'3x'``),
+        ``length`` (epochs or iterations), ``unit`` (``'x'`` or ``'k'``),
+        ``batch`` (GPUs, images per GPU), ``crop`` (None if not said), and
+        for the paper's backbones ``family`` and ``size`` (else None).
+    """
     name = Path(config).stem
-    family, size = re.search(r'agent-(pvt|swin)-([tsmlb])_', name).groups()
-    schedule = re.search(r'(1x|3x|40k|160k)', name).group(1)
+    match = NAME.fullmatch(name)
+    assert match, f'{name} does not follow the naming convention'
+    paper = PAPER_BACKBONE.fullmatch(match['backbone'])
+    unit = match['unit']
     return dict(
         name=name,
-        family=family,
-        method=name.split('_')[0],
-        size=size,
-        schedule=schedule,
-        task='seg' if name.endswith('ade20k-512x512') else 'det')
+        method=match['method'],
+        dataset=match['dataset'],
+        schedule=match['schedule'],
+        unit=unit,
+        length=int(match['count']) * SCHEDULE_UNITS[unit][2],
+        batch=(int(match['gpus'] or 8), int(match['per_gpu'] or 2)),
+        crop=match['crop'] and (int(match['crop']), int(match['crop_w'])),
+        family=paper and paper['family'],
+        size=paper and paper['size'])
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(config: str) -> Config:
+    return Config.fromfile(str(REPO / 'configs' / config))
 
 
 def _load(config: str) -> Config:
-    return Config.fromfile(str(REPO / 'configs' / config))
+    """The resolved config, a copy to change (each is read from its files
+    once: seconds with mmdet's and mmseg's bases)."""
+    return copy.deepcopy(_resolved(config))
 
 
 def _flatten(pipeline: list):
@@ -116,140 +212,184 @@ def _flatten(pipeline: list):
             yield from _flatten(branch)
 
 
-def test_expected_configs_exist():
-    assert set(CONFIGS) == EXPECTED_CONFIGS
+def _num_classes(cfg) -> set:
+    """Every ``num_classes`` of a nested model config."""
+    if isinstance(cfg, list):
+        return set().union(*map(_num_classes, cfg))
+    if not isinstance(cfg, dict):
+        return set()
+    found = {cfg['num_classes']} if 'num_classes' in cfg else set()
+    return found.union(*map(_num_classes, cfg.values()))
+
+
+@functools.lru_cache(maxsize=None)
+def _metafile_entries() -> dict:
+    """The model entries of the metafiles that model-index.yml imports.
+
+    Returns:
+        dict: Lists of ``(collection names, model entry)``, by config path
+        under ``configs/``.
+    """
+    entries = {}
+    index = yaml.safe_load((REPO / 'model-index.yml').read_text())
+    for metafile in index['Import']:
+        meta = yaml.safe_load((REPO / metafile).read_text())
+        collections = {c['Name'] for c in meta['Collections']}
+        for model in meta['Models']:
+            config = str(Path(model['Config']).relative_to('configs'))
+            entries.setdefault(config, []).append((collections, model))
+    return entries
+
+
+def test_every_paper_config_has_a_recipe():
+    assert {Path(config).stem for config in PAPER_CONFIGS} == set(RECIPES)
 
 
 @pytest.mark.parametrize('config', CONFIGS)
-def test_config_recipe(config):
+def test_config_agrees_with_its_name(config):
     info = _parse(config)
-    family, method, size = info['family'], info['method'], info['size']
     cfg = _load(config)
-
+    scope, registry, dataset, _ = DATASET_NAMES[info['dataset']]
     assert cfg.custom_imports == dict(
         imports=['agent_mm'], allow_failed_imports=False)
-    assert cfg.default_scope == ('mmseg' if info['task'] == 'seg' else 'mmdet')
+    assert cfg.default_scope == scope
+    init_default_scope(scope)
 
-    # backbone: the arch preset plus the per-detector stochastic depth
-    backbone = cfg.model.backbone
-    assert backbone.type == BACKBONES[family]
-    assert backbone.arch == ARCHS[size]
-    assert backbone.drop_path_rate == DROP_PATH[family, method][size]
-    assert tuple(backbone.out_indices) == (0, 1, 2, 3)
-    checkpoint = f'data/agent_{family}_{size}_max_acc.pth'
-    assert cfg.checkpoint_file == checkpoint
-    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=checkpoint)
-    if info['name'].startswith('upernet_agent-swin-s'):
-        assert [tuple(s) for s in backbone.agent_shapes] == [(9, 9), (12, 12),
-                                                             (7, 7), (7, 7)]
-    else:
-        assert 'agent_shapes' not in backbone
-    channels = STAGE_CHANNELS[family][size]
-    if method == 'upernet':
-        assert cfg.model.decode_head.in_channels == channels
-        aux = cfg.model.auxiliary_head
-        assert (aux.type, aux.in_index, aux.in_channels) == ('FCNHead', 2,
-                                                             channels[2])
-        assert aux.loss_decode.loss_weight == 0.4
-    else:
-        assert cfg.model.neck.in_channels == channels
-
-    # 8 GPUs x 2 images
-    assert cfg.train_dataloader.batch_size == 2
-    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=16)
-
-    # optimiser
-    assert cfg.optim_wrapper.type == 'OptimWrapper'
-    optimizer = cfg.optim_wrapper.optimizer
-    assert optimizer.type == 'AdamW'
-    expected = OPTIMIZERS[family, method]
-    assert optimizer.lr == pytest.approx(expected['lr'])
-    assert optimizer.weight_decay == pytest.approx(expected['weight_decay'])
-    if family == 'swin':
-        assert tuple(optimizer.betas) == (0.9, 0.999)
-        custom_keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
-        assert set(custom_keys) == set(SWIN_NO_DECAY)
-        assert all(v == dict(decay_mult=0.) for v in custom_keys.values())
-    else:
-        assert 'paramwise_cfg' not in cfg.optim_wrapper
-
-    # schedule
-    schedulers = {s.type: s for s in cfg.param_scheduler}
-    if info['task'] == 'det':
-        epochs = dict(zip(('1x', '3x'), (12, 36)))[info['schedule']]
-        assert cfg.train_cfg.max_epochs == epochs
-        step = schedulers['MultiStepLR']
-        assert step.milestones == ([8, 11] if epochs == 12 else [27, 33])
-        assert (step.gamma, step.end, step.by_epoch) == (0.1, epochs, True)
-        assert set(schedulers) == {'LinearLR', 'MultiStepLR'}
-    else:
-        iters = dict(zip(('40k', '160k'), (40000, 160000)))[info['schedule']]
-        assert cfg.train_cfg.max_iters == iters
-        poly = schedulers['PolyLR']
-        assert (poly.eta_min, poly.end, poly.by_epoch) == (0.0, iters, False)
-        if family == 'pvt':
-            assert set(schedulers) == {'PolyLR'}
-            assert (poly.power, poly.begin) == (0.9, 0)
-        else:
-            warmup = schedulers['LinearLR']
-            assert warmup.start_factor == 1e-6
-            assert (warmup.begin, warmup.end) == (0, 1500)
-            assert (poly.power, poly.begin) == (1.0, 1500)
-
-    # checkpoints: saved atomically, every epoch (det) or every tenth of the
-    # iterations (seg) as in mmdet's and mmseg's bases, none removed
-    checkpoint = cfg.default_hooks.checkpoint
-    assert checkpoint.type == 'AtomicCheckpointHook'
-    assert 'max_keep_ckpts' not in checkpoint
-    if info['task'] == 'det':
-        assert checkpoint.interval == 1 and 'by_epoch' not in checkpoint
-    else:
-        assert (checkpoint.by_epoch,
-                checkpoint.interval) == (False, cfg.train_cfg.max_iters // 10)
-
-    # data: the pipelines build, and follow the recipe
-    init_default_scope(cfg.default_scope)
+    # data: the dataset and crop of the name; heads for its classes
+    assert cfg.train_dataloader.dataset.type == dataset
+    classes = registry.get(dataset).METAINFO['classes']
+    assert _num_classes(cfg.model) == {len(classes)}
     Compose(cfg.train_dataloader.dataset.pipeline)
     Compose(cfg.test_dataloader.dataset.pipeline)
-    transforms = list(_flatten(cfg.train_dataloader.dataset.pipeline))
-    types = [t.type for t in transforms]
-    if info['task'] == 'seg':
-        assert cfg.model.decode_head.num_classes == 150
-        assert cfg.model.data_preprocessor.size == (512, 512)
-        assert cfg.train_dataloader.dataset.type == 'ADE20KDataset'
-        crop = transforms[types.index('RandomCrop')]
-        assert crop.crop_size == (512, 512)
-    elif family == 'swin':
-        # DETR-style: flip, then multi-scale resize or resize-crop-resize
-        assert types[2:] == [
-            'RandomFlip', 'RandomChoice', 'RandomChoiceResize',
-            'RandomChoiceResize', 'RandomCrop', 'RandomChoiceResize',
-            'PackDetInputs'
-        ]
-        choice = transforms[3]
-        assert choice.transforms[0][0].scales == MS_SCALES
-        short, crop, resize = choice.transforms[1]
-        assert short.scales == [(400, 1333), (500, 1333), (600, 1333)]
-        assert crop.crop_type == 'absolute_range'
-        assert crop.crop_size == (384, 600)
-        assert resize.scales == MS_SCALES
+    crops = [
+        tuple(transform.crop_size)
+        for transform in _flatten(cfg.train_dataloader.dataset.pipeline)
+        if transform.type == 'RandomCrop'
+    ]
+    if info['crop']:
+        assert crops == [info['crop']]
+        assert cfg.model.data_preprocessor.size == info['crop']
     else:
-        resize = transforms[types.index('Resize')]
-        assert (resize.scale, resize.keep_ratio) == ((1333, 800), True)
-        assert transforms[types.index('RandomFlip')].prob == 0.5
+        # mmdet's 'ms-crop': multi-scale resize, or resize-crop-resize
+        assert bool(crops) == ('ms-crop' in info['name'])
 
-    if method == 'cascade-mask-rcnn':
-        roi_head = cfg.model.roi_head
-        assert roi_head.type == 'CascadeRoIHead'
-        for bbox_head, stds in zip(
-                roi_head.bbox_head, CASCADE_STDS, strict=True):
-            assert bbox_head.type == 'ConvFCBBoxHead'
-            assert (bbox_head.num_shared_convs,
-                    bbox_head.num_shared_fcs) == (4, 1)
-            assert bbox_head.loss_bbox.type == 'GIoULoss'
-            assert bbox_head.reg_decoded_bbox
-            assert bbox_head.norm_cfg.type == 'SyncBN'
-            assert bbox_head.bbox_coder.target_stds == stds
+    # GPUs x images per GPU (mmseg's configs have no auto_scale_lr, ours do)
+    gpus, per_gpu = info['batch']
+    assert cfg.train_dataloader.batch_size == per_gpu
+    if info['family'] or 'auto_scale_lr' in cfg:
+        assert cfg.auto_scale_lr.base_batch_size == gpus * per_gpu
+
+    # schedule: 1x = 12 epochs, 40k = 40000 iterations; the lr schedule ends
+    # with the training
+    loop, length_key, _ = SCHEDULE_UNITS[info['unit']]
+    assert cfg.train_cfg.type == loop
+    assert cfg.train_cfg[length_key] == info['length']
+    last = cfg.param_scheduler[-1]
+    assert (last.end, last.by_epoch) == (info['length'], info['unit'] == 'x')
+
+    # checkpoints: saved atomically, one at the end of training, none removed
+    checkpoint = cfg.default_hooks.checkpoint
+    assert checkpoint.type == 'AtomicCheckpointHook'
+    assert checkpoint.get('by_epoch', True) == (info['unit'] == 'x')
+    assert info['length'] % checkpoint.interval == 0
+    assert 'max_keep_ckpts' not in checkpoint
+
+
+@pytest.mark.parametrize('config', PAPER_CONFIGS)
+def test_paper_recipe(config):
+    info = _parse(config)
+    family, size = info['family'], info['size']
+    recipe = RECIPES[info['name']]
+    cfg = _load(config)
+
+    # the arch of the name, from the authors' ImageNet-1K checkpoint
+    backbone = cfg.model.backbone
+    assert (backbone.type, backbone.arch) == (BACKBONES[family], ARCHS[size])
+    assert cfg.checkpoint_file == f'data/agent_{family}_{size}_max_acc.pth'
+    assert backbone.init_cfg == dict(
+        type='Pretrained', checkpoint=cfg.checkpoint_file)
+    assert backbone.drop_path_rate == recipe.drop_path_rate
+    assert backbone.get('agent_shapes') == recipe.agent_shapes
+
+    # optimiser (no weight decay where NO_DECAY says: see
+    # test_model_fits_its_config), in float32
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
+    optimizer = cfg.optim_wrapper.optimizer
+    assert optimizer.type == recipe.optimizer
+    assert (optimizer.lr, optimizer.weight_decay) == pytest.approx(
+        (recipe.lr, recipe.weight_decay))
+    assert tuple(optimizer.get('betas', BETAS)) == BETAS
+
+    # lr schedule
+    schedulers = {s.type: s for s in cfg.param_scheduler}
+    expected = LR_SCHEDULERS[info['schedule']]
+    assert schedulers.keys() == expected.keys()
+    for name, values in expected.items():
+        assert {key: schedulers[name][key] for key in values} == values
+
+
+def _build(cfg: Config) -> nn.Module:
+    """The config's model as constructed (no weights read), SyncBN as BN,
+    for ``IMAGE_SIZE`` images and fewer RoIs."""
+    init_default_scope(cfg.default_scope)
+    cfg.model.backbone.init_cfg = None
+    if cfg.default_scope == 'mmseg':
+        registry = SEG_MODELS
+        cfg.model.pretrained = None
+        cfg.model.data_preprocessor.size = (IMAGE_SIZE, IMAGE_SIZE)
+    else:
+        registry = DET_MODELS
+        _fewer_rois(cfg.model)
+    return revert_sync_batchnorm(registry.build(cfg.model))
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_model_fits_its_config(config):
+    info = _parse(config)
+    cfg = _load(config)
+    model = _build(cfg)
+
+    # the backbone's outputs feed the neck, or the heads without one
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    channels = [feature.shape[1] for feature in features]
+    if 'neck' in cfg.model:
+        assert cfg.model.neck.in_channels == channels
+    else:
+        heads = (cfg.model.decode_head, cfg.model.get('auxiliary_head'))
+        for head in filter(None, heads):
+            index = head.in_index
+            expected = ([channels[i] for i in index]
+                        if isinstance(index, list) else channels[index])
+            assert head.in_channels == expected
+
+    # every no-decay key is a parameter's; the parameters NO_DECAY names get
+    # no weight decay (none outside the paper), the others the optimiser's
+    names = [name for name, _ in model.named_parameters()]
+    paramwise = cfg.optim_wrapper.get('paramwise_cfg', {})
+    for key in paramwise.get('custom_keys', {}):
+        assert any(key in name for name in names), key
+    optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    weight_decay = {
+        id(param): group['weight_decay']
+        for group in optimizer.param_groups
+        for param in group['params']
+    }
+    base_wd = cfg.optim_wrapper.optimizer.weight_decay
+    no_decay = NO_DECAY.get(info['family'], ())
+    for name, param in model.named_parameters():
+        expected = 0. if any(key in name for key in no_decay) else base_wd
+        assert weight_decay[id(param)] == expected, name
+
+    # as many parameters as the metafile says (the paper's in millions)
+    params = sum(param.numel() for param in model.parameters())
+    (_, entry), = _metafile_entries()[config]
+    published = entry['Metadata']['Parameters']
+    if info['family']:
+        assert abs(params - published) < 1e6
+    else:
+        assert params == published
 
 
 def _det_batch(size: int, with_gt: bool, with_mask: bool) -> dict:
@@ -299,41 +439,16 @@ def _fewer_rois(model: Config) -> None:
         stage.sampler.num = 16
 
 
-@pytest.mark.parametrize('config', CONFIGS)
+@pytest.mark.parametrize('config', PAPER_CONFIGS)
 def test_model_trains_and_predicts(config):
     info = _parse(config)
     size = IMAGE_SIZE
     cfg = _load(config)
-    init_default_scope(cfg.default_scope)
-    if info['task'] == 'seg':
-        registry = SEG_MODELS
-        cfg.model.data_preprocessor.size = (size, size)
-    else:
-        registry = DET_MODELS
-        _fewer_rois(cfg.model)
-    cfg.model.backbone.init_cfg = None
-
-    model = revert_sync_batchnorm(registry.build(cfg.model))
-    assert type(model.backbone).__name__ == BACKBONES[info['family']]
-
-    # the no-decay keys reach the backbone's real parameter names
-    optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
-    weight_decay = {
-        id(param): group['weight_decay']
-        for group in optimizer.param_groups
-        for param in group['params']
-    }
-    base_wd = cfg.optim_wrapper.optimizer.weight_decay
-    named = dict(model.named_parameters())
-    for bias in AGENT_BIASES:
-        assert any(name.endswith(bias) for name in named), bias
-    for name, param in named.items():
-        no_decay = info['family'] == 'swin' and any(key in name
-                                                    for key in SWIN_NO_DECAY)
-        assert weight_decay[id(param)] == (0. if no_decay else base_wd), name
+    model = _build(cfg)
+    seg = cfg.default_scope == 'mmseg'
 
     # one training step
-    if info['task'] == 'seg':
+    if seg:
         # two images: UPerNet's 1x1 pooling branch needs a batch for BN
         batch = _seg_batch(size, 2, cfg.model.decode_head.num_classes)
     else:
@@ -349,7 +464,7 @@ def test_model_trains_and_predicts(config):
 
     # one prediction
     model.eval()
-    if info['task'] == 'seg':
+    if seg:
         batch = _seg_batch(size, 1, cfg.model.decode_head.num_classes)
     else:
         batch = _det_batch(size, False, False)
@@ -357,7 +472,7 @@ def test_model_trains_and_predicts(config):
         data = model.data_preprocessor(batch, False)
         results = model.predict(data['inputs'], data['data_samples'])
     assert len(results) == 1
-    if info['task'] == 'seg':
+    if seg:
         assert results[0].pred_sem_seg.data.shape == (1, size, size)
     else:
         pred = results[0].pred_instances
@@ -367,37 +482,48 @@ def test_model_trains_and_predicts(config):
             assert pred.masks.shape[1:] == (size, size)
 
 
-def test_metafiles_cover_every_config():
+def test_metafiles_list_every_config_once():
     index = yaml.safe_load((REPO / 'model-index.yml').read_text())
-    assert sorted(index['Import']) == [
-        f'configs/{folder}/metafile.yml' for folder in CONFIG_DIRS
-    ]
-    listed = set()
-    for metafile in index['Import']:
-        meta = yaml.safe_load((REPO / metafile).read_text())
-        collections = {c['Name'] for c in meta['Collections']}
-        for model in meta['Models']:
-            info = _parse(model['Config'])
-            assert model['In Collection'] in collections
-            assert model['Name'] == info['name']
-            assert (REPO / model['Config']).is_file()
-            seg = info['task'] == 'seg'
-            metadata = model['Metadata']
-            assert metadata['Training Data'] == ('ADE20K' if seg else 'COCO')
-            assert ('Iterations' if seg else 'Epochs') in metadata
-            assert metadata['Pretrained Weights'] == (
-                f'agent_{info["family"]}_{info["size"]}_max_acc.pth')
-            assert metadata['FLOPs'] > 0 and metadata['Parameters'] > 0
-            metrics = {
-                key
-                for result in model['Results']
-                for key in result['Metrics']
-            }
-            if seg:
-                assert metrics == {'mIoU', 'mAcc'}
-            elif info['method'] == 'retinanet':
-                assert metrics == {'box AP'}
-            else:
-                assert metrics == {'box AP', 'mask AP'}
-            listed.add(model['Config'])
-    assert listed == {f'configs/{config}' for config in EXPECTED_CONFIGS}
+    assert sorted(index['Import']) == sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / 'configs').glob('*/metafile.yml'))
+    entries = _metafile_entries()
+    assert set(entries) == set(CONFIGS)
+    assert all(len(models) == 1 for models in entries.values())
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_metafile_entry(config):
+    info = _parse(config)
+    cfg = _load(config)
+    (collections, entry), = _metafile_entries()[config]
+    assert entry['Name'] == info['name']
+    assert entry['In Collection'] in collections
+
+    metadata = entry['Metadata']
+    gpus, per_gpu = info['batch']
+    assert metadata['Training Data'] == DATASET_NAMES[info['dataset']][3]
+    assert metadata['Batch Size'] == gpus * per_gpu
+    resources = f'{gpus}x GPUs'
+    assert metadata.get('Training Resources', resources) == resources
+    assert metadata['Epochs' if info['unit'] == 'x' else 'Iterations'] == (
+        info['length'])
+    assert TECHNIQUES[cfg.optim_wrapper.optimizer.type] in (
+        metadata['Training Techniques'])
+    # the paper's checkpoints are expected under data/
+    weights = metadata['Pretrained Weights']
+    model = cfg.model
+    source = model.get('pretrained') or model.backbone.init_cfg.checkpoint
+    assert source in (weights, f'data/{weights}')
+    assert metadata['FLOPs'] > 0 and metadata['Parameters'] > 0
+
+    # the paper's published results; none for the configs not trained
+    if not info['family']:
+        assert 'Results' not in entry
+        return
+    metrics = {key for result in entry['Results'] for key in result['Metrics']}
+    if info['dataset'] == 'ade20k':
+        assert metrics == {'mIoU', 'mAcc'}
+    else:
+        masks = 'mask' in info['method']
+        assert metrics == ({'box AP', 'mask AP'} if masks else {'box AP'})
