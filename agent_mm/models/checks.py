@@ -8,8 +8,9 @@ import numbers
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch.nn as nn
-from mmcv.cnn import build_activation_layer, build_norm_layer
 from torch import Tensor
+
+from .layers import build_activation, build_norm
 
 ATTN_IMPLS = ('fast', 'reference')
 
@@ -152,7 +153,7 @@ CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 def check_layer_cfg(owner: str, name: str, cfg: Any,
                     build: Callable[[dict], nn.Module], example: str) -> None:
     """Raise a ``ValueError`` unless ``cfg`` is an mmcv layer config that
-    ``build`` (e.g. ``build_activation_layer``) builds; norms must act on
+    ``build`` (e.g. ``build_activation``) builds; norms must act on
     the last axis (LayerNorm-like), as the blocks see tokens ``(B, N, C)``.
 
     Args:
@@ -183,10 +184,10 @@ def check_norm_and_act_cfgs(owner: str, norm_cfg: Optional[dict],
     ``act_cfg`` (None: the backbone's defaults)."""
     if norm_cfg is not None:
         check_layer_cfg(owner, 'norm_cfg', norm_cfg,
-                        lambda cfg: build_norm_layer(cfg, 8)[1],
+                        lambda cfg: build_norm(cfg, 8),
                         "dict(type='LN', eps=1e-6)")
     if act_cfg is not None:
-        check_layer_cfg(owner, 'act_cfg', act_cfg, build_activation_layer,
+        check_layer_cfg(owner, 'act_cfg', act_cfg, build_activation,
                         "dict(type='GELU')")
 
 

@@ -4,7 +4,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmcv.cnn import build_activation_layer
 from torch import Tensor
 
 
@@ -65,6 +64,19 @@ def drop_path_or_identity(drop_prob: float) -> nn.Module:
     return DropPath(drop_prob) if drop_prob > 0 else nn.Identity()
 
 
+def build_activation(act_cfg: dict) -> nn.Module:
+    """The activation of ``act_cfg`` (mmcv's builder)."""
+    # imported on use: ``import agent_mm`` stays free of mmcv
+    from mmcv.cnn import build_activation_layer
+    return build_activation_layer(act_cfg)
+
+
+def build_norm(norm_cfg: dict, dims: int) -> nn.Module:
+    """The norm layer of ``norm_cfg`` (mmcv's builder) over ``dims``."""
+    from mmcv.cnn import build_norm_layer
+    return build_norm_layer(norm_cfg, dims)[1]
+
+
 class Mlp(nn.Module):
     """``fc1 → activation → dropout → fc2 → dropout`` (released parameter
     names); the activation is GELU unless ``act_cfg`` (mmcv config) says
@@ -77,7 +89,7 @@ class Mlp(nn.Module):
                  act_cfg: Optional[dict] = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = build_activation_layer(act_cfg or dict(type='GELU'))
+        self.act = build_activation(act_cfg or dict(type='GELU'))
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 

@@ -8,8 +8,9 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from .checks import check_num_heads, check_qk_scale
-from .layers import ChannelsLastConv2d, map_to_tokens, tokens_to_map
-from .transformer import LAYER_NORM, build_norm
+from .layers import (ChannelsLastConv2d, build_norm, map_to_tokens,
+                     tokens_to_map)
+from .transformer import LAYER_NORM
 
 
 class SpatialReductionAttention(BaseModule):

@@ -7,15 +7,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
 from .bias_maps import resize
-from .layers import (ChannelsLastConv2d, Mlp, drop_path_or_identity,
-                     map_to_tokens, maybe_checkpoint, mlp_residual,
-                     residual_sum, tokens_to_map)
+from .layers import (ChannelsLastConv2d, Mlp, build_norm,
+                     drop_path_or_identity, map_to_tokens, maybe_checkpoint,
+                     mlp_residual, residual_sum, tokens_to_map)
 
 NUM_STAGES = 4
 # Side of the images the released models were pre-trained on; the position
@@ -27,11 +26,6 @@ PATCH_SIZES = (4, 2, 2, 2)
 # The norm of the blocks and patch embeddings unless a backbone says
 # otherwise (mmcv config).
 LAYER_NORM = dict(type='LN')
-
-
-def build_norm(norm_cfg: dict, dims: int) -> nn.Module:
-    """The norm layer of ``norm_cfg`` (mmcv's builder) over ``dims``."""
-    return build_norm_layer(norm_cfg, dims)[1]
 
 
 def optional_norm(norm_cfg: Optional[dict], dims: int) -> nn.Module:
