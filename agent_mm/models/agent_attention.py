@@ -18,11 +18,12 @@ from torch import Tensor
 
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import BiasCache
-from .bias_maps import pool_tokens, separable_bias
+from .bias_maps import exporting, pool_tokens, separable_bias
 from .checks import check_agent_attention
 from .layers import (ChannelsLastConv2d, map_to_tokens, residual_sum,
                      tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
+from .traced_agent_attention import traced_agent_attention
 
 BIAS_CACHE_SIZE = 2
 BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
@@ -49,7 +50,8 @@ class AgentAttention(BaseModule):
             batch, fused attention kernels, neither biases nor attention
             maps stored for backward, :class:`BiasCache` in eval) or
             ``'reference'`` (:mod:`.literal_agent_attention`, the equations
-            computed as the authors do; for debugging and benchmarks).
+            computed as the authors do; for debugging and benchmarks). A
+            graph traced for export takes :mod:`.traced_agent_attention`.
         bias_cache_size: Input shapes whose bias maps the fast path keeps in
             eval mode (:attr:`bias_cache`); 0 turns the cache off. Each shape
             costs ``2 * heads * n * H * W`` values.
@@ -230,7 +232,9 @@ class AgentAttention(BaseModule):
         heads = [self._split_heads(t) for t in (query, key, value, agents)]
         # an empty batch takes the literal path: it gives every bias a zero
         # gradient, as a convolution gives its weight
-        if self.attn_impl == 'fast' and batch:
+        if exporting():
+            out = traced_agent_attention(self, *heads, hw_shape)
+        elif self.attn_impl == 'fast' and batch:
             out = self.fast_attention(*heads, hw_shape)
         else:
             out = literal_agent_attention(self, *heads, hw_shape)

@@ -5,14 +5,36 @@ Each bias is learned on small grids (7×7 per agent, or a row / column of the
 agent grid. Bilinear resizing and adaptive average pooling are separable, so
 they are computed here as small matrix products, in the order and layout
 that is cheapest for the large maps the attention kernels read.
+
+The resizing and pooling weights are cached per size, except in a graph
+being traced (:func:`tracing`): there they are computed by the graph, for
+its own (possibly dynamic) sizes, and no cache ever holds a tensor of a
+trace.
 """
 import functools
 import math
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
+# tensor.
+Size = Union[int, torch.SymInt, Tensor]
+
+
+def exporting() -> bool:
+    """Whether the model is being traced for export: ``torch.onnx.export``
+    (either exporter), ``torch.export`` or ``torch.jit.trace``."""
+    return (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing())
+
+
+def tracing() -> bool:
+    """Whether a graph is being traced: for export, or by
+    ``torch.compile``."""
+    return exporting() or torch.compiler.is_compiling()
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -48,24 +70,35 @@ def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
     return weights[0].t().float()
 
 
-def resize_matrices(in_hw: Sequence[int], size: Sequence[int],
+@functools.lru_cache(maxsize=128)
+def pooling_matrix(size_in: Size, size_out: int) -> Tensor:
+    """``(size_out, size_in)`` weights of 1-D adaptive average pooling: bin
+    ``i`` averages ``[floor(i*in/out), ceil((i+1)*in/out))``. Tensor
+    operations on non-negative integers only (ONNX divides integers towards
+    zero), so a traced graph computes them for its own sizes."""
+    bins = torch.arange(size_out).unsqueeze(1)
+    start = bins * size_in // size_out
+    end = ((bins + 1) * size_in + size_out - 1) // size_out
+    cols = torch.arange(size_in)
+    inside = (cols >= start) & (cols < end)
+    return inside.float() / (end - start).float()
+
+
+def weights_like(matrix: Callable[[Size, Size], Tensor], size_in: Size,
+                 size_out: Size, like: Tensor) -> Tensor:
+    """``matrix(size_in, size_out)`` on ``like``'s device and dtype, from
+    its cache unless a graph is being traced (:func:`tracing`)."""
+    if tracing():
+        matrix = matrix.__wrapped__
+    return matrix(size_in, size_out).to(like)
+
+
+def resize_matrices(in_hw: Sequence[int], size: Sequence[Size],
                     like: Tensor) -> Tuple[Tensor, Tensor]:
     """Row ``(H, h)`` and column ``(W, w)`` weights of bilinear resizing
     from ``in_hw`` to ``size``, on ``like``'s device and dtype."""
-    return (interpolation_matrix(in_hw[0], size[0]).to(like),
-            interpolation_matrix(in_hw[1], size[1]).to(like))
-
-
-@functools.lru_cache(maxsize=128)
-def pooling_matrix(size_in: int, size_out: int) -> Tensor:
-    """``(size_out, size_in)`` weights of 1-D adaptive average pooling: bin
-    ``i`` averages ``[floor(i*in/out), ceil((i+1)*in/out))``."""
-    weights = torch.zeros(size_out, size_in)
-    for i in range(size_out):
-        start = i * size_in // size_out
-        end = -(-(i + 1) * size_in // size_out)
-        weights[i, start:end] = 1 / (end - start)
-    return weights
+    return (weights_like(interpolation_matrix, in_hw[0], size[0], like),
+            weights_like(interpolation_matrix, in_hw[1], size[1], like))
 
 
 def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
@@ -106,8 +139,8 @@ def pool_tokens(x: Tensor, hw_shape: Sequence[int],
     """
     batch, _, channels = x.shape
     (height, width), (out_h, out_w) = hw_shape, size
-    pool_h = pooling_matrix(height, out_h).to(x)
-    pool_w = pooling_matrix(width, out_w).to(x)
+    pool_h = weights_like(pooling_matrix, height, out_h, x)
+    pool_w = weights_like(pooling_matrix, width, out_w, x)
     rows = left_matmul(pool_w, x.reshape(batch * height, width, channels))
     pooled = left_matmul(pool_h, rows.reshape(batch, height, out_w * channels))
     return pooled.reshape(batch, out_h * out_w, channels)
