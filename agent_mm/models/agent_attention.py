@@ -140,10 +140,12 @@ class AgentAttention(BaseModule):
             agent_shape=self.agent_shape,
             token_major=token_major)
 
+    @torch.compiler.disable
     def biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
         """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
         n)``, shared by the batch; from :attr:`bias_cache` when nothing is
-        trained."""
+        trained. Run eagerly under ``torch.compile`` (the cache's key reads
+        storage addresses, which a graph cannot)."""
         frozen = not (self.training or
                       (torch.is_grad_enabled() and self.an_bias.requires_grad))
         if frozen:
