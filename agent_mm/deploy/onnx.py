@@ -1,0 +1,292 @@
+"""Export agent_mm models to ONNX and check them in ONNX Runtime.
+
+What is exported is chosen from the config's ``default_scope``: an mmseg
+config gives the whole segmentor (normalised images in, the decode head's
+logits out, as its ``tensor`` mode), any other config (mmdet) the backbone
+(normalised images in, the feature maps out). The data preprocessor
+(normalisation, padding) is not part of the graph.
+
+The exporter is PyTorch's dynamo-based one (``torch.export`` then
+``torch.onnx``); agent attention takes its export branch by itself while it
+is traced (:mod:`agent_mm.models.traced_agent_attention`). Needs the
+``deploy`` extra: ``pip install -e '.[deploy]'``.
+"""
+import os.path as osp
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, init_default_scope
+from mmengine.runner import load_checkpoint
+from torch import Tensor
+
+DEPLOY_EXTRA = "pip install -e '.[deploy]'"
+# ONNX Runtime must give PyTorch's float32 outputs within this
+TOLERANCE = 1e-4
+# a graph with dynamic sizes is also checked at its size plus these (H, W)
+DYNAMIC_CHECK_OFFSET = (32, 64)
+
+
+def require_deploy_extra() -> None:
+    """Raise an ``ImportError`` naming the extra if onnx, onnxscript or
+    onnxruntime is missing."""
+    for name in ('onnx', 'onnxscript', 'onnxruntime'):
+        try:
+            __import__(name)
+        except ImportError as err:
+            raise ImportError(f'Exporting to ONNX needs {name}: install the '
+                              f'deploy extra, {DEPLOY_EXTRA}') from err
+
+
+class SegmentorLogits(nn.Module):
+    """A segmentor's ``tensor`` mode: normalised images ``(B, 3, H, W)`` to
+    the decode head's logits (at its own resolution, usually ``H/4``)."""
+
+    def __init__(self, segmentor: nn.Module):
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.segmentor(inputs, mode='tensor')
+
+
+class TracedUpsample(nn.Module):
+    """mmseg's ``Upsample`` by a whole factor, with the output size computed
+    in integers: mmseg's ``int(side * factor)`` fixes the size of a traced
+    graph at the traced one, which breaks dynamic sizes."""
+
+    def __init__(self, factor: int, mode: str,
+                 align_corners: Optional[bool]):
+        super().__init__()
+        self.factor = factor
+        self.mode = mode
+        self.align_corners = align_corners
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = [side * self.factor for side in x.shape[-2:]]
+        return F.interpolate(
+            x, size=size, mode=self.mode, align_corners=self.align_corners)
+
+
+def trace_friendly_upsampling(model: nn.Module) -> None:
+    """Replace, in place, mmseg's ``Upsample`` layers that scale by a whole
+    factor with the equal :class:`TracedUpsample`."""
+    from mmseg.models.utils import Upsample
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Upsample) and _whole_factor(child):
+                setattr(
+                    parent, name,
+                    TracedUpsample(
+                        int(child.scale_factor), child.mode,
+                        child.align_corners))
+
+
+def _whole_factor(upsample: nn.Module) -> bool:
+    """Whether an mmseg ``Upsample`` scales by one whole factor."""
+    factor = upsample.scale_factor
+    return (not upsample.size and isinstance(factor, float)
+            and factor.is_integer())
+
+
+def build_export_model(config: Config,
+                       checkpoint: Optional[str] = None) -> nn.Module:
+    """The part of ``config``'s model to export, in eval mode on the CPU.
+
+    The model is built in the config's ``default_scope``; nothing is
+    downloaded (``init_cfg`` is not applied). Without a checkpoint, or when
+    the file does not exist, the weights stay random, with a warning.
+    SyncBN layers become BN, and mmseg's upsampling layers
+    :class:`TracedUpsample`.
+
+    Args:
+        config: An mmdet or mmseg config (``custom_imports`` already done).
+        checkpoint: A checkpoint of the whole model (strictly loaded).
+
+    Returns:
+        :class:`SegmentorLogits` for an mmseg config, else the backbone.
+    """
+    scope = config.get('default_scope', 'mmdet')
+    init_default_scope(scope)
+    model = revert_sync_batchnorm(MODELS.build(config.model))
+    if checkpoint and osp.isfile(checkpoint):
+        load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+    elif checkpoint:
+        warnings.warn(f'Checkpoint {checkpoint!r} not found (URLs are not '
+                      'downloaded): exporting randomly initialised weights.')
+    else:
+        warnings.warn('No checkpoint given: exporting randomly initialised '
+                      'weights.')
+    if scope != 'mmseg':
+        return model.backbone.eval()
+    trace_friendly_upsampling(model)
+    return SegmentorLogits(model).eval()
+
+
+def output_names(model: nn.Module, inputs: Tensor) -> List[str]:
+    """``logits``, or ``out0``, ``out1``... for a tuple of feature maps."""
+    with torch.no_grad():
+        outputs = model(inputs)
+    if isinstance(outputs, Tensor):
+        return ['logits']
+    return [f'out{i}' for i in range(len(outputs))]
+
+
+def math_attention(query: Tensor,
+                   key: Tensor,
+                   value: Tensor,
+                   attn_mask: Optional[Tensor] = None,
+                   dropout_p: float = 0.,
+                   is_causal: bool = False,
+                   scale: Optional[float] = None,
+                   enable_gqa: bool = False) -> Tensor:
+    """``scaled_dot_product_attention`` of any rank as plain operations
+    (the exporter's own translation takes 4-D inputs only; Swin's window
+    attention has 5-D ones). Inference only: no dropout, no causal mask."""
+    if dropout_p or is_causal or enable_gqa:
+        raise ValueError('Only inference attention (no dropout, causal mask '
+                         'or grouped queries) is exported.')
+    if scale is None:
+        scale = query.shape[-1]**-0.5
+    logits = (query * scale) @ key.transpose(-2, -1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attn_mask, float('-inf'))
+    elif attn_mask is not None:
+        logits = logits + attn_mask
+    return logits.softmax(dim=-1) @ value
+
+
+def export_onnx(model: nn.Module,
+                inputs: Tensor,
+                path: str,
+                dynamic: bool = False) -> List[str]:
+    """Export ``model`` on ``inputs`` to the ONNX file ``path``.
+
+    Traced with autograd on (the parameters' own setting), so that the
+    backbones' in-place inference shortcuts, whose loops depend on the
+    input size, stay out of the graph.
+
+    Args:
+        model: The module in eval mode, one image batch in.
+        inputs: Example input ``(B, 3, H, W)``.
+        path: Output file (weights inside it).
+        dynamic: Height and width as dynamic dimensions.
+
+    Returns:
+        The names of the graph's outputs.
+    """
+    require_deploy_extra()
+    names = output_names(model, inputs)
+    dims = torch.export.Dim.DYNAMIC
+    shapes = ({2: dims, 3: dims}, ) if dynamic else None
+    with torch.enable_grad():
+        program = torch.export.export(model, (inputs, ),
+                                      dynamic_shapes=shapes)
+    attention = torch.ops.aten.scaled_dot_product_attention.default
+    if any(node.target is attention for node in program.graph.nodes):
+        program = program.run_decompositions({attention: math_attention})
+    onnx_program = torch.onnx.export(
+        program,
+        input_names=['input'],
+        output_names=names,
+        dynamo=True,
+        external_data=False)
+    onnx_program.save(path)
+    return names
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``run()`` in milliseconds, after one warm-up
+    call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+@dataclass
+class Check:
+    """ONNX Runtime against PyTorch on one input.
+
+    Attributes:
+        shape: The input's shape.
+        max_error: Largest absolute difference over all outputs.
+        ort_ms: Median ONNX Runtime latency (None if not timed).
+        eager_ms: Median PyTorch eager latency (no autograd; None if not
+            timed).
+    """
+    shape: Tuple[int, ...]
+    max_error: float
+    ort_ms: Optional[float] = None
+    eager_ms: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the outputs agree within :data:`TOLERANCE`."""
+        return self.max_error <= TOLERANCE
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """ONNX Runtime latency over PyTorch eager latency."""
+        if self.ort_ms is None or self.eager_ms is None:
+            return None
+        return self.ort_ms / self.eager_ms
+
+
+def ort_session(path: str, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session of the file ``path`` running on
+    ``threads`` threads (default: PyTorch's number of threads)."""
+    require_deploy_extra()
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return onnxruntime.InferenceSession(
+        path, options, providers=['CPUExecutionProvider'])
+
+
+def check_onnx(model: nn.Module,
+               path: str,
+               inputs: Tensor,
+               repeats: int = 0) -> Check:
+    """Run the exported file and ``model`` on ``inputs``; compare, and time
+    both ``repeats`` times (0: no timing), each on PyTorch's number of
+    threads."""
+    session = ort_session(path)
+    feed: Dict[str, np.ndarray] = {'input': inputs.numpy()}
+
+    def eager() -> Sequence[Tensor]:
+        with torch.no_grad():
+            outputs = model(inputs)
+        return (outputs, ) if isinstance(outputs, Tensor) else outputs
+
+    def ort() -> List[np.ndarray]:
+        return session.run(None, feed)
+
+    error = max(
+        float(np.abs(ours - theirs.numpy()).max())
+        for ours, theirs in zip(ort(), eager()))
+    check = Check(tuple(inputs.shape), error)
+    if repeats:
+        check.ort_ms = median_ms(ort, repeats)
+        check.eager_ms = median_ms(eager, repeats)
+    return check
+
+
+def check_shapes(shape: Tuple[int, int],
+                 dynamic: bool) -> List[Tuple[int, int]]:
+    """The input sizes to check a graph at: the exported one, and a larger
+    one if its sizes are dynamic."""
+    sizes = [tuple(shape)]
+    if dynamic:
+        sizes.append(tuple(s + d for s, d in zip(shape, DYNAMIC_CHECK_OFFSET)))
+    return sizes

@@ -1,0 +1,148 @@
+"""ONNX export: agent attention's branch for traced graphs, and the backbones
+and the quick-start segmentor exported from their configs, equal in ONNX
+Runtime.
+
+The tests that run ONNX Runtime skip only when the deploy extra (onnx,
+onnxscript, onnxruntime) is not installed; ``make install`` installs it.
+"""
+import importlib.util
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from agent_mm.deploy import build_export_model, check_onnx, export_onnx
+from agent_mm.models import AgentAttention
+from agent_mm.models.bias_maps import pooling_matrix
+from agent_mm.models.traced_agent_attention import traced_agent_attention
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+MISSING = [
+    name for name in ('onnx', 'onnxscript', 'onnxruntime')
+    if importlib.util.find_spec(name) is None
+]
+needs_deploy = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f'the deploy extra is not installed (no {", ".join(MISSING)}): '
+    "pip install -e '.[deploy]'")
+
+
+class TokenMap(torch.nn.Module):
+    """Agent attention on a ``(B, C, H, W)`` map, for export."""
+
+    def __init__(self, attn: AgentAttention):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.flatten(2).transpose(1, 2), x.shape[-2:])
+
+
+def _attention() -> TokenMap:
+    # more agents (12x12) than tokens at the smallest size below
+    return TokenMap(
+        AgentAttention(32, 2, (14, 14), agent_num=9,
+                       agent_shape=(12, 12))).eval()
+
+
+@pytest.mark.parametrize('hw', [(9, 7), (20, 33)])
+def test_traced_branch_equals_the_fast_path(hw):
+    attn = _attention().attn
+    x = torch.randn(2, hw[0] * hw[1], 32)
+    heads = [
+        attn._split_heads(t) for t in (*attn._project(x), torch.randn(
+            2, 144, 32))
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            traced_agent_attention(attn, *heads, hw),
+            attn.fast_attention(*heads, hw),
+            atol=1e-5,
+            rtol=1e-5)
+
+
+def test_tracing_leaves_no_tensor_of_the_trace_in_a_cache():
+    model = _attention()
+    x = torch.randn(1, 32, 10, 6)
+    with torch.no_grad():
+        before = model(x)
+    pooling_matrix.cache_clear()
+    model.attn.bias_cache.clear()
+    dims = torch.export.Dim.DYNAMIC
+    torch.export.export(model, (x, ), dynamic_shapes=({2: dims, 3: dims}, ))
+    assert pooling_matrix.cache_info().currsize == 0
+    assert len(model.attn.bias_cache) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
+def _legacy_export(model: torch.nn.Module, x: torch.Tensor, path: str):
+    torch.onnx.export(
+        model, (x, ),
+        path,
+        dynamo=False,
+        input_names=['input'],
+        dynamic_axes={'input': {
+            0: 'batch',
+            2: 'height',
+            3: 'width'
+        }})
+
+
+@needs_deploy
+@pytest.mark.parametrize('exporter', ['dynamo', 'legacy'])
+def test_agent_attention_exports_with_dynamic_sizes(exporter, tmp_path):
+    model, path = _attention(), str(tmp_path / 'attn.onnx')
+    x = torch.randn(1, 32, 16, 12)
+    if exporter == 'dynamo':
+        export_onnx(model, x, path, dynamic=True)
+    else:
+        _legacy_export(model, x, path)
+    for shape in [(1, 32, 16, 12), (1, 32, 9, 7), (1, 32, 20, 33)]:
+        assert check_onnx(model, path, torch.randn(shape)).ok
+
+
+@needs_deploy
+@pytest.mark.parametrize('config, shape', [
+    ('agent_pvt/retinanet_agent-pvt-t_fpn_1x_coco.py', (128, 128)),
+    ('agent_swin/mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco.py', (96, 160)),
+])
+def test_backbone_of_the_default_config_exports(config, shape, tmp_path):
+    with pytest.warns(UserWarning, match='randomly initialised'):
+        model = build_export_model(
+            Config.fromfile(osp.join(REPO, 'configs', config)))
+    path = str(tmp_path / 'backbone.onnx')
+    x = torch.randn(1, 3, *shape)
+    assert export_onnx(model, x, path) == ['out0', 'out1', 'out2', 'out3']
+    check = check_onnx(model, path, x)
+    assert check.ok, check
+
+
+def _tool():
+    """tools/deployment/pytorch2onnx.py as a module."""
+    path = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')
+    spec = importlib.util.spec_from_file_location('pytorch2onnx', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# the dynamic export takes about three times as long as the static one
+@needs_deploy
+@pytest.mark.parametrize('dynamic',
+                         [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_tool_exports_the_quickstart_segmentor(dynamic, tmp_path, capsys):
+    config = osp.join(REPO, 'configs', 'quickstart',
+                      'fpn_agent-pvt-t_shapes.py')
+    out = str(tmp_path / 'fpn.onnx')
+    args = [config, '--shape', '128', '128', '--out', out, '--repeats', '2']
+    with pytest.warns(UserWarning, match='No checkpoint given'):
+        status = _tool().main(args + ['--dynamic'] * dynamic)
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert 'SegmentorLogits -> logits' in printed
+    assert f'dynamic H, W: {"yes" if dynamic else "no"}' in printed
+    # at 128x128, and with dynamic sizes at a larger size too
+    assert printed.count(' ok\n') == 1 + dynamic
+    assert 'ORT/eager' in printed

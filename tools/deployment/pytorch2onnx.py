@@ -1,0 +1,102 @@
+"""Export a backbone (mmdet configs) or a whole segmentor (mmseg configs) to
+ONNX and check it in ONNX Runtime.
+
+    python tools/deployment/pytorch2onnx.py CONFIG [CHECKPOINT] \\
+        --shape 512 512 [--dynamic] [--out model.onnx]
+
+The graph takes normalised images ``(1, 3, H, W)`` (the data preprocessor is
+not part of it) and returns the backbone's feature maps ``out0``...
+``out3`` or the segmentor's logits (``tensor`` mode). Without a checkpoint
+the weights are random (a warning says so); nothing is downloaded. ONNX
+Runtime must give PyTorch's outputs within 1e-4 (with ``--dynamic`` also at
+a second, larger size); the latency of both on the same input is printed.
+Needs the deploy extra: ``pip install -e '.[deploy]'``. Exit status: 0 if
+the outputs agree, 1 if not.
+"""
+import argparse
+import os.path as osp
+import sys
+
+import torch
+from mmengine.config import Config, DictAction
+
+import agent_mm  # noqa: F401  (registers the backbones)
+from agent_mm.deploy import (build_export_model, check_onnx, check_shapes,
+                             export_onnx, require_deploy_extra)
+from agent_mm.deploy.onnx import TOLERANCE
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Export to ONNX and check it in ONNX Runtime',
+        epilog='Exit status: 0 if ONNX Runtime agrees with PyTorch, 1 if '
+        'not.')
+    parser.add_argument('config', help='mmdet or mmseg config file')
+    parser.add_argument(
+        'checkpoint',
+        nargs='?',
+        help='checkpoint of the whole model (default: random weights)')
+    parser.add_argument(
+        '--shape',
+        nargs=2,
+        type=int,
+        required=True,
+        metavar=('H', 'W'),
+        help='input height and width')
+    parser.add_argument(
+        '--dynamic',
+        action='store_true',
+        help='height and width as dynamic dimensions of the graph')
+    parser.add_argument(
+        '--out', help='ONNX file (default: the config name with .onnx)')
+    parser.add_argument(
+        '--repeats',
+        type=int,
+        default=10,
+        help='timed runs of ONNX Runtime and of PyTorch (median)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        help='threads of both ONNX Runtime and PyTorch (default: '
+        "PyTorch's); 1 gives steadier numbers on a busy machine")
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, e.g. model.backbone.arch=small')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Export, check and time; return the exit status."""
+    args = parse_args(argv)
+    require_deploy_extra()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    out = args.out or osp.splitext(osp.basename(args.config))[0] + '.onnx'
+    model = build_export_model(cfg, args.checkpoint)
+    example = torch.randn(1, 3, *args.shape)
+    names = export_onnx(model, example, out, dynamic=args.dynamic)
+    print(f'{out}: {type(model).__name__} -> {", ".join(names)}; dynamo '
+          f'exporter (torch.export), dynamic H, W: '
+          f'{"yes" if args.dynamic else "no"}')
+    status = 0
+    for i, size in enumerate(check_shapes(args.shape, args.dynamic)):
+        inputs = example if i == 0 else torch.randn(1, 3, *size)
+        check = check_onnx(model, out, inputs, args.repeats if i == 0 else 0)
+        verdict = 'ok' if check.ok else f'FAILED (> {TOLERANCE:g})'
+        print(f'input {"x".join(map(str, check.shape))}: max |ONNX Runtime '
+              f'- PyTorch| = {check.max_error:.2e} {verdict}')
+        if check.ratio is not None:
+            print(f'latency: ONNX Runtime {check.ort_ms:.1f} ms, PyTorch '
+                  f'eager {check.eager_ms:.1f} ms, ORT/eager '
+                  f'{check.ratio:.2f}')
+        status |= not check.ok
+    return status
+
+
+if __name__ == '__main__':
+    sys.exit(main())
