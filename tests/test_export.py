@@ -146,3 +146,12 @@ def test_tool_exports_the_quickstart_segmentor(dynamic, tmp_path, capsys):
     # at 128x128, and with dynamic sizes at a larger size too
     assert printed.count(' ok\n') == 1 + dynamic
     assert 'ORT/eager' in printed
+
+
+@needs_deploy
+def test_tool_reports_a_graph_that_cannot_run_at_a_size(tmp_path, capsys):
+    model, path = _attention(), str(tmp_path / 'static.onnx')
+    export_onnx(model, torch.randn(1, 32, 16, 12), path)
+    assert not _tool().report(model, path, torch.randn(1, 32, 9, 7), 0)
+    assert 'input 1x32x9x7: FAILED, ONNX Runtime cannot run the graph' in (
+        capsys.readouterr().out)

@@ -34,6 +34,11 @@ TOLERANCE = 1e-4
 DYNAMIC_CHECK_OFFSET = (32, 64)
 
 
+class OrtRunError(RuntimeError):
+    """ONNX Runtime could not run a graph, e.g. on a size that the trace
+    fixed."""
+
+
 def require_deploy_extra() -> None:
     """Raise an ``ImportError`` naming the extra if onnx, onnxscript or
     onnxruntime is missing."""
@@ -270,7 +275,11 @@ def check_onnx(model: nn.Module,
         return (outputs, ) if isinstance(outputs, Tensor) else outputs
 
     def ort() -> List[np.ndarray]:
-        return session.run(None, feed)
+        try:
+            return session.run(None, feed)
+        # onnxruntime's errors derive from Exception alone
+        except Exception as err:
+            raise OrtRunError(str(err)) from err
 
     error = max(
         float(np.abs(ours - theirs.numpy()).max())

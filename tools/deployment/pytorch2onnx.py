@@ -21,8 +21,8 @@ import torch
 from mmengine.config import Config, DictAction
 
 import agent_mm  # noqa: F401  (registers the backbones)
-from agent_mm.deploy import (build_export_model, check_onnx, check_shapes,
-                             export_onnx, require_deploy_extra)
+from agent_mm.deploy import (OrtRunError, build_export_model, check_onnx,
+                             check_shapes, export_onnx, require_deploy_extra)
 from agent_mm.deploy.onnx import TOLERANCE
 
 
@@ -83,19 +83,34 @@ def main(argv=None) -> int:
     print(f'{out}: {type(model).__name__} -> {", ".join(names)}; dynamo '
           f'exporter (torch.export), dynamic H, W: '
           f'{"yes" if args.dynamic else "no"}')
-    status = 0
-    for i, size in enumerate(check_shapes(args.shape, args.dynamic)):
-        inputs = example if i == 0 else torch.randn(1, 3, *size)
-        check = check_onnx(model, out, inputs, args.repeats if i == 0 else 0)
-        verdict = 'ok' if check.ok else f'FAILED (> {TOLERANCE:g})'
-        print(f'input {"x".join(map(str, check.shape))}: max |ONNX Runtime '
-              f'- PyTorch| = {check.max_error:.2e} {verdict}')
-        if check.ratio is not None:
-            print(f'latency: ONNX Runtime {check.ort_ms:.1f} ms, PyTorch '
-                  f'eager {check.eager_ms:.1f} ms, ORT/eager '
-                  f'{check.ratio:.2f}')
-        status |= not check.ok
-    return status
+    sizes = check_shapes(args.shape, args.dynamic)
+    passed = [
+        report(model, out,
+               example if i == 0 else torch.randn(1, 3, *size),
+               args.repeats if i == 0 else 0)
+        for i, size in enumerate(sizes)
+    ]
+    return int(not all(passed))
+
+
+def report(model: torch.nn.Module, path: str, inputs: torch.Tensor,
+           repeats: int) -> bool:
+    """Check (and time) the graph on ``inputs``, print the result; return
+    whether ONNX Runtime agrees with PyTorch."""
+    shape = 'x'.join(map(str, inputs.shape))
+    try:
+        check = check_onnx(model, path, inputs, repeats)
+    except OrtRunError as err:
+        print(f'input {shape}: FAILED, ONNX Runtime cannot run the graph: '
+              f'{err}')
+        return False
+    verdict = 'ok' if check.ok else f'FAILED (> {TOLERANCE:g})'
+    print(f'input {shape}: max |ONNX Runtime - PyTorch| = '
+          f'{check.max_error:.2e} {verdict}')
+    if check.ratio is not None:
+        print(f'latency: ONNX Runtime {check.ort_ms:.1f} ms, PyTorch eager '
+              f'{check.eager_ms:.1f} ms, ORT/eager {check.ratio:.2f}')
+    return check.ok
 
 
 if __name__ == '__main__':
