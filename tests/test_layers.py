@@ -140,3 +140,29 @@ def test_channels_last_conv_is_conv2d(layout, groups, kernel, stride):
     assert map_to_tokens(out).is_contiguous()
     assert ours.weight.is_contiguous()  # the parameter keeps its layout
     assert list(ours.state_dict()) == list(conv.state_dict())
+
+
+class _Residuals(nn.Module):
+    """``residual_sum`` then ``mlp_residual``, as a block's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.mlp, self.drop_path = _branch()
+
+    def forward(self, x):
+        x = residual_sum(x * 2, x)
+        return mlp_residual(x, self.norm, self.mlp, self.drop_path,
+                            self.training)
+
+
+def test_exported_residuals_follow_a_dynamic_token_count(monkeypatch):
+    # 4-token chunks: the in-place loop's length would depend on the size
+    monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', 4 * 32 * 4)
+    model = _Residuals().eval()
+    tokens = torch.export.Dim('tokens', min=2, max=1024)
+    with torch.no_grad():
+        program = torch.export.export(
+            model, (torch.randn(1, 10, 8), ),
+            dynamic_shapes=({1: tokens}, ))
+        x = torch.randn(1, 37, 8)
+        torch.testing.assert_close(program.module()(x), model(x))

@@ -174,10 +174,6 @@ def export_onnx(model: nn.Module,
                 dynamic: bool = False) -> List[str]:
     """Export ``model`` on ``inputs`` to the ONNX file ``path``.
 
-    Traced with autograd on (the parameters' own setting), so that the
-    backbones' in-place inference shortcuts, whose loops depend on the
-    input size, stay out of the graph.
-
     Args:
         model: The module in eval mode, one image batch in.
         inputs: Example input ``(B, 3, H, W)``.
@@ -191,7 +187,7 @@ def export_onnx(model: nn.Module,
     names = output_names(model, inputs)
     dims = torch.export.Dim.DYNAMIC
     shapes = ({2: dims, 3: dims}, ) if dynamic else None
-    with torch.enable_grad():
+    with torch.no_grad():
         program = torch.export.export(model, (inputs, ),
                                       dynamic_shapes=shapes)
     attention = torch.ops.aten.scaled_dot_product_attention.default

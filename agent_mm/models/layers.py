@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
+from .bias_maps import exporting
+
 
 def tokens_to_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     """``(B, H*W, C)`` tokens → ``(B, C, H, W)`` feature map.
@@ -105,9 +107,10 @@ def residual_sum(fresh: Tensor, other: Tensor) -> Tensor:
     (see :data:`MLP_CHUNK_BYTES`), so inference adds into a temporary the
     caller owns (e.g. a branch's output) instead of allocating the sum,
     unless the sum would have another dtype or shape than ``fresh`` (as
-    under autocast, where a bfloat16 branch meets a float32 residual).
+    under autocast, where a bfloat16 branch meets a float32 residual) or
+    the graph is traced for export.
     """
-    if (torch.is_grad_enabled()
+    if (torch.is_grad_enabled() or exporting()
             or torch.result_type(fresh, other) != fresh.dtype or
             torch.broadcast_shapes(fresh.shape, other.shape) != fresh.shape):
         return fresh + other
@@ -130,7 +133,9 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
     norm and the MLP act on each token alone and ``drop_path`` is the
     identity, so the sum is accumulated into ``x`` in place, a chunk of
     tokens at a time (:data:`MLP_CHUNK_BYTES`): the full-size hidden layer
-    never exists. The caller must own ``x`` (a fresh residual sum).
+    never exists. The caller must own ``x`` (a fresh residual sum). A
+    graph traced for export takes the plain sum (the loop's length depends
+    on the input size).
 
     Args:
         x: ``(..., C)`` tokens.
@@ -139,7 +144,7 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
         drop_path: Stochastic depth on the residual branch.
         training: The block's training flag.
     """
-    if training or torch.is_grad_enabled():
+    if training or torch.is_grad_enabled() or exporting():
         return x + drop_path(mlp(norm(x)))
     x = x.contiguous()
     hidden_bytes = mlp.fc1.out_features * x.element_size()
