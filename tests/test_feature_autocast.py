@@ -12,6 +12,7 @@ from tiny_configs import (DET_CONFIG, DET_OVERRIDES, REPO, SEG_CONFIG,
                           SEG_OVERRIDES, tiny_config)
 
 import agent_mm  # noqa: F401  (registers the hook)
+from agent_mm.engine import optim_wrapper
 from agent_mm.engine.feature_autocast import (FeatureAutocastHook,
                                               autocast_features)
 
@@ -109,3 +110,23 @@ def test_test_tool_amp_runs_features_in_bfloat16(
         out == torch.bfloat16 for _, out in seen['backbone'])
     assert seen['head'] and all(
         inp == torch.float32 for inp, _ in seen['head'])
+
+
+class _Runner:
+    """What FeatureAutocastHook reads of a runner."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_native_only_hook_leaves_features_in_float32_without_native(
+        monkeypatch, native):
+    monkeypatch.setattr(optim_wrapper, 'cpu_has_native',
+                        lambda dtype: native)
+    model = _Detector()
+    seen = _record_dtypes(model.backbone)
+    hook = FeatureAutocastHook(native_only=True)
+    hook.before_train(_Runner(model))
+    model(torch.randn(3, 4))
+    assert seen[0][1] == (torch.bfloat16 if native else torch.float32)

@@ -15,7 +15,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .optim_wrapper import CPU_AMP_DTYPES
+from .optim_wrapper import cpu_autocast_dtype
 
 
 def _to_float32(features: Any) -> Any:
@@ -66,17 +66,23 @@ class FeatureAutocastHook(Hook):
         dtype: ``'bfloat16'`` (default; fast on CPUs with AVX512-BF16 or
             AMX) or ``'float16'``.
         device_type: The autocast device, ``'cpu'`` or ``'cuda'``.
+        native_only: On the CPU, do nothing where the CPU has no native
+            ``dtype`` products (autocast would be slower than float32).
     """
     priority = 'VERY_HIGH'
 
-    def __init__(self, dtype: str = 'bfloat16', device_type: str = 'cpu'):
-        if dtype not in CPU_AMP_DTYPES:
-            raise ValueError(f'FeatureAutocastHook dtype must be one of '
-                             f'{sorted(CPU_AMP_DTYPES)}, got {dtype!r}.')
-        self.dtype = CPU_AMP_DTYPES[dtype]
+    def __init__(self,
+                 dtype: str = 'bfloat16',
+                 device_type: str = 'cpu',
+                 native_only: bool = False):
+        self.dtype = cpu_autocast_dtype(
+            dtype, native_only and device_type == 'cpu',
+            'FeatureAutocastHook')
         self.device_type = device_type
 
     def _apply(self, runner) -> None:
+        if self.dtype is None:
+            return
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
         autocast_features(model, self.dtype, self.device_type)

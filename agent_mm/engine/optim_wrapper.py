@@ -1,12 +1,51 @@
 """Mixed precision on the CPU."""
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
 CPU_AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+# the private torch.cpu probes that tell whether products of a dtype run in
+# hardware (absent in older torch: then the answer is no)
+NATIVE_PROBES = {
+    torch.bfloat16: ('_is_avx512_bf16_supported', '_is_amx_tile_supported'),
+    torch.float16: ('_is_amx_fp16_supported', ),
+}
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` in hardware (bfloat16:
+    AVX512-BF16 or AMX; float16: AMX-FP16). Elsewhere autocast to it
+    emulates the products and is slower than float32."""
+    return any(
+        getattr(torch.cpu, probe, lambda: False)()
+        for probe in NATIVE_PROBES.get(dtype, ()))
+
+
+def cpu_autocast_dtype(name: str, native_only: bool,
+                       owner: str) -> Optional[torch.dtype]:
+    """The CPU autocast dtype named ``name``, or None (float32) when
+    ``native_only`` and this CPU lacks it in hardware (logged once).
+
+    Raises:
+        ValueError: ``name`` is not a CPU autocast dtype.
+    """
+    if name not in CPU_AMP_DTYPES:
+        raise ValueError(f'{owner} dtype must be one of '
+                         f'{sorted(CPU_AMP_DTYPES)}, got {name!r}.')
+    dtype = CPU_AMP_DTYPES[name]
+    if native_only and not cpu_has_native(dtype):
+        print_log(
+            f'{owner}: this CPU has no native {name}, running in float32 '
+            '(native_only=True).',
+            logger='current')
+        return None
+    return dtype
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -19,18 +58,24 @@ class CPUAmpOptimWrapper(OptimWrapper):
 
     Args:
         dtype: ``'bfloat16'`` (default) or ``'float16'``.
+        native_only: Train in float32 on a CPU without native ``dtype``
+            products (:func:`cpu_has_native`), where autocast is slower.
         **kwargs: Arguments of :class:`mmengine.optim.OptimWrapper`.
     """
 
-    def __init__(self, dtype: str = 'bfloat16', **kwargs):
-        if dtype not in CPU_AMP_DTYPES:
-            raise ValueError(f'CPUAmpOptimWrapper dtype must be one of '
-                             f'{sorted(CPU_AMP_DTYPES)}, got {dtype!r}.')
+    def __init__(self,
+                 dtype: str = 'bfloat16',
+                 native_only: bool = False,
+                 **kwargs):
+        cast_dtype = cpu_autocast_dtype(dtype, native_only,
+                                        'CPUAmpOptimWrapper')
         super().__init__(**kwargs)
-        self.cast_dtype = CPU_AMP_DTYPES[dtype]
+        self.cast_dtype = cast_dtype
 
     @contextmanager
     def optim_context(self, model: nn.Module):
         with super().optim_context(model), torch.autocast(
-                'cpu', dtype=self.cast_dtype):
+                'cpu',
+                dtype=self.cast_dtype or torch.bfloat16,
+                enabled=self.cast_dtype is not None):
             yield

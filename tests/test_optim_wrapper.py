@@ -1,0 +1,70 @@
+"""CPUAmpOptimWrapper and the native-dtype probe (agent_mm/engine/
+optim_wrapper.py)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from agent_mm.engine import optim_wrapper
+from agent_mm.engine.optim_wrapper import CPUAmpOptimWrapper, cpu_has_native
+
+
+def _wrapper(**kwargs) -> CPUAmpOptimWrapper:
+    model = nn.Linear(2, 2)
+    return CPUAmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def _probes(monkeypatch, **answers):
+    """Make torch.cpu's probes answer ``answers``, every other one False."""
+    for probes in optim_wrapper.NATIVE_PROBES.values():
+        for probe in probes:
+            monkeypatch.setattr(torch.cpu, probe,
+                                lambda p=probe: answers.get(p, False),
+                                raising=False)
+
+
+@pytest.mark.parametrize('answers, bfloat16, float16', [
+    ({}, False, False),
+    ({'_is_avx512_bf16_supported': True}, True, False),
+    ({'_is_amx_tile_supported': True}, True, False),
+    ({'_is_amx_fp16_supported': True}, False, True),
+])
+def test_native_dtypes_follow_the_cpu_features(monkeypatch, answers,
+                                               bfloat16, float16):
+    _probes(monkeypatch, **answers)
+    assert cpu_has_native(torch.bfloat16) is bfloat16
+    assert cpu_has_native(torch.float16) is float16
+
+
+def test_a_torch_without_the_probes_has_no_native_dtype(monkeypatch):
+    for probe in optim_wrapper.NATIVE_PROBES[torch.bfloat16]:
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    assert not cpu_has_native(torch.bfloat16)
+
+
+@pytest.mark.parametrize('native', [True, False])
+@pytest.mark.parametrize('native_only', [True, False])
+def test_forward_autocasts_unless_native_only_without_native(
+        monkeypatch, native, native_only):
+    _probes(monkeypatch, _is_amx_tile_supported=native)
+    wrapper = _wrapper(native_only=native_only)
+    with wrapper.optim_context(nn.Linear(2, 2)):
+        enabled = torch.is_autocast_enabled('cpu')
+        dtype = torch.get_autocast_dtype('cpu')
+    assert enabled is (native or not native_only)
+    if enabled:
+        assert dtype == torch.bfloat16
+
+
+def test_float32_fallback_is_logged(monkeypatch, capsys):
+    _probes(monkeypatch)
+    logged = []
+    monkeypatch.setattr(optim_wrapper, 'print_log',
+                        lambda msg, **kwargs: logged.append(msg))
+    _wrapper(native_only=True)
+    assert logged and 'no native bfloat16' in logged[0]
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="got 'float64'"):
+        _wrapper(dtype='float64')
