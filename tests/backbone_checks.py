@@ -50,23 +50,28 @@ def assert_checkpointing_is_transparent(build, img: torch.Tensor):
         torch.testing.assert_close(grad, params_b[name], msg=name)
 
 
-def assert_bias_cache_size_reaches_every_attention(build,
-                                                   img: torch.Tensor):
-    """``build(bias_cache_size=n)`` gives every agent attention a cache of
-    ``n`` shapes; with 0 an eval forward caches nothing and gives the same
-    features."""
+def assert_bias_cache_settings_reach_every_attention(
+        build, img: torch.Tensor):
+    """``build(bias_cache_size=n, bias_cache_admit_after=k)`` gives every
+    agent attention a cache of ``n`` shapes admitted at their ``k``-th
+    forward: one eval forward caches its shape only with ``n > 0`` and
+    ``k == 1``, and the features are the same."""
     features = {}
-    for size in (0, 1):
+    for size, admit_after in ((0, 1), (1, 1), (1, 2)):
         torch.manual_seed(0)
-        module = build(bias_cache_size=size).eval()
+        module = build(
+            bias_cache_size=size, bias_cache_admit_after=admit_after).eval()
         attns = [m for m in module.modules() if isinstance(m, AgentAttention)]
         assert attns
         with torch.no_grad():
-            features[size] = module(img)
+            features[size, admit_after] = module(img)
         assert all(m.bias_cache_size == size for m in attns)
-        assert all(len(m.bias_cache) == size for m in attns)
-    for cached, uncached in zip(features[1], features[0]):
-        torch.testing.assert_close(cached, uncached)
+        assert all(m.bias_cache_admit_after == admit_after for m in attns)
+        cached = size if admit_after == 1 else 0
+        assert all(len(m.bias_cache) == cached for m in attns)
+    for settings in ((1, 1), (1, 2)):
+        for cached, uncached in zip(features[settings], features[0, 1]):
+            torch.testing.assert_close(cached, uncached)
 
 
 def assert_frozen(module: nn.Module, frozen_prefixes, trainable_prefixes):

@@ -5,11 +5,13 @@ from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
 from agent_mm.models.agent_attention import BIAS_CACHE_SIZE, BIAS_NAMES
+from agent_mm.models.bias_cache import ADMIT_AFTER
 
 
 def _pair(fused_qkv,
           attn_impl='fast',
           bias_cache_size=BIAS_CACHE_SIZE,
+          bias_cache_admit_after=ADMIT_AFTER,
           **kwargs):
     settings = dict(
         dim=32,
@@ -29,7 +31,8 @@ def _pair(fused_qkv,
         agent_shape=settings['agent_shape'],
         fused_qkv=fused_qkv,
         attn_impl=attn_impl,
-        bias_cache_size=bias_cache_size)
+        bias_cache_size=bias_cache_size,
+        bias_cache_admit_after=bias_cache_admit_after)
     module.load_state_dict(reference.state_dict(), strict=True)
     return module.eval(), reference.eval()
 
@@ -90,7 +93,7 @@ def test_only_the_reference_path_stores_attention_maps(attn_impl, stores_maps):
 
 
 def test_bias_cache_is_used_in_eval_and_invalidated_on_update():
-    module, reference = _pair(False)
+    module, reference = _pair(False, bias_cache_admit_after=1)
     x = torch.randn(1, 8 * 8, 32)
     with torch.no_grad():
         first = module(x, (8, 8))
@@ -114,7 +117,7 @@ def test_bias_cache_is_used_in_eval_and_invalidated_on_update():
 
 
 def test_bias_cache_keeps_recent_input_shapes_only():
-    module, reference = _pair(True)
+    module, reference = _pair(True, bias_cache_admit_after=1)
     shapes = [(8, 8), (6, 10), (8, 8)]
     with torch.no_grad():
         for hw in shapes:
@@ -132,7 +135,8 @@ def test_bias_cache_keeps_recent_input_shapes_only():
 
 @pytest.mark.parametrize('cache_size', [0, 1, 3])
 def test_bias_cache_size_bounds_the_cached_shapes(cache_size):
-    module, reference = _pair(True, bias_cache_size=cache_size)
+    module, reference = _pair(
+        True, bias_cache_size=cache_size, bias_cache_admit_after=1)
     shapes = [(5 + i, 7) for i in range(4)]
     with torch.no_grad():
         for hw in shapes:
@@ -144,7 +148,7 @@ def test_bias_cache_size_bounds_the_cached_shapes(cache_size):
 
 
 def test_bias_cache_is_not_used_when_training_or_with_grad():
-    module, _ = _pair(False)
+    module, _ = _pair(False, bias_cache_admit_after=1)
     x = torch.randn(1, 64, 32)
     module(x, (8, 8))  # eval, but gradients enabled
     assert not module.bias_cache
@@ -159,7 +163,7 @@ def test_bias_cache_is_not_used_when_training_or_with_grad():
 
 
 def test_load_state_dict_invalidates_cache():
-    module, _ = _pair(False)
+    module, _ = _pair(False, bias_cache_admit_after=1)
     x = torch.randn(1, 49, 32)
     with torch.no_grad():
         before = module(x, (7, 7))
@@ -168,6 +172,25 @@ def test_load_state_dict_invalidates_cache():
         module.load_state_dict(state)
         after = module(x, (7, 7))
     assert not torch.allclose(before, after)
+
+
+def test_bias_cache_admits_a_shape_at_its_second_forward():
+    module, _ = _pair(False)
+    uncached, _ = _pair(False, bias_cache_size=0)
+    x = torch.randn(2, 9 * 7, 32)
+    with torch.no_grad():
+        expected = uncached(x, (9, 7))
+        first = module(x, (9, 7))
+        assert module.bias_cache.nbytes == 0
+        assert module.bias_cache.maps((9, 7)) is None
+        second = module(x, (9, 7))
+        assert module.bias_cache.shapes == [(9, 7)]
+        assert module.bias_cache.nbytes > 0
+        cached = module.bias_cache.maps((9, 7))
+        third = module(x, (9, 7))
+        assert module.bias_cache.maps((9, 7))[0] is cached[0]
+    for out in (first, second, third):
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
 def test_biases_are_initialised_with_truncated_normal():
@@ -184,7 +207,9 @@ def test_biases_are_initialised_with_truncated_normal():
                           (dict(num_heads=5), 'divisible'),
                           (dict(bias_cache_size=-1), 'bias_cache_size'),
                           (dict(bias_cache_size=1.5), 'bias_cache_size'),
-                          (dict(bias_cache_size=True), 'bias_cache_size')])
+                          (dict(bias_cache_size=True), 'bias_cache_size'),
+                          (dict(bias_cache_admit_after=0),
+                           'bias_cache_admit_after')])
 def test_bad_settings_are_rejected(kwargs, message):
     settings = dict(embed_dims=32, num_heads=2, pretrain_grid=(7, 7))
     settings.update(kwargs)

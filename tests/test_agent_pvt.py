@@ -1,7 +1,7 @@
 """AgentPVT: shapes, fidelity to the spec, training options, errors."""
 import pytest
 import torch
-from backbone_checks import (assert_bias_cache_size_reaches_every_attention,
+from backbone_checks import (assert_bias_cache_settings_reach_every_attention,
                              assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
                              assert_frozen, assert_parity)
@@ -70,8 +70,8 @@ def test_gradients_reach_every_parameter():
     assert_every_parameter_gets_gradient(model, torch.randn(2, 3, 64, 64))
 
 
-def test_bias_cache_size_reaches_every_attention():
-    assert_bias_cache_size_reaches_every_attention(
+def test_bias_cache_settings_reach_every_attention():
+    assert_bias_cache_settings_reach_every_attention(
         lambda **kwargs: AgentPVT(depths=[1, 1, 1, 1], **kwargs),
         torch.randn(1, 3, 64, 64))
 

@@ -1,7 +1,7 @@
 """AgentSwinTransformer: shapes, fidelity to the spec, options, errors."""
 import pytest
 import torch
-from backbone_checks import (assert_bias_cache_size_reaches_every_attention,
+from backbone_checks import (assert_bias_cache_settings_reach_every_attention,
                              assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
                              assert_frozen, assert_parity)
@@ -109,8 +109,8 @@ def test_gradients_reach_every_parameter():
     assert_every_parameter_gets_gradient(model, torch.randn(2, 3, 64, 64))
 
 
-def test_bias_cache_size_reaches_every_attention():
-    assert_bias_cache_size_reaches_every_attention(
+def test_bias_cache_settings_reach_every_attention():
+    assert_bias_cache_settings_reach_every_attention(
         lambda **kwargs: AgentSwinTransformer(
             embed_dims=16,
             depths=[2, 2, 2, 2],

@@ -1,8 +1,9 @@
-"""BiasCache: the most recently used shapes, one parameter version."""
+"""BiasCache: the most recently used shapes, one parameter version, stored
+from a shape's admit_after-th sighting on."""
 import pytest
 import torch
 
-from agent_mm.models.bias_cache import BiasCache
+from agent_mm.models.bias_cache import SIGHTINGS_KEPT, BiasCache
 
 
 class _Builder:
@@ -17,7 +18,7 @@ class _Builder:
 
 
 def test_maps_are_built_once_per_shape_and_version():
-    cache, build = BiasCache(2), _Builder()
+    cache, build = BiasCache(2, admit_after=1), _Builder()
     first = cache.get((8, 8), 'v1', build)
     assert cache.get((8, 8), 'v1', build) is first
     assert build.calls == 1
@@ -25,7 +26,7 @@ def test_maps_are_built_once_per_shape_and_version():
 
 
 def test_only_the_most_recently_used_shapes_are_kept():
-    cache, build = BiasCache(2), _Builder()
+    cache, build = BiasCache(2, admit_after=1), _Builder()
     for shape in [(8, 8), (6, 10), (8, 8), (5, 7)]:
         cache.get(shape, 'v1', build)
     assert cache.shapes == [(8, 8), (5, 7)]
@@ -34,7 +35,7 @@ def test_only_the_most_recently_used_shapes_are_kept():
 
 
 def test_another_parameter_version_drops_the_older_entries():
-    cache, build = BiasCache(3), _Builder()
+    cache, build = BiasCache(3, admit_after=1), _Builder()
     cache.get((8, 8), 'v1', build)
     cache.get((6, 10), 'v1', build)
     updated = cache.get((8, 8), 'v2', build)
@@ -48,12 +49,12 @@ def test_size_zero_caches_nothing():
     cache.get((8, 8), 'v1', build)
     cache.get((8, 8), 'v1', build)
     assert build.calls == 2
-    assert not cache and cache.nbytes == 0
+    assert not cache and cache.nbytes == 0 and cache.pending_shapes == []
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_nbytes_counts_every_cached_map(dtype):
-    cache = BiasCache(2)
+    cache = BiasCache(2, admit_after=1)
     cache.get((2, 2), 'v', lambda: (torch.zeros(10, dtype=dtype),
                                     torch.zeros(3, 5, dtype=dtype)))
     cache.get((3, 3), 'v', lambda: (torch.zeros(7, dtype=dtype), ))
@@ -61,3 +62,79 @@ def test_nbytes_counts_every_cached_map(dtype):
     assert cache.nbytes == (10 + 15 + 7) * size
     cache.clear()
     assert cache.nbytes == 0 and cache.shapes == []
+
+
+def test_a_shape_seen_once_is_returned_but_not_stored():
+    cache, build = BiasCache(2), _Builder()
+    maps = cache.get((8, 8), 'v1', build)
+    assert torch.equal(maps[0], torch.full((4, ), 1.))
+    assert maps[1].shape == (2, 3)
+    assert cache.maps((8, 8)) is None
+    assert not cache and cache.nbytes == 0
+    assert cache.pending_shapes == [(8, 8)]
+
+
+def test_the_second_sighting_stores_and_the_third_hits():
+    cache, build = BiasCache(2), _Builder()
+    cache.get((8, 8), 'v1', build)
+    second = cache.get((8, 8), 'v1', build)
+    assert cache.maps((8, 8)) is second and cache.shapes == [(8, 8)]
+    assert cache.nbytes > 0 and cache.pending_shapes == []
+    assert cache.get((8, 8), 'v1', build) is second
+    assert build.calls == 2
+
+
+def test_admit_after_one_stores_at_the_first_sighting():
+    cache, build = BiasCache(2, admit_after=1), _Builder()
+    first = cache.get((8, 8), 'v1', build)
+    assert cache.maps((8, 8)) is first and cache.pending_shapes == []
+
+
+def test_admit_after_three_stores_at_the_third_sighting():
+    cache, build = BiasCache(2, admit_after=3), _Builder()
+    for _ in range(2):
+        cache.get((8, 8), 'v1', build)
+        assert not cache
+    third = cache.get((8, 8), 'v1', build)
+    assert cache.maps((8, 8)) is third and build.calls == 3
+
+
+def test_shapes_that_never_repeat_leave_the_cache_empty():
+    cache, build = BiasCache(2), _Builder()
+    shapes = [(8 + i, 8) for i in range(8)]
+    for shape in shapes:
+        cache.get(shape, 'v1', build)
+    assert not cache and cache.nbytes == 0 and build.calls == 8
+    assert cache.pending_shapes == shapes
+
+
+def test_sightings_under_another_parameter_version_do_not_count():
+    cache, build = BiasCache(2), _Builder()
+    cache.get((8, 8), 'v1', build)
+    cache.get((6, 10), 'v1', build)
+    cache.get((8, 8), 'v2', build)
+    assert not cache and cache.pending_shapes == [(8, 8)]
+    updated = cache.get((8, 8), 'v2', build)
+    assert cache.maps((8, 8)) is updated
+    cache.get((6, 10), 'v2', build)
+    assert cache.shapes == [(8, 8)]
+
+
+def test_the_sighting_record_keeps_the_most_recent_shapes_only():
+    cache, build = BiasCache(2), _Builder()
+    shapes = [(1 + i, 1) for i in range(SIGHTINGS_KEPT + 1)]
+    for shape in shapes:
+        cache.get(shape, 'v1', build)
+    assert cache.pending_shapes == shapes[1:]
+    cache.get(shapes[0], 'v1', build)  # forgotten: a first sighting again
+    cache.get(shapes[2], 'v1', build)  # remembered: admitted
+    assert cache.shapes == [shapes[2]]
+    assert cache.pending_shapes == shapes[3:] + shapes[:1]
+
+
+def test_clear_forgets_the_sightings():
+    cache, build = BiasCache(2), _Builder()
+    cache.get((8, 8), 'v1', build)
+    cache.clear()
+    cache.get((8, 8), 'v1', build)
+    assert not cache and cache.pending_shapes == [(8, 8)]

@@ -33,9 +33,10 @@ def test_literal_attention_is_softmax_of_biased_products():
 
 
 def test_attn_impl_selects_the_path_with_the_same_numbers():
-    fast = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9).eval()
-    literal = AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9,
-                             attn_impl='reference').eval()
+    settings = dict(pretrain_grid=(7, 7), agent_num=9,
+                    bias_cache_admit_after=1)
+    fast = AgentAttention(16, 2, **settings).eval()
+    literal = AgentAttention(16, 2, attn_impl='reference', **settings).eval()
     literal.load_state_dict(fast.state_dict())
     x = torch.randn(2, 48, 16)
     with torch.no_grad():

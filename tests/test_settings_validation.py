@@ -106,6 +106,10 @@ BAD_ATTENTION_SETTINGS = [
     ('proj_drop', 1.5),
     ('bias_cache_size', -1),
     ('bias_cache_size', True),
+    ('bias_cache_admit_after', 0),
+    ('bias_cache_admit_after', -1),
+    ('bias_cache_admit_after', 1.5),
+    ('bias_cache_admit_after', False),
 ]
 
 

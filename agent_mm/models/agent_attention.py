@@ -17,7 +17,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from ..ops.shared_bias_attention import shared_bias_attention
-from .bias_cache import BiasCache
+from .bias_cache import ADMIT_AFTER, BiasCache
 from .bias_maps import exporting, pool_tokens, separable_bias
 from .checks import check_agent_attention
 from .layers import (ChannelsLastConv2d, map_to_tokens, residual_sum,
@@ -55,6 +55,10 @@ class AgentAttention(BaseModule):
         bias_cache_size: Input shapes whose bias maps the fast path keeps in
             eval mode (:attr:`bias_cache`); 0 turns the cache off. Each shape
             costs ``2 * heads * n * H * W`` values.
+        bias_cache_admit_after: Forward of an input shape from which its
+            bias maps are cached (default 2: shapes that repeat, as the
+            crops of sliding-window inference; a keep-ratio test pipeline
+            seldom repeats one); 1 caches every shape at once.
         qk_scale: Factor of the dot products; ``None`` for ``d ** -0.5``
             (as mmdet's and mmseg's Swin take it).
         init_cfg: mmengine initialisation config.
@@ -72,12 +76,14 @@ class AgentAttention(BaseModule):
                  proj_drop: float = 0.,
                  attn_impl: str = 'fast',
                  bias_cache_size: int = BIAS_CACHE_SIZE,
+                 bias_cache_admit_after: int = ADMIT_AFTER,
                  qk_scale: Optional[float] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         check_agent_attention(embed_dims, num_heads, pretrain_grid,
                               agent_num, agent_shape, attn_drop, proj_drop,
-                              attn_impl, bias_cache_size, qk_scale)
+                              attn_impl, bias_cache_size,
+                              bias_cache_admit_after, qk_scale)
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -87,7 +93,7 @@ class AgentAttention(BaseModule):
         self.fused_qkv = fused_qkv
         self.attn_impl = attn_impl
         self.attn_drop_rate = attn_drop
-        self.bias_cache = BiasCache(bias_cache_size)
+        self.bias_cache = BiasCache(bias_cache_size, bias_cache_admit_after)
 
         if fused_qkv:
             self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
@@ -117,6 +123,11 @@ class AgentAttention(BaseModule):
     def bias_cache_size(self) -> int:
         """Input shapes whose bias maps are cached in eval mode."""
         return self.bias_cache.max_shapes
+
+    @property
+    def bias_cache_admit_after(self) -> int:
+        """Forward of an input shape from which its bias maps are cached."""
+        return self.bias_cache.admit_after
 
     # ------------------------------------------------------------------
     # position biases

@@ -63,8 +63,9 @@ class AgentPVT(AgentBackbone):
             ``qk_scale``, ``drop_rate`` (also after the position
             embeddings), ``attn_drop_rate``, ``drop_path_rate``,
             ``act_cfg``, ``out_indices``, ``frozen_stages``, ``with_cp``,
-            ``attn_impl``, ``bias_cache_size``, ``convert_weights``,
-            ``pretrained``, ``init_cfg``; see :class:`AgentBackbone`.
+            ``attn_impl``, ``bias_cache_size``, ``bias_cache_admit_after``,
+            ``convert_weights``, ``pretrained``, ``init_cfg``; see
+            :class:`AgentBackbone`.
     """
     _common = dict(
         embed_dims=[64, 128, 320, 512],

@@ -134,8 +134,9 @@ class AgentSwinTransformer(AgentBackbone):
             ``qk_scale``, ``drop_rate``, ``attn_drop_rate``,
             ``drop_path_rate``, ``norm_cfg``, ``act_cfg``, ``out_indices``,
             ``frozen_stages``, ``with_cp``, ``attn_impl``,
-            ``bias_cache_size``, ``convert_weights``, ``pretrained``,
-            ``init_cfg``; see :class:`AgentBackbone`.
+            ``bias_cache_size``, ``bias_cache_admit_after``,
+            ``convert_weights``, ``pretrained``, ``init_cfg``; see
+            :class:`AgentBackbone`.
     """
     arch_zoo = {
         'tiny': swin_arch(96, [2, 2, 6, 2], 'AAAB'),

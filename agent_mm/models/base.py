@@ -11,6 +11,7 @@ from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import Tensor
 
 from .agent_attention import BIAS_CACHE_SIZE, AgentAttention
+from .bias_cache import ADMIT_AFTER
 from .checkpoint import load_backbone_checkpoint
 from .checks import (check_backbone_settings, check_bool, check_input,
                      check_int_range, check_norm_and_act_cfgs,
@@ -108,6 +109,8 @@ class AgentBackbone(BaseModule):
         attn_impl: ``'fast'`` or ``'reference'`` agent attention.
         bias_cache_size: Input shapes whose bias maps each agent attention
             keeps in eval mode (0: none); see :class:`AgentAttention`.
+        bias_cache_admit_after: Forward of an input shape from which its
+            bias maps are cached (1: the first); see :class:`AgentAttention`.
         convert_weights: mmdet's flag for checkpoints in the original Swin /
             PVT layout; the layout is recognised from the checkpoint's keys
             either way (see :func:`load_backbone_checkpoint`).
@@ -139,6 +142,7 @@ class AgentBackbone(BaseModule):
                  with_cp: bool = False,
                  attn_impl: str = 'fast',
                  bias_cache_size: int = BIAS_CACHE_SIZE,
+                 bias_cache_admit_after: int = ADMIT_AFTER,
                  convert_weights: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
@@ -186,7 +190,9 @@ class AgentBackbone(BaseModule):
             proj_drop=drop_rate,
             qk_scale=qk_scale)
         self.agent_cfg = dict(
-            attn_impl=attn_impl, bias_cache_size=bias_cache_size)
+            attn_impl=attn_impl,
+            bias_cache_size=bias_cache_size,
+            bias_cache_admit_after=bias_cache_admit_after)
 
     def _check_patch_sizes(self,
                            patch_sizes: Sequence[int]) -> Tuple[int, ...]:

@@ -6,9 +6,14 @@ from torch import Tensor
 
 Maps = Tuple[Tensor, ...]
 
+# a shape's maps are stored from its second sighting on
+ADMIT_AFTER = 2
+# shapes seen but not yet admitted that are remembered (keys only)
+SIGHTINGS_KEPT = 64
+
 
 class BiasCache:
-    """Bias maps of the most recently used input shapes.
+    """Bias maps of the most recently used input shapes that repeat.
 
     Agent attention's bias maps depend only on the token grid and on the
     bias parameters, so in inference they can be built once per grid. The
@@ -18,30 +23,60 @@ class BiasCache:
     (after an optimizer step, ``load_state_dict`` or a move to another
     device or dtype) drops the entries of older versions.
 
+    A grid is admitted only at its ``admit_after``-th sighting: before, its
+    maps are built and returned but not kept, so a grid that never repeats
+    (keep-ratio resizing in a detection test pipeline) costs what the
+    uncached path costs. Sightings are counted per parameter version, for
+    the :data:`SIGHTINGS_KEPT` most recently seen grids not yet admitted; a
+    grid dropped from the cache must be seen ``admit_after`` times again.
+
     Args:
         max_shapes: Grids kept at most; 0 disables the cache.
+        admit_after: Sighting of a grid from which its maps are kept; 1
+            keeps them at once.
     """
 
-    def __init__(self, max_shapes: int):
+    def __init__(self, max_shapes: int, admit_after: int = ADMIT_AFTER):
         self.max_shapes = max_shapes
+        self.admit_after = admit_after
         self._entries: 'OrderedDict[tuple, Maps]' = OrderedDict()
+        self._sightings: 'OrderedDict[tuple, int]' = OrderedDict()
 
     def get(self, shape: Tuple[int, int], version: tuple,
             compute: Callable[[], Maps]) -> Maps:
         """The maps of ``shape`` built from parameters at ``version``:
-        cached, or computed by ``compute`` and cached."""
+        cached, or computed by ``compute`` (and cached if the shape is
+        admitted)."""
         if not self.max_shapes:
             return compute()
         key = (tuple(shape), version)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        for stale in [k for k in self._entries if k[1] != version]:
-            del self._entries[stale]
+        self._drop_other_versions(version)
+        if not self._admits(key):
+            return compute()
         while len(self._entries) >= self.max_shapes:
             self._entries.popitem(last=False)
         self._entries[key] = compute()
         return self._entries[key]
+
+    def _drop_other_versions(self, version: tuple) -> None:
+        """Forget the entries and sightings of other parameter versions."""
+        for record in (self._entries, self._sightings):
+            for stale in [key for key in record if key[1] != version]:
+                del record[stale]
+
+    def _admits(self, key: tuple) -> bool:
+        """Count a sighting of ``key``, not cached: whether its maps are to
+        be kept now."""
+        seen = self._sightings.pop(key, 0) + 1
+        if seen >= self.admit_after:
+            return True
+        self._sightings[key] = seen
+        if len(self._sightings) > SIGHTINGS_KEPT:
+            self._sightings.popitem(last=False)
+        return False
 
     def maps(self, shape: Tuple[int, int]) -> Optional[Maps]:
         """The cached maps of ``shape`` (any version), or None."""
@@ -56,14 +91,21 @@ class BiasCache:
         return [shape for shape, _ in self._entries]
 
     @property
+    def pending_shapes(self) -> List[Tuple[int, int]]:
+        """The grids seen but not yet admitted, least recently seen
+        first."""
+        return [shape for shape, _ in self._sightings]
+
+    @property
     def nbytes(self) -> int:
         """Memory held by the cached maps."""
         return sum(t.numel() * t.element_size()
                    for maps in self._entries.values() for t in maps)
 
     def clear(self) -> None:
-        """Drop every cached map."""
+        """Drop every cached map and every sighting."""
         self._entries.clear()
+        self._sightings.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -314,7 +314,8 @@ def check_input(backbone: str, img: Tensor, in_channels: int,
 def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
                           agent_num: Any, agent_shape: Any, attn_drop: Any,
                           proj_drop: Any, attn_impl: Any,
-                          bias_cache_size: Any, qk_scale: Any) -> None:
+                          bias_cache_size: Any, bias_cache_admit_after: Any,
+                          qk_scale: Any) -> None:
     """Raise a ``ValueError`` naming the first invalid argument of
     :class:`AgentAttention`."""
     name = 'AgentAttention'
@@ -342,4 +343,10 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
         bias_cache_size,
         0,
         fix='0 turns the eval bias cache off.')
+    check_int_range(
+        name,
+        'bias_cache_admit_after',
+        bias_cache_admit_after,
+        1,
+        fix='1 caches a shape at its first forward, 2 at its second.')
     check_qk_scale(name, qk_scale)
