@@ -135,10 +135,11 @@ def test_measure_rows(train):
     assert [row['model'] for row in rows] == ['one', 'two']
     eval_fields = {'bias_cache_mb', 'flops', 'layer_flops', 'unsupported_ops'}
     for row in rows:
-        fields = {'model', 'size', 'batch', 'tokens', 'times_ms',
+        fields = {'model', 'size', 'dtype', 'batch', 'tokens', 'times_ms',
                   'median_ms', 'peak_mb'} | (set() if train else eval_fields)
         assert set(row) == fields
         assert row['size'] == [8, 12] and row['batch'] == 2
+        assert row['dtype'] == 'float32'
         assert row['tokens'] == 6
         assert len(row['times_ms']) == TIMING.repeats
         assert row['median_ms'] == statistics.median(row['times_ms'])
@@ -160,7 +161,7 @@ def test_measure_skips_flops_above_the_peak_limit():
 def test_measure_scaling_alternates_two_sizes():
     scaling = measure_scaling('one', TinyBackbone(), [(8, 8), (16, 8)], 1,
                               TIMING)
-    assert scaling['model'] == 'one'
+    assert scaling['model'] == 'one' and scaling['dtype'] == 'float32'
     assert scaling['sizes'] == [[8, 8], [16, 8]]
     assert list(scaling['times_ms']) == ['8×8', '16×8']
     assert [len(t) for t in scaling['times_ms'].values()] == [2, 2]

@@ -7,15 +7,18 @@ import json
 
 import pytest
 
-from agent_mm.benchmark.models import MODELS
-from agent_mm.benchmark.report import markdown, ratio_lines, write_report
+from agent_mm.benchmark.models import DTYPES, MODELS
+from agent_mm.benchmark.report import (SHORT_DTYPES, markdown, ratio_lines,
+                                       write_report)
 from agent_mm.benchmark.targets import (TARGETS, RowRatio, find_row,
-                                        flop_checks, ratio, target_ratios)
+                                        flop_checks, precision_ratios, ratio,
+                                        rows_in, target_ratios)
 
 S1024, S512 = [1024, 1024], [512, 512]
 SCALING = dict(
     model='agent_pvt_t',
     sizes=[[1024, 1024], [2048, 2048]],
+    dtype='float32',
     times_ms={
         '1024×1024': [400.0],
         '2048×2048': [1700.0]
@@ -24,11 +27,12 @@ SCALING = dict(
     ratio=4.25)
 
 
-def row(model, size, median_ms, peak_mb, **extras):
+def row(model, size, median_ms, peak_mb, dtype='float32', **extras):
     """A measured row with one timed call."""
     return dict(
         model=model,
         size=size,
+        dtype=dtype,
         batch=2 if size == S512 else 1,
         tokens=size[0] * size[1] // 16,
         times_ms=[median_ms],
@@ -142,6 +146,7 @@ def fake_results():
     return dict(
         meta=dict(
             device='cpu',
+            dtypes=['float32'],
             threads=2,
             torch='2.0.0',
             python='3.11.7',
@@ -164,6 +169,7 @@ def fake_results():
         output_max_abs_diff=dict(agent_pvt_t=5.48e-06),
         scaling=SCALING,
         ratios=dict(RATIOS, pvt_s_time_agent_over_mmdet=None),
+        precision_ratios=[],
         flop_checks=[
             dict(
                 model='agent_pvt_t',
@@ -194,25 +200,26 @@ attention (SDPA/matmul) included.
 
 ## Inference (eval, no_grad, batch 1)
 
-| Model | Input | Tokens | Params (M) | GFLOPs | Fwd ms (median) \
+| Model | Input | Dtype | Tokens | Params (M) | GFLOPs | Fwd ms (median) \
 | Peak MB | Bias cache MB | × reference | × mmdet |
-|---|---|---:|---:|---:|---:|---:|---:|---:|---:|
-| Agent-PVT-T | 1024×1024 | 65536 | 11.06 | 62.8 | 400 | 100 | 600 \
-| 0.40 | n/a |
-| Agent-PVT-T (reference) | 1024×1024 | 65536 | 11.06 | 62.9 | 1000 | 300 \
-| 0 | n/a | n/a |
-| Agent-PVT-S | 1024×1024 | 65536 | 20.12 | n/a | 900 | 120 | 1300 \
-| n/a | 0.30 |
-| PVT-S (mmdet) | 1024×1024 | 65536 | 23.97 | 139.2 | 3000 | 600 | 0 \
-| n/a | n/a |
+|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 1024×1024 | float32 | 65536 | 11.06 | 62.8 | 400 | 100 \
+| 600 | 0.40 | n/a |
+| Agent-PVT-T (reference) | 1024×1024 | float32 | 65536 | 11.06 | 62.9 \
+| 1000 | 300 | 0 | n/a | n/a |
+| Agent-PVT-S | 1024×1024 | float32 | 65536 | 20.12 | n/a | 900 | 120 \
+| 1300 | n/a | 0.30 |
+| PVT-S (mmdet) | 1024×1024 | float32 | 65536 | 23.97 | 139.2 | 3000 \
+| 600 | 0 | n/a | n/a |
 
 ## Training (train mode, forward + backward, batch 2)
 
-| Model | Input | Batch | Fwd+bwd ms (median) | Peak MB | × reference \
-| × mmdet |
-|---|---|---:|---:|---:|---:|---:|
-| Agent-PVT-T | 512×512 | 2 | 2500 | 800 | 1.25 | n/a |
-| Agent-PVT-T (reference) | 512×512 | 2 | 2000 | 1000 | n/a | n/a |
+| Model | Input | Dtype | Batch | Fwd+bwd ms (median) | Peak MB \
+| × reference | × mmdet |
+|---|---|---|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 512×512 | float32 | 2 | 2500 | 800 | 1.25 | n/a |
+| Agent-PVT-T (reference) | 512×512 | float32 | 2 | 2000 | 1000 | n/a \
+| n/a |
 
 ## Scaling (the two sizes alternating, call by call)
 
@@ -276,4 +283,77 @@ def test_write_report_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / 'benchmark.md').read_text() == table
     saved = json.loads((tmp_path / 'benchmark.json').read_text())
     assert saved == results
+    assert (tmp_path / 'latency_vs_tokens.png').stat().st_size > 0
+
+
+def in_bfloat16(rows, speedup):
+    """Copies of float32 rows as bfloat16 rows ``speedup`` times faster."""
+    return [
+        dict(
+            row,
+            dtype='bfloat16',
+            times_ms=[t / speedup for t in row['times_ms']],
+            median_ms=row['median_ms'] / speedup) for row in rows
+    ]
+
+
+def test_precision_ratios_pair_rows_with_their_float32_twin():
+    rows = EVAL_ROWS[:2] + in_bfloat16(EVAL_ROWS[:1], 2.0) + [
+        row('pvt_s', S1024, 50.0, 1.0, dtype='float16')  # no float32 row
+    ]
+    assert precision_ratios(rows, 'eval') == [
+        dict(
+            mode='eval',
+            model='agent_pvt_t',
+            size=S1024,
+            dtype='bfloat16',
+            float32_ms=400.0,
+            median_ms=200.0,
+            ratio=0.5)
+    ]
+    assert precision_ratios(EVAL_ROWS, 'eval') == []
+    assert rows_in(rows, 'float16') == rows[-1:]
+    assert set(SHORT_DTYPES) == set(DTYPES)
+
+
+def two_precision_results():
+    """The fake results with every row also run in bfloat16."""
+    results = fake_results()
+    results['meta']['dtypes'] = ['float32', 'bfloat16']
+    results['eval'] = EVAL_ROWS + in_bfloat16(EVAL_ROWS[:2], 2.5)
+    results['train'] = TRAIN_ROWS + in_bfloat16(TRAIN_ROWS, 1.25)
+    results['precision_ratios'] = (
+        precision_ratios(results['eval'], 'eval') +
+        precision_ratios(results['train'], 'train'))
+    return results
+
+
+def test_markdown_of_two_precisions():
+    table = markdown(two_precision_results())
+    assert ('cpu, float32 + bfloat16 (bfloat16 under torch.autocast, '
+            'float32 parameters), 2 threads') in table
+    # the bfloat16 row is compared with the bfloat16 reference row
+    assert ('| Agent-PVT-T | 1024×1024 | bfloat16 | 65536 | 11.06 | 62.8 '
+            '| 160 | 100 | 600 | 0.40 | n/a |') in table
+    assert ('| Agent-PVT-T | 512×512 | bfloat16 | 2 | 2000 | 800 | 1.25 '
+            '| n/a |') in table
+    section = """
+## bf16 / fp32 time (same model, input and mode)
+
+| Mode | Model | Input | fp32 ms (median) | bf16 ms (median) | bf16 / fp32 |
+|---|---|---|---:|---:|---:|
+| eval | Agent-PVT-T | 1024×1024 | 400 | 160 | 0.40 |
+| eval | Agent-PVT-T (reference) | 1024×1024 | 1000 | 400 | 0.40 |
+| train | Agent-PVT-T | 512×512 | 2500 | 2000 | 0.80 |
+| train | Agent-PVT-T (reference) | 512×512 | 2000 | 1600 | 0.80 |
+
+## Scaling"""
+    assert section in table
+    assert '## Ratios\n\nFrom the float32 rows.\n\n| Ratio' in table
+    assert 'From the float32 rows.' not in EXPECTED_MARKDOWN
+    assert '## bf16 / fp32' not in EXPECTED_MARKDOWN
+
+
+def test_report_of_two_precisions_writes_its_plot(tmp_path):
+    write_report(two_precision_results(), str(tmp_path))
     assert (tmp_path / 'latency_vs_tokens.png').stat().st_size > 0

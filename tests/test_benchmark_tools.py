@@ -178,6 +178,7 @@ def test_command_line_settings_carry_every_option():
     assert settings.max_tokens == {'pvt_s': 64}
     assert settings.sizes == [(64, 96)]
     assert settings.scaling_sizes == [(1024, 1024), (2048, 2048)]
+    assert settings.dtypes == ['float32']
     assert settings.models == list(MODELS)
     assert isinstance(settings, Settings)
 

@@ -1,7 +1,8 @@
 """Measuring library of ``tools/analysis_tools/benchmark_backbones.py``.
 
 - :mod:`~agent_mm.benchmark.models`: the benchmarked backbones (agent
-  models, their reference-path twins and mmdet baselines) and input sizes;
+  models, their reference-path twins and mmdet baselines), input sizes and
+  precisions (float32, or autocast to bfloat16 / float16);
 - :mod:`~agent_mm.benchmark.measure`: latency, peak memory, bias cache and
   FLOPs of the models at one input size;
 - :mod:`~agent_mm.benchmark.targets`: the project's acceptance targets
@@ -10,5 +11,7 @@
 - :mod:`~agent_mm.benchmark.report`: the markdown tables, the JSON file and
   the latency plot;
 - :mod:`~agent_mm.benchmark.run`: a whole run, from its settings to the
-  results dict the report is made from.
+  results dict the report is made from;
+- :mod:`~agent_mm.benchmark.cli`: command-line pieces shared with
+  ``tools/analysis_tools/profile_backbones.py``.
 """

@@ -5,6 +5,12 @@ order, see :func:`agent_mm.utils.timing.interleaved_times`) so load from
 other processes hits all of them. The scaling of a model's forward time
 with the input size is timed the same way, its two sizes alternating.
 
+Each measurement runs in one precision (a key of
+:data:`~agent_mm.benchmark.models.DTYPES`): float32, or the forward under
+``torch.autocast`` with float32 parameters (the backward of a training step
+runs outside autocast). The precisions of a run are measured one after the
+other, not interleaved: a model's eval bias cache would serve both.
+
 Peak memory is the largest amount of tensor memory allocated during one call
 on top of what was live when the call started (weights, the input and the
 eval-mode bias cache are live before, so they are not counted; the cache is
@@ -34,7 +40,7 @@ from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
 from agent_mm.utils.timing import (Step, eval_step, interleaved_times,
                                    peak_bytes, train_step)
-from .models import MODELS, Size, size_text, token_count
+from .models import FLOAT32, MODELS, Size, in_precision, size_text, token_count
 
 MB = 2**20
 # ops where the two attention paths differ: the reference resizes biases
@@ -138,12 +144,14 @@ def output_differences(models: Dict[str, nn.Module],
     return diffs
 
 
-def time_row(key: str, size: Size, batch: int,
+def time_row(key: str, size: Size, batch: int, dtype: str,
              times: Sequence[float]) -> dict:
-    """The row of model ``key`` at one size, with its times in ms."""
+    """The row of model ``key`` at one size and precision, with its times
+    in ms."""
     return dict(
         model=key,
         size=list(size),
+        dtype=dtype,
         batch=batch,
         tokens=token_count(size),
         times_ms=[t * 1e3 for t in times],
@@ -177,8 +185,9 @@ def measure(models: Dict[str, nn.Module],
             batch: int,
             train: bool,
             timing: Timing,
-            flops_max_peak_mb: Optional[float] = None) -> List[dict]:
-    """Measure every model at one size.
+            flops_max_peak_mb: Optional[float] = None,
+            dtype: str = FLOAT32) -> List[dict]:
+    """Measure every model at one size, in one precision.
 
     First the interleaved latency of all models, then the peak memory of
     each (and in eval its bias cache and FLOPs).
@@ -191,22 +200,27 @@ def measure(models: Dict[str, nn.Module],
             forward without autograd.
         timing: How calls are timed.
         flops_max_peak_mb: See :func:`eval_extras`.
+        dtype: The precision, a key of
+            :data:`~agent_mm.benchmark.models.DTYPES`.
 
     Returns:
-        One row per model: ``model``, ``size``, ``batch``, ``tokens``,
-        ``times_ms``, ``median_ms``, ``peak_mb`` and, in eval, the fields
-        of :func:`eval_extras`.
+        One row per model: ``model``, ``size``, ``dtype``, ``batch``,
+        ``tokens``, ``times_ms``, ``median_ms``, ``peak_mb`` and, in eval,
+        the fields of :func:`eval_extras`.
     """
     inputs = torch.randn(batch, 3, *size, device=timing.device)
     make_step = train_step if train else eval_step
     for model in models.values():
         model.train(train)
-    steps = {key: make_step(model, inputs) for key, model in models.items()}
+    steps = {
+        key: make_step(in_precision(model, dtype, timing.device), inputs)
+        for key, model in models.items()
+    }
     load_before = os.getloadavg()[0]
     times = timing.times(steps)
     rows = []
     for key, model in models.items():
-        row = time_row(key, size, batch, times[key])
+        row = time_row(key, size, batch, dtype, times[key])
         model.zero_grad(set_to_none=True)  # frees nothing while profiled
         row['peak_mb'] = peak_bytes(steps[key], timing.device) / MB
         if not train:
@@ -216,13 +230,17 @@ def measure(models: Dict[str, nn.Module],
         model.eval()  # drop this size's bias cache before the next size
         rows.append(row)
     mode = 'train' if train else 'eval'
-    log(f'{mode} {size[0]}x{size[1]} done (load avg '
+    log(f'{mode} {size[0]}x{size[1]} {dtype} done (load avg '
         f'{load_before:.1f} → {os.getloadavg()[0]:.1f})')
     return rows
 
 
-def measure_scaling(key: str, model: nn.Module, sizes: Sequence[Size],
-                    batch: int, timing: Timing) -> dict:
+def measure_scaling(key: str,
+                    model: nn.Module,
+                    sizes: Sequence[Size],
+                    batch: int,
+                    timing: Timing,
+                    dtype: str = FLOAT32) -> dict:
     """Time the eval forward of one model at two sizes, alternating.
 
     The sizes alternate call by call so that a drift of the machine's speed
@@ -234,15 +252,19 @@ def measure_scaling(key: str, model: nn.Module, sizes: Sequence[Size],
         sizes: The two input sizes.
         batch: Batch size.
         timing: How calls are timed.
+        dtype: The precision, a key of
+            :data:`~agent_mm.benchmark.models.DTYPES`.
 
     Returns:
-        ``model``, ``sizes``, ``times_ms`` and ``median_ms`` of each size,
-        and ``ratio``: the second size's median over the first's.
+        ``model``, ``sizes``, ``dtype``, ``times_ms`` and ``median_ms`` of
+        each size, and ``ratio``: the second size's median over the
+        first's.
     """
     model.eval()
+    runner = in_precision(model, dtype, timing.device)
     steps = {
         size_text(size): eval_step(
-            model, torch.randn(batch, 3, *size, device=timing.device))
+            runner, torch.randn(batch, 3, *size, device=timing.device))
         for size in sizes
     }
     times = timing.times(steps)
@@ -252,6 +274,7 @@ def measure_scaling(key: str, model: nn.Module, sizes: Sequence[Size],
     return dict(
         model=key,
         sizes=[list(size) for size in sizes],
+        dtype=dtype,
         times_ms={step: [t * 1e3 for t in times[step]]
                   for step in steps},
         median_ms=medians,

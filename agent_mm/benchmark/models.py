@@ -1,17 +1,29 @@
-"""The benchmarked backbones and the input sizes they run at.
+"""The benchmarked backbones, the input sizes and the precisions they run
+at.
 
 Every agent backbone comes with its reference-path twin (same weights, the
-literal attention path) and the mmdet backbone it is compared with.
+literal attention path) and the mmdet backbone it is compared with. A model
+runs in float32 as built, or in a lower precision under ``torch.autocast``
+with its parameters left in float32 (see :func:`in_precision`).
 """
 from functools import partial
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from agent_mm.models import AgentPVT, AgentSwinTransformer
 
 Size = Tuple[int, int]
+
+FLOAT32 = 'float32'
+# the precisions a model can run in, by the name used in the results
+DTYPES: Dict[str, torch.dtype] = {
+    FLOAT32: torch.float32,
+    'bfloat16': torch.bfloat16,
+    'float16': torch.float16,
+}
 
 # Backbone settings of mmdet's configs/pvt/retinanet_pvt-{t,s}_fpn_1x_coco.py
 # and configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py.
@@ -167,3 +179,54 @@ def within_limits(models: Dict[str, nn.Module], size: Size,
         key: model
         for key, model in models.items() if tokens <= limits.get(key, tokens)
     }
+
+
+def check_dtypes(names: Sequence[str]) -> None:
+    """Check that ``names`` are one or more distinct keys of :data:`DTYPES`.
+
+    Raises:
+        ValueError: Naming the first unknown value and the choices, or the
+            repeated ones.
+    """
+    choices = ', '.join(DTYPES)
+    for name in names:
+        if name not in DTYPES:
+            raise ValueError(
+                f'unknown dtype {name!r}: choose from {choices}')
+    if not names or len(set(names)) < len(names):
+        raise ValueError('dtypes must be one or more distinct values of '
+                         f'{choices}, got {list(names)}')
+
+
+class Autocast(nn.Module):
+    """A model whose forward runs under ``torch.autocast``.
+
+    The parameters stay in float32; a backward of the outputs runs outside
+    the autocast region, as recommended.
+
+    Args:
+        model: The wrapped model.
+        dtype: The autocast dtype.
+        device_type: The autocast device, e.g. ``'cpu'``.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype,
+                 device_type: str):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.device_type = device_type
+
+    def forward(self, inputs: Tensor) -> Tuple[Tensor, ...]:
+        """The model's outputs for ``inputs``, computed under autocast."""
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(inputs)
+
+
+def in_precision(model: nn.Module, dtype: str,
+                 device: torch.device) -> nn.Module:
+    """``model`` run in precision ``dtype`` (a key of :data:`DTYPES`):
+    itself for float32, else wrapped in :class:`Autocast`."""
+    if dtype == FLOAT32:
+        return model
+    return Autocast(model, DTYPES[dtype], device.type)

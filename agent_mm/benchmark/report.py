@@ -5,10 +5,13 @@ Everything here reads the results dict of :func:`agent_mm.benchmark.run.run`
 """
 import json
 import os.path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .models import MODELS, reference_twin, size_text
-from .targets import TARGETS, Rows, ratio
+from .models import FLOAT32, MODELS, reference_twin, size_text
+from .targets import TARGETS, Rows, ratio, rows_in
+
+# the short names of the precisions, in ratio headings and plot labels
+SHORT_DTYPES = {FLOAT32: 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}
 
 
 def fmt(value: Optional[float], spec: str = '.2f') -> str:
@@ -27,8 +30,10 @@ def time_over(rows: Rows, row: dict, other: Optional[str]) -> Optional[float]:
 def comparison(rows: Rows,
                row: dict) -> Tuple[Optional[float], Optional[float]]:
     """Time of an agent (fast) model's row over its reference twin's and
-    over its mmdet baseline's at the same size (None where there is none).
+    over its mmdet baseline's at the same size and precision (None where
+    there is none).
     """
+    rows = rows_in(rows, row['dtype'])
     return (time_over(rows, row, reference_twin(row['model'])),
             time_over(rows, row, MODELS[row['model']].baseline))
 
@@ -36,9 +41,9 @@ def comparison(rows: Rows,
 def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
     """The inference table, one line per eval row."""
     lines = [
-        '| Model | Input | Tokens | Params (M) | GFLOPs | Fwd ms (median) '
-        '| Peak MB | Bias cache MB | × reference | × mmdet |',
-        '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'
+        '| Model | Input | Dtype | Tokens | Params (M) | GFLOPs '
+        '| Fwd ms (median) | Peak MB | Bias cache MB | × reference '
+        '| × mmdet |', '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'
     ]
     for row in rows:
         vs_ref, vs_base = comparison(rows, row)
@@ -46,7 +51,8 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
         gflops = fmt(None if flops is None else flops / 1e9, '.1f')
         lines.append(
             f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
-            f"| {row['tokens']} | {params[row['model']] / 1e6:.2f} "
+            f"| {row['dtype']} | {row['tokens']} "
+            f"| {params[row['model']] / 1e6:.2f} "
             f"| {gflops} | {row['median_ms']:.0f} "
             f"| {row['peak_mb']:.0f} | {row['bias_cache_mb']:.0f} "
             f'| {fmt(vs_ref)} | {fmt(vs_base)} |')
@@ -56,15 +62,41 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
 def train_table(rows: Rows) -> List[str]:
     """The training table, one line per train row."""
     lines = [
-        '| Model | Input | Batch | Fwd+bwd ms (median) | Peak MB '
-        '| × reference | × mmdet |', '|---|---|---:|---:|---:|---:|---:|'
+        '| Model | Input | Dtype | Batch | Fwd+bwd ms (median) | Peak MB '
+        '| × reference | × mmdet |', '|---|---|---|---:|---:|---:|---:|---:|'
     ]
     for row in rows:
         vs_ref, vs_base = comparison(rows, row)
         lines.append(
             f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
-            f"| {row['batch']} | {row['median_ms']:.0f} "
+            f"| {row['dtype']} | {row['batch']} | {row['median_ms']:.0f} "
             f"| {row['peak_mb']:.0f} | {fmt(vs_ref)} | {fmt(vs_base)} |")
+    return lines
+
+
+def precision_lines(entries: List[dict]) -> List[str]:
+    """A section per lower precision run beside float32: its time over
+    float32's for each model, size and mode (none without such entries).
+
+    Args:
+        entries: The results' ``precision_ratios``.
+    """
+    lines = []
+    base = SHORT_DTYPES[FLOAT32]
+    for dtype in dict.fromkeys(entry['dtype'] for entry in entries):
+        low = SHORT_DTYPES[dtype]
+        lines += [
+            '', f'## {low} / {base} time (same model, input and mode)', '',
+            f'| Mode | Model | Input | {base} ms (median) '
+            f'| {low} ms (median) | {low} / {base} |',
+            '|---|---|---|---:|---:|---:|'
+        ]
+        lines += [
+            f"| {e['mode']} | {MODELS[e['model']].label} "
+            f"| {size_text(e['size'])} | {e['float32_ms']:.0f} "
+            f"| {e['median_ms']:.0f} | {e['ratio']:.2f} |" for e in entries
+            if e['dtype'] == dtype
+        ]
     return lines
 
 
@@ -88,9 +120,12 @@ def scaling_lines(scaling: Optional[dict]) -> List[str]:
     if scaling is None:
         return []
     (first, second), sizes = scaling['median_ms'], scaling['sizes']
+    label = MODELS[scaling['model']].label
+    if scaling['dtype'] != FLOAT32:
+        label += f" ({scaling['dtype']})"
     return [
         '', '## Scaling (the two sizes alternating, call by call)', '',
-        f"{MODELS[scaling['model']].label} forward: {first:.0f} ms at "
+        f"{label} forward: {first:.0f} ms at "
         f'{size_text(sizes[0])}, {second:.0f} ms at {size_text(sizes[1])}, '
         f"ratio {scaling['ratio']:.2f}"
     ]
@@ -118,11 +153,23 @@ def check_lines(results: dict) -> List[str]:
     return lines
 
 
+def precision_text(dtypes: Sequence[str]) -> str:
+    """The precisions of a run, e.g. ``'float32 + bfloat16 (bfloat16 under
+    torch.autocast, float32 parameters)'``."""
+    text = ' + '.join(dtypes)
+    lower = [dtype for dtype in dtypes if dtype != FLOAT32]
+    if lower:
+        text += (f" ({' and '.join(lower)} under torch.autocast, float32 "
+                 'parameters)')
+    return text
+
+
 def header_lines(meta: dict) -> List[str]:
     """Title and how the run measured (from the results' ``meta``)."""
     return [
         '# Backbone benchmark', '',
-        f"{meta['device']}, float32, {meta['threads']} threads, torch "
+        f"{meta['device']}, {precision_text(meta['dtypes'])}, "
+        f"{meta['threads']} threads, torch "
         f"{meta['torch']}, median of {meta['repeats']} interleaved calls, "
         f"each right after {meta['warmup']} untimed call(s) of the same "
         'model; load average '
@@ -146,14 +193,19 @@ def markdown(results: dict) -> str:
             f"{meta['train_batch']})", ''
         ]
         lines += train_table(results['train'])
+    lines += precision_lines(results['precision_ratios'])
     lines += scaling_lines(results.get('scaling'))
-    lines += ['', '## Ratios', ''] + ratio_lines(results['ratios'])
+    lines += ['', '## Ratios', '']
+    if len(meta['dtypes']) > 1:
+        lines += [f"From the {meta['dtypes'][0]} rows.", '']
+    lines += ratio_lines(results['ratios'])
     lines += ['', '## Checks', ''] + check_lines(results)
     return '\n'.join(lines) + '\n'
 
 
 def plot_latency(rows: Rows, path: str) -> None:
-    """Plot forward latency against tokens, log-log, one line per model.
+    """Plot forward latency against tokens, log-log, one line per model and
+    precision.
 
     Args:
         rows: Eval rows.
@@ -163,11 +215,19 @@ def plot_latency(rows: Rows, path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 5))
-    for key in dict.fromkeys(row['model'] for row in rows):
-        points = sorted(
-            (r['tokens'], r['median_ms']) for r in rows if r['model'] == key)
+    for key, dtype in dict.fromkeys((row['model'], row['dtype'])
+                                    for row in rows):
+        points = sorted((r['tokens'], r['median_ms'])
+                        for r in rows_in(rows, dtype) if r['model'] == key)
         style = '--' if MODELS[key].reference_of else '-'
-        ax.plot(*zip(*points), style, marker='o', label=MODELS[key].label)
+        label = MODELS[key].label
+        if dtype != FLOAT32:
+            label += f' [{SHORT_DTYPES[dtype]}]'
+        ax.plot(
+            *zip(*points),
+            style,
+            marker='o' if dtype == FLOAT32 else 's',
+            label=label)
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel('tokens (H·W/16)')

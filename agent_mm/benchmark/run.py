@@ -1,26 +1,34 @@
 """A whole benchmark run, from its settings to its results dict.
 
 The results hold ``meta`` (how the run measured), ``params``, the ``eval``
-and ``train`` rows of :func:`~agent_mm.benchmark.measure.measure`,
-``skipped`` models, ``output_max_abs_diff``, ``scaling`` (when timed), the
-target ``ratios`` and the ``flop_checks``.
+and ``train`` rows of :func:`~agent_mm.benchmark.measure.measure` (one per
+model, size and precision), ``skipped`` models, ``output_max_abs_diff``
+(float32), ``scaling`` (when timed), the target ``ratios`` and the
+``flop_checks`` (both from the rows of the run's first precision) and the
+``precision_ratios`` (lower precision / float32 time, when both ran).
 """
+import math
 import os
 import platform
 from dataclasses import dataclass
-from math import prod
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .measure import Timing, log, measure, measure_scaling, output_differences
-from .models import Size, build_models, parameter_counts, within_limits
-from .targets import SCALING_MODEL, flop_checks, target_ratios
+from .models import (Size, build_models, check_dtypes, parameter_counts,
+                     within_limits)
+from .targets import (SCALING_MODEL, Rows, flop_checks, precision_ratios,
+                      rows_in, target_ratios)
 
 Results = dict
 # called with the results after each measured size, e.g. to save them
 OnUpdate = Callable[[Results], None]
+# FLOPs do not depend on the precision: counted in the first one only
+FLOP_FIELDS = ('flops', 'layer_flops', 'unsupported_ops')
+# a forward peak limit no model is under: no FLOPs counted
+NO_FLOPS = -math.inf
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,10 @@ class Settings:
         repeats: Timed calls per model.
         warmup: Untimed calls of a model right before each timed one.
         device: ``'cpu'`` or ``'cuda[:i]'``.
+        dtypes: Precisions (keys of
+            :data:`~agent_mm.benchmark.models.DTYPES`), measured one after
+            the other at each size; the targets, FLOP checks and scaling
+            pair use the first.
         threads: ``torch.set_num_threads``.
         flops_max_peak_mb: No FLOP counting of a model whose forward peak
             exceeds this (None: count all).
@@ -54,6 +66,7 @@ class Settings:
     repeats: int
     warmup: int
     device: str
+    dtypes: Sequence[str]
     threads: int
     flops_max_peak_mb: Optional[float]
     max_tokens: Dict[str, int]
@@ -80,6 +93,7 @@ def new_results(settings: Settings) -> Results:
     return dict(
         meta=dict(
             device=str(torch.device(settings.device)),
+            dtypes=list(settings.dtypes),
             threads=torch.get_num_threads(),
             torch=torch.__version__,
             python=platform.python_version(),
@@ -97,25 +111,47 @@ def new_results(settings: Settings) -> Results:
         output_max_abs_diff={})
 
 
+def measure_precisions(models: Dict[str, nn.Module], size: Size,
+                       train: bool, settings: Settings) -> Rows:
+    """Measure the models at one size in every precision of the run.
+
+    FLOPs are counted in the first precision and copied to the rows of
+    the others.
+    """
+    batch = settings.train_batch if train else settings.batch
+    first: Rows = []
+    rows: Rows = []
+    for dtype in settings.dtypes:
+        limit = NO_FLOPS if first else settings.flops_max_peak_mb
+        measured = measure(models, size, batch, train, settings.timing(),
+                           limit, dtype)
+        for row, counted in zip(measured, first):  # the same models
+            row.update({
+                field: counted[field]
+                for field in FLOP_FIELDS if field in counted
+            })
+        first = first or measured
+        rows += measured
+    return rows
+
+
 def measure_sizes(models: Dict[str, nn.Module], settings: Settings,
                   results: Results, on_update: OnUpdate) -> None:
-    """Measure every size of both modes into ``results``.
+    """Measure every size of both modes, in every precision, into
+    ``results``.
 
     Models whose ``max_tokens`` a size exceeds are listed in ``skipped``.
     """
     for mode, sizes in (('eval', settings.sizes),
                         ('train', settings.train_sizes)):
-        train = mode == 'train'
-        batch = settings.train_batch if train else settings.batch
         for size in sizes:
             active = within_limits(models, size, settings.max_tokens)
             results['skipped'] += [
                 dict(model=key, size=list(size), mode=mode) for key in models
                 if key not in active
             ]
-            results[mode] += measure(active, size, batch, train,
-                                     settings.timing(),
-                                     settings.flops_max_peak_mb)
+            results[mode] += measure_precisions(active, size,
+                                                mode == 'train', settings)
             on_update(results)
 
 
@@ -123,9 +159,21 @@ def scaling_wanted(models: Dict[str, nn.Module], settings: Settings) -> bool:
     """Whether the scaling pair is timed: two sizes given and
     :data:`~agent_mm.benchmark.targets.SCALING_MODEL` built and allowed at
     the larger."""
-    largest = max(settings.scaling_sizes, key=prod, default=None)
+    largest = max(settings.scaling_sizes, key=math.prod, default=None)
     return bool(largest) and SCALING_MODEL in within_limits(
         models, largest, settings.max_tokens)
+
+
+def judge(results: Results, dtype: str) -> None:
+    """Add the target ``ratios`` and ``flop_checks`` (from the rows of
+    precision ``dtype``) and the ``precision_ratios`` to ``results``."""
+    results['ratios'] = target_ratios(
+        rows_in(results['eval'], dtype), rows_in(results['train'], dtype),
+        results.get('scaling'))
+    results['flop_checks'] = flop_checks(rows_in(results['eval'], dtype))
+    results['precision_ratios'] = (
+        precision_ratios(results['eval'], 'eval') +
+        precision_ratios(results['train'], 'train'))
 
 
 def run(settings: Settings,
@@ -141,7 +189,12 @@ def run(settings: Settings,
 
     Returns:
         The results (see the module docstring).
+
+    Raises:
+        ValueError: If ``settings.dtypes`` are not distinct known
+            precisions.
     """
+    check_dtypes(settings.dtypes)
     device = torch.device(settings.device)
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -150,7 +203,7 @@ def run(settings: Settings,
         f'{settings.threads} threads')
     models = build_models(settings.models, device)
     results['params'] = parameter_counts(models)
-    smallest = min(settings.sizes, key=prod)
+    smallest = min(settings.sizes, key=math.prod)
     results['output_max_abs_diff'] = output_differences(
         models, torch.randn(1, 3, *smallest, device=device))
     measure_sizes(models, settings, results, on_update)
@@ -159,10 +212,9 @@ def run(settings: Settings,
                                              models[SCALING_MODEL],
                                              settings.scaling_sizes,
                                              settings.batch,
-                                             settings.timing())
+                                             settings.timing(),
+                                             settings.dtypes[0])
         on_update(results)
     results['meta']['load_avg_end'] = os.getloadavg()[0]
-    results['ratios'] = target_ratios(results['eval'], results['train'],
-                                      results.get('scaling'))
-    results['flop_checks'] = flop_checks(results['eval'])
+    judge(results, settings.dtypes[0])
     return results

@@ -1,12 +1,14 @@
-"""What one run is judged by: the acceptance targets and the FLOP check.
+"""What one run is judged by: the acceptance targets, the FLOP check and
+the time of the lower precisions over float32.
 
 Each target is a ratio of two measurements of the same run with the bound
 it should meet; :data:`TARGETS` is the one list of them (key, description,
-bound and how the value is read from the run's rows).
+bound and how the value is read from the run's rows). Targets and FLOP
+checks read the rows of one precision (see :func:`rows_in`).
 """
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .models import MODELS, Size
+from .models import FLOAT32, MODELS, Size
 
 Rows = List[dict]
 # a row's model key and input size
@@ -30,6 +32,11 @@ class Run(NamedTuple):
     eval_rows: Rows
     train_rows: Rows
     scaling: Optional[dict]
+
+
+def rows_in(rows: Rows, dtype: str) -> Rows:
+    """The rows measured in precision ``dtype``."""
+    return [row for row in rows if row['dtype'] == dtype]
 
 
 def find_row(rows: Rows, model: str, size: Sequence[int]) -> Optional[dict]:
@@ -185,3 +192,34 @@ def flop_checks(eval_rows: Rows, tolerance: float = 0.05) -> List[dict]:
                 relative_difference=rel,
                 ok=abs(rel) <= tolerance))
     return checks
+
+
+def precision_ratios(rows: Rows, mode: str) -> List[dict]:
+    """Time of every lower-precision row over the float32 row of the same
+    model and size.
+
+    Args:
+        rows: Rows of one mode, in any precisions.
+        mode: ``'eval'`` or ``'train'``, copied to the results.
+
+    Returns:
+        One entry per row not in float32 whose float32 twin was measured:
+        ``mode``, ``model``, ``size``, ``dtype``, ``float32_ms``,
+        ``median_ms`` and ``ratio`` (``median_ms / float32_ms``).
+    """
+    base = rows_in(rows, FLOAT32)
+    ratios = []
+    for row in rows:
+        twin = find_row(base, row['model'], row['size'])
+        if row['dtype'] == FLOAT32 or twin is None:
+            continue
+        ratios.append(
+            dict(
+                mode=mode,
+                model=row['model'],
+                size=row['size'],
+                dtype=row['dtype'],
+                float32_ms=twin['median_ms'],
+                median_ms=row['median_ms'],
+                ratio=row['median_ms'] / twin['median_ms']))
+    return ratios

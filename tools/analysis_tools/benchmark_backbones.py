@@ -5,6 +5,8 @@ For every model and input size it reports forward latency (eval, no_grad),
 peak memory, parameters and FLOPs, and forward+backward latency and peak
 memory in train mode, plus the scaling of Agent-PVT-T's forward time with
 the input size (its two sizes alternating) and the project's target ratios.
+With ``--dtype float32 bfloat16`` every measurement is also made with the
+forward under ``torch.autocast`` and the report gives the bf16 / fp32 time.
 How each quantity is measured: :mod:`agent_mm.benchmark.measure`; the
 measuring, the targets and the report live in :mod:`agent_mm.benchmark`,
 this file is the command line.
@@ -13,7 +15,8 @@ Example::
 
     python tools/analysis_tools/benchmark_backbones.py --repeats 3
     python tools/analysis_tools/benchmark_backbones.py --sizes 64 96x128 \
-        --train-sizes 64 --scaling-sizes 64 128 --repeats 1 --warmup 0
+        --train-sizes 64 --scaling-sizes 64 128 --repeats 1 --warmup 0 \
+        --dtype float32 bfloat16
 """
 import argparse
 import os
@@ -21,22 +24,14 @@ import os.path as osp
 from functools import partial
 from typing import Optional, Sequence, Tuple
 
-from agent_mm.benchmark.models import MODELS, Size
+from agent_mm.benchmark.cli import (add_run_options, check_run_options,
+                                    parse_size)
+from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.report import save_json, write_report
 from agent_mm.benchmark.run import Settings, run
 from agent_mm.benchmark.targets import TARGET_SCALING
 
 DEFAULT_SIZES = ('512', '1024', '1536', '2048', '800x1333')
-
-
-def parse_size(text: str) -> Size:
-    """``'512'`` → ``(512, 512)``; ``'800x1333'`` → ``(800, 1333)`` (H×W)."""
-    parts = text.lower().split('x')
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(
-            f'size must be N or HxW (e.g. 512, 800x1333), got {text!r}')
-    height, width = int(parts[0]), int(parts[-1])
-    return height, width
 
 
 def parse_limit(text: str) -> Tuple[str, int]:
@@ -47,13 +42,6 @@ def parse_limit(text: str) -> Tuple[str, int]:
             f'expected MODEL=TOKENS with MODEL in {list(MODELS)}, got '
             f'{text!r}')
     return model, int(tokens)
-
-
-def available_cores() -> int:
-    """Cores this process may run on."""
-    if hasattr(os, 'sched_getaffinity'):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -91,12 +79,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=list(MODELS),
         metavar='MODEL',
         help='models to run, from ' + ', '.join(MODELS) + ' (default: all)')
-    parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
-    parser.add_argument(
-        '--threads',
-        type=int,
-        default=available_cores(),
-        help='torch.set_num_threads (default: all cores, %(default)s)')
+    add_run_options(parser)
     parser.add_argument(
         '--flops-max-peak-mb',
         type=float,
@@ -121,12 +104,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help='two eval sizes at which Agent-PVT-T (fast) is timed '
         'alternately for the scaling ratio (default: 1024 2048); none to '
         'skip')
-    parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
         '--out-dir',
         default=osp.join('work_dirs', 'benchmark'),
         help='where benchmark.md/.json/latency_vs_tokens.png go')
     args = parser.parse_args(argv)
+    check_run_options(parser, args)
     if args.repeats < 1 or args.warmup < 0:
         parser.error('--repeats must be ≥ 1 and --warmup ≥ 0')
     scaling = args.scaling_sizes

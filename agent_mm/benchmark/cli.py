@@ -1,0 +1,55 @@
+"""Command-line pieces shared by ``benchmark_backbones.py`` and
+``profile_backbones.py``: input sizes and the options of how models run
+(precisions, device, threads, seed)."""
+import argparse
+import os
+
+from .models import DTYPES, FLOAT32, Size, check_dtypes
+
+
+def parse_size(text: str) -> Size:
+    """``'512'`` → ``(512, 512)``; ``'800x1333'`` → ``(800, 1333)`` (H×W)."""
+    parts = text.lower().split('x')
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f'size must be N or HxW (e.g. 512, 800x1333), got {text!r}')
+    height, width = int(parts[0]), int(parts[-1])
+    return height, width
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--dtype`` (stored as ``dtypes``), ``--device``, ``--threads``
+    and ``--seed`` to ``parser``."""
+    parser.add_argument(
+        '--dtype',
+        dest='dtypes',
+        nargs='+',
+        choices=list(DTYPES),
+        default=[FLOAT32],
+        metavar='DTYPE',
+        help='precisions, one or several of ' + ', '.join(DTYPES) +
+        ' (default: float32); the others run the forward under '
+        'torch.autocast with float32 parameters')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=available_cores(),
+        help='torch.set_num_threads (default: all cores, %(default)s)')
+    parser.add_argument('--seed', type=int, default=0)
+
+
+def check_run_options(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` if ``--dtype`` repeats a value."""
+    try:
+        check_dtypes(args.dtypes)
+    except ValueError as error:
+        parser.error(f'--dtype: {error}')
