@@ -12,6 +12,10 @@
   the latency plot;
 - :mod:`~agent_mm.benchmark.run`: a whole run, from its settings to the
   results dict the report is made from;
-- :mod:`~agent_mm.benchmark.cli`: command-line pieces shared with
-  ``tools/analysis_tools/profile_backbones.py``.
+- :mod:`~agent_mm.benchmark.profile`: the library of
+  ``tools/analysis_tools/profile_backbones.py``: self CPU time of eval
+  forwards by op family, against each family's floor (FLOPs at the matmul
+  rate, bytes at the copy bandwidth, both measured in the same run);
+- :mod:`~agent_mm.benchmark.cli`: command-line pieces shared by the two
+  tools.
 """

@@ -1,6 +1,6 @@
 """Command-line pieces shared by ``benchmark_backbones.py`` and
 ``profile_backbones.py``: input sizes and the options of how models run
-(precisions, device, threads, seed)."""
+(precisions, threads, seed)."""
 import argparse
 import os
 
@@ -24,9 +24,9 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--dtype`` (stored as ``dtypes``), ``--device``, ``--threads``
-    and ``--seed`` to ``parser``."""
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--dtype`` (stored as ``dtypes``) to ``parser``; check it with
+    :func:`check_dtype_option` after parsing."""
     parser.add_argument(
         '--dtype',
         dest='dtypes',
@@ -37,7 +37,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help='precisions, one or several of ' + ', '.join(DTYPES) +
         ' (default: float32); the others run the forward under '
         'torch.autocast with float32 parameters')
-    parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
+
+
+def add_host_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads`` and ``--seed`` to ``parser``."""
     parser.add_argument(
         '--threads',
         type=int,
@@ -46,8 +49,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed', type=int, default=0)
 
 
-def check_run_options(parser: argparse.ArgumentParser,
-                      args: argparse.Namespace) -> None:
+def check_dtype_option(parser: argparse.ArgumentParser,
+                       args: argparse.Namespace) -> None:
     """Exit through ``parser.error`` if ``--dtype`` repeats a value."""
     try:
         check_dtypes(args.dtypes)

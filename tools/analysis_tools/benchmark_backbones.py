@@ -24,8 +24,8 @@ import os.path as osp
 from functools import partial
 from typing import Optional, Sequence, Tuple
 
-from agent_mm.benchmark.cli import (add_run_options, check_run_options,
-                                    parse_size)
+from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
+                                    check_dtype_option, parse_size)
 from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.report import save_json, write_report
 from agent_mm.benchmark.run import Settings, run
@@ -79,7 +79,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=list(MODELS),
         metavar='MODEL',
         help='models to run, from ' + ', '.join(MODELS) + ' (default: all)')
-    add_run_options(parser)
+    add_dtype_option(parser)
+    parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
+    add_host_options(parser)
     parser.add_argument(
         '--flops-max-peak-mb',
         type=float,
@@ -109,7 +111,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=osp.join('work_dirs', 'benchmark'),
         help='where benchmark.md/.json/latency_vs_tokens.png go')
     args = parser.parse_args(argv)
-    check_run_options(parser, args)
+    check_dtype_option(parser, args)
     if args.repeats < 1 or args.warmup < 0:
         parser.error('--repeats must be ≥ 1 and --warmup ≥ 0')
     scaling = args.scaling_sizes

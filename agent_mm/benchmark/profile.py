@@ -1,0 +1,500 @@
+"""Where an eval forward's time goes, by op family, against each family's
+floor.
+
+``torch.profiler`` (CPU activities, ``record_shapes`` and ``with_flops``)
+records warm eval forwards (``no_grad``, after untimed calls, so the bias
+cache is filled) of the benchmark's models. The self CPU time of every
+``aten::`` op is added to the op's family (:data:`FAMILY_PATTERNS`, e.g.
+GEMM, normalisation, layout/copy); ops of other namespaces are left out.
+
+A family's *floor* is the time it could not beat on this machine, a
+roofline bound measured in the same process: the larger of
+
+- its FLOPs over the matmul rate, timed on a ``matmul_size``³ ``torch.mm``
+  in the run's precision. FLOPs are the profiler's counts (``mm``,
+  ``addmm``, ``bmm``, ``baddbmm``, ``conv2d``, ``add``, ``mul``; one
+  multiply-add = 2 flops) plus those of the fused attention kernels, which
+  the profiler does not count, from their query, key and value shapes;
+- its bytes over the memory bandwidth, timed on a ``copy_mb`` MB
+  ``dst.copy_(src)`` counting the bytes read and written.
+
+Bytes are estimated from the recorded input shapes and dtypes: an op moves
+its tensor inputs, plus, for the families whose output is the size of an
+input (:data:`SAME_SIZE_OUTPUT`) and out-of-place ops (name not ending in
+``_``), an output the size of its largest input. This is an approximation:
+other families' outputs are not counted, tensor lists (``cat``, ``stack``)
+are not recorded by the profiler, expanded views count at their full
+shape. An op is counted only where none of its descendants belongs to its
+family (``layer_norm`` is counted as its ``native_layer_norm``, ``clone``
+as its ``copy_``), and the ops of the :data:`VIEW` family (views,
+allocation, metadata queries, and the wrappers ``contiguous`` / ``to`` /
+``reshape`` / ``dropout``, whose copies are their ``clone`` / ``_to_copy``
+children) move nothing.
+
+How to read a floor: the bandwidth is that of a copy larger than the caches,
+so ops whose data stay in cache can beat it (a memory-bound family below 1×
+its floor); the matmul rate is that of a large square product, which small
+or skinny products do not reach. The profiler adds a few microseconds to
+every op, so families of many small ops look costlier than they are; each
+table gives the wall time of an unprofiled forward beside the profiled one.
+"""
+import json
+import math
+import os.path as osp
+import re
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+
+from agent_mm.utils.timing import timed
+from .measure import MB, log
+from .models import (DTYPES, MODELS, Size, build_models, check_dtypes,
+                     in_precision, size_text)
+
+CPU = torch.device('cpu')
+GEMM, LAYOUT, VIEW, OTHER = 'GEMM', 'layout/copy', 'view/alloc', 'other'
+# aten op name (without ``aten::``) matched in full → family; the first
+# pattern that matches wins, ops matching none are OTHER
+FAMILY_PATTERNS: Dict[str, str] = {
+    r'(mm|bmm|_?addmm\w*|addbmm|baddbmm|matmul|linear|mkldnn_linear|einsum)_?':
+    GEMM,
+    r'_?scaled_dot_product\w*|_flash_attention\w*|_efficient_attention\w*':
+    GEMM,
+    r'\w*conv\w*': 'convolution',  # conv2d ... mkldnn_convolution
+    r'_?(safe_)?(log_)?softmax': 'softmax',
+    r'\w*(layer|batch|group|instance|rms)_norm\w*': 'normalisation',
+    r'(gelu|relu|relu6|leaky_relu|elu|selu|silu|mish|sigmoid|tanh|hardswish'
+    r'|hardsigmoid|hardtanh|softplus|glu)_?': 'activation',
+    r'(contiguous|to|reshape|_reshape_alias|view\w*|_unsafe_view|as_strided_?'
+    r'|t|transpose|permute|expand\w*|squeeze|unsqueeze|flatten|unflatten'
+    r'|slice|select|narrow|split\w*|chunk|unbind|unfold|alias|detach'
+    r'|movedim|empty\w*|resize_|resolve_conj|resolve_neg|lift_fresh'
+    r'|dropout|result_type|_nnpack_available|item|_local_scalar_dense)':
+    VIEW,
+    r'copy_|_copy_from\w*|clone|_to_copy|cat|stack|index|_?index_put_?'
+    r'|index_select|gather|scatter\w*|_?pad\w*|\w*_pad\w*'
+    r'|roll|flip|repeat|tile|im2col|col2im|masked_select|tril|triu':
+    LAYOUT,
+    r'_?upsample_\w*|grid_sampler\w*|interpolate': 'interpolation',
+    r'\w*pool\w*|mean|sum|prod|amax|amin|max|min|argmax|argmin|std|var'
+    r'|norm|linalg_vector_norm|all|any|logsumexp|cumsum':
+    'reduction/pooling',
+    r'(add|sub|rsub|mul|div|neg|exp|log|sqrt|rsqrt|pow|abs|clamp\w*|where'
+    r'|masked_fill|fill|zero|zeros\w*|ones\w*|full\w*|lerp|addcmul|addcdiv'
+    r'|reciprocal|floor\w*|ceil|round|remainder|fmod|sign|maximum|minimum'
+    r'|eq|ne|lt|le|gt|ge|logical_\w+|bitwise_\w+|isneginf|isnan|isinf|sin'
+    r'|cos|erf\w*|arange|scalar_tensor|normal|uniform|bernoulli'
+    r'|native_dropout)_?': 'elementwise',
+}
+FAMILIES = tuple(dict.fromkeys(FAMILY_PATTERNS.values())) + (OTHER, )
+# families whose ops write an output the size of their largest input
+SAME_SIZE_OUTPUT = frozenset(('softmax', 'normalisation', 'activation',
+                              'elementwise', LAYOUT))
+# fused attention kernels (the profiler counts no FLOPs for them)
+FUSED_ATTENTION = re.compile(
+    r'aten::_scaled_dot_product_(flash|efficient|cudnn|fused)\w*')
+# bytes per element of the dtype names the profiler records
+ELEMENT_BYTES = {
+    'double': 8,
+    'float': 4,
+    'c10::BFloat16': 2,
+    'c10::Half': 2,
+    'long int': 8,
+    'int': 4,
+    'short int': 2,
+    'signed char': 1,
+    'unsigned char': 1,
+    'bool': 1,
+}
+_COMPILED = [(re.compile(pattern), family)
+             for pattern, family in FAMILY_PATTERNS.items()]
+
+
+def op_family(name: str) -> str:
+    """The family of profiler event ``name``, e.g. ``'aten::mm'`` → GEMM;
+    OTHER for unknown ``aten`` ops and ops of other namespaces."""
+    namespace, _, op = name.partition('::')
+    if namespace != 'aten':
+        return OTHER
+    return next((family for pattern, family in _COMPILED
+                 if pattern.fullmatch(op)), OTHER)
+
+
+def is_aten(event: FunctionEvent) -> bool:
+    """Whether ``event`` is an ``aten::`` op."""
+    return event.name.startswith('aten::')
+
+
+def descendants(event: FunctionEvent) -> Iterator[FunctionEvent]:
+    """Every event nested in ``event``, at any depth."""
+    for child in event.cpu_children:
+        yield child
+        yield from descendants(child)
+
+
+def moves_bytes(event: FunctionEvent, family: str) -> bool:
+    """Whether the bytes of ``event`` (of ``family``) are counted: not a
+    view and no descendant of the same family (which would count them)."""
+    return family != VIEW and not any(
+        is_aten(d) and op_family(d.name) == family
+        for d in descendants(event))
+
+
+def event_bytes(event: FunctionEvent, family: str) -> int:
+    """Estimated bytes an op moves (see the module docstring)."""
+    sizes = [
+        math.prod(shape) * ELEMENT_BYTES[dtype]
+        for shape, dtype in zip(event.input_shapes, event.input_dtypes)
+        if dtype in ELEMENT_BYTES
+    ]
+    output = (
+        max(sizes, default=0) if family in SAME_SIZE_OUTPUT
+        and not event.name.endswith('_') else 0)
+    return sum(sizes) + output
+
+
+def attention_flops(shapes: Sequence[Sequence[int]]) -> int:
+    """FLOPs of attention with query, key and value of ``shapes[:3]``
+    (``(..., L, E)``): two products, 2 flops per multiply-add."""
+    query, key, value = shapes[:3]
+    batch = math.prod(query[:-2])
+    return 2 * batch * query[-2] * key[-2] * (query[-1] + value[-1])
+
+
+def event_flops(event: FunctionEvent) -> int:
+    """FLOPs of an op: the profiler's count, or for a fused attention
+    kernel :func:`attention_flops` of its inputs."""
+    if FUSED_ATTENTION.fullmatch(event.name):
+        return attention_flops(event.input_shapes)
+    return event.flops or 0
+
+
+@dataclass
+class Tally:
+    """What the ops of one family add up to.
+
+    Attributes:
+        self_us: Self CPU time, in µs.
+        flops: FLOPs (see :func:`event_flops`).
+        bytes: Estimated bytes moved (see :func:`event_bytes`).
+    """
+    self_us: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+
+
+def tally(events: Sequence[FunctionEvent]) -> Dict[str, Tally]:
+    """Add up the ``aten`` ops of profiler ``events`` by family.
+
+    Returns:
+        A :class:`Tally` for every family of :data:`FAMILIES`.
+    """
+    tallies = {family: Tally() for family in FAMILIES}
+    for event in filter(is_aten, events):
+        family = op_family(event.name)
+        totals = tallies[family]
+        totals.self_us += event.self_cpu_time_total
+        totals.flops += event_flops(event)
+        if moves_bytes(event, family):
+            totals.bytes += event_bytes(event, family)
+    return tallies
+
+
+class Roofline(NamedTuple):
+    """The machine's rates, measured in the run's process.
+
+    Attributes:
+        matmul_flops: FLOP/s of a large matmul in one precision.
+        bandwidth: Bytes/s of a large tensor copy (read + write).
+    """
+    matmul_flops: float
+    bandwidth: float
+
+    def floor_s(self, totals: Tally) -> float:
+        """Seconds a family's ops take at least: the larger of their
+        FLOPs at the matmul rate and their bytes at the bandwidth."""
+        return max(totals.flops / self.matmul_flops,
+                   totals.bytes / self.bandwidth)
+
+
+def matmul_rate(dtype: torch.dtype,
+                size: int,
+                device: torch.device,
+                repeats: int = 3) -> float:
+    """FLOP/s of a ``size``³ ``torch.mm`` in ``dtype`` (2 flops per
+    multiply-add), the best of ``repeats`` calls after one untimed."""
+    a, b = (torch.randn(size, size, device=device).to(dtype)
+            for _ in range(2))
+    torch.mm(a, b)
+    seconds = min(
+        timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
+    return 2 * size**3 / seconds
+
+
+def copy_bandwidth(nbytes: int,
+                   device: torch.device,
+                   repeats: int = 3) -> float:
+    """Bytes/s of ``dst.copy_(src)`` between float32 tensors of
+    ``nbytes`` each, counting the bytes read and written; the best of
+    ``repeats`` copies after one untimed (which faults the pages in)."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = min(
+        timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    return 2 * src.nbytes / seconds
+
+
+def family_rows(tallies: Dict[str, Tally], roofline: Roofline,
+                calls: int) -> List[dict]:
+    """The table of one profile: every family with self time, per call.
+
+    Args:
+        tallies: The families' totals over ``calls`` profiled forwards.
+        roofline: The rates of the profile's precision.
+        calls: Profiled forwards the totals add up.
+
+    Returns:
+        ``family``, ``ms``, ``share`` (% of all ``aten`` self time),
+        ``gflops``, ``mb``, ``floor_ms`` and ``x_floor`` (``ms`` over
+        ``floor_ms``; both None where the floor is zero), in the order of
+        :data:`FAMILIES`.
+    """
+    total_us = sum(totals.self_us for totals in tallies.values())
+    rows = []
+    for family, totals in tallies.items():
+        if not totals.self_us:
+            continue
+        ms = totals.self_us / 1e3 / calls
+        floor_ms = roofline.floor_s(totals) * 1e3 / calls or None
+        rows.append(
+            dict(
+                family=family,
+                ms=ms,
+                share=100 * totals.self_us / total_us,
+                gflops=totals.flops / 1e9 / calls,
+                mb=totals.bytes / MB / calls,
+                floor_ms=floor_ms,
+                x_floor=ms / floor_ms if floor_ms else None))
+    return rows
+
+
+def profile_forward(model: nn.Module, inputs: torch.Tensor, warmup: int,
+                    calls: int) -> dict:
+    """Profile eval forwards of ``model`` (already in its precision).
+
+    Args:
+        model: The model, in eval mode.
+        inputs: Its input batch.
+        warmup: Untimed forwards first.
+        calls: Profiled forwards.
+
+    Returns:
+        ``forward_ms`` (one unprofiled forward after the warm-up),
+        ``profiled_ms`` (wall time per profiled forward) and ``tallies``
+        (:func:`tally` of the profiled forwards).
+    """
+    device = inputs.device
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(inputs)
+        forward_s = timed(lambda: model(inputs), device)
+        with torch_profile(
+                activities=[ProfilerActivity.CPU],
+                record_shapes=True,
+                with_flops=True) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                model(inputs)
+            profiled_s = time.perf_counter() - start
+    return dict(
+        forward_ms=forward_s * 1e3,
+        profiled_ms=profiled_s * 1e3 / calls,
+        tallies=tally(prof.events()))
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What a profile run records and how (the command line's options).
+
+    Attributes:
+        models: Keys of :data:`~agent_mm.benchmark.models.MODELS`.
+        sizes: Input sizes ``(H, W)``.
+        dtypes: Precisions (keys of
+            :data:`~agent_mm.benchmark.models.DTYPES`).
+        batch: Batch size.
+        warmup: Untimed forwards before each profile (2 fills the bias
+            cache, which keeps a shape's maps from its second forward on).
+        calls: Profiled forwards per model, size and precision.
+        threads: ``torch.set_num_threads``.
+        seed: ``torch.manual_seed`` before the models are built.
+        matmul_size: Side of the matmul whose rate is the GEMM roofline.
+        copy_mb: MB of the tensor copied to measure the bandwidth.
+    """
+    models: Sequence[str]
+    sizes: Sequence[Size]
+    dtypes: Sequence[str]
+    batch: int = 1
+    warmup: int = 2
+    calls: int = 1
+    threads: int = 1
+    seed: int = 0
+    matmul_size: int = 2048
+    copy_mb: int = 256
+
+
+def profile_meta(settings: ProfileSettings,
+                 rooflines: Dict[str, Roofline]) -> dict:
+    """How a run measured, with the rates of its ``rooflines`` (by
+    precision): ``matmul_gflops`` by precision and ``bandwidth_gb_s``."""
+    return dict(
+        device=str(CPU),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        batch=settings.batch,
+        warmup=settings.warmup,
+        calls=settings.calls,
+        matmul_size=settings.matmul_size,
+        copy_mb=settings.copy_mb,
+        matmul_gflops={
+            dtype: roofline.matmul_flops / 1e9
+            for dtype, roofline in rooflines.items()
+        },
+        bandwidth_gb_s=rooflines[settings.dtypes[0]].bandwidth / 1e9)
+
+
+def profile_model(key: str, settings: ProfileSettings,
+                  rooflines: Dict[str, Roofline]) -> List[dict]:
+    """Build model ``key`` and profile it at every size and precision.
+
+    Returns:
+        One profile per size and precision: ``model``, ``size``,
+        ``dtype``, ``forward_ms``, ``profiled_ms``, ``aten_ms`` (self time
+        of all ``aten`` ops per forward) and ``families``
+        (:func:`family_rows`).
+    """
+    model = build_models([key], CPU)[key]
+    profiles = []
+    for size in settings.sizes:
+        inputs = torch.randn(settings.batch, 3, *size)
+        for dtype in settings.dtypes:
+            model.eval()  # drop the bias caches of other sizes and dtypes
+            result = profile_forward(
+                in_precision(model, dtype, CPU), inputs, settings.warmup,
+                settings.calls)
+            tallies = result.pop('tallies')
+            profiles.append(
+                dict(
+                    model=key,
+                    size=list(size),
+                    dtype=dtype,
+                    **result,
+                    aten_ms=sum(t.self_us for t in tallies.values()) / 1e3 /
+                    settings.calls,
+                    families=family_rows(tallies, rooflines[dtype],
+                                         settings.calls)))
+            log(f'profiled {key} {size_text(size)} {dtype}')
+    return profiles
+
+
+def run_profiles(settings: ProfileSettings) -> dict:
+    """Measure the machine's rates, then profile every model.
+
+    Sets torch's threads and seed first; runs on the CPU.
+
+    Returns:
+        ``meta`` (how the run measured, with the rates: ``matmul_gflops``
+        by precision and ``bandwidth_gb_s``) and ``profiles`` (see
+        :func:`profile_model`).
+
+    Raises:
+        ValueError: If ``settings.dtypes`` are not distinct known
+            precisions.
+    """
+    check_dtypes(settings.dtypes)
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    bandwidth = copy_bandwidth(settings.copy_mb * MB, CPU)
+    rooflines = {
+        dtype: Roofline(
+            matmul_rate(DTYPES[dtype], settings.matmul_size, CPU), bandwidth)
+        for dtype in settings.dtypes
+    }
+    meta = profile_meta(settings, rooflines)
+    log('rates: ' + ', '.join(f'{dtype} {rate:.0f} GFLOP/s'
+                              for dtype, rate in meta['matmul_gflops'].items())
+        + f", copy {meta['bandwidth_gb_s']:.1f} GB/s")
+    profiles = []
+    for key in settings.models:
+        profiles += profile_model(key, settings, rooflines)
+    return dict(meta=meta, profiles=profiles)
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    """``value`` formatted with ``spec``, ``'n/a'`` for None."""
+    return 'n/a' if value is None else format(value, spec)
+
+
+def profile_table(profile: dict) -> List[str]:
+    """The section of one model, size and precision."""
+    families = profile['families']
+    floor_ms = sum(row['floor_ms'] or 0 for row in families)
+    lines = [
+        '', f"## {MODELS[profile['model']].label}, "
+        f"{size_text(profile['size'])}, {profile['dtype']}", '',
+        f"Forward {profile['forward_ms']:.1f} ms unprofiled, "
+        f"{profile['profiled_ms']:.1f} ms profiled, of which aten self "
+        f"time {profile['aten_ms']:.1f} ms.", '',
+        '| Family | ms | Share | Floor ms | × floor |',
+        '|---|---:|---:|---:|---:|'
+    ]
+    lines += [
+        f"| {row['family']} | {row['ms']:.1f} | {row['share']:.1f} % "
+        f"| {fmt(row['floor_ms'], '.1f')} | {fmt(row['x_floor'], '.2f')} |"
+        for row in families
+    ]
+    x_floor = profile['aten_ms'] / floor_ms if floor_ms else None
+    lines.append(f"| total | {profile['aten_ms']:.1f} | 100.0 % "
+                 f"| {floor_ms:.1f} | {fmt(x_floor, '.2f')} |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """The report (``profile.md``) of :func:`run_profiles`' results."""
+    meta = results['meta']
+    rates = ', '.join(f'{dtype} {gflops:.0f} GFLOP/s'
+                      for dtype, gflops in meta['matmul_gflops'].items())
+    lines = [
+        '# Eval forward by op family', '',
+        f"{meta['device']}, {meta['threads']} threads, torch "
+        f"{meta['torch']}, batch {meta['batch']}; each profile: "
+        f"{meta['calls']} profiled forward(s) (no_grad) after "
+        f"{meta['warmup']} untimed. Measured in the same process: matmul "
+        f"{meta['matmul_size']}³ {rates}; copy bandwidth "
+        f"{meta['bandwidth_gb_s']:.1f} GB/s ({meta['copy_mb']} MB copy_, "
+        'read + write).',
+        'ms: self CPU time of the family\'s aten ops per forward; floor: '
+        'the larger of its FLOPs at the matmul rate and its estimated bytes '
+        'at the copy bandwidth (method and approximations: '
+        '`agent_mm/benchmark/profile.py`).'
+    ]
+    for profile in results['profiles']:
+        lines += profile_table(profile)
+    return '\n'.join(lines) + '\n'
+
+
+def write_profile(results: dict, path: str) -> str:
+    """Write the report to ``path`` (markdown) and the results beside it
+    (same name, ``.json``); returns the markdown."""
+    table = markdown(results)
+    with open(path, 'w') as f:
+        f.write(table)
+    with open(osp.splitext(path)[0] + '.json', 'w') as f:
+        json.dump(results, f, indent=1)
+    return table

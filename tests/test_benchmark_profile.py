@@ -1,0 +1,205 @@
+"""The profile by op family (agent_mm.benchmark.profile and
+tools/analysis_tools/profile_backbones.py), on tiny models and inputs.
+
+Only structure and counts are checked, never timings (the machine is
+noisy).
+"""
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+from test_benchmark_tools import load_tool
+
+from agent_mm.benchmark.profile import (FAMILIES, FAMILY_PATTERNS, GEMM,
+                                        LAYOUT, OTHER, VIEW, ProfileSettings,
+                                        Roofline, Tally, attention_flops,
+                                        event_bytes, event_flops, family_rows,
+                                        markdown, op_family, run_profiles,
+                                        tally)
+
+KNOWN_FAMILIES = {
+    GEMM: [
+        'mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'linear',
+        'scaled_dot_product_attention',
+        '_scaled_dot_product_flash_attention_for_cpu',
+        '_scaled_dot_product_attention_math'
+    ],
+    'convolution': [
+        'conv2d', 'convolution', '_convolution', 'mkldnn_convolution',
+        '_slow_conv2d_forward', 'thnn_conv2d'
+    ],
+    'softmax': ['softmax', '_softmax', '_safe_softmax', 'log_softmax'],
+    'normalisation': [
+        'layer_norm', 'native_layer_norm', 'batch_norm',
+        '_native_batch_norm_legit_no_training', 'group_norm'
+    ],
+    'activation': ['gelu', 'relu', 'relu_', 'silu', 'sigmoid'],
+    'elementwise': ['add', 'add_', 'mul', 'div_', 'where', 'maximum', 'fill_'],
+    LAYOUT: [
+        'copy_', 'clone', 'cat', '_to_copy', 'index', 'constant_pad_nd',
+        'roll', 'im2col'
+    ],
+    'interpolation':
+    ['upsample_bilinear2d', 'upsample_linear1d', 'grid_sampler_2d'],
+    'reduction/pooling':
+    ['adaptive_avg_pool2d', 'max_pool2d_with_indices', 'mean', 'sum'],
+    VIEW: [
+        'view', 'transpose', 'permute', 'as_strided', 'contiguous', 'to',
+        'reshape', 'empty', 'empty_like', 'resolve_conj'
+    ],
+    OTHER: ['frobnicate', '_nonexistent_op'],
+}
+
+
+@pytest.mark.parametrize('family, ops', KNOWN_FAMILIES.items())
+def test_op_family_maps_known_names(family, ops):
+    assert [op_family(f'aten::{op}') for op in ops] == [family] * len(ops)
+
+
+def test_op_families_are_listed_once_and_other_namespaces_are_other():
+    assert set(FAMILIES) == set(KNOWN_FAMILIES)
+    assert len(FAMILIES) == len(set(FAMILIES)) and FAMILIES[-1] == OTHER
+    assert all(re.compile(pattern) for pattern in FAMILY_PATTERNS)
+    assert op_family('prim::mm') == op_family('mm') == OTHER
+
+
+def event(name, shapes=(), dtypes=(), flops=None, children=(), self_us=0.0):
+    """A stand-in for a profiler event."""
+    return SimpleNamespace(
+        name=f'aten::{name}',
+        input_shapes=list(shapes),
+        input_dtypes=list(dtypes),
+        flops=flops,
+        cpu_children=list(children),
+        self_cpu_time_total=self_us)
+
+
+def test_event_bytes_count_inputs_and_a_same_size_output():
+    # out-of-place elementwise: inputs and an output like the largest
+    add = event('add', [[2, 3], [3], []], ['float', 'float', 'Scalar'])
+    assert event_bytes(add, 'elementwise') == 24 + 12 + 24
+    # in place: the output is the first input
+    add_ = event('add_', [[2, 3], [3], []], ['float', 'float', 'Scalar'])
+    assert event_bytes(add_, 'elementwise') == 24 + 12
+    copy = event('copy_', [[4, 8], [4, 8], []],
+                 ['c10::BFloat16', 'float', 'Scalar'])
+    assert event_bytes(copy, LAYOUT) == 64 + 128
+    # products: inputs only; tensor lists and scalars are not recorded
+    mm = event('mm', [[4, 8], [8, 8]], ['c10::Half', 'c10::Half'])
+    assert event_bytes(mm, GEMM) == 64 + 128
+    cat = event('cat', [[], []], ['TensorList', 'Scalar'])
+    assert event_bytes(cat, LAYOUT) == 0
+
+
+def test_event_flops_add_fused_attention_to_the_profilers_counts():
+    q, k, v = [1, 2, 5, 4], [1, 2, 7, 4], [1, 2, 7, 6]
+    assert attention_flops([q, k, v]) == 2 * 2 * 5 * 7 * (4 + 6)
+    fused = event('_scaled_dot_product_flash_attention_for_cpu',
+                  [q, k, v, [], []], flops=0)
+    assert event_flops(fused) == 1400
+    # the math path's products are counted by the profiler
+    assert event_flops(event('_scaled_dot_product_attention_math', [q, k, v],
+                             flops=0)) == 0
+    assert event_flops(event('mm', flops=512)) == 512
+    assert event_flops(event('view')) == 0
+
+
+def test_tally_counts_bytes_once_per_family_chain():
+    x = ([[4, 8]], ['float'])
+    native = event('native_layer_norm', *x, self_us=30.0)
+    layer_norm = event('layer_norm', *x, children=[native], self_us=2.0)
+    copy = event('copy_', [[4, 8], [4, 8]], ['float', 'float'], self_us=5.0)
+    empty = event('empty_like', *x, self_us=1.0)
+    clone = event('clone', *x, children=[empty, copy], self_us=3.0)
+    contiguous = event('contiguous', *x, children=[clone], self_us=1.0)
+    mm = event('mm', [[4, 8], [8, 8]], ['float', 'float'], 512, self_us=8.0)
+    matmul = event('matmul', [[4, 8], [8, 8]], ['float', 'float'],
+                   children=[mm], self_us=1.0)
+    other = SimpleNamespace(**dict(vars(event('mm')), name='prim::Foo'))
+    events = [layer_norm, native, contiguous, clone, empty, copy, matmul, mm,
+              other]
+    tallies = tally(events)
+    assert list(tallies) == list(FAMILIES)
+    assert tallies['normalisation'] == Tally(32.0, 0, 2 * 128)
+    assert tallies[LAYOUT] == Tally(8.0, 0, 256)
+    assert tallies[VIEW] == Tally(2.0, 0, 0)
+    assert tallies[GEMM] == Tally(9.0, 512, 128 + 256)
+    assert tallies[OTHER] == Tally()
+
+
+def test_family_rows_share_time_and_compare_with_floors():
+    roofline = Roofline(matmul_flops=1e9, bandwidth=1e9)
+    tallies = {family: Tally() for family in FAMILIES}
+    tallies[GEMM] = Tally(6000.0, 4 * 10**6, 10**6)  # floor 4 ms
+    tallies[LAYOUT] = Tally(3000.0, 0, 2 * 10**6)  # floor 2 ms
+    tallies[VIEW] = Tally(1000.0)  # no floor
+    assert roofline.floor_s(tallies[GEMM]) == pytest.approx(4e-3)
+    rows = family_rows(tallies, roofline, calls=2)
+    assert [row['family'] for row in rows] == [GEMM, VIEW, LAYOUT]
+    gemm, view, layout = rows
+    assert [row['share'] for row in rows] == pytest.approx([60, 10, 30])
+    assert (gemm['ms'], gemm['floor_ms']) == pytest.approx((3.0, 2.0))
+    assert gemm['x_floor'] == pytest.approx(1.5)
+    assert gemm['gflops'] == pytest.approx(2e-3)
+    assert layout['floor_ms'] == pytest.approx(1.0)
+    assert view['floor_ms'] is None and view['x_floor'] is None
+
+
+def test_profile_of_a_tiny_run():
+    settings = ProfileSettings(
+        models=['agent_pvt_t'],
+        sizes=[(64, 64)],
+        dtypes=['float32', 'bfloat16'],
+        matmul_size=256,
+        copy_mb=8)
+    results = run_profiles(settings)
+    meta = results['meta']
+    assert list(meta['matmul_gflops']) == ['float32', 'bfloat16']
+    assert min(meta['matmul_gflops'].values()) > 0
+    assert meta['bandwidth_gb_s'] > 0 and meta['threads'] == 1
+    assert [(p['model'], p['size'], p['dtype'])
+            for p in results['profiles']] == [('agent_pvt_t', [64, 64],
+                                               'float32'),
+                                              ('agent_pvt_t', [64, 64],
+                                               'bfloat16')]
+    for profile in results['profiles']:
+        families = {row['family']: row for row in profile['families']}
+        assert set(families) <= set(FAMILIES)
+        assert sum(row['share']
+                   for row in families.values()) == pytest.approx(100, abs=0.5)
+        assert sum(row['ms'] for row in families.values()) == pytest.approx(
+            profile['aten_ms'])
+        assert families[GEMM]['gflops'] > 0 and families[GEMM]['floor_ms'] > 0
+        assert profile['forward_ms'] > 0 and profile['profiled_ms'] > 0
+    assert json.loads(json.dumps(results)) == results
+    table = markdown(results)
+    assert table.count('| Family | ms | Share | Floor ms | × floor |') == 2
+    assert '## Agent-PVT-T, 64×64, bfloat16' in table
+
+
+def test_profile_tool_writes_markdown_and_json(tmp_path, capsys):
+    tool = load_tool('profile_backbones')
+    out = tmp_path / 'profile.md'
+    results = tool.main([
+        'pvt_t', '--sizes', '32', '--matmul-size', '128', '--copy-mb', '4',
+        '--threads', '1', '--warmup', '1', '--out',
+        str(out)
+    ])
+    assert capsys.readouterr().out == out.read_text() + '\n'
+    assert json.loads((tmp_path / 'profile.json').read_text()) == results
+    assert [p['dtype'] for p in results['profiles']] == ['float32']
+    assert '## PVT-T (mmdet), 32×32, float32' in out.read_text()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['pvt_t', '--dtype', 'int8'], "invalid choice: 'int8'"),
+    (['pvt_t', '--dtype', 'bfloat16', 'bfloat16'], 'distinct'),
+    (['resnet'], "invalid choice: 'resnet'"),
+    (['pvt_t', '--calls', '0'], '--calls'),
+])
+def test_profile_tool_rejects_bad_options(argv, message, capsys):
+    tool = load_tool('profile_backbones')
+    with pytest.raises(SystemExit):
+        tool.parse_args(argv)
+    assert message in capsys.readouterr().err
