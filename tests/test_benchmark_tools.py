@@ -62,7 +62,9 @@ def test_sdpa_handle_counts_both_matmuls(value_dims):
     assert not analyzer.unsupported_ops()
 
 
-def test_fast_and_reference_agent_attention_have_equal_flops():
+def test_flops_of_agent_attention_are_those_of_the_literal_computation():
+    # counting traces the model, where agent attention takes its export
+    # branch: the fast path is counted as the literal equations
     batch, heads, agents, tokens, head_dims = 2, 2, 12, 48, 32
     x = torch.randn(batch, tokens, heads * head_dims)
     counts = {}
@@ -77,18 +79,14 @@ def test_fast_and_reference_agent_attention_have_equal_flops():
         with torch.no_grad():
             analyzer = flop_analyzer(OnGrid(attn, (8, 6)), (x, ))
             counts[impl] = (analyzer.total(), analyzer.by_operator())
-    (fast_total, fast), (ref_total, ref) = counts['fast'], counts['reference']
-    # agents ← tokens and tokens ← agents, each 2·B·heads·Lq·Lk·d
+    assert counts['fast'] == counts['reference']
+    by_operator = counts['fast'][1]
+    # agents <- tokens and tokens <- agents, each 2*B*heads*Lq*Lk*d
     attention = 2 * (2 * batch * heads * agents * tokens * head_dims)
-    assert fast.pop('scaled_dot_product_attention') == attention
-    assert ref.pop('matmul') == attention
-    # biases: the reference interpolates, the fast path multiplies matrices;
-    # both pool the agents with the same products
-    assert ref.pop('upsample_bilinear2d') > 0
-    pooling = ref.pop('bmm')
-    assert fast.pop('matmul', 0) + fast.pop('bmm') > pooling > 0
-    assert fast == ref
-    assert fast_total < ref_total
+    assert by_operator.pop('matmul') == attention
+    # the biases are interpolated; the agents pooled with products
+    assert by_operator.pop('upsample_bilinear2d') > 0
+    assert by_operator.pop('bmm') > 0
 
 
 def test_benchmark_tiny_run(tmp_path, capsys):
