@@ -1,0 +1,63 @@
+"""Trained quick-start models give the same metrics evaluated in float32
+and with ``tools/test.py --amp`` (backbone and neck in bfloat16 on CPUs).
+
+Each model is trained just long enough for its metric to be clearly above
+chance (asserted), so that the comparison can fail: a model that predicts
+nothing scores 0 in both precisions.
+"""
+import os.path as osp
+import sys
+
+import pytest
+from tiny_configs import DET_CONFIG, LOADERS, REPO, SEG_CONFIG, tiny_config
+
+sys.path.insert(0, osp.join(REPO, 'tools'))
+import test as test_tool  # noqa: E402
+import train as train_tool  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# mixed precision may move a metric by at most this (mmseg reports
+# percentages, mmdet fractions)
+TOLERANCE = {'mIoU': 1.0, 'coco/bbox_mAP': 0.01, 'coco/segm_mAP': 0.01}
+# a short warm-up, then the constant learning rate
+WARMUP = '''
+param_scheduler = [dict(type='LinearLR', start_factor=0.001,
+                        by_epoch=False, begin=0, end=20)]
+'''
+DATA = 'dict(num_train=64, num_val=32, img_size=128, seed=1)'
+SEG_ITERS, DET_EPOCHS = 150, 10
+SEG_OVERRIDES = LOADERS + WARMUP + f'''
+train_cfg = dict(max_iters={SEG_ITERS}, val_interval={SEG_ITERS})
+default_hooks = dict(checkpoint=dict(interval={SEG_ITERS}))
+'''
+DET_OVERRIDES = LOADERS + WARMUP + f'''
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs={DET_EPOCHS}, val_interval={DET_EPOCHS})
+'''
+FLOWS = {
+    # name: (config, overrides, checkpoint, {metric: floor})
+    'segmentation': (SEG_CONFIG, SEG_OVERRIDES, f'iter_{SEG_ITERS}.pth',
+                     {'mIoU': 20.0}),
+    'detection': (DET_CONFIG, DET_OVERRIDES, f'epoch_{DET_EPOCHS}.pth',
+                  {'coco/bbox_mAP': 0.05, 'coco/segm_mAP': 0.05}),
+}
+
+
+@pytest.mark.parametrize('flow', sorted(FLOWS))
+def test_bfloat16_evaluation_gives_the_float32_metrics(
+        tmp_path, monkeypatch, flow):
+    base, overrides, checkpoint, floors = FLOWS[flow]
+    # the CPU path of --amp, also where a GPU is present
+    monkeypatch.setattr(test_tool, 'has_accelerator', lambda: False)
+    config = tiny_config(tmp_path, base, overrides, data=DATA)
+    work_dir = str(tmp_path / 'work')
+    train_tool.main([config, '--work-dir', work_dir])
+    args = [config, osp.join(work_dir, checkpoint), '--work-dir', work_dir]
+    float32 = test_tool.main(args)
+    bfloat16 = test_tool.main(args + ['--amp'])
+    for metric, floor in floors.items():
+        assert float32[metric] >= floor, (metric, float32)
+        assert abs(bfloat16[metric] - float32[metric]) <= TOLERANCE[metric], (
+            metric, float32[metric], bfloat16[metric])
