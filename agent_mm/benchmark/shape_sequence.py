@@ -1,0 +1,134 @@
+"""What the eval bias cache costs and saves over a sequence of input shapes.
+
+A detection test pipeline (keep-ratio resize to 1333x800, padding to 32)
+gives most images a shape of their own, so the cache's maps are seldom
+reused; slide inference repeats one crop shape. Measured per variant of
+Agent-PVT-T (fresh model, eval, no autograd):
+
+- the first forward of a new shape: peak tensor memory of the call above
+  what was live before it (maps the cache keeps are allocated in the call,
+  so they are part of it), and the cache's memory after it;
+- a COCO-like sequence of distinct keep-ratio shapes, each seen once:
+  total time, and the cache's memory after it;
+- the same shape again: time of a call that the cache can serve.
+
+The variants' calls are interleaved shape by shape, so load from other
+processes hits all of them.
+"""
+import time
+from functools import partial
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from agent_mm.models import AgentPVT
+from agent_mm.utils.timing import eval_step, peak_bytes
+from .measure import MB, bias_cache_bytes, log
+
+# (width, height) of common COCO image sizes
+COCO_IMAGE_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640),
+                    (640, 360), (612, 612), (640, 512), (640, 400))
+# mmdet's test resize and padding
+TEST_SCALE = (1333, 800)
+PAD = 32
+
+VARIANTS: Dict[str, Callable[[], nn.Module]] = {
+    'fast (default: cached from a second sighting)':
+    partial(AgentPVT, arch='tiny'),
+    'fast, cached at first sight': partial(
+        AgentPVT, arch='tiny', bias_cache_admit_after=1),
+    'fast, cache off': partial(AgentPVT, arch='tiny', bias_cache_size=0),
+    'reference (literal)': partial(
+        AgentPVT, arch='tiny', attn_impl='reference'),
+}
+
+
+def keep_ratio_shape(width: int, height: int) -> Tuple[int, int]:
+    """``(H, W)`` of an image after mmdet's keep-ratio resize to
+    :data:`TEST_SCALE` and padding to a multiple of :data:`PAD`."""
+    long_edge, short_edge = max(TEST_SCALE), min(TEST_SCALE)
+    scale = min(long_edge / max(width, height),
+                short_edge / min(width, height))
+    return tuple(-(-round(side * scale) // PAD) * PAD
+                 for side in (height, width))
+
+
+def coco_like_shapes() -> List[Tuple[int, int]]:
+    """The distinct padded shapes of :data:`COCO_IMAGE_SIZES`."""
+    shapes = [keep_ratio_shape(w, h) for w, h in COCO_IMAGE_SIZES]
+    return list(dict.fromkeys(shapes))
+
+
+def timed_call(model: nn.Module, inputs: torch.Tensor) -> float:
+    """Seconds of one forward without autograd."""
+    start = time.perf_counter()
+    eval_step(model, inputs)()
+    return time.perf_counter() - start
+
+
+def measure_variants(first_size: int = 1024,
+                     shapes: Sequence[Tuple[int, int]] = (),
+                     seed: int = 0) -> Dict[str, dict]:
+    """Measure every variant of :data:`VARIANTS`.
+
+    Args:
+        first_size: Side of the square input of the first forward.
+        shapes: The sequence (default: :func:`coco_like_shapes`).
+        seed: Seed of the weights (equal for all variants) and inputs.
+
+    Returns:
+        Per variant: ``first_peak_mb``, ``first_held_mb`` (cache after the
+        first call), ``sequence_s``, ``sequence_held_mb``, ``repeat_s``.
+    """
+    shapes = list(shapes) or coco_like_shapes()
+    device = torch.device('cpu')
+    models = {}
+    for name, build in VARIANTS.items():
+        torch.manual_seed(seed)
+        models[name] = build().eval()
+    results = {name: {'sequence_s': 0.} for name in models}
+    first = torch.randn(1, 3, first_size, first_size)
+    for name, model in models.items():
+        log(f'first forward at {first_size}: {name}')
+        peak = peak_bytes(eval_step(model, first), device)
+        results[name]['first_peak_mb'] = peak / MB
+        results[name]['first_held_mb'] = bias_cache_bytes(model) / MB
+    for model in models.values():
+        model.train().eval()  # a new sequence: the caches start empty
+    for shape in shapes:
+        inputs = torch.randn(1, 3, *shape)
+        log(f'sequence shape {shape[0]}x{shape[1]}')
+        for name, model in models.items():
+            results[name]['sequence_s'] += timed_call(model, inputs)
+    for name, model in models.items():
+        results[name]['sequence_held_mb'] = bias_cache_bytes(model) / MB
+        eval_step(model, first)()  # a second sighting: admitted now
+        results[name]['repeat_s'] = timed_call(model, first)
+    return results
+
+
+def report(results: Dict[str, dict], shapes: Sequence[Tuple[int, int]],
+           first_size: int) -> str:
+    """A markdown table of :func:`measure_variants`' results, with the
+    ratios to the reference."""
+    reference = results['reference (literal)']
+    lines = [
+        f'First forward at {first_size}x{first_size}; sequence of '
+        f'{len(shapes)} distinct shapes: '
+        + ', '.join(f'{h}x{w}' for h, w in shapes) + '.', '',
+        '| Variant | first forward peak (MB) | x reference | held after '
+        'it (MB) | held after sequence (MB) | sequence time (s) | '
+        f'x reference | repeat of {first_size}² (ms) |',
+        '|---|---|---|---|---|---|---|---|'
+    ]
+    for name, row in results.items():
+        first = row['first_peak_mb']
+        lines.append(
+            f"| {name} | {first:.0f} | "
+            f"{first / reference['first_peak_mb']:.2f} | "
+            f"{row['first_held_mb']:.0f} | "
+            f"{row['sequence_held_mb']:.0f} | {row['sequence_s']:.2f} | "
+            f"{row['sequence_s'] / reference['sequence_s']:.2f} | "
+            f"{1000 * row['repeat_s']:.0f} |")
+    return '\n'.join(lines)

@@ -1,0 +1,40 @@
+"""The bias cache over a sequence of shapes (agent_mm/benchmark/
+shape_sequence.py)."""
+import pytest
+
+from agent_mm.benchmark.shape_sequence import (PAD, TEST_SCALE,
+                                               coco_like_shapes,
+                                               keep_ratio_shape,
+                                               measure_variants, report)
+
+
+@pytest.mark.parametrize('width, height, shape', [
+    (640, 480, (800, 1088)),  # 1067 wide, padded to 1088
+    (480, 640, (1088, 800)),  # the short side is what reaches 800
+    (640, 360, (768, 1344)),  # the long side reaches 1333 first
+])
+def test_keep_ratio_shape_is_mmdet_resize_then_padding(width, height, shape):
+    assert keep_ratio_shape(width, height) == shape
+
+
+def test_coco_like_shapes_are_distinct_padded_test_shapes():
+    shapes = coco_like_shapes()
+    assert len(shapes) == len(set(shapes)) == 8
+    for shape in shapes:
+        assert all(side % PAD == 0 for side in shape)
+        assert max(shape) <= -(-max(TEST_SCALE) // PAD) * PAD
+        assert min(shape) <= -(-min(TEST_SCALE) // PAD) * PAD
+
+
+def test_only_repeated_shapes_hold_maps():
+    results = measure_variants(first_size=64, shapes=[(64, 96), (96, 64)])
+    default = results['fast (default: cached from a second sighting)']
+    eager = results['fast, cached at first sight']
+    assert default['first_held_mb'] == default['sequence_held_mb'] == 0
+    assert eager['first_held_mb'] > 0 and eager['sequence_held_mb'] > 0
+    assert results['fast, cache off']['sequence_held_mb'] == 0
+    # the maps kept at first sight are allocated in the first call
+    assert eager['first_peak_mb'] > default['first_peak_mb']
+    table = report(results, [(64, 96), (96, 64)], 64)
+    assert table.count('\n| ') == 1 + len(results)  # header + one per row
+    assert '64x96, 96x64' in table
