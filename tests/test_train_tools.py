@@ -8,6 +8,7 @@ import torch
 from mmengine.config import Config
 
 import agent_mm  # noqa: F401  (reads mmengine checkpoints safely)
+from agent_mm.engine import runtime
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO, 'tools'))
@@ -72,6 +73,18 @@ def test_cpu_amp_selects_bfloat16_wrapper(tmp_path):
     else:
         assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
         assert 'loss_scale' not in cfg.optim_wrapper
+
+
+@pytest.mark.parametrize('accelerator, wrapper', [
+    (True, 'AmpOptimWrapper'), (False, 'CPUAmpOptimWrapper')])
+def test_amp_keeps_only_the_chosen_wrappers_options(monkeypatch, accelerator,
+                                                    wrapper):
+    # the seg quick-start's CPU wrapper has native_only, mmengine's has not
+    monkeypatch.setattr(runtime, 'has_accelerator', lambda: accelerator)
+    cfg = train_tool.build_config(
+        train_tool.parse_args([QUICKSTART_SEG, '--amp']))
+    assert cfg.optim_wrapper.type == wrapper
+    assert ('native_only' in cfg.optim_wrapper) is not accelerator
 
 
 def test_resume_options():

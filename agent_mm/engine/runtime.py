@@ -78,10 +78,11 @@ def init_cpu_distributed(cfg: Config) -> None:
 def enable_amp(cfg: Config) -> None:
     """Mixed precision: mmengine's ``AmpOptimWrapper`` (fp16 with dynamic
     loss scaling) on a GPU, :class:`CPUAmpOptimWrapper` (bfloat16) on the
-    CPU."""
+    CPU; the other wrapper's own options are dropped."""
     if has_accelerator():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
+        cfg.optim_wrapper.pop('native_only', None)
     else:
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         cfg.optim_wrapper.pop('loss_scale', None)

@@ -94,12 +94,13 @@ val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 # bfloat16 autocast: on a CPU with native bfloat16 (AVX512-BF16 or AMX) a
 # step takes about 0.67 of the float32 time, which buys the steps this
-# recipe needs in 10 minutes; on a CPU without it, use
-# `--cfg-options optim_wrapper.type=OptimWrapper` (float32), and on a GPU
-# `--amp`. Clipping the gradient norm to 1 keeps the training loss falling
-# (without it, it stalls at ~0.3 and can climb back).
+# recipe needs in 10 minutes; a CPU without it trains in float32
+# (native_only), and on a GPU use `--amp`. Clipping the gradient norm to 1
+# keeps the training loss falling (without it, it stalls at ~0.3 and can
+# climb back).
 optim_wrapper = dict(
     type='CPUAmpOptimWrapper',
+    native_only=True,
     optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4),
     clip_grad=dict(max_norm=1.0, norm_type=2))
 # constant lr after the warm-up, x0.1 for the last 15% of the steps

