@@ -256,14 +256,13 @@ def test_shipped_configs_use_the_atomic_hook(config):
                 hook.max_keep_ckpts) == QUICKSTART_CHECKPOINTS[config]
 
 
-# a save every iteration and only the last one kept; float32 and no
-# validation, to be quick
+# a save every iteration and only the last one kept; no validation, to be
+# quick
 KEEP_ONE = [
     '--cfg-options', 'train_cfg.max_iters=2',
     'default_hooks.checkpoint.interval=1',
-    'default_hooks.checkpoint.max_keep_ckpts=1',
-    'optim_wrapper.type=OptimWrapper', 'val_cfg=None', 'val_dataloader=None',
-    'val_evaluator=None'
+    'default_hooks.checkpoint.max_keep_ckpts=1', 'val_cfg=None',
+    'val_dataloader=None', 'val_evaluator=None'
 ]
 
 
