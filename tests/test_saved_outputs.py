@@ -38,5 +38,7 @@ def test_outputs_equal_those_saved_before_the_redesign(saved, name,
         with torch.no_grad():
             actual = model(image)
         assert len(actual) == len(outputs)
+        # float32 rounding of another kernel order (e.g. SDPA's fused
+        # kernel against its math path) moves values by a few ulps
         for out, ref in zip(actual, outputs):
-            torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
