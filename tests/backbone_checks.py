@@ -1,8 +1,40 @@
-"""Checks shared by the AgentPVT and AgentSwinTransformer tests."""
+"""Checks and tiny backbones shared by the AgentPVT, AgentSwinTransformer
+and settings tests."""
+import re
+
 import torch
 import torch.nn as nn
 
-from agent_mm.models import AgentAttention
+from agent_mm.models import AgentAttention, AgentPVT, AgentSwinTransformer
+
+TINY_SETTINGS = {
+    'pvt': (AgentPVT,
+            dict(
+                depths=[1, 1, 1, 1],
+                embed_dims=[8, 16, 16, 32],
+                num_heads=[1, 2, 2, 4],
+                attn_type='AABA')),
+    'swin': (AgentSwinTransformer,
+             dict(
+                 embed_dims=8,
+                 depths=[1, 1, 2, 1],
+                 num_heads=[1, 2, 2, 4],
+                 attn_type='AAMB1')),
+}
+
+
+def tiny(name, **kwargs):
+    """A tiny backbone (agent and plain attention stages) with ``kwargs``
+    overriding its settings."""
+    backbone, settings = TINY_SETTINGS[name]
+    return backbone(**{**settings, **kwargs})
+
+
+def error_message(argument, value):
+    """What every error says: the argument, what it must be, the value and
+    a fix (the sentence after the value)."""
+    return rf'{re.escape(argument)} must be .+, got {re.escape(repr(value))}'\
+        r'\. \S'
 
 
 def assert_parity(module: nn.Module, reference: nn.Module, img: torch.Tensor):

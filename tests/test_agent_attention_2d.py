@@ -6,15 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from backbone_checks import error_message
+from mm_models import one_thread  # noqa: F401  (autouse: 1 thread)
+from mm_models import IMAGE_SIZE, build_model, det_batch, seg_batch
 from mmcv.cnn import build_plugin_layer
 from mmdet.registry import MODELS as DET_MODELS
 from mmengine.config import Config
-from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
-from mmseg.registry import MODELS as SEG_MODELS
 from reference_agent import ReferenceAgentAttention, randomize_
-from test_configs import _one_thread  # noqa: F401 (autouse, applies here)
-from test_configs import IMAGE_SIZE, _det_batch, _fewer_rois, _seg_batch
 from torch import Tensor
 
 from agent_mm.models import AgentAttention2d
@@ -146,7 +145,8 @@ def test_build_plugin_layer(channels, heads):
 ])
 def test_invalid_settings_name_the_argument(kwargs, argument):
     settings = dict(SETTINGS, **kwargs)
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError,
+                       match=error_message(argument, kwargs[argument])):
         AgentAttention2d(**settings)
 
 
@@ -160,21 +160,12 @@ def test_wrong_input_shape_is_an_error(data_format, shape):
 
 
 def _build(config: Path) -> nn.Module:
-    """The config's model as constructed (no weights read), SyncBN as BN,
-    with fewer RoIs for the two-stage detector."""
+    """The config's model as constructed (no weights read), after checking
+    that it imports agent_mm as a user's config would."""
     cfg = Config.fromfile(str(config))
     assert cfg.custom_imports == dict(
         imports=['agent_mm'], allow_failed_imports=False)
-    init_default_scope(cfg.default_scope)
-    cfg.model.backbone.init_cfg = None
-    if cfg.default_scope == 'mmseg':
-        cfg.model.pretrained = None
-        cfg.model.data_preprocessor.size = (IMAGE_SIZE, IMAGE_SIZE)
-        registry = SEG_MODELS
-    else:
-        _fewer_rois(cfg.model)
-        registry = DET_MODELS
-    return revert_sync_batchnorm(registry.build(cfg.model))
+    return build_model(cfg)
 
 
 def _plugins(backbone: nn.Module) -> dict:
@@ -190,9 +181,9 @@ def _batch(model: nn.Module, with_gt: bool) -> dict:
     """A fake batch for the model's task (two images to train a
     segmentor, one otherwise)."""
     if hasattr(model, 'decode_head'):
-        return _seg_batch(IMAGE_SIZE, 2 if with_gt else 1,
-                          model.decode_head.num_classes)
-    return _det_batch(IMAGE_SIZE, with_gt, hasattr(model, 'roi_head'))
+        return seg_batch(IMAGE_SIZE, 2 if with_gt else 1,
+                         model.decode_head.num_classes)
+    return det_batch(IMAGE_SIZE, with_gt, hasattr(model, 'roi_head'))
 
 
 @pytest.mark.parametrize('config', PLUGIN_CONFIGS, ids=lambda p: p.stem)

@@ -18,24 +18,17 @@ import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import yaml
+from mm_models import one_thread  # noqa: F401  (autouse: 1 thread)
+from mm_models import IMAGE_SIZE, build_model, det_batch, seg_batch
 from mmdet.registry import DATASETS as DET_DATASETS
-from mmdet.registry import MODELS as DET_MODELS
-from mmdet.structures import DetDataSample
-from mmdet.structures.mask import BitmapMasks
 from mmengine.config import Config
 from mmengine.dataset import Compose
-from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
-from mmengine.structures import InstanceData, PixelData
 from mmseg.registry import DATASETS as SEG_DATASETS
-from mmseg.registry import MODELS as SEG_MODELS
-from mmseg.structures import SegDataSample
 
 import agent_mm  # noqa: F401  (registers the backbones)
 
@@ -52,8 +45,6 @@ def _configs(*folders: str) -> list:
 PAPER_CONFIGS = _configs('agent_pvt', 'agent_swin')
 CONFIGS = PAPER_CONFIGS + _configs('agent_plugin')
 
-# side of the fake images: every stage keeps a token grid of at least 2x2
-IMAGE_SIZE = 64
 # mmdet's and mmseg's config names: {method}_{backbone}_[{misc}_]
 # [{gpus}xb{images per GPU}-]{schedule}_{dataset}[-{crop}], 8xb2 if not said
 NAME = re.compile(r'(?P<method>[^_]+)_(?P<backbone>[^_]+)_.*?'
@@ -152,15 +143,6 @@ BETAS = (0.9, 0.999)
 # the paper's parameters without weight decay, by backbone family
 NO_DECAY = dict(
     pvt=(), swin=('relative_position_bias_table', 'norm', *AGENT_BIASES))
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: threads cost more than they save (3x on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _parse(config: str) -> dict:
@@ -328,26 +310,11 @@ def test_paper_recipe(config):
         assert {key: schedulers[name][key] for key in values} == values
 
 
-def _build(cfg: Config) -> nn.Module:
-    """The config's model as constructed (no weights read), SyncBN as BN,
-    for ``IMAGE_SIZE`` images and fewer RoIs."""
-    init_default_scope(cfg.default_scope)
-    cfg.model.backbone.init_cfg = None
-    if cfg.default_scope == 'mmseg':
-        registry = SEG_MODELS
-        cfg.model.pretrained = None
-        cfg.model.data_preprocessor.size = (IMAGE_SIZE, IMAGE_SIZE)
-    else:
-        registry = DET_MODELS
-        _fewer_rois(cfg.model)
-    return revert_sync_batchnorm(registry.build(cfg.model))
-
-
 @pytest.mark.parametrize('config', CONFIGS)
 def test_model_fits_its_config(config):
     info = _parse(config)
     cfg = _load(config)
-    model = _build(cfg)
+    model = build_model(cfg)
 
     # the backbone's outputs feed the neck, or the heads without one
     model.eval()
@@ -392,67 +359,20 @@ def test_model_fits_its_config(config):
         assert params == published
 
 
-def _det_batch(size: int, with_gt: bool, with_mask: bool) -> dict:
-    sample = DetDataSample(
-        metainfo=dict(
-            img_shape=(size, size),
-            ori_shape=(size, size),
-            scale_factor=(1., 1.)))
-    if with_gt:
-        boxes = [[4, 6, 40, 44], [20, 10, 60, 58]]
-        sample.gt_instances = InstanceData(
-            bboxes=torch.tensor(boxes, dtype=torch.float32),
-            labels=torch.tensor([1, 5]))
-        if with_mask:
-            masks = np.zeros((len(boxes), size, size), dtype=np.uint8)
-            for mask, (x1, y1, x2, y2) in zip(masks, boxes):
-                mask[y1:y2, x1:x2] = 1
-            sample.gt_instances.masks = BitmapMasks(masks, size, size)
-    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
-    return dict(inputs=[image], data_samples=[sample])
-
-
-def _seg_batch(size: int, num_images: int, num_classes: int) -> dict:
-    inputs, samples = [], []
-    for _ in range(num_images):
-        sample = SegDataSample(
-            metainfo=dict(
-                img_shape=(size, size),
-                ori_shape=(size, size),
-                pad_shape=(size, size)))
-        sample.gt_sem_seg = PixelData(
-            data=torch.randint(0, num_classes, (1, size, size)))
-        inputs.append(
-            torch.randint(0, 256, (3, size, size), dtype=torch.uint8))
-        samples.append(sample)
-    return dict(inputs=inputs, data_samples=samples)
-
-
-def _fewer_rois(model: Config) -> None:
-    """Fewer proposals and sampled RoIs: cheaper R-CNN heads, same code."""
-    if 'rpn_proposal' not in model.train_cfg:
-        return
-    model.train_cfg.rpn_proposal.max_per_img = 32
-    model.test_cfg.rpn.max_per_img = 32
-    rcnn = model.train_cfg.rcnn
-    for stage in rcnn if isinstance(rcnn, list) else [rcnn]:
-        stage.sampler.num = 16
-
-
 @pytest.mark.parametrize('config', PAPER_CONFIGS)
 def test_model_trains_and_predicts(config):
     info = _parse(config)
     size = IMAGE_SIZE
     cfg = _load(config)
-    model = _build(cfg)
+    model = build_model(cfg)
     seg = cfg.default_scope == 'mmseg'
 
     # one training step
     if seg:
         # two images: UPerNet's 1x1 pooling branch needs a batch for BN
-        batch = _seg_batch(size, 2, cfg.model.decode_head.num_classes)
+        batch = seg_batch(size, 2, cfg.model.decode_head.num_classes)
     else:
-        batch = _det_batch(size, True, 'mask' in info['method'])
+        batch = det_batch(size, True, 'mask' in info['method'])
     model.train()
     data = model.data_preprocessor(batch, True)
     losses = model.loss(data['inputs'], data['data_samples'])
@@ -465,9 +385,9 @@ def test_model_trains_and_predicts(config):
     # one prediction
     model.eval()
     if seg:
-        batch = _seg_batch(size, 1, cfg.model.decode_head.num_classes)
+        batch = seg_batch(size, 1, cfg.model.decode_head.num_classes)
     else:
-        batch = _det_batch(size, False, False)
+        batch = det_batch(size, False, False)
     with torch.no_grad():
         data = model.data_preprocessor(batch, False)
         results = model.predict(data['inputs'], data['data_samples'])

@@ -12,17 +12,13 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from backbone_checks import error_message, tiny
+from mm_models import one_thread  # noqa: F401  (autouse: 1 thread)
+from mm_models import IMAGE_SIZE, build_model, det_batch, seg_batch
 from mmdet.models.backbones.pvt import PyramidVisionTransformer
 from mmdet.models.backbones.swin import SwinTransformer as DetSwin
-from mmdet.registry import MODELS as DET_MODELS
 from mmengine.config import Config
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import init_default_scope
 from mmseg.models.backbones.swin import SwinTransformer as SegSwin
-from mmseg.registry import MODELS as SEG_MODELS
-from test_configs import _one_thread  # noqa: F401  (autouse: 1 thread)
-from test_configs import IMAGE_SIZE, _det_batch, _fewer_rois, _seg_batch
-from test_settings_validation import _message, tiny
 
 from agent_mm.models import AgentAttention, AgentPVT, AgentSwinTransformer
 from agent_mm.models.layers import Mlp
@@ -83,14 +79,8 @@ def _copy_weights(model: nn.Module, source: nn.Module) -> nn.Module:
 def test_type_swapped_config_trains_and_predicts(tmp_path, swap):
     base, backbone = TYPE_SWAPS[swap]
     cfg = Config.fromfile(_write_type_swap(tmp_path, base, backbone))
-    init_default_scope(cfg.default_scope)
     segmentation = cfg.default_scope == 'mmseg'
-    if segmentation:
-        cfg.model.data_preprocessor.size = (IMAGE_SIZE, IMAGE_SIZE)
-    else:
-        _fewer_rois(cfg.model)
-    registry = SEG_MODELS if segmentation else DET_MODELS
-    model = revert_sync_batchnorm(registry.build(cfg.model))
+    model = build_model(cfg)
     model.init_weights()
     assert type(model.backbone).__name__ == backbone
     # the config's own settings reached the backbone (0.1: both defaults)
@@ -100,9 +90,9 @@ def test_type_swapped_config_trains_and_predicts(tmp_path, swap):
 
     model.train()
     if segmentation:
-        batch = _seg_batch(IMAGE_SIZE, 2, cfg.model.decode_head.num_classes)
+        batch = seg_batch(IMAGE_SIZE, 2, cfg.model.decode_head.num_classes)
     else:
-        batch = _det_batch(IMAGE_SIZE, True, 'roi_head' in cfg.model)
+        batch = det_batch(IMAGE_SIZE, True, 'roi_head' in cfg.model)
     data = model.data_preprocessor(batch, True)
     loss, _ = model.parse_losses(
         model.loss(data['inputs'], data['data_samples']))
@@ -112,8 +102,8 @@ def test_type_swapped_config_trains_and_predicts(tmp_path, swap):
                for p in model.backbone.parameters())
 
     model.eval()
-    batch = (_seg_batch(IMAGE_SIZE, 1, cfg.model.decode_head.num_classes)
-             if segmentation else _det_batch(IMAGE_SIZE, False, False))
+    batch = (seg_batch(IMAGE_SIZE, 1, cfg.model.decode_head.num_classes)
+             if segmentation else det_batch(IMAGE_SIZE, False, False))
     with torch.no_grad():
         data = model.data_preprocessor(batch, False)
         results = model.predict(data['inputs'], data['data_samples'])
@@ -419,7 +409,7 @@ REFUSED_BY_BOTH = [
     (name, *case) for case in REFUSED_BY_BOTH for name in sorted(BACKBONES)
 ])
 def test_refused_value_is_a_value_error_naming_it(name, arg, value, fix):
-    with pytest.raises(ValueError, match=_message(arg, value)) as error:
+    with pytest.raises(ValueError, match=error_message(arg, value)) as error:
         tiny(name, **{arg: value})
     assert error.match(fix)
     assert str(error.value).startswith(BACKBONES[name].__name__)

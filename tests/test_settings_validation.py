@@ -2,35 +2,12 @@
 the argument, the value, the allowed range and the fix; an empty batch gives
 empty outputs of the right shapes."""
 import math
-import re
 
 import pytest
 import torch
+from backbone_checks import TINY_SETTINGS, error_message, tiny
 
-from agent_mm.models import AgentAttention, AgentPVT, AgentSwinTransformer
-
-TINY_SETTINGS = {
-    'pvt': (AgentPVT,
-            dict(
-                depths=[1, 1, 1, 1],
-                embed_dims=[8, 16, 16, 32],
-                num_heads=[1, 2, 2, 4],
-                attn_type='AABA')),
-    'swin': (AgentSwinTransformer,
-             dict(
-                 embed_dims=8,
-                 depths=[1, 1, 2, 1],
-                 num_heads=[1, 2, 2, 4],
-                 attn_type='AAMB1')),
-}
-
-
-def tiny(name, **kwargs):
-    """A tiny backbone (agent and plain attention stages) with ``kwargs``
-    overriding its settings."""
-    backbone, settings = TINY_SETTINGS[name]
-    return backbone(**{**settings, **kwargs})
-
+from agent_mm.models import AgentAttention
 
 # (backbones, argument, value, stage): ``stage`` is the bad entry of a
 # per-stage list, None for a scalar argument.
@@ -110,14 +87,8 @@ BAD_ATTENTION_SETTINGS = [
     ('bias_cache_admit_after', -1),
     ('bias_cache_admit_after', 1.5),
     ('bias_cache_admit_after', False),
+    ('attn_impl', 'fused'),
 ]
-
-
-def _message(argument, value):
-    """What every error says: the argument, what it must be, the value and
-    a fix (the sentence after the value)."""
-    return rf'{re.escape(argument)} must be .+, got {re.escape(repr(value))}'\
-        r'\. \S'
 
 
 def _cases(settings):
@@ -132,7 +103,7 @@ def _cases(settings):
 def test_bad_backbone_setting_is_a_value_error(name, arg, value, stage):
     argument, bad = (arg, value) if stage is None else (f'{arg}[{stage}]',
                                                         value[stage])
-    with pytest.raises(ValueError, match=_message(argument, bad)):
+    with pytest.raises(ValueError, match=error_message(argument, bad)):
         tiny(name, **{arg: value})
 
 
@@ -140,7 +111,7 @@ def test_bad_backbone_setting_is_a_value_error(name, arg, value, stage):
 def test_bad_attention_setting_is_a_value_error(arg, value):
     settings = dict(embed_dims=32, num_heads=2, pretrain_grid=(7, 7))
     settings[arg] = value
-    with pytest.raises(ValueError, match=_message(arg, value)):
+    with pytest.raises(ValueError, match=error_message(arg, value)):
         AgentAttention(**settings)
 
 

@@ -12,8 +12,6 @@ ResNeXt build it like mmcv's ``ContextBlock`` or ``GeneralizedAttention``::
              position='after_conv2')
     ]
 """
-import math
-import numbers
 from typing import Any, Optional, Tuple
 
 import torch
@@ -23,6 +21,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .agent_attention import AgentAttention
+from .checks import check_choice, check_finite, check_int_range
 from .layers import map_to_tokens, tokens_to_map
 
 DATA_FORMATS = ('NCHW', 'NHWC')
@@ -102,22 +101,18 @@ class AgentAttention2d(BaseModule):
                         data_format: Any) -> None:
         """Raise a ``ValueError`` naming the first invalid argument (those
         of the attention are checked by :class:`AgentAttention`)."""
-        if (isinstance(in_channels, bool)
-                or not isinstance(in_channels, numbers.Integral)
-                or in_channels < 1):
-            raise ValueError('AgentAttention2d: in_channels must be an int '
-                             f'>= 1, got {in_channels!r}. Give the channels '
-                             'of the feature map.')
-        if (isinstance(layer_scale_init_value, bool)
-                or not isinstance(layer_scale_init_value, numbers.Real)
-                or not math.isfinite(layer_scale_init_value)):
-            raise ValueError('AgentAttention2d: layer_scale_init_value must '
-                             'be a finite number, got '
-                             f'{layer_scale_init_value!r}. 0 starts the '
-                             'block as the identity.')
-        if data_format not in DATA_FORMATS:
-            raise ValueError('AgentAttention2d: data_format must be one of '
-                             f'{DATA_FORMATS}, got {data_format!r}.')
+        owner = 'AgentAttention2d'
+        check_int_range(
+            owner,
+            'in_channels',
+            in_channels,
+            1,
+            fix='Give the channels of the feature map.')
+        check_finite(owner, 'layer_scale_init_value', layer_scale_init_value,
+                     '0 starts the block as the identity.')
+        check_choice(owner, 'data_format', data_format, DATA_FORMATS,
+                     "'NCHW' for mmdet / mmseg feature maps, 'NHWC' for "
+                     'channels-last ones.')
 
     def _grid(self, x: Tensor) -> Tuple[int, int]:
         """``(H, W)`` of ``x``, after checking its shape."""

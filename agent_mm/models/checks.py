@@ -77,6 +77,20 @@ def check_positive(owner: str, name: str, value: Any, fix: str) -> None:
         raise _setting_error(owner, name, value, 'a finite number > 0', fix)
 
 
+def check_finite(owner: str, name: str, value: Any, fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a finite number."""
+    if not (_is_real(value) and math.isfinite(value)):
+        raise _setting_error(owner, name, value, 'a finite number', fix)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[str],
+                 fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise _setting_error(owner, name, value, f'one of {tuple(choices)}',
+                             fix)
+
+
 def check_qk_scale(owner: str, value: Any) -> None:
     """Raise a ``ValueError`` unless ``qk_scale`` is None (the usual
     ``head_dims ** -0.5``) or a finite number > 0."""
@@ -334,9 +348,8 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
                       '0 turns attention dropout off.')
     check_probability(name, 'proj_drop', proj_drop,
                       '0 turns projection dropout off.')
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f'{name}: attn_impl must be one of {ATTN_IMPLS}, '
-                         f'got {attn_impl!r}.')
+    check_choice(name, 'attn_impl', attn_impl, ATTN_IMPLS,
+                 "'fast' for use, 'reference' for the literal equations.")
     check_int_range(
         name,
         'bias_cache_size',
