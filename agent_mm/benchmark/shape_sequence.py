@@ -15,16 +15,15 @@ Agent-PVT-T (fresh model, eval, no autograd):
 The variants' calls are interleaved shape by shape, so load from other
 processes hits all of them.
 """
-import time
 from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from agent_mm.models import AgentPVT
-from agent_mm.utils.timing import eval_step, peak_bytes
+from agent_mm.utils.timing import eval_step, peak_bytes, timed
 from .measure import MB, bias_cache_bytes, log
+from .models import MODELS
 
 # (width, height) of common COCO image sizes
 COCO_IMAGE_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640),
@@ -35,12 +34,11 @@ PAD = 32
 
 VARIANTS: Dict[str, Callable[[], nn.Module]] = {
     'fast (default: cached from a second sighting)':
-    partial(AgentPVT, arch='tiny'),
-    'fast, cached at first sight': partial(
-        AgentPVT, arch='tiny', bias_cache_admit_after=1),
-    'fast, cache off': partial(AgentPVT, arch='tiny', bias_cache_size=0),
-    'reference (literal)': partial(
-        AgentPVT, arch='tiny', attn_impl='reference'),
+    MODELS['agent_pvt_t'].build,
+    'fast, cached at first sight':
+    partial(MODELS['agent_pvt_t'].build, bias_cache_admit_after=1),
+    'fast, cache off': MODELS['agent_pvt_t_nocache'].build,
+    'reference (literal)': MODELS['agent_pvt_t_ref'].build,
 }
 
 
@@ -58,13 +56,6 @@ def coco_like_shapes() -> List[Tuple[int, int]]:
     """The distinct padded shapes of :data:`COCO_IMAGE_SIZES`."""
     shapes = [keep_ratio_shape(w, h) for w, h in COCO_IMAGE_SIZES]
     return list(dict.fromkeys(shapes))
-
-
-def timed_call(model: nn.Module, inputs: torch.Tensor) -> float:
-    """Seconds of one forward without autograd."""
-    start = time.perf_counter()
-    eval_step(model, inputs)()
-    return time.perf_counter() - start
 
 
 def measure_variants(first_size: int = 1024,
@@ -100,12 +91,13 @@ def measure_variants(first_size: int = 1024,
         inputs = torch.randn(1, 3, *shape)
         log(f'sequence shape {shape[0]}x{shape[1]}')
         for name, model in models.items():
-            results[name]['sequence_s'] += timed_call(model, inputs)
+            results[name]['sequence_s'] += timed(
+                eval_step(model, inputs), device)
     for name, model in models.items():
         results[name]['sequence_held_mb'] = bias_cache_bytes(model) / MB
         for _ in range(2):  # sightings: admitted at the second
             eval_step(model, first)()
-        results[name]['repeat_s'] = timed_call(model, first)
+        results[name]['repeat_s'] = timed(eval_step(model, first), device)
     return results
 
 

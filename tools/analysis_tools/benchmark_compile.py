@@ -1,6 +1,7 @@
 """Eager against ``torch.compile`` (inductor) for a backbone's eval forward,
-in float32 and under bfloat16 autocast; the two are called alternately and
-the median times, their ratio and the largest output difference printed.
+in float32 and under bfloat16 autocast; the two are timed round-robin
+(:func:`agent_mm.utils.timing.interleaved_times`), and the median times,
+their ratio and the largest output difference are printed.
 
 Example::
 
@@ -10,39 +11,17 @@ Example::
 import argparse
 import statistics
 import time
-from typing import Dict, List
 
 import torch
 import torch._dynamo
-import torch.nn as nn
 
 from agent_mm.benchmark.cli import add_host_options
-from agent_mm.benchmark.models import MODELS
+from agent_mm.benchmark.models import MODELS, in_precision
+from agent_mm.utils.timing import eval_step, interleaved_times
 
 # one compiled graph per stage and block shape: more than dynamo's default 8
 CACHE_SIZE_LIMIT = 64
-
-
-def forward(model: nn.Module, x: torch.Tensor, dtype: str) -> tuple:
-    """An eval forward, under bfloat16 autocast if ``dtype`` says so."""
-    with torch.no_grad(), torch.autocast(
-            'cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-        return model(x)
-
-
-def alternate(models: Dict[str, nn.Module], x: torch.Tensor, dtype: str,
-              repeats: int) -> Dict[str, List[float]]:
-    """Seconds of ``repeats`` calls of each model, the order flipping
-    every round."""
-    times = {name: [] for name in models}
-    order = list(models)
-    for _ in range(repeats):
-        for name in order:
-            start = time.perf_counter()
-            forward(models[name], x, dtype)
-            times[name].append(time.perf_counter() - start)
-        order.reverse()
-    return times
+CPU = torch.device('cpu')
 
 
 def main(argv=None) -> None:
@@ -56,22 +35,26 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     torch._dynamo.config.cache_size_limit = CACHE_SIZE_LIMIT
     eager = MODELS[args.model].build().eval()
-    models = {'eager': eager, 'compiled': torch.compile(eager)}
+    compiled = torch.compile(eager)
     x = torch.randn(1, 3, args.size, args.size)
     for dtype in ('float32', 'bfloat16'):
+        models = {
+            'eager': in_precision(eager, dtype, CPU),
+            'compiled': in_precision(compiled, dtype, CPU)
+        }
+        steps = {name: eval_step(m, x) for name, m in models.items()}
         start = time.perf_counter()
         for _ in range(2):  # compiles, then runs the compiled graphs
-            forward(models['compiled'], x, dtype)
+            steps['compiled']()
         warm = time.perf_counter() - start
-        forward(eager, x, dtype)
-        times = alternate(models, x, dtype, args.repeats)
+        times = interleaved_times(steps, 1, args.repeats, CPU)
         eager_ms, compiled_ms = (1000 * statistics.median(times[name])
                                  for name in ('eager', 'compiled'))
+        with torch.no_grad():
+            outputs = [models[name](x) for name in ('eager', 'compiled')]
         error = max(
             float((a.float() - b.float()).abs().max())
-            for a, b in zip(
-                forward(eager, x, dtype), forward(models['compiled'], x,
-                                                  dtype)))
+            for a, b in zip(*outputs))
         print(f'{args.model} {args.size}² {dtype}: compile + 2 calls '
               f'{warm:.1f} s; eager {eager_ms:.0f} ms, compiled '
               f'{compiled_ms:.0f} ms, compiled / eager '
