@@ -12,10 +12,10 @@ is traced (:mod:`agent_mm.models.traced_agent_attention`). Needs the
 ``deploy`` extra: ``pip install -e '.[deploy]'``.
 """
 import os.path as osp
-import time
+import statistics
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 from torch import Tensor
+
+from agent_mm.utils.timing import interleaved_times
 
 DEPLOY_EXTRA = "pip install -e '.[deploy]'"
 # ONNX Runtime must give PyTorch's float32 outputs within this
@@ -203,18 +205,6 @@ def export_onnx(model: nn.Module,
     return names
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``run()`` in milliseconds, after one warm-up
-    call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 @dataclass
 class Check:
     """ONNX Runtime against PyTorch on one input.
@@ -260,8 +250,8 @@ def check_onnx(model: nn.Module,
                inputs: Tensor,
                repeats: int = 0) -> Check:
     """Run the exported file and ``model`` on ``inputs``; compare, and time
-    both ``repeats`` times (0: no timing), each on PyTorch's number of
-    threads."""
+    both ``repeats`` times, alternating (0: no timing), each on PyTorch's
+    number of threads."""
     session = ort_session(path)
     feed: Dict[str, np.ndarray] = {'input': inputs.numpy()}
 
@@ -281,9 +271,11 @@ def check_onnx(model: nn.Module,
         float(np.abs(ours - theirs.numpy()).max())
         for ours, theirs in zip(ort(), eager()))
     check = Check(tuple(inputs.shape), error)
-    if repeats:
-        check.ort_ms = median_ms(ort, repeats)
-        check.eager_ms = median_ms(eager, repeats)
+    if repeats:  # both ran once above: warm
+        times = interleaved_times(dict(ort=ort, eager=eager), 0, repeats,
+                                  torch.device('cpu'))
+        check.ort_ms, check.eager_ms = (1000 * statistics.median(times[key])
+                                        for key in ('ort', 'eager'))
     return check
 
 
