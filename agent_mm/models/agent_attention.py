@@ -18,12 +18,13 @@ from torch import Tensor
 
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache
-from .bias_maps import exporting, pool_tokens, separable_bias
+from .bias_maps import pool_tokens, separable_bias
 from .checks import check_agent_attention
 from .layers import (ChannelsLastConv2d, map_to_tokens, residual_sum,
                      tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
 from .traced_agent_attention import traced_agent_attention
+from .tracing import exporting
 
 BIAS_CACHE_SIZE = 2
 BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')

@@ -7,9 +7,9 @@ they are computed here as small matrix products, in the order and layout
 that is cheapest for the large maps the attention kernels read.
 
 The resizing and pooling weights are cached per size, except in a graph
-being traced (:func:`tracing`): there they are computed by the graph, for
-its own (possibly dynamic) sizes, and no cache ever holds a tensor of a
-trace.
+being traced (:func:`~agent_mm.models.tracing.tracing`): there they are
+computed by the graph, for its own (possibly dynamic) sizes, and no cache
+ever holds a tensor of a trace.
 """
 import functools
 import math
@@ -19,22 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import tracing
+
 # A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
 # tensor.
 Size = Union[int, torch.SymInt, Tensor]
-
-
-def exporting() -> bool:
-    """Whether the model is being traced for export: ``torch.onnx.export``
-    (either exporter), ``torch.export`` or ``torch.jit.trace``."""
-    return (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing())
-
-
-def tracing() -> bool:
-    """Whether a graph is being traced: for export, or by
-    ``torch.compile``."""
-    return exporting() or torch.compiler.is_compiling()
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -87,7 +76,8 @@ def pooling_matrix(size_in: Size, size_out: int) -> Tensor:
 def weights_like(matrix: Callable[[Size, Size], Tensor], size_in: Size,
                  size_out: Size, like: Tensor) -> Tensor:
     """``matrix(size_in, size_out)`` on ``like``'s device and dtype, from
-    its cache unless a graph is being traced (:func:`tracing`)."""
+    its cache unless a graph is being traced
+    (:func:`~agent_mm.models.tracing.tracing`)."""
     if tracing():
         matrix = matrix.__wrapped__
     return matrix(size_in, size_out).to(like)

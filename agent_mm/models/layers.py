@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .bias_maps import exporting
+from .tracing import exporting
 
 
 def tokens_to_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:

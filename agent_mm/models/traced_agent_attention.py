@@ -1,7 +1,7 @@
 """Agent attention in a graph traced for export (``torch.onnx.export``,
 ``torch.export``, ``torch.jit.trace``): the branch that
 :class:`~agent_mm.models.AgentAttention` takes by itself while
-:func:`~agent_mm.models.bias_maps.exporting`.
+:func:`~agent_mm.models.tracing.exporting`.
 
 The fast path's tools do not trace: its :class:`BiasCache` would bake the
 maps of the traced shape into the graph, its training autograd function is
