@@ -3,8 +3,9 @@ products, equal to PyTorch's interpolation and pooling kernels."""
 import pytest
 import torch
 
-from agent_mm.models.bias_maps import (left_matmul, mapped_source, pool_tokens,
-                                       resize, resize_by_matmul, to_agent_grid)
+from agent_mm.models.bias_maps import (left_matmul, on_agent_grid, pool_tokens,
+                                       resize, resize_by_matmul,
+                                       separable_bias, to_agent_grid)
 from agent_mm.models.layers import map_to_tokens, tokens_to_map
 
 
@@ -53,38 +54,52 @@ def test_pool_tokens_is_adaptive_average_pooling(hw, size):
     torch.testing.assert_close(ours, want)
 
 
-@pytest.mark.parametrize('source_hw, hw, agent_shape', [
-    ((7, 7), (64, 48), (12, 12)),
-    ((56, 56), (25, 42), (28, 28)),
-    ((14, 14), (14, 14), (2, 3)),
-    ((7, 7), (3, 5), (7, 7)),
+def test_on_agent_grid_resizes_each_tokens_agent_map():
+    source = torch.randn(3, 16, 5, 6)
+    mapped = on_agent_grid(source, (7, 9))
+    per_token = source.permute(0, 2, 3, 1).reshape(90, 1, 4, 4)
+    expected = resize(per_token, (7, 9)).reshape(3, 5, 6, 63)
+    torch.testing.assert_close(mapped, expected, atol=1e-5, rtol=1e-5)
+
+
+def literal_bias(full, rows, cols, hw, agent_shape):
+    """The authors' order: sum the sources as maps, resize to the token
+    grid, then map every token's agents; ``(heads, H*W, n)``."""
+    return (to_agent_grid(resize(full, hw), agent_shape) +
+            to_agent_grid(resize(rows, hw), agent_shape) +
+            to_agent_grid(resize(cols, hw), agent_shape))
+
+
+# (f_h, f_w) of the full source, r_h and r_w of the row and column sources;
+# token grids larger, smaller and equal to the sources, more agents than
+# tokens
+@pytest.mark.parametrize('full_hw, rows_cols, hw, agent_shape', [
+    ((7, 7), (56, 56), (64, 48), (12, 12)),
+    ((7, 7), (14, 14), (25, 42), (28, 28)),
+    ((7, 7), (14, 9), (14, 9), (2, 3)),
+    ((7, 7), (7, 7), (3, 5), (7, 7)),
+    ((5, 3), (1, 6), (9, 1), (4, 4)),
 ])
-def test_mapped_source_is_the_literal_map_computed_in_another_order(
-        source_hw, hw, agent_shape):
-    source = torch.randn(3, 16, *source_hw)
-    literal = to_agent_grid(resize(source, hw), agent_shape)
-    agents = agent_shape[0] * agent_shape[1]
-    agent_major = mapped_source(source, hw, agent_shape, token_major=False)
-    token_major = mapped_source(source, hw, agent_shape, token_major=True)
-    assert agent_major.shape == (3, agents, *hw)
-    assert token_major.shape == (3, *hw, agents)
-    torch.testing.assert_close(
-        agent_major.flatten(2), literal.transpose(1, 2), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(
-        token_major.flatten(1, 2), literal, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize('token_major', [False, True])
-@pytest.mark.parametrize('hw', [(64, 48), (5, 9), (56, 56)])
-def test_separable_source_maps_term_by_term(hw, token_major):
-    rows, cols = torch.randn(2, 9, 56, 1), torch.randn(2, 9, 1, 56)
-    literal = to_agent_grid(resize(rows + cols, hw), (12, 12))
-    row_map = mapped_source(rows, hw, (12, 12), token_major)
-    col_map = mapped_source(cols, hw, (12, 12), token_major)
-    grid_axes = slice(1, 3) if token_major else slice(2, 4)
-    assert row_map.shape[grid_axes] == (hw[0], 1)
-    assert col_map.shape[grid_axes] == (1, hw[1])
-    summed = row_map + col_map
-    summed = summed.flatten(
-        1, 2) if token_major else summed.flatten(2).transpose(1, 2)
-    torch.testing.assert_close(summed, literal, atol=1e-5, rtol=1e-5)
+def test_separable_bias_is_the_literal_bias_in_either_layout(
+        full_hw, rows_cols, hw, agent_shape, token_major):
+    sources = [
+        torch.randn(2, 16, *full_hw, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 16, rows_cols[0], 1, dtype=torch.float64,
+                    requires_grad=True),
+        torch.randn(2, 16, 1, rows_cols[1], dtype=torch.float64,
+                    requires_grad=True)
+    ]
+    bias = separable_bias(*sources, hw, agent_shape, token_major)
+    literal = literal_bias(*sources, hw, agent_shape)
+    if not token_major:
+        literal = literal.transpose(1, 2)
+    assert bias.is_contiguous()
+    # the interpolation weights are float32 (the models' precision)
+    close = dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bias, literal, **close)
+    grad = torch.randn_like(bias)
+    ours = torch.autograd.grad(bias, sources, grad)
+    want = torch.autograd.grad(literal, sources, grad)
+    for got, expected in zip(ours, want):
+        torch.testing.assert_close(got, expected, **close)

@@ -83,12 +83,10 @@ def weights_like(matrix: Callable[[Size, Size], Tensor], size_in: Size,
     return matrix(size_in, size_out).to(like)
 
 
-def resize_matrices(in_hw: Sequence[int], size: Sequence[Size],
-                    like: Tensor) -> Tuple[Tensor, Tensor]:
-    """Row ``(H, h)`` and column ``(W, w)`` weights of bilinear resizing
-    from ``in_hw`` to ``size``, on ``like``'s device and dtype."""
-    return (weights_like(interpolation_matrix, in_hw[0], size[0], like),
-            weights_like(interpolation_matrix, in_hw[1], size[1], like))
+def interpolation_weights(size_in: Size, size_out: Size,
+                          like: Tensor) -> Tensor:
+    """:func:`interpolation_matrix` on ``like``'s device and dtype."""
+    return weights_like(interpolation_matrix, size_in, size_out, like)
 
 
 def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
@@ -112,7 +110,8 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     for the position biases, the products are much faster than the
     interpolation kernel, forward and backward.
     """
-    rows, cols = resize_matrices(x.shape[-2:], size, x)
+    rows = interpolation_weights(x.shape[-2], size[0], x)
+    cols = interpolation_weights(x.shape[-1], size[1], x)
     return left_matmul(rows, x) @ cols.t()
 
 
@@ -136,57 +135,44 @@ def pool_tokens(x: Tensor, hw_shape: Sequence[int],
     return pooled.reshape(batch, out_h * out_w, channels)
 
 
-def mapped_source(source: Tensor, hw_shape: Tuple[int, int],
-                  agent_shape: Tuple[int, int], token_major: bool) -> Tensor:
-    """``to_agent_grid(resize(source, hw_shape), agent_shape)`` computed in
-    the cheap order, in either layout.
-
-    The two bilinear resizes act on different axes (tokens and agents), so
-    they commute: mapping the agents on the source's small grid first leaves
-    one resize of ``heads*n`` channels to the token grid, instead of
-    resizing ``H*W`` tiny ``p×p`` maps; both are done by
-    :func:`resize_by_matmul`-style matrix products, and the token-major
-    result is produced directly in its layout (transposing a large map is
-    slow). A source axis of size 1 stays 1 (the map is constant along it),
-    so a separable source ``a[h] + b[w]`` can be mapped term by term and
-    summed by broadcasting: the interpolation weights of every output pixel
-    sum to one.
+def on_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
+    """Resize a source's per-token ``p×p`` agent maps to the agent grid.
 
     Args:
         source: ``(heads, p*p, h, w)``.
-        hw_shape: Token grid ``(H, W)``.
         agent_shape: Agent grid ``(a_h, a_w)``.
-        token_major: Layout of the result.
 
     Returns:
-        ``(heads, H', W', n)`` if ``token_major`` else ``(heads, n, H',
-        W')``, with ``n = a_h*a_w``, ``H' = 1 if h == 1 else H`` and
-        likewise ``W'``.
+        ``(heads, h, w, a_h*a_w)``.
     """
     heads, agent_num, height, width = source.shape
     side = math.isqrt(agent_num)
     per_token = source.reshape(heads, side, side, height * width)
     per_agent = resize_by_matmul(per_token.permute(0, 3, 1, 2), agent_shape)
-    size = (hw_shape[0] if height > 1 else 1, hw_shape[1] if width > 1 else 1)
-    if not token_major:
-        per_agent = per_agent.flatten(2).transpose(1, 2).reshape(
-            heads, -1, height, width)
-        return resize_by_matmul(per_agent, size)
-    # (heads, h, w, n): resize w, then h with the other axes flattened
-    rows, cols = resize_matrices((height, width), size, source)
-    per_agent = per_agent.reshape(heads, height, width, -1)
-    mapped = left_matmul(rows, left_matmul(cols, per_agent).flatten(2))
-    return mapped.reshape(heads, size[0], size[1], -1)
+    return per_agent.reshape(heads, height, width, -1)
 
 
 def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
                    hw_shape: Tuple[int, int], agent_shape: Tuple[int, int],
                    token_major: bool) -> Tensor:
-    """One bias of agent attention from its three sources, each mapped by
-    :func:`mapped_source` and summed by broadcasting.
+    """One bias of agent attention, ``to_agent_grid(resize(full + rows +
+    cols, hw_shape), agent_shape)``, as a single matrix product that writes
+    the large map once.
+
+    The agent-grid resize acts on the sources' agent axis and the token-grid
+    resize on their spatial axes, so the agents are mapped first, on the
+    small sources. Bilinear resizing is separable: with ``R`` the 1-D
+    weights to the token grid, ``full`` maps to ``R_h F R_wᵀ`` per agent,
+    ``rows`` to ``R_h a`` (constant along the width) and ``cols`` to ``b
+    R_wᵀ``. In the agent-major layout ``(heads, n, H, W)`` the three terms
+    are one product of ``[R_h F | R_h a | b]`` (``n*H`` rows) with the
+    shared ``[R_w | 1 | R'_w]ᵀ``; in the token-major layout ``(heads, H, W,
+    n)``, of the shared ``[R_h | R'_h | 1]`` with ``[F R_wᵀ; a; b R'_wᵀ]``
+    per head. Adding the terms as maps instead would read and write the
+    large map once per term.
 
     Args:
-        full: ``(heads, p*p, 7, 7)`` source.
+        full: ``(heads, p*p, f_h, f_w)`` source (7×7 in the models).
         rows: ``(heads, p*p, r_h, 1)`` source.
         cols: ``(heads, p*p, 1, r_w)`` source.
         hw_shape: Token grid ``(H, W)``.
@@ -196,10 +182,55 @@ def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
     Returns:
         A contiguous map: the attention kernels read it row by row.
     """
-    full, rows, cols = (
-        mapped_source(src, hw_shape, agent_shape, token_major)
-        for src in (full, rows, cols))
-    # `full` is a view of a product: adding into it in place would make
-    # autograd copy the whole map twice in backward
-    bias = (full + rows).add_(cols)
-    return bias.flatten(1, 2) if token_major else bias.flatten(2)
+    full, rows, cols = (on_agent_grid(source, agent_shape)
+                        for source in (full, rows, cols))
+    # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
+    rows, cols = rows[:, :, 0], cols[:, 0]
+    build = _token_major_bias if token_major else _agent_major_bias
+    return build(full, rows, cols, *hw_shape)
+
+
+def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
+                      width: int) -> Tensor:
+    """The agent-major ``(heads, n, H*W)`` map of :func:`separable_bias`
+    from the sources on the agent grid: ``full`` ``(heads, f_h, f_w, n)``,
+    ``rows`` ``(heads, r_h, n)``, ``cols`` ``(heads, r_w, n)``."""
+    heads, full_h, full_w, agents = full.shape
+    weights_w = interpolation_weights(full_w, width, full)
+    left = torch.cat([
+        torch.einsum('yi,eija->eayj',
+                     interpolation_weights(full_h, height, full), full),
+        torch.einsum('yi,eia->eay',
+                     interpolation_weights(rows.shape[1], height, full),
+                     rows).unsqueeze(-1),
+        cols.transpose(1, 2).unsqueeze(2).expand(-1, -1, height, -1)
+    ], -1)
+    right = torch.cat([
+        weights_w.t(),
+        weights_w.new_ones(1, width),
+        interpolation_weights(cols.shape[1], width, full).t()
+    ])
+    bias = left.reshape(-1, left.shape[-1]) @ right
+    return bias.reshape(heads, agents, height * width)
+
+
+def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
+                      width: int) -> Tensor:
+    """The token-major ``(heads, H*W, n)`` map of :func:`separable_bias`,
+    from the sources as :func:`_agent_major_bias` takes them."""
+    heads, full_h, full_w, agents = full.shape
+    right = torch.cat([
+        torch.einsum('xj,eija->eixa',
+                     interpolation_weights(full_w, width, full), full),
+        rows.unsqueeze(2).expand(-1, -1, width, -1),
+        torch.einsum('xj,eja->exa',
+                     interpolation_weights(cols.shape[1], width, full),
+                     cols).unsqueeze(1)
+    ], 1)
+    left = torch.cat([
+        interpolation_weights(full_h, height, full),
+        interpolation_weights(rows.shape[1], height, full),
+        full.new_ones(height, 1)
+    ], 1)
+    bias = left_matmul(left, right.flatten(2))
+    return bias.reshape(heads, height * width, agents)
