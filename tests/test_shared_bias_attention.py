@@ -113,6 +113,42 @@ def test_gradients_reach_the_bias_sources():
         torch.testing.assert_close(got, want)
 
 
+def test_backward_rebuilds_the_bias_under_the_forwards_autocast():
+    query, key, value, _ = _inputs(dtype=torch.float32, dims=4)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 11, 2, generator=gen).requires_grad_()
+    cols = torch.randn(3, 2, 7, generator=gen).requires_grad_()
+    built = []
+
+    def low_rank(rows, cols):
+        bias = _low_rank(rows, cols)
+        built.append(bias.dtype)
+        return bias
+
+    inputs = (query, key, value, rows, cols)
+    grad_out = torch.randn(2, 3, 11, 4, generator=gen)
+    with torch.autocast('cpu', torch.bfloat16):
+        out = op_module.shared_bias_attention(
+            *(x.to(torch.bfloat16) for x in (query, key, value)), 0.4,
+            low_rank, rows, cols)
+    ours = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    # built in forward and again in backward, both times in bfloat16
+    assert built == [torch.bfloat16, torch.bfloat16]
+    expected = torch.autograd.grad(
+        _literal(query, key, value, _low_rank(rows, cols), 0.4), inputs,
+        grad_out)
+    for got, want in zip(ours, expected):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+
+
+def test_sum_over_batch_is_the_sum_over_the_first_dimension():
+    x = torch.randn(3, 4, 5, 6)
+    out = torch.empty(4, 6, 5).transpose(1, 2)
+    op_module.sum_over_batch(x, out)
+    torch.testing.assert_close(out, x.sum(0))
+
+
 def test_frozen_bias_gets_no_gradient():
     query, key, value, bias = _inputs()
     bias = bias.detach()

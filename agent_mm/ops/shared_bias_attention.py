@@ -78,6 +78,24 @@ def _as_batch_of_matrices(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
+def autocast_state(device_type: str) -> dict:
+    """The arguments of ``torch.autocast`` that restore the current autocast
+    state of ``device_type`` (the backward pass runs outside the forward's
+    ``autocast`` context)."""
+    return dict(
+        device_type=device_type,
+        dtype=torch.get_autocast_dtype(device_type),
+        enabled=torch.is_autocast_enabled(device_type))
+
+
+def sum_over_batch(x: Tensor, out: Tensor) -> None:
+    """``out = x.sum(dim=0)`` as elementwise additions (PyTorch's reduction
+    over the outermost dimension is several times slower)."""
+    out.copy_(x[0])
+    for item in x[1:]:
+        out.add_(item)
+
+
 def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
     """``bias`` if it is ``(heads, L, S)`` for ``query`` and ``key``, else a
     ``ValueError`` naming the expected shape (a wrong shape could broadcast
@@ -102,6 +120,7 @@ class _SharedBiasAttention(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, out, lse, *sources)
         ctx.scale = scale
         ctx.make_bias = make_bias
+        ctx.autocast = autocast_state(query.device.type)
         return out
 
     @staticmethod
@@ -109,7 +128,9 @@ class _SharedBiasAttention(torch.autograd.Function):
         query, key, value, out, lse, *sources = ctx.saved_tensors
         need_query, need_key, need_value, _, _, *need_sources = (
             ctx.needs_input_grad)
-        with torch.enable_grad():
+        # the bias is rebuilt as in forward: in its dtype, without a cast of
+        # the full map
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
             sources = [
                 src.detach().requires_grad_(need)
                 for src, need in zip(sources, need_sources)
@@ -122,8 +143,10 @@ class _SharedBiasAttention(torch.autograd.Function):
         grad_sources = [None] * len(sources)
         if grad_bias is not None:
             wanted = [i for i, need in enumerate(need_sources) if need]
-            found = torch.autograd.grad(bias, [sources[i] for i in wanted],
-                                        grad_bias.to(bias.dtype))
+            with torch.autocast(**ctx.autocast):
+                found = torch.autograd.grad(bias,
+                                            [sources[i] for i in wanted],
+                                            grad_bias.to(bias.dtype))
             for i, grad in zip(wanted, found):
                 grad_sources[i] = grad
         return (grad_query, grad_key, grad_value, None, None, *grad_sources)
@@ -169,7 +192,7 @@ def _blockwise_grads(
             -2, -1)).sub_(row_dot[:, :, rows]).mul_(weights)
         del weights
         if grad_bias is not None:
-            torch.sum(grad_logits, dim=0, out=grad_bias[:, rows, cols])
+            sum_over_batch(grad_logits, grad_bias[:, rows, cols])
         _accumulate(grad_query, rows, grad_logits, block_key)
         _accumulate(grad_key, cols, grad_logits.transpose(-2, -1), block_query)
     for grad in (grad_query, grad_key):
