@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from agent_mm.models.bias_maps import (left_matmul, on_agent_grid, pool_tokens,
-                                       resize, resize_by_matmul,
+                                       resize, resize_by_matmul, resize_tokens,
                                        separable_bias, to_agent_grid)
 from agent_mm.models.layers import map_to_tokens, tokens_to_map
 
@@ -52,6 +52,21 @@ def test_pool_tokens_is_adaptive_average_pooling(hw, size):
     ours, = torch.autograd.grad(pooled, qkv, grad)
     want, = torch.autograd.grad(expected, qkv, grad)
     torch.testing.assert_close(ours, want)
+
+
+@pytest.mark.parametrize('hw, size', [((14, 14), (64, 48)), ((7, 7), (7, 9)),
+                                      ((56, 56), (25, 42)), ((1, 3), (4, 4))])
+def test_resize_tokens_is_bilinear_resizing_of_the_token_map(hw, size):
+    x = torch.randn(2, hw[0] * hw[1], 6, dtype=torch.float64,
+                    requires_grad=True)
+    grad = torch.randn(2, size[0] * size[1], 6, dtype=torch.float64)
+    resized = resize_tokens(x, hw, size)
+    expected = map_to_tokens(resize(tokens_to_map(x, hw), size))
+    close = dict(atol=1e-6, rtol=1e-5)  # float32 interpolation weights
+    torch.testing.assert_close(resized, expected, **close)
+    ours, = torch.autograd.grad(resized, x, grad)
+    want, = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(ours, want, **close)
 
 
 def test_on_agent_grid_resizes_each_tokens_agent_map():

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models.transformer import (PRETRAIN_IMG_SIZE, PatchEmbed,
-                                         TransformerBlock, pretrain_grid)
+                                         TransformerBlock, pretrain_grid,
+                                         resized_pos_embed)
 
 
 class _RowMixer(nn.Module):
@@ -74,3 +75,25 @@ def test_pretrain_grids_are_the_token_grids_of_a_224_image():
     assert PRETRAIN_IMG_SIZE == 224
     assert [pretrain_grid(i) for i in range(4)] == [(56, 56), (28, 28),
                                                     (14, 14), (7, 7)]
+
+
+class _PosEmbedAdder(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, 7 * 7, 4))
+
+    def forward(self, x):
+        hw_shape = x.shape[2:]
+        return resized_pos_embed(self.pos_embed, (7, 7), hw_shape)
+
+
+def test_resized_pos_embed_is_the_same_in_an_exported_graph():
+    module = _PosEmbedAdder()
+    x = torch.zeros(1, 4, 12, 20)
+    eager = module(x)
+    assert eager.shape == (1, 12 * 20, 4)
+    program = torch.export.export(module, (x, ))
+    torch.testing.assert_close(program.module()(x), eager)
+    assert resized_pos_embed(module.pos_embed, (7, 7),
+                             (7, 7)) is module.pos_embed

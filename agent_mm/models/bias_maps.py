@@ -115,24 +115,40 @@ def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
     return left_matmul(rows, x) @ cols.t()
 
 
-def pool_tokens(x: Tensor, hw_shape: Sequence[int],
-                size: Sequence[int]) -> Tensor:
-    """``F.adaptive_avg_pool2d`` of ``(B, H*W, C)`` tokens laid out as
-    ``hw_shape`` to ``size``, returned as ``(B, h*w, C)`` tokens.
+def separable_tokens(x: Tensor, hw_shape: Sequence[int], size: Sequence[int],
+                     matrix: Callable[[Size, Size], Tensor]) -> Tensor:
+    """A separable resampling of ``(B, H*W, C)`` tokens laid out as
+    ``hw_shape`` to ``size``, returned as ``(B, h*w, C)`` tokens: the 1-D
+    weights ``matrix(size_in, size_out)`` applied along the width, then the
+    height, as two small matrix products on the tokens as they are (a
+    strided view of a fused projection too).
 
-    Computed as two small matrix products, along the width then the height,
-    on the tokens as they are (a strided view of a fused projection too):
-    the pooling kernel would first copy the channels-last map to NCHW, a
-    full-size copy several times the cost of the pooling at high
-    resolution.
+    PyTorch's pooling and interpolation kernels take an NCHW map: the
+    channels-last map of the tokens would be copied to NCHW and the result
+    copied back, full-size copies that cost several times the resampling
+    at high resolution.
     """
     batch, _, channels = x.shape
     (height, width), (out_h, out_w) = hw_shape, size
-    pool_h = weights_like(pooling_matrix, height, out_h, x)
-    pool_w = weights_like(pooling_matrix, width, out_w, x)
-    rows = left_matmul(pool_w, x.reshape(batch * height, width, channels))
-    pooled = left_matmul(pool_h, rows.reshape(batch, height, out_w * channels))
-    return pooled.reshape(batch, out_h * out_w, channels)
+    weights_h = weights_like(matrix, height, out_h, x)
+    weights_w = weights_like(matrix, width, out_w, x)
+    rows = left_matmul(weights_w, x.reshape(batch * height, width, channels))
+    out = left_matmul(weights_h, rows.reshape(batch, height, out_w * channels))
+    return out.reshape(batch, out_h * out_w, channels)
+
+
+def pool_tokens(x: Tensor, hw_shape: Sequence[int],
+                size: Sequence[int]) -> Tensor:
+    """``F.adaptive_avg_pool2d`` of ``(B, H*W, C)`` tokens laid out as
+    ``hw_shape`` to ``size`` (:func:`separable_tokens`)."""
+    return separable_tokens(x, hw_shape, size, pooling_matrix)
+
+
+def resize_tokens(x: Tensor, hw_shape: Sequence[int],
+                  size: Sequence[int]) -> Tensor:
+    """:func:`resize` of ``(B, H*W, C)`` tokens laid out as ``hw_shape`` to
+    ``size`` (:func:`separable_tokens`)."""
+    return separable_tokens(x, hw_shape, size, interpolation_matrix)
 
 
 def on_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:

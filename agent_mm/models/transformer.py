@@ -11,10 +11,11 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
-from .bias_maps import resize
+from .bias_maps import resize, resize_tokens
 from .layers import (ChannelsLastConv2d, Mlp, build_norm,
                      drop_path_or_identity, map_to_tokens, maybe_checkpoint,
                      mlp_residual, residual_sum, tokens_to_map)
+from .tracing import exporting
 
 NUM_STAGES = 4
 # Side of the images the released models were pre-trained on; the position
@@ -144,7 +145,11 @@ def learned_pos_embed(grid: Tuple[int, int], dims: int) -> nn.Parameter:
 def resized_pos_embed(pos_embed: Tensor, grid: Tuple[int, int],
                       hw_shape: Tuple[int, int]) -> Tensor:
     """A position embedding learned on ``grid``, bilinearly resized to the
-    token grid ``hw_shape`` (as mmdet's PVT does)."""
+    token grid ``hw_shape`` (as mmdet's PVT does), in the token layout; a
+    graph traced for export takes the interpolation kernel (an ONNX
+    ``Resize`` that follows dynamic sizes)."""
     if tuple(hw_shape) == tuple(grid):
         return pos_embed
-    return map_to_tokens(resize(tokens_to_map(pos_embed, grid), hw_shape))
+    if exporting():
+        return map_to_tokens(resize(tokens_to_map(pos_embed, grid), hw_shape))
+    return resize_tokens(pos_embed, grid, hw_shape)
