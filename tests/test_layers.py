@@ -6,7 +6,7 @@ import torch.nn as nn
 from agent_mm.models import layers
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
                                     map_to_tokens, mlp_residual, residual_sum,
-                                    tokens_to_map)
+                                    tokens_to_map, tokens_to_nchw)
 
 
 def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
@@ -166,3 +166,17 @@ def test_exported_residuals_follow_a_dynamic_token_count(monkeypatch):
             dynamic_shapes=({1: tokens}, ))
         x = torch.randn(1, 37, 8)
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.parametrize('contiguous', [True, False])
+def test_tokens_to_nchw_is_the_contiguous_map_with_gradients(contiguous):
+    tokens = torch.randn(2, 3 * 5, 4, dtype=torch.float64, requires_grad=True)
+    x = tokens if contiguous else tokens[:, :, :3]
+    out = tokens_to_nchw(x, (3, 5))
+    expected = tokens_to_map(x, (3, 5))
+    assert out.is_contiguous()
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    ours, = torch.autograd.grad(out, tokens, grad)
+    want, = torch.autograd.grad(expected, tokens, grad)
+    assert torch.equal(ours, want)

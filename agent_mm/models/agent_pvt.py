@@ -9,7 +9,7 @@ from torch import Tensor
 from .base import AgentBackbone
 from .checks import (check_alias, check_bool, check_int_range,
                      check_stage_heads, check_supported)
-from .layers import tokens_to_map
+from .layers import tokens_to_map, tokens_to_nchw
 from .sr_attention import SpatialReductionAttention
 from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
                           build_norm)
@@ -239,7 +239,7 @@ class AgentPVT(AgentBackbone):
             norm = getattr(self, f'norm{i + 1}')
             if norm is not None:
                 x = norm(x)
-            x = tokens_to_map(x, hw_shape)
             if i in self.out_indices:
-                outs.append(x.contiguous())
+                outs.append(tokens_to_nchw(x, hw_shape))
+            x = tokens_to_map(x, hw_shape)
         return tuple(outs)

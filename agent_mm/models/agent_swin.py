@@ -13,7 +13,7 @@ from torch import Tensor
 from .base import AgentBackbone
 from .checks import (check_bool, check_int_range, check_positive,
                      check_stage_heads, check_supported)
-from .layers import tokens_to_map
+from .layers import tokens_to_nchw
 from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
                           build_norm, optional_norm)
 from .window_attention import ShiftWindowAttention
@@ -262,7 +262,7 @@ class AgentSwinTransformer(AgentBackbone):
             x = stage(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(x)
-                outs.append(tokens_to_map(out, hw_shape).contiguous())
+                outs.append(tokens_to_nchw(out, hw_shape))
             if stage.downsample is not None:
                 x, hw_shape = stage.downsample(x, hw_shape)
         return tuple(outs)

@@ -19,6 +19,25 @@ def tokens_to_map(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *hw_shape)
 
 
+def tokens_to_nchw(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
+    """``(B, H*W, C)`` tokens → a contiguous (NCHW) ``(B, C, H, W)`` map, as
+    the necks and mmcv's ops take it.
+
+    Contiguous tokens are transposed one image at a time: PyTorch copies a
+    transposed 2-D matrix with a blocked kernel about twice as fast at high
+    resolution as its general strided copy of the 3-D transpose. A graph
+    traced for export takes the plain copy (its loop would fix the batch
+    size).
+    """
+    if exporting() or not x.is_contiguous():
+        return tokens_to_map(x, hw_shape).contiguous()
+    batch, tokens, channels = x.shape
+    out = x.new_empty(batch, channels, tokens)
+    for image in range(batch):
+        out[image].copy_(x[image].t())
+    return out.view(batch, channels, *hw_shape)
+
+
 def map_to_tokens(x: Tensor) -> Tensor:
     """``(B, C, H, W)`` feature map → ``(B, H*W, C)`` tokens (a view; free
     for a channels-last map)."""
