@@ -37,9 +37,13 @@ model = dict(
         in_channels=channels,
         feat_channels=channels,
         anchor_generator=dict(scales=[4], strides=strides)),
+    # SparseRoIAlign (agent_mm.det): mmcv's RoIAlign, several times faster
+    # in CPU training; the same kernel as mmcv's in test
     roi_head=dict(
         bbox_roi_extractor=dict(
-            out_channels=channels, featmap_strides=strides),
+            roi_layer=dict(type='SparseRoIAlign'),
+            out_channels=channels,
+            featmap_strides=strides),
         bbox_head=dict(
             in_channels=channels,
             fc_out_channels=256,
@@ -49,7 +53,9 @@ model = dict(
             reg_decoded_bbox=True,
             loss_bbox=dict(_delete_=True, type='GIoULoss', loss_weight=10.0)),
         mask_roi_extractor=dict(
-            out_channels=channels, featmap_strides=strides),
+            roi_layer=dict(type='SparseRoIAlign'),
+            out_channels=channels,
+            featmap_strides=strides),
         # small initial mask logits: mmdet's init is tuned for 80 classes
         mask_head=dict(
             type='ScaledInitFCNMaskHead',
