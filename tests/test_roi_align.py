@@ -77,8 +77,9 @@ def test_max_pooling_is_mmcvs():
 
 
 def test_mmdet_roi_extractor_builds_it_by_name():
-    import agent_mm.det  # noqa: F401 (registers SparseRoIAlign in mmcv.ops)
     from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+
+    import agent_mm.det  # noqa: F401 (registers SparseRoIAlign in mmcv.ops)
     extractor = SingleRoIExtractor(
         roi_layer=dict(type='SparseRoIAlign', output_size=7,
                        sampling_ratio=0),
