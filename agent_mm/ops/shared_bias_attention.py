@@ -180,6 +180,10 @@ def _blockwise_grads(
                                                         (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
     row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
+    # in the logits' dtype: a float32 lse would make every block's
+    # subtraction cast the block to float32 and back (under autocast); the
+    # rounding is that of the logits themselves
+    lse = lse.to(query.dtype)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
         block_key, block_value = key[:, :, cols], value[:, :, cols]
