@@ -27,9 +27,10 @@ def tokens_to_nchw(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     transposed 2-D matrix with a blocked kernel about twice as fast at high
     resolution as its general strided copy of the 3-D transpose. A graph
     traced for export takes the plain copy (its loop would fix the batch
-    size).
+    size), and so does an empty batch (the loop would leave the result out
+    of the autograd graph).
     """
-    if exporting() or not x.is_contiguous():
+    if exporting() or not x.is_contiguous() or not x.shape[0]:
         return tokens_to_map(x, hw_shape).contiguous()
     batch, tokens, channels = x.shape
     out = x.new_empty(batch, channels, tokens)
