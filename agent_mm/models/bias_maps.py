@@ -32,12 +32,19 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
         x, size=tuple(size), mode='bilinear', align_corners=False)
 
 
-def to_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
+def to_agent_grid(
+    source: Tensor,
+    agent_shape: Tuple[int, int],
+    resizer: Callable[[Tensor, Sequence[int]], Tensor] = resize
+) -> Tensor:
     """Map a per-token bias onto the agent grid.
 
     Args:
         source: ``(heads, p*p, H, W)``, one ``p×p`` bias per token.
         agent_shape: ``(a_h, a_w)`` agent grid.
+        resizer: The bilinear resize of ``(B, C, h, w)`` maps
+            (:func:`resize`, the interpolation kernel, or
+            :func:`resize_by_matmul`).
 
     Returns:
         ``(heads, H*W, a_h*a_w)``.
@@ -46,7 +53,7 @@ def to_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
     side = math.isqrt(agent_num)
     per_token = source.reshape(heads, side, side, height * width)
     per_token = per_token.permute(0, 3, 1, 2)
-    return resize(per_token, agent_shape).flatten(2)
+    return resizer(per_token, agent_shape).flatten(2)
 
 
 @functools.lru_cache(maxsize=128)
@@ -159,13 +166,11 @@ def on_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
         agent_shape: Agent grid ``(a_h, a_w)``.
 
     Returns:
-        ``(heads, h, w, a_h*a_w)``.
+        ``(heads, h, w, a_h*a_w)``: :func:`to_agent_grid` (resized by
+        matrix products) with the token axis unflattened.
     """
-    heads, agent_num, height, width = source.shape
-    side = math.isqrt(agent_num)
-    per_token = source.reshape(heads, side, side, height * width)
-    per_agent = resize_by_matmul(per_token.permute(0, 3, 1, 2), agent_shape)
-    return per_agent.reshape(heads, height, width, -1)
+    return to_agent_grid(source, agent_shape,
+                         resize_by_matmul).unflatten(1, source.shape[2:])
 
 
 def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
