@@ -4,13 +4,16 @@
 install:
 	bash tools/install.sh
 
+# Test processes (pytest-xdist); each runs torch on its share of the cores.
+TEST_WORKERS ?= 2
+
 # One command to test: the whole suite in .venv.
 test:
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest tests -n $(TEST_WORKERS) --dist worksteal
 
 # The inner loop: everything but the end-to-end runs marked slow.
 test-quick:
-	.venv/bin/python -m pytest tests -m "not slow"
+	.venv/bin/python -m pytest tests -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # flake8 and isort over the whole tree (settings in setup.cfg).
 lint:

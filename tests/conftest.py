@@ -1,10 +1,22 @@
 """Shared fixtures of the test suite."""
 import contextlib
+import os
 import sys
 import types
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, give each worker its share of the cores, for
+    torch here and for the processes the tests start (``mim train``, ...),
+    so that the workers do not oversubscribe the machine."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault('OMP_NUM_THREADS', str(threads))
 
 
 @pytest.fixture(autouse=True)
