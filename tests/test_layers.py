@@ -5,8 +5,9 @@ import torch.nn as nn
 
 from agent_mm.models import layers
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
-                                    map_to_tokens, mlp_residual, residual_sum,
-                                    tokens_to_map, tokens_to_nchw)
+                                    activate_, map_to_tokens, mlp_residual,
+                                    residual_sum, tokens_to_map,
+                                    tokens_to_nchw)
 
 
 def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
@@ -30,6 +31,41 @@ def test_inference_residual_matches_the_plain_sum(monkeypatch, chunk_tokens):
     with torch.no_grad():
         out = mlp_residual(x.clone(), norm, mlp, drop_path, training=False)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('act_cfg', [
+    None,
+    dict(type='GELU', approximate='tanh'),
+    dict(type='ReLU'),
+    dict(type='SiLU'),
+])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_inference_residual_computes_as_the_plain_sum_under_autocast(
+        monkeypatch, act_cfg, dtype):
+    torch.manual_seed(0)
+    norm, mlp = nn.LayerNorm(8), Mlp(8, 32, act_cfg=act_cfg).eval()
+    monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', 5 * 32 * dtype.itemsize)
+    x = torch.randn(2, 13, 8)
+    with torch.no_grad(), torch.autocast(
+            'cpu', torch.bfloat16, enabled=dtype == torch.bfloat16):
+        expected = _expected(x, norm, mlp)
+        out = mlp_residual(x.clone(), norm, mlp, nn.Identity(), False)
+    # the products in the autocast dtype (bfloat16 products are ~1e-3 off
+    # float32 ones), the residual in float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('act', [
+    nn.GELU(), nn.GELU(approximate='tanh'),
+    nn.ReLU(), nn.SiLU()
+])
+def test_activate_writes_the_activation_into_its_input(act):
+    x = torch.randn(4, 6)
+    expected = act(x)
+    out = activate_(act, x)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, expected, atol=0, rtol=0)
 
 
 def test_inference_residual_accumulates_in_place():

@@ -1,5 +1,5 @@
 """Small layers and tensor helpers shared by the agent models."""
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -138,11 +138,12 @@ def residual_sum(fresh: Tensor, other: Tensor) -> Tensor:
 
 
 # In inference the MLP residual runs over chunks of tokens whose hidden
-# activations stay within this many bytes. The hidden layer is the largest
-# activation of the backbones at high resolution, and an allocation this
-# large would be fresh pages from the kernel at every call (glibc maps
-# anything over 32 MB afresh and unmaps it on free).
-MLP_CHUNK_BYTES = 16 * 2**20
+# activations fill a buffer of about this many bytes, allocated once per
+# call and reused by every chunk. The hidden layer is the largest activation
+# of the backbones at high resolution; allocated per chunk, it would be
+# fresh pages from the kernel at every chunk (glibc returns large freed
+# blocks to the kernel), and writing fresh pages costs 3-5x a warm copy.
+MLP_CHUNK_BYTES = 8 * 2**20
 
 
 def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
@@ -152,8 +153,8 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
     When nothing is trained (``training`` False and autograd off), the
     norm and the MLP act on each token alone and ``drop_path`` is the
     identity, so the sum is accumulated into ``x`` in place, a chunk of
-    tokens at a time (:data:`MLP_CHUNK_BYTES`): the full-size hidden layer
-    never exists. The caller must own ``x`` (a fresh residual sum). A
+    tokens at a time (:func:`add_mlp_in_chunks`): the full-size hidden
+    layer never exists. The caller must own ``x`` (a fresh residual sum). A
     graph traced for export takes the plain sum (the loop's length depends
     on the input size).
 
@@ -167,11 +168,58 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
     if training or torch.is_grad_enabled() or exporting():
         return x + drop_path(mlp(norm(x)))
     x = x.contiguous()
-    hidden_bytes = mlp.fc1.out_features * x.element_size()
-    for part in x.view(-1, x.shape[-1]).split(
-            max(1, MLP_CHUNK_BYTES // hidden_bytes)):
-        part.add_(mlp(norm(part)))
+    add_mlp_in_chunks(x.view(-1, x.shape[-1]), norm, mlp)
     return x
+
+
+def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
+    """``tokens += mlp(norm(tokens))`` for ``(N, C)`` tokens in inference,
+    in chunks of :data:`MLP_CHUNK_BYTES` of hidden activations.
+
+    The products write into two buffers reused by every chunk, in the
+    compute dtype of the running autocast (as ``nn.Linear`` would compute
+    under it), and the activation is applied in place where
+    :func:`activate_` knows how.
+    """
+    dtype = compute_dtype(tokens)
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    weight1, bias1 = cast_linear(fc1, dtype)
+    weight2, bias2 = cast_linear(fc2, dtype)
+    rows = max(1, MLP_CHUNK_BYTES // (fc1.out_features * dtype.itemsize))
+    rows = min(rows, len(tokens))
+    hidden = tokens.new_empty(rows, fc1.out_features, dtype=dtype)
+    out = tokens.new_empty(rows, fc2.out_features, dtype=dtype)
+    for part in tokens.split(rows):
+        size = len(part)
+        torch.addmm(bias1, norm(part).to(dtype), weight1, out=hidden[:size])
+        activate_(mlp.act, hidden[:size])
+        part.add_(torch.addmm(bias2, hidden[:size], weight2, out=out[:size]))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` computes in for input ``x``: the autocast
+    dtype of ``x``'s device where autocast is on, else ``x``'s own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def cast_linear(linear: nn.Linear,
+                dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``linear``'s transposed weight and its bias in ``dtype``, as
+    ``torch.addmm`` takes them (:class:`Mlp`'s layers have a bias)."""
+    return linear.weight.to(dtype).t(), linear.bias.to(dtype)
+
+
+def activate_(act: nn.Module, x: Tensor) -> Tensor:
+    """Apply the activation module ``act`` to ``x`` in place: GELU and ReLU
+    by their in-place kernels, any other activation through a copy."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if type(act) is nn.ReLU:
+        return x.relu_()
+    return x.copy_(act(x))
 
 
 def freeze(modules: Iterable[Optional[nn.Module]] = (),
