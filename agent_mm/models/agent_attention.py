@@ -19,9 +19,10 @@ from torch import Tensor
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache
 from .bias_maps import pool_tokens, separable_bias
+from .bias_workspace import bias_buffer
 from .checks import check_agent_attention
-from .layers import (ChannelsLastConv2d, map_to_tokens, residual_sum,
-                     tokens_to_map)
+from .layers import (ChannelsLastConv2d, compute_dtype, map_to_tokens,
+                     residual_sum, tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
 from .traced_agent_attention import traced_agent_attention
 from .tracing import exporting
@@ -161,15 +162,36 @@ class AgentAttention(BaseModule):
         frozen = not (self.training or
                       (torch.is_grad_enabled() and self.an_bias.requires_grad))
         if frozen:
-            return self.bias_cache.get(hw_shape, self._parameter_version(),
-                                       lambda: self._build_biases(hw_shape))
+            return self.bias_cache.get(
+                hw_shape, self._parameter_version(),
+                lambda: self._build_biases(hw_shape),
+                lambda: self._build_biases(hw_shape, for_once=True))
         return self._build_biases(hw_shape)
 
-    def _build_biases(self, hw_shape: Tuple[int,
-                                            int]) -> Tuple[Tensor, Tensor]:
+    def _build_biases(self,
+                      hw_shape: Tuple[int, int],
+                      for_once: bool = False) -> Tuple[Tensor, Tensor]:
+        """Both maps; with ``for_once``, written into the buffers of the
+        open bias workspace (:mod:`.bias_workspace`), if any."""
         agent_to_token, token_to_agent = self.bias_sources()
-        return (self.bias_builder(hw_shape, False)(*agent_to_token),
-                self.bias_builder(hw_shape, True)(*token_to_agent))
+        return tuple(
+            self.bias_builder(hw_shape, token_major)(
+                *sources, out=self._map_buffer(hw_shape, token_major)
+                if for_once else None)
+            for token_major, sources in ((False, agent_to_token),
+                                         (True, token_to_agent)))
+
+    def _map_buffer(self, hw_shape: Tuple[int, int],
+                    token_major: bool) -> Optional[Tensor]:
+        """A workspace buffer for one map of ``hw_shape``, in the dtype the
+        maps are computed in (that of autocast, if on)."""
+        tokens = hw_shape[0] * hw_shape[1]
+        agents = self.agent_shape[0] * self.agent_shape[1]
+        shape = ((self.num_heads, tokens, agents) if token_major else
+                 (self.num_heads, agents, tokens))
+        return bias_buffer(
+            'token-major' if token_major else 'agent-major', shape,
+            compute_dtype(self.an_bias), self.an_bias.device)
 
     def _parameter_version(self) -> tuple:
         """Identifies the bias parameters' current values: storage, device,

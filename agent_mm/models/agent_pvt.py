@@ -7,6 +7,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .base import AgentBackbone
+from .bias_workspace import reuses_bias_memory
 from .checks import (check_alias, check_bool, check_int_range,
                      check_stage_heads, check_supported)
 from .layers import tokens_to_map, tokens_to_nchw
@@ -227,6 +228,7 @@ class AgentPVT(AgentBackbone):
             for i in range(1, self.frozen_stages + 1)
         ]
 
+    @reuses_bias_memory
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self.check_input(x)
         outs = []

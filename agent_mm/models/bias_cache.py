@@ -42,20 +42,26 @@ class BiasCache:
         self._entries: 'OrderedDict[tuple, Maps]' = OrderedDict()
         self._sightings: 'OrderedDict[tuple, int]' = OrderedDict()
 
-    def get(self, shape: Tuple[int, int], version: tuple,
-            compute: Callable[[], Maps]) -> Maps:
+    def get(self,
+            shape: Tuple[int, int],
+            version: tuple,
+            compute: Callable[[], Maps],
+            compute_for_once: Optional[Callable[[], Maps]] = None) -> Maps:
         """The maps of ``shape`` built from parameters at ``version``:
         cached, or computed by ``compute`` (and cached if the shape is
-        admitted)."""
+        admitted). Maps that are not cached are computed by
+        ``compute_for_once`` where given (it may return memory that the
+        caller reuses after this use)."""
+        once = compute_for_once or compute
         if not self.max_shapes:
-            return compute()
+            return once()
         key = (tuple(shape), version)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
         self._drop_other_versions(version)
         if not self._admits(key):
-            return compute()
+            return once()
         while len(self._entries) >= self.max_shapes:
             self._entries.popitem(last=False)
         self._entries[key] = compute()

@@ -13,7 +13,7 @@ ever holds a tensor of a trace.
 """
 import functools
 import math
-from typing import Callable, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +96,12 @@ def interpolation_weights(size_in: Size, size_out: Size,
     return weights_like(interpolation_matrix, size_in, size_out, like)
 
 
-def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
+def left_matmul(matrix: Tensor,
+                x: Tensor,
+                out: Optional[Tensor] = None) -> Tensor:
     """``matrix @ x`` for a 2-D ``matrix`` and a batch ``x`` of shape
-    ``(..., k, m)``, as one batched product with a contiguous result.
+    ``(..., k, m)``, as one batched product with a contiguous result
+    (written into ``out``, of its size, where given).
 
     ``torch.matmul`` computes this case as ``(xᵀ @ matrixᵀ)ᵀ``: it copies
     ``x`` into a transposed layout and returns a transposed view, which the
@@ -106,7 +109,12 @@ def left_matmul(matrix: Tensor, x: Tensor) -> Tensor:
     building the large bias maps).
     """
     batch = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
-    out = torch.bmm(matrix.expand(batch.shape[0], *matrix.shape), batch)
+    matrices = matrix.expand(batch.shape[0], *matrix.shape)
+    if out is None:
+        out = torch.bmm(matrices, batch)
+    else:
+        out = torch.bmm(matrices.to(out.dtype), batch.to(out.dtype),
+                        out=out.view(batch.shape[0], matrix.shape[0], -1))
     return out.reshape(*x.shape[:-2], *out.shape[-2:])
 
 
@@ -173,9 +181,13 @@ def on_agent_grid(source: Tensor, agent_shape: Tuple[int, int]) -> Tensor:
                          resize_by_matmul).unflatten(1, source.shape[2:])
 
 
-def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
-                   hw_shape: Tuple[int, int], agent_shape: Tuple[int, int],
-                   token_major: bool) -> Tensor:
+def separable_bias(full: Tensor,
+                   rows: Tensor,
+                   cols: Tensor,
+                   hw_shape: Tuple[int, int],
+                   agent_shape: Tuple[int, int],
+                   token_major: bool,
+                   out: Optional[Tensor] = None) -> Tensor:
     """One bias of agent attention, ``to_agent_grid(resize(full + rows +
     cols, hw_shape), agent_shape)``, as a single matrix product that writes
     the large map once.
@@ -199,6 +211,9 @@ def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
         hw_shape: Token grid ``(H, W)``.
         agent_shape: Agent grid ``(a_h, a_w)``.
         token_major: Return ``(heads, N, n)`` instead of ``(heads, n, N)``.
+        out: Where to write the map, a contiguous tensor of its shape and
+            of the dtype to compute it in (autograd does not go through
+            it); None for a new tensor.
 
     Returns:
         A contiguous map: the attention kernels read it row by row.
@@ -208,11 +223,11 @@ def separable_bias(full: Tensor, rows: Tensor, cols: Tensor,
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
     rows, cols = rows[:, :, 0], cols[:, 0]
     build = _token_major_bias if token_major else _agent_major_bias
-    return build(full, rows, cols, *hw_shape)
+    return build(full, rows, cols, *hw_shape, out)
 
 
 def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
-                      width: int) -> Tensor:
+                      width: int, out: Optional[Tensor]) -> Tensor:
     """The agent-major ``(heads, n, H*W)`` map of :func:`separable_bias`
     from the sources on the agent grid: ``full`` ``(heads, f_h, f_w, n)``,
     ``rows`` ``(heads, r_h, n)``, ``cols`` ``(heads, r_w, n)``."""
@@ -231,12 +246,17 @@ def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
         weights_w.new_ones(1, width),
         interpolation_weights(cols.shape[1], width, full).t()
     ])
-    bias = left.reshape(-1, left.shape[-1]) @ right
+    left = left.reshape(-1, left.shape[-1])
+    if out is None:
+        bias = left @ right
+    else:
+        bias = torch.mm(left.to(out.dtype), right.to(out.dtype),
+                        out=out.view(left.shape[0], width))
     return bias.reshape(heads, agents, height * width)
 
 
 def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
-                      width: int) -> Tensor:
+                      width: int, out: Optional[Tensor]) -> Tensor:
     """The token-major ``(heads, H*W, n)`` map of :func:`separable_bias`,
     from the sources as :func:`_agent_major_bias` takes them."""
     heads, full_h, full_w, agents = full.shape
@@ -253,5 +273,5 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
         interpolation_weights(rows.shape[1], height, full),
         full.new_ones(height, 1)
     ], 1)
-    bias = left_matmul(left, right.flatten(2))
+    bias = left_matmul(left, right.flatten(2), out)
     return bias.reshape(heads, height * width, agents)
