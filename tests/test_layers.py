@@ -5,8 +5,8 @@ import torch.nn as nn
 
 from agent_mm.models import layers
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
-                                    activate_, map_to_tokens, mlp_residual,
-                                    residual_sum, tokens_to_map,
+                                    activate_, linear_into, map_to_tokens,
+                                    mlp_residual, residual_sum, tokens_to_map,
                                     tokens_to_nchw)
 
 
@@ -53,6 +53,20 @@ def test_inference_residual_computes_as_the_plain_sum_under_autocast(
     # the products in the autocast dtype (bfloat16 products are ~1e-3 off
     # float32 ones), the residual in float32
     assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_linear_into_writes_the_layer_output_in_the_dtype_of_out(
+        bias, dtype):
+    linear = nn.Linear(6, 5, bias=bias)
+    x = torch.randn(7, 6)
+    out = torch.empty(7, 5, dtype=dtype)
+    with torch.autocast('cpu', torch.bfloat16, enabled=dtype != x.dtype):
+        expected = linear(x)
+    with torch.no_grad():
+        assert linear_into(out, x, linear.weight, linear.bias) is out
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 

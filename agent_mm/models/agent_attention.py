@@ -6,7 +6,7 @@ Both attentions carry learned position biases that are interpolated to the
 current token grid, so the module works at any input resolution.
 """
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,13 +19,13 @@ from torch import Tensor
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache
 from .bias_maps import pool_tokens, separable_bias
-from .bias_workspace import bias_buffer
 from .checks import check_agent_attention
-from .layers import (ChannelsLastConv2d, compute_dtype, map_to_tokens,
-                     residual_sum, tokens_to_map)
+from .layers import (ChannelsLastConv2d, compute_dtype, linear_into,
+                     map_to_tokens, residual_sum, tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
 from .traced_agent_attention import traced_agent_attention
 from .tracing import exporting
+from .workspace import workspace_buffer
 
 BIAS_CACHE_SIZE = 2
 BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
@@ -172,7 +172,7 @@ class AgentAttention(BaseModule):
                       hw_shape: Tuple[int, int],
                       for_once: bool = False) -> Tuple[Tensor, Tensor]:
         """Both maps; with ``for_once``, written into the buffers of the
-        open bias workspace (:mod:`.bias_workspace`), if any."""
+        open workspace (:mod:`.workspace`), if any."""
         agent_to_token, token_to_agent = self.bias_sources()
         return tuple(
             self.bias_builder(hw_shape, token_major)(
@@ -189,7 +189,7 @@ class AgentAttention(BaseModule):
         agents = self.agent_shape[0] * self.agent_shape[1]
         shape = ((self.num_heads, tokens, agents) if token_major else
                  (self.num_heads, agents, tokens))
-        return bias_buffer(
+        return workspace_buffer(
             'token-major' if token_major else 'agent-major', shape,
             compute_dtype(self.an_bias), self.an_bias.device)
 
@@ -208,9 +208,33 @@ class AgentAttention(BaseModule):
     # ------------------------------------------------------------------
     # forward
     def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value ``(B, N, C)``; in inference within a
+        workspace, written into its buffer, each contiguous."""
+        batch, tokens, channels = x.shape
+        out = None if torch.is_grad_enabled() else workspace_buffer(
+            'projections', (3, batch * tokens, channels), compute_dtype(x),
+            x.device)
+        if out is None:
+            if self.fused_qkv:
+                return self.qkv(x).chunk(3, dim=-1)
+            return (self.q(x), *self.kv(x).chunk(2, dim=-1))
+        rows = x.reshape(batch * tokens, channels)
+        for part, (weight, bias) in zip(out, self._projection_weights()):
+            linear_into(part, rows, weight, bias)
+        return tuple(part.view(batch, tokens, channels) for part in out)
+
+    def _projection_weights(self) -> List[Tuple[Tensor, Optional[Tensor]]]:
+        """The weight and bias of the query, key and value projections:
+        row blocks of the fused layers."""
         if self.fused_qkv:
-            return self.qkv(x).chunk(3, dim=-1)
-        return (self.q(x), *self.kv(x).chunk(2, dim=-1))
+            layers, blocks = [self.qkv] * 3, (0, 1, 2)
+        else:
+            layers, blocks = [self.q, self.kv, self.kv], (0, 0, 1)
+        dims = self.embed_dims
+        rows = [slice(i * dims, (i + 1) * dims) for i in blocks]
+        return [(layer.weight[part],
+                 None if layer.bias is None else layer.bias[part])
+                for layer, part in zip(layers, rows)]
 
     def _split_heads(self, x: Tensor) -> Tensor:
         batch, tokens, _ = x.shape

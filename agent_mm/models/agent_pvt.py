@@ -7,13 +7,13 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .base import AgentBackbone
-from .bias_workspace import reuses_bias_memory
 from .checks import (check_alias, check_bool, check_int_range,
                      check_stage_heads, check_supported)
 from .layers import tokens_to_map, tokens_to_nchw
 from .sr_attention import SpatialReductionAttention
 from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
                           build_norm)
+from .workspace import reuses_memory
 
 # LayerNorm of the blocks, as released (the patch embeddings and the
 # spatial reductions keep 1e-5)
@@ -228,7 +228,7 @@ class AgentPVT(AgentBackbone):
             for i in range(1, self.frozen_stages + 1)
         ]
 
-    @reuses_bias_memory
+    @reuses_memory
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self.check_input(x)
         outs = []

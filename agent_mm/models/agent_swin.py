@@ -11,13 +11,13 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from .base import AgentBackbone
-from .bias_workspace import reuses_bias_memory
 from .checks import (check_bool, check_int_range, check_positive,
                      check_stage_heads, check_supported)
 from .layers import tokens_to_nchw
 from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
                           build_norm, optional_norm)
 from .window_attention import ShiftWindowAttention
+from .workspace import reuses_memory
 
 # PatchMerging halves the grid between stages
 MERGE_STRIDES = PATCH_SIZES[1:]
@@ -253,7 +253,7 @@ class AgentSwinTransformer(AgentBackbone):
     def frozen_params(self) -> List[Optional[nn.Parameter]]:
         return [self.absolute_pos_embed] if self.frozen_stages >= 0 else []
 
-    @reuses_bias_memory
+    @reuses_memory
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self.check_input(x)
         x, hw_shape = self.patch_embed(x)

@@ -1,5 +1,5 @@
 """Small layers and tensor helpers shared by the agent models."""
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -178,22 +178,21 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
 
     The products write into two buffers reused by every chunk, in the
     compute dtype of the running autocast (as ``nn.Linear`` would compute
-    under it), and the activation is applied in place where
-    :func:`activate_` knows how.
+    under it, :func:`linear_into`), and the activation is applied in place
+    where :func:`activate_` knows how.
     """
     dtype = compute_dtype(tokens)
     fc1, fc2 = mlp.fc1, mlp.fc2
-    weight1, bias1 = cast_linear(fc1, dtype)
-    weight2, bias2 = cast_linear(fc2, dtype)
     rows = max(1, MLP_CHUNK_BYTES // (fc1.out_features * dtype.itemsize))
     rows = min(rows, len(tokens))
     hidden = tokens.new_empty(rows, fc1.out_features, dtype=dtype)
     out = tokens.new_empty(rows, fc2.out_features, dtype=dtype)
     for part in tokens.split(rows):
         size = len(part)
-        torch.addmm(bias1, norm(part).to(dtype), weight1, out=hidden[:size])
+        linear_into(hidden[:size], norm(part), fc1.weight, fc1.bias)
         activate_(mlp.act, hidden[:size])
-        part.add_(torch.addmm(bias2, hidden[:size], weight2, out=out[:size]))
+        part.add_(linear_into(out[:size], hidden[:size], fc2.weight,
+                              fc2.bias))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -205,11 +204,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def cast_linear(linear: nn.Linear,
-                dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``linear``'s transposed weight and its bias in ``dtype``, as
-    ``torch.addmm`` takes them (:class:`Mlp`'s layers have a bias)."""
-    return linear.weight.to(dtype).t(), linear.bias.to(dtype)
+def linear_into(out: Tensor, x: Tensor, weight: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)`` of 2-D ``x``, written into ``out`` and
+    computed in its dtype (the operands cast to it, as autocast casts
+    them); without autograd (``out=`` products have no gradient)."""
+    dtype = out.dtype
+    x, weight = x.to(dtype), weight.to(dtype).t()
+    if bias is None:
+        return torch.mm(x, weight, out=out)
+    return torch.addmm(bias.to(dtype), x, weight, out=out)
 
 
 def activate_(act: nn.Module, x: Tensor) -> Tensor:

@@ -1,14 +1,15 @@
-"""Memory shared by the bias maps that are built for one use.
+"""Memory shared by the large temporaries of an inference forward.
 
-In inference, a bias map that the :class:`~.bias_cache.BiasCache` does not
-keep (a shape seen for the first time, or the cache turned off) lives only
-for its attention module's forward. Allocated per module, each map is a
-large block that the C allocator takes fresh from the kernel and returns on
-free (glibc does so above 32 MB), so writing it pays a page fault for every
-page, several times the cost of computing it. Within
-:func:`reuses_bias_memory` (a backbone's forward) the modules write their
-maps into buffers that later modules reuse, and the buffers are freed when
-the forward returns: nothing is held afterwards.
+Some tensors of agent attention live only for its module's forward in
+inference: the query/key/value projections, and the bias maps that the
+:class:`~.bias_cache.BiasCache` does not keep (a shape seen for the first
+time, or the cache turned off). Allocated per module, each is a large block
+that the C allocator takes fresh from the kernel and returns on free (glibc
+does so above 32 MB), so writing it pays a page fault for every page,
+several times the cost of computing it. Within :func:`reuses_memory` (a
+backbone's forward) the modules write them into buffers that later modules
+reuse, and the buffers are freed when the forward returns: nothing is held
+afterwards.
 """
 import functools
 import math
@@ -24,8 +25,8 @@ _workspace = threading.local()
 Fn = TypeVar('Fn', bound=Callable)
 
 
-def reuses_bias_memory(forward: Fn) -> Fn:
-    """Run ``forward`` with a bias workspace (:func:`bias_buffer`) open,
+def reuses_memory(forward: Fn) -> Fn:
+    """Run ``forward`` with a workspace (:func:`workspace_buffer`) open,
     unless one is open already or a graph is being traced."""
 
     @functools.wraps(forward)
@@ -45,8 +46,8 @@ def _buffers() -> Optional[Dict[str, Tensor]]:
     return getattr(_workspace, 'buffers', None)
 
 
-def bias_buffer(slot: str, shape: Sequence[int], dtype: torch.dtype,
-                device: torch.device) -> Optional[Tensor]:
+def workspace_buffer(slot: str, shape: Sequence[int], dtype: torch.dtype,
+                     device: torch.device) -> Optional[Tensor]:
     """An uninitialised ``shape`` tensor in the workspace's buffer ``slot``
     (valid until the next request of that slot), or None outside a
     workspace. The buffer grows to the largest request; a request of
