@@ -173,13 +173,12 @@ class AgentAttention(BaseModule):
                       for_once: bool = False) -> Tuple[Tensor, Tensor]:
         """Both maps; with ``for_once``, written into the buffers of the
         open workspace (:mod:`.workspace`), if any."""
-        agent_to_token, token_to_agent = self.bias_sources()
-        return tuple(
-            self.bias_builder(hw_shape, token_major)(
-                *sources, out=self._map_buffer(hw_shape, token_major)
-                if for_once else None)
-            for token_major, sources in ((False, agent_to_token),
-                                         (True, token_to_agent)))
+        maps = []
+        for token_major, sources in zip((False, True), self.bias_sources()):
+            out = self._map_buffer(hw_shape, token_major) if for_once else None
+            maps.append(self.bias_builder(hw_shape, token_major)(*sources,
+                                                                 out=out))
+        return tuple(maps)
 
     def _map_buffer(self, hw_shape: Tuple[int, int],
                     token_major: bool) -> Optional[Tensor]:

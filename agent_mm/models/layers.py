@@ -182,17 +182,18 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
     where :func:`activate_` knows how.
     """
     dtype = compute_dtype(tokens)
-    fc1, fc2 = mlp.fc1, mlp.fc2
-    rows = max(1, MLP_CHUNK_BYTES // (fc1.out_features * dtype.itemsize))
+    # cast once for all chunks (linear_into's casts are then no-ops)
+    fc1, fc2 = ((layer.weight.to(dtype), layer.bias.to(dtype))
+                for layer in (mlp.fc1, mlp.fc2))
+    rows = max(1, MLP_CHUNK_BYTES // (len(fc1[0]) * dtype.itemsize))
     rows = min(rows, len(tokens))
-    hidden = tokens.new_empty(rows, fc1.out_features, dtype=dtype)
-    out = tokens.new_empty(rows, fc2.out_features, dtype=dtype)
+    hidden = tokens.new_empty(rows, len(fc1[0]), dtype=dtype)
+    out = tokens.new_empty(rows, len(fc2[0]), dtype=dtype)
     for part in tokens.split(rows):
         size = len(part)
-        linear_into(hidden[:size], norm(part), fc1.weight, fc1.bias)
+        linear_into(hidden[:size], norm(part), *fc1)
         activate_(mlp.act, hidden[:size])
-        part.add_(linear_into(out[:size], hidden[:size], fc2.weight,
-                              fc2.bias))
+        part.add_(linear_into(out[:size], hidden[:size], *fc2))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
