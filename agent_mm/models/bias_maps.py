@@ -109,20 +109,13 @@ def left_matmul(matrix: Tensor,
     building the large bias maps).
     """
     batch = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
-    product = matmul_into(
-        matrix.expand(batch.shape[0], *matrix.shape), batch,
-        None if out is None else out.view(batch.shape[0], matrix.shape[0],
-                                          -1))
-    return product.reshape(*x.shape[:-2], *product.shape[-2:])
-
-
-def matmul_into(a: Tensor, b: Tensor, out: Optional[Tensor]) -> Tensor:
-    """``a @ b`` (2-D, or batches of equal size); written into ``out`` of
-    the result's shape, with the operands cast to its dtype, where given
-    (no autograd through it)."""
+    matrices = matrix.expand(batch.shape[0], *matrix.shape)
     if out is None:
-        return torch.matmul(a, b)
-    return torch.matmul(a.to(out.dtype), b.to(out.dtype), out=out)
+        out = torch.bmm(matrices, batch)
+    else:
+        out = torch.bmm(matrices.to(out.dtype), batch.to(out.dtype),
+                        out=out.view(batch.shape[0], matrix.shape[0], -1))
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
 
 
 def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -254,8 +247,11 @@ def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
         interpolation_weights(cols.shape[1], width, full).t()
     ])
     left = left.reshape(-1, left.shape[-1])
-    bias = matmul_into(left, right,
-                       None if out is None else out.view(len(left), width))
+    if out is None:
+        bias = left @ right
+    else:
+        bias = torch.mm(left.to(out.dtype), right.to(out.dtype),
+                        out=out.view(left.shape[0], width))
     return bias.reshape(heads, agents, height * width)
 
 
