@@ -3,8 +3,9 @@ products, equal to PyTorch's interpolation and pooling kernels."""
 import pytest
 import torch
 
-from agent_mm.models.bias_maps import (left_matmul, on_agent_grid, pool_tokens,
-                                       resize, resize_by_matmul, resize_tokens,
+from agent_mm.models.bias_maps import (batched_matmul, left_matmul,
+                                       on_agent_grid, pool_tokens, resize,
+                                       resize_by_matmul, resize_tokens,
                                        separable_bias, to_agent_grid)
 from agent_mm.models.layers import map_to_tokens, tokens_to_map
 
@@ -19,6 +20,17 @@ def test_left_matmul_is_a_contiguous_matrix_product(batch_shape):
     grad = torch.randn_like(out)
     out.backward(grad)
     torch.testing.assert_close(x.grad, matrix.t() @ grad)
+
+
+def test_batched_matmul_writes_the_product_into_out_in_its_dtype():
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 6)
+    assert batched_matmul(a, b).is_contiguous()
+    torch.testing.assert_close(batched_matmul(a, b), a @ b)
+    out = torch.empty(2, 3, 4, 6, dtype=torch.bfloat16)
+    product = batched_matmul(a, b, out)
+    assert product.data_ptr() == out.data_ptr()
+    assert product.dtype == torch.bfloat16
+    torch.testing.assert_close(product.float(), a @ b, atol=5e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize('size_in, size_out', [((7, 7), (64, 48)),
@@ -57,8 +69,8 @@ def test_pool_tokens_is_adaptive_average_pooling(hw, size):
 @pytest.mark.parametrize('hw, size', [((14, 14), (64, 48)), ((7, 7), (7, 9)),
                                       ((56, 56), (25, 42)), ((1, 3), (4, 4))])
 def test_resize_tokens_is_bilinear_resizing_of_the_token_map(hw, size):
-    x = torch.randn(2, hw[0] * hw[1], 6, dtype=torch.float64,
-                    requires_grad=True)
+    x = torch.randn(
+        2, hw[0] * hw[1], 6, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, size[0] * size[1], 6, dtype=torch.float64)
     resized = resize_tokens(x, hw, size)
     expected = map_to_tokens(resize(tokens_to_map(x, hw), size))
@@ -100,10 +112,10 @@ def test_separable_bias_is_the_literal_bias_in_either_layout(
         full_hw, rows_cols, hw, agent_shape, token_major):
     sources = [
         torch.randn(2, 16, *full_hw, dtype=torch.float64, requires_grad=True),
-        torch.randn(2, 16, rows_cols[0], 1, dtype=torch.float64,
-                    requires_grad=True),
-        torch.randn(2, 16, 1, rows_cols[1], dtype=torch.float64,
-                    requires_grad=True)
+        torch.randn(
+            2, 16, rows_cols[0], 1, dtype=torch.float64, requires_grad=True),
+        torch.randn(
+            2, 16, 1, rows_cols[1], dtype=torch.float64, requires_grad=True)
     ]
     bias = separable_bias(*sources, hw, agent_shape, token_major)
     literal = literal_bias(*sources, hw, agent_shape)
@@ -118,3 +130,27 @@ def test_separable_bias_is_the_literal_bias_in_either_layout(
     want = torch.autograd.grad(literal, sources, grad)
     for got, expected in zip(ours, want):
         torch.testing.assert_close(got, expected, **close)
+
+
+@pytest.mark.parametrize('token_major', [False, True])
+@pytest.mark.parametrize('how', ['autocast', 'out'])
+def test_separable_bias_in_bfloat16_is_the_float32_bias_rounded(
+        token_major, how):
+    # 16-bit maps are built by other products than float32 ones (the row
+    # term inside the product in the token-major layout)
+    sources = [
+        torch.randn(2, 16, 7, 7),
+        torch.randn(2, 16, 14, 1),
+        torch.randn(2, 16, 1, 14)
+    ]
+    grids = (25, 42), (12, 12)
+    expected = separable_bias(*sources, *grids, token_major)
+    if how == 'autocast':
+        with torch.autocast('cpu', torch.bfloat16):
+            bias = separable_bias(*sources, *grids, token_major)
+    else:
+        out = torch.empty_like(expected, dtype=torch.bfloat16)
+        bias = separable_bias(*sources, *grids, token_major, out=out)
+        assert bias.data_ptr() == out.data_ptr()
+    assert bias.dtype == torch.bfloat16 and bias.is_contiguous()
+    torch.testing.assert_close(bias.float(), expected, atol=3e-2, rtol=2e-2)

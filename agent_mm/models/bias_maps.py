@@ -96,6 +96,25 @@ def interpolation_weights(size_in: Size, size_out: Size,
     return weights_like(interpolation_matrix, size_in, size_out, like)
 
 
+def batched_matmul(a: Tensor,
+                   b: Tensor,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` for batches ``(..., m, k)`` and ``(..., k, n)`` of equal
+    batch shape, as one batched product with a contiguous result; written
+    into ``out`` (of the result's size, its operands cast to its dtype)
+    where given."""
+    left = a.reshape(-1, *a.shape[-2:])
+    right = b.reshape(-1, *b.shape[-2:])
+    if out is None:
+        product = torch.bmm(left, right)
+    else:
+        product = torch.bmm(
+            left.to(out.dtype),
+            right.to(out.dtype),
+            out=out.view(len(left), left.shape[1], right.shape[2]))
+    return product.reshape(*a.shape[:-1], b.shape[-1])
+
+
 def left_matmul(matrix: Tensor,
                 x: Tensor,
                 out: Optional[Tensor] = None) -> Tensor:
@@ -108,14 +127,7 @@ def left_matmul(matrix: Tensor,
     next operation copies again, forward and backward (most of the cost of
     building the large bias maps).
     """
-    batch = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
-    matrices = matrix.expand(batch.shape[0], *matrix.shape)
-    if out is None:
-        out = torch.bmm(matrices, batch)
-    else:
-        out = torch.bmm(matrices.to(out.dtype), batch.to(out.dtype),
-                        out=out.view(batch.shape[0], matrix.shape[0], -1))
-    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+    return batched_matmul(matrix.expand(*x.shape[:-2], *matrix.shape), x, out)
 
 
 def resize_by_matmul(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -189,20 +201,16 @@ def separable_bias(full: Tensor,
                    token_major: bool,
                    out: Optional[Tensor] = None) -> Tensor:
     """One bias of agent attention, ``to_agent_grid(resize(full + rows +
-    cols, hw_shape), agent_shape)``, as a single matrix product that writes
-    the large map once.
+    cols, hw_shape), agent_shape)``, built by matrix products whose operands
+    are small beside the large map they write.
 
     The agent-grid resize acts on the sources' agent axis and the token-grid
     resize on their spatial axes, so the agents are mapped first, on the
     small sources. Bilinear resizing is separable: with ``R`` the 1-D
     weights to the token grid, ``full`` maps to ``R_h F R_wᵀ`` per agent,
     ``rows`` to ``R_h a`` (constant along the width) and ``cols`` to ``b
-    R_wᵀ``. In the agent-major layout ``(heads, n, H, W)`` the three terms
-    are one product of ``[R_h F | R_h a | b]`` (``n*H`` rows) with the
-    shared ``[R_w | 1 | R'_w]ᵀ``; in the token-major layout ``(heads, H, W,
-    n)``, of the shared ``[R_h | R'_h | 1]`` with ``[F R_wᵀ; a; b R'_wᵀ]``
-    per head. Adding the terms as maps instead would read and write the
-    large map once per term.
+    R_wᵀ`` (constant along the height). The layouts take the terms as
+    :func:`_agent_major_bias` and :func:`_token_major_bias` say.
 
     Args:
         full: ``(heads, p*p, f_h, f_w)`` source (7×7 in the models).
@@ -218,8 +226,8 @@ def separable_bias(full: Tensor,
     Returns:
         A contiguous map: the attention kernels read it row by row.
     """
-    full, rows, cols = (on_agent_grid(source, agent_shape)
-                        for source in (full, rows, cols))
+    full, rows, cols = (
+        on_agent_grid(source, agent_shape) for source in (full, rows, cols))
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
     rows, cols = rows[:, :, 0], cols[:, 0]
     build = _token_major_bias if token_major else _agent_major_bias
@@ -230,48 +238,67 @@ def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
                       width: int, out: Optional[Tensor]) -> Tensor:
     """The agent-major ``(heads, n, H*W)`` map of :func:`separable_bias`
     from the sources on the agent grid: ``full`` ``(heads, f_h, f_w, n)``,
-    ``rows`` ``(heads, r_h, n)``, ``cols`` ``(heads, r_w, n)``."""
+    ``rows`` ``(heads, r_h, n)``, ``cols`` ``(heads, r_w, n)``.
+
+    Each agent's ``H×W`` map is one product with inner size ``f_w + 2``:
+    ``[R_h F | R_h a | 1]`` times ``[R_w | 1 | R_w b]ᵀ``, a batched
+    product over heads and agents.
+    """
     heads, full_h, full_w, agents = full.shape
-    weights_w = interpolation_weights(full_w, width, full)
+    weights_w = interpolation_weights(full_w, width, full).t()
+    one = full.new_ones(())
     left = torch.cat([
         torch.einsum('yi,eija->eayj',
                      interpolation_weights(full_h, height, full), full),
         torch.einsum('yi,eia->eay',
                      interpolation_weights(rows.shape[1], height, full),
                      rows).unsqueeze(-1),
-        cols.transpose(1, 2).unsqueeze(2).expand(-1, -1, height, -1)
+        one.expand(heads, agents, height, 1)
     ], -1)
     right = torch.cat([
-        weights_w.t(),
-        weights_w.new_ones(1, width),
-        interpolation_weights(cols.shape[1], width, full).t()
-    ])
-    left = left.reshape(-1, left.shape[-1])
-    if out is None:
-        bias = left @ right
-    else:
-        bias = torch.mm(left.to(out.dtype), right.to(out.dtype),
-                        out=out.view(left.shape[0], width))
-    return bias.reshape(heads, agents, height * width)
+        weights_w.expand(heads, agents, full_w, width),
+        one.expand(heads, agents, 1, width),
+        torch.einsum('xj,eja->eax',
+                     interpolation_weights(cols.shape[1], width, full),
+                     cols).unsqueeze(2)
+    ], 2)
+    return batched_matmul(left, right, out).reshape(heads, agents,
+                                                    height * width)
 
 
 def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
                       width: int, out: Optional[Tensor]) -> Tensor:
     """The token-major ``(heads, H*W, n)`` map of :func:`separable_bias`,
-    from the sources as :func:`_agent_major_bias` takes them."""
+    from the sources as :func:`_agent_major_bias` takes them.
+
+    Per head, the map is the product of ``[R_h | R_h' | 1]`` and ``[F R_wᵀ;
+    a; b R_wᵀ]`` (laid out ``(x, agent)``; ``a`` repeated along the width).
+    In float32 the row term, constant along the width, is instead added to
+    the map in place: its ``r_h`` inner rows would cost more than a pass
+    over the map, while 16-bit products are cheap beside the memory they
+    write.
+    """
     heads, full_h, full_w, agents = full.shape
-    right = torch.cat([
+    dtype = full.dtype if out is None else out.dtype
+    fold_rows = dtype.itemsize < 4 or torch.is_autocast_enabled(
+        full.device.type)
+    row_weights = interpolation_weights(rows.shape[1], height, full)
+    right = [
         torch.einsum('xj,eija->eixa',
                      interpolation_weights(full_w, width, full), full),
-        rows.unsqueeze(2).expand(-1, -1, width, -1),
         torch.einsum('xj,eja->exa',
                      interpolation_weights(cols.shape[1], width, full),
                      cols).unsqueeze(1)
-    ], 1)
-    left = torch.cat([
+    ]
+    left = [
         interpolation_weights(full_h, height, full),
-        interpolation_weights(rows.shape[1], height, full),
         full.new_ones(height, 1)
-    ], 1)
-    bias = left_matmul(left, right.flatten(2), out)
+    ]
+    if fold_rows:
+        right.append(rows.unsqueeze(2).expand(-1, -1, width, -1))
+        left.append(row_weights)
+    bias = left_matmul(torch.cat(left, 1), torch.cat(right, 1).flatten(2), out)
+    if not fold_rows:
+        row_term = torch.einsum('yi,eia->eya', row_weights, rows)
+        bias.view(heads, height, width, agents).add_(row_term.unsqueeze(2))
     return bias.reshape(heads, height * width, agents)
