@@ -1,0 +1,208 @@
+"""Agent attention's two softmax attentions at a model's own shapes, each
+computed by several kernels, side by side.
+
+The fast path hands both attentions to PyTorch's fused kernel
+(``scaled_dot_product_attention`` with the bias as a dense mask). Here the
+same problems are also computed by the explicit products (``baddbmm``,
+softmax, ``bmm``) and, for a problem with few queries over many keys (the
+agents reading every token), by the fused kernel over chunks of the keys
+run as extra heads, whose outputs are combined by their log-sum-exp (as
+split-key decoding kernels do). Each kernel is checked against the fused
+one and timed round-robin with the others
+(:func:`agent_mm.utils.timing.interleaved_times`).
+"""
+import functools
+import math
+import statistics
+from typing import Callable, Dict, List, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models.agent_attention import AgentAttention
+from ..utils.timing import interleaved_times
+
+CPU = torch.device('cpu')
+KEY_CHUNKS = 8
+
+
+class Problem(NamedTuple):
+    """One attention ``softmax(scale * q kᵀ + bias) v`` of batch 1."""
+    side: str  # 'agents <- tokens' or 'tokens <- agents'
+    heads: int
+    queries: int
+    keys: int
+    head_dims: int
+
+    @property
+    def flops(self) -> int:
+        """Both products, 2 flops per multiply-add."""
+        return 4 * self.heads * self.queries * self.keys * self.head_dims
+
+
+def model_problems(model: nn.Module, inputs: Tensor) -> List[Problem]:
+    """The distinct attentions of ``model``'s :class:`AgentAttention`
+    modules in a forward of ``inputs`` (batch 1), in the order met."""
+    problems: List[Problem] = []
+
+    def record(module: AgentAttention, args: tuple) -> None:
+        tokens = args[0].shape[1]
+        agents = math.prod(module.agent_shape)
+        shape = (module.num_heads, module.head_dims)
+        for side, queries, keys in (('agents <- tokens', agents, tokens),
+                                    ('tokens <- agents', tokens, agents)):
+            problem = Problem(side, shape[0], queries, keys, shape[1])
+            if problem not in problems:
+                problems.append(problem)
+
+    hooks = [
+        module.register_forward_pre_hook(record)
+        for module in model.modules() if isinstance(module, AgentAttention)
+    ]
+    try:
+        with torch.no_grad():
+            model(inputs[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return problems
+
+
+class Kernel(NamedTuple):
+    """An attention kernel ``run(q, k, v, bias, scale)`` on ``(1, heads, *,
+    d)`` inputs, with the layout of the bias it reads, made from the
+    ``(heads, L, S)`` map before timing (the fast path would build the map
+    in that layout)."""
+    run: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+    bias_layout: Callable[[Tensor], Tensor]
+
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor,
+                 bias: Tensor, scale: float) -> Tensor:
+        """The attention, from the bias in the ``(heads, L, S)`` layout."""
+        return self.run(query, key, value, self.bias_layout(bias), scale)
+
+
+def fused_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor,
+                    scale: float) -> Tensor:
+    """PyTorch's fused kernel with a dense ``(1, heads, L, S)`` mask, as
+    the fast path calls it."""
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale)
+
+
+def explicit_attention(query: Tensor, key: Tensor, value: Tensor,
+                       bias: Tensor, scale: float) -> Tensor:
+    """The logits by ``baddbmm``, their softmax, then ``bmm``."""
+    logits = torch.baddbmm(
+        bias, query[0], key[0].transpose(1, 2), alpha=scale)
+    return torch.bmm(logits.softmax(-1), value[0]).unsqueeze(0)
+
+
+def key_chunks_layout(bias: Tensor, chunks: int) -> Tensor:
+    """``(heads, L, S)`` → ``(1, heads * chunks, L, S / chunks)``: each
+    run of the keys as a head of its own."""
+    heads, queries, keys = bias.shape
+    return bias.view(heads, queries, chunks, keys // chunks).transpose(
+        1, 2).reshape(1, heads * chunks, queries, keys // chunks)
+
+
+def key_split_attention(query: Tensor, key: Tensor, value: Tensor,
+                        mask: Tensor, scale: float) -> Tensor:
+    """The fused kernel over equal runs of the keys laid out as extra heads
+    (``mask`` in :func:`key_chunks_layout`), the partial outputs weighted
+    by the softmax of their log-sum-exps."""
+    _, heads, queries, dims = query.shape
+    chunks = mask.shape[1] // heads
+    size = key.shape[2] // chunks
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.unsqueeze(2).expand(-1, -1, chunks, -1, -1).reshape(
+            1, heads * chunks, queries, dims),
+        key.reshape(1, heads * chunks, size, dims),
+        value.reshape(1, heads * chunks, size, dims),
+        attn_mask=mask,
+        scale=scale)
+    weights = lse.view(heads, chunks, queries).float().softmax(1)
+    out = out.view(heads, chunks, queries, dims)
+    return (out * weights.unsqueeze(-1).to(out.dtype)).sum(1).unsqueeze(0)
+
+
+FUSED = Kernel(fused_attention, lambda bias: bias.unsqueeze(0))
+
+
+def kernels_for(problem: Problem, device: torch.device) -> Dict[str, Kernel]:
+    """The kernels that apply to ``problem``: the key split only on the
+    CPU, for keys that split evenly and outnumber the queries."""
+    kernels = {
+        'fused': FUSED,
+        'explicit': Kernel(explicit_attention, lambda bias: bias)
+    }
+    if (device.type == 'cpu' and problem.keys % KEY_CHUNKS == 0
+            and problem.keys > problem.queries):
+        kernels[f'key split ×{KEY_CHUNKS}'] = Kernel(
+            key_split_attention,
+            functools.partial(key_chunks_layout, chunks=KEY_CHUNKS))
+    return kernels
+
+
+def problem_inputs(problem: Problem, dtype: torch.dtype,
+                   device: torch.device) -> tuple:
+    """Random query, key, value ``(1, heads, *, d)`` and bias ``(heads,
+    L, S)``, the bias contiguous as the fast path builds it."""
+    heads, queries, keys, dims = problem[1:]
+    query, key, value = (torch.randn(1, heads, n, dims, device=device)
+                         for n in (queries, keys, keys))
+    bias = 0.5 * torch.randn(heads, queries, keys, device=device)
+    return tuple(t.to(dtype) for t in (query, key, value, bias))
+
+
+def compare_kernels(problem: Problem, dtype: torch.dtype, repeats: int,
+                    device: torch.device = CPU) -> Dict[str, dict]:
+    """Median time, rate and largest difference from the fused kernel of
+    every kernel of ``problem``, timed round-robin."""
+    query, key, value, bias = problem_inputs(problem, dtype, device)
+    scale = problem.head_dims**-0.5
+    kernels = kernels_for(problem, device)
+    with torch.no_grad():
+        expected = FUSED(query, key, value, bias, scale).float()
+        errors = {
+            name: float((kernel(query, key, value, bias, scale).float() -
+                         expected).abs().max())
+            for name, kernel in kernels.items()
+        }
+        steps = {
+            name: functools.partial(kernel.run, query, key, value,
+                                    kernel.bias_layout(bias), scale)
+            for name, kernel in kernels.items()
+        }
+        times = interleaved_times(steps, 1, repeats, device)
+    fused_seconds = statistics.median(times['fused'])
+    results = {}
+    for name in kernels:
+        seconds = statistics.median(times[name])
+        results[name] = dict(
+            ms=1000 * seconds,
+            gflops=problem.flops / seconds / 1e9,
+            vs_fused=seconds / fused_seconds,
+            max_diff=errors[name])
+    return results
+
+
+def markdown_rows(problem: Problem, dtype: str,
+                  results: Dict[str, dict]) -> List[str]:
+    """Table rows of :func:`compare_kernels`' results."""
+    shape = (f'{problem.heads} × {problem.queries} × {problem.keys} × '
+             f'{problem.head_dims}')
+    return [
+        f'| {problem.side} | {shape} | {dtype} | {name} | {r["ms"]:.1f} | '
+        f'{r["gflops"]:.0f} | {r["vs_fused"]:.2f} | {r["max_diff"]:.1e} |'
+        for name, r in results.items()
+    ]
+
+
+TABLE_HEADER = [
+    '| Attention | heads × queries × keys × d | Dtype | Kernel | ms '
+    '(median) | GFLOP/s | × fused | max diff |',
+    '|---|---|---|---|---:|---:|---:|---:|',
+]
