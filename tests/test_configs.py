@@ -27,7 +27,7 @@ from mmdet.registry import DATASETS as DET_DATASETS
 from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import init_default_scope
+from mmengine.registry import HOOKS, init_default_scope
 from mmseg.registry import DATASETS as SEG_DATASETS
 
 import agent_mm  # noqa: F401  (registers the backbones)
@@ -447,3 +447,16 @@ def test_metafile_entry(config):
     else:
         masks = 'mask' in info['method']
         assert metrics == ({'box AP', 'mask AP'} if masks else {'box AP'})
+
+
+def test_quickstarts_train_in_float32_by_one_override():
+    # the README's way to turn the quick-starts' bfloat16 off
+    quickstart = REPO / 'configs/quickstart'
+    seg = Config.fromfile(quickstart / 'fpn_agent-pvt-t_shapes.py')
+    seg.merge_from_dict({'optim_wrapper.dtype': 'float32'})
+    wrapper = build_optim_wrapper(torch.nn.Linear(2, 2), seg.optim_wrapper)
+    with wrapper.optim_context(torch.nn.Linear(2, 2)):
+        assert not torch.is_autocast_enabled('cpu')
+    det = Config.fromfile(quickstart / 'mask-rcnn_agent-pvt-t_fpn_shapes.py')
+    det.merge_from_dict({'custom_hooks.0.dtype': 'float32'})
+    assert HOOKS.build(det.custom_hooks[0]).dtype is None

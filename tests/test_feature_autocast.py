@@ -130,3 +130,12 @@ def test_native_only_hook_leaves_features_in_float32_without_native(
     hook.before_train(_Runner(model))
     model(torch.randn(3, 4))
     assert seen[0][1] == (torch.bfloat16 if native else torch.float32)
+
+
+def test_float32_hook_leaves_features_in_float32(monkeypatch):
+    monkeypatch.setattr(optim_wrapper, 'cpu_has_native', lambda dtype: True)
+    model = _Detector()
+    seen = _record_dtypes(model.backbone)
+    FeatureAutocastHook(dtype='float32').before_train(_Runner(model))
+    model(torch.randn(3, 4))
+    assert seen[0][1] == torch.float32

@@ -65,6 +65,18 @@ def test_float32_fallback_is_logged(monkeypatch, capsys):
     assert logged and 'no native bfloat16' in logged[0]
 
 
+@pytest.mark.parametrize('native', [True, False])
+def test_float32_turns_autocast_off_without_a_log(monkeypatch, native):
+    _probes(monkeypatch, _is_amx_tile_supported=native)
+    logged = []
+    monkeypatch.setattr(optim_wrapper, 'print_log',
+                        lambda msg, **kwargs: logged.append(msg))
+    wrapper = _wrapper(dtype='float32', native_only=True)
+    with wrapper.optim_context(nn.Linear(2, 2)):
+        assert not torch.is_autocast_enabled('cpu')
+    assert not logged
+
+
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="got 'float64'"):
         _wrapper(dtype='float64')

@@ -64,7 +64,7 @@ class FeatureAutocastHook(Hook):
 
     Args:
         dtype: ``'bfloat16'`` (default; fast on CPUs with AVX512-BF16 or
-            AMX) or ``'float16'``.
+            AMX), ``'float16'``, or ``'float32'`` (the hook does nothing).
         device_type: The autocast device, ``'cpu'`` or ``'cuda'``.
         native_only: On the CPU, do nothing where the CPU has no native
             ``dtype`` products (autocast would be slower than float32).

@@ -9,6 +9,9 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
 CPU_AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
+# the dtype name that turns autocast off (e.g. ``--cfg-options
+# optim_wrapper.dtype=float32`` on a config that trains in bfloat16)
+FLOAT32 = 'float32'
 
 # the private torch.cpu probes that tell whether products of a dtype run in
 # hardware (absent in older torch: then the answer is no)
@@ -29,15 +32,21 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
 
 def cpu_autocast_dtype(name: str, native_only: bool,
                        owner: str) -> Optional[torch.dtype]:
-    """The CPU autocast dtype named ``name``, or None (float32) when
-    ``native_only`` and this CPU lacks it in hardware (logged once).
+    """The CPU autocast dtype named ``name``, or None (float32, no
+    autocast) for ``'float32'``, and when ``native_only`` and this CPU
+    lacks ``name`` in hardware (logged once).
 
     Raises:
-        ValueError: ``name`` is not a CPU autocast dtype.
+        ValueError: ``name`` is neither a CPU autocast dtype nor
+            ``'float32'``.
     """
+    if name == FLOAT32:
+        return None
     if name not in CPU_AMP_DTYPES:
-        raise ValueError(f'{owner} dtype must be one of '
-                         f'{sorted(CPU_AMP_DTYPES)}, got {name!r}.')
+        raise ValueError(
+            f'{owner} dtype must be one of '
+            f'{sorted(CPU_AMP_DTYPES) + [FLOAT32]}, got {name!r} '
+            f"('{FLOAT32}' turns autocast off).")
     dtype = CPU_AMP_DTYPES[name]
     if native_only and not cpu_has_native(dtype):
         print_log(
@@ -57,7 +66,8 @@ class CPUAmpOptimWrapper(OptimWrapper):
     needed; parameters and optimizer state stay in float32.
 
     Args:
-        dtype: ``'bfloat16'`` (default) or ``'float16'``.
+        dtype: ``'bfloat16'`` (default), ``'float16'``, or ``'float32'``
+            (no autocast).
         native_only: Train in float32 on a CPU without native ``dtype``
             products (:func:`cpu_has_native`), where autocast is slower.
         **kwargs: Arguments of :class:`mmengine.optim.OptimWrapper`.

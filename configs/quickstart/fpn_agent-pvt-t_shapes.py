@@ -95,7 +95,8 @@ test_cfg = dict(type='TestLoop')
 # bfloat16 autocast: on a CPU with native bfloat16 (AVX512-BF16 or AMX) a
 # step takes about 0.67 of the float32 time, which buys the steps this
 # recipe needs in 10 minutes; a CPU without it trains in float32
-# (native_only), and on a GPU use `--amp`. Clipping the gradient norm to 1
+# (native_only), `--cfg-options optim_wrapper.dtype=float32` trains in
+# float32 anywhere, and on a GPU use `--amp`. Clipping the gradient norm to 1
 # keeps the training loss falling (without it, it stalls at ~0.3 and can
 # climb back).
 optim_wrapper = dict(

@@ -143,8 +143,9 @@ optim_wrapper = dict(
 auto_scale_lr = dict(enable=False, base_batch_size=4)
 # backbone and neck in bfloat16 autocast where the CPU multiplies bfloat16
 # natively (AVX512-BF16 or AMX): 0.93 of the float32 training time, same
-# mAP; float32 elsewhere. The heads stay in float32 (mmcv's CPU RoIAlign
-# and NMS take float32 only).
+# mAP; float32 elsewhere, or anywhere with `--cfg-options
+# custom_hooks.0.dtype=float32`. The heads stay in float32 (mmcv's CPU
+# RoIAlign and NMS take float32 only).
 custom_hooks = [dict(type='FeatureAutocastHook', native_only=True)]
 
 # a fixed seed makes the quick-start reproducible (runs with other seeds
