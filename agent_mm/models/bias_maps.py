@@ -273,10 +273,10 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
 
     Per head, the map is the product of ``[R_h | R_h' | 1]`` and ``[F R_wᵀ;
     a; b R_wᵀ]`` (laid out ``(x, agent)``; ``a`` repeated along the width).
-    In float32 the row term, constant along the width, is instead added to
-    the map in place: its ``r_h`` inner rows would cost more than a pass
-    over the map, while 16-bit products are cheap beside the memory they
-    write.
+    With 32- or 64-bit products the row term, constant along the width, is
+    instead added to the map in place: its ``r_h`` inner rows would cost
+    more than a pass over the map, while 16-bit products (or any under
+    autocast) are cheap beside the memory they write.
     """
     heads, full_h, full_w, agents = full.shape
     dtype = full.dtype if out is None else out.dtype
