@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import compute_dtype
 from .tracing import tracing
 
 # A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
@@ -226,8 +227,8 @@ def separable_bias(full: Tensor,
     Returns:
         A contiguous map: the attention kernels read it row by row.
     """
-    full, rows, cols = (
-        on_agent_grid(source, agent_shape) for source in (full, rows, cols))
+    full, rows, cols = (on_agent_grid(source, agent_shape)
+                        for source in (full, rows, cols))
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
     rows, cols = rows[:, :, 0], cols[:, 0]
     build = _token_major_bias if token_major else _agent_major_bias
@@ -279,9 +280,8 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     autocast) are cheap beside the memory they write.
     """
     heads, full_h, full_w, agents = full.shape
-    dtype = full.dtype if out is None else out.dtype
-    fold_rows = dtype.itemsize < 4 or torch.is_autocast_enabled(
-        full.device.type)
+    dtype = compute_dtype(full) if out is None else out.dtype
+    fold_rows = dtype.itemsize < 4
     row_weights = interpolation_weights(rows.shape[1], height, full)
     right = [
         torch.einsum('xj,eija->eixa',
