@@ -23,8 +23,8 @@ from torch import Tensor
 
 from ..models.agent_attention import AgentAttention
 from ..utils.timing import interleaved_times
+from .profile import CPU, attention_flops
 
-CPU = torch.device('cpu')
 KEY_CHUNKS = 8
 
 
@@ -39,7 +39,9 @@ class Problem(NamedTuple):
     @property
     def flops(self) -> int:
         """Both products, 2 flops per multiply-add."""
-        return 4 * self.heads * self.queries * self.keys * self.head_dims
+        return attention_flops([(self.heads, rows, self.head_dims)
+                                for rows in (self.queries, self.keys,
+                                             self.keys)])
 
 
 def model_problems(model: nn.Module, inputs: Tensor) -> List[Problem]:
@@ -164,19 +166,18 @@ def compare_kernels(problem: Problem, dtype: torch.dtype, repeats: int,
     query, key, value, bias = problem_inputs(problem, dtype, device)
     scale = problem.head_dims**-0.5
     kernels = kernels_for(problem, device)
+    steps = {
+        name: functools.partial(kernel.run, query, key, value,
+                                kernel.bias_layout(bias), scale)
+        for name, kernel in kernels.items()
+    }
     with torch.no_grad():
-        expected = FUSED(query, key, value, bias, scale).float()
-        errors = {
-            name: float((kernel(query, key, value, bias, scale).float() -
-                         expected).abs().max())
-            for name, kernel in kernels.items()
-        }
-        steps = {
-            name: functools.partial(kernel.run, query, key, value,
-                                    kernel.bias_layout(bias), scale)
-            for name, kernel in kernels.items()
-        }
+        outputs = {name: step().float() for name, step in steps.items()}
         times = interleaved_times(steps, 1, repeats, device)
+    errors = {
+        name: float((out - outputs['fused']).abs().max())
+        for name, out in outputs.items()
+    }
     fused_seconds = statistics.median(times['fused'])
     results = {}
     for name in kernels:

@@ -14,14 +14,14 @@ import argparse
 
 import torch
 
-from agent_mm.benchmark.attention_kernels import (CPU, TABLE_HEADER,
+from agent_mm.benchmark.attention_kernels import (TABLE_HEADER,
                                                   compare_kernels,
                                                   markdown_rows,
                                                   model_problems)
 from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
                                     check_dtype_option, parse_size)
 from agent_mm.benchmark.models import MODELS
-from agent_mm.benchmark.profile import matmul_rate
+from agent_mm.benchmark.profile import CPU, matmul_rate
 
 MATMUL_SIZE = 2048
 
