@@ -5,9 +5,9 @@ import torch.nn as nn
 
 from agent_mm.models import layers
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
-                                    activate_, linear_into, map_to_tokens,
-                                    mlp_residual, residual_sum, tokens_to_map,
-                                    tokens_to_nchw)
+                                    activate_, biased_attention, linear_into,
+                                    map_to_tokens, mlp_residual, residual_sum,
+                                    tokens_to_map, tokens_to_nchw)
 
 
 def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
@@ -230,3 +230,27 @@ def test_tokens_to_nchw_is_the_contiguous_map_with_gradients(contiguous):
     ours, = torch.autograd.grad(out, tokens, grad)
     want, = torch.autograd.grad(expected, tokens, grad)
     assert torch.equal(ours, want)
+
+
+@pytest.mark.parametrize('bias_shape', [(2, 5, 7), (1, 2, 5, 7), (5, 7)])
+def test_biased_attention_hands_sdpa_a_4d_mask_in_the_query_dtype(
+        monkeypatch, bias_shape):
+    query = torch.randn(3, 2, 5, 4, dtype=torch.bfloat16)
+    key, value = torch.randn(2, 3, 2, 7, 4, dtype=torch.bfloat16)
+    bias = torch.randn(bias_shape)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    masks = []
+
+    def spy(*args, attn_mask, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        spy)
+    out = biased_attention(query, key, value, bias, 0.5)
+    (mask, ) = masks
+    assert mask.dim() == 4 and mask.dtype == torch.bfloat16
+    logits = 0.5 * query.float() @ key.float().transpose(-1, -2) + bias
+    torch.testing.assert_close(
+        out.float(), logits.softmax(-1) @ value.float(), atol=3e-2,
+        rtol=3e-2)

@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.agent_attention import AgentAttention
+from ..models.layers import biased_attention
 from ..utils.timing import interleaved_times
 from .profile import CPU, attention_flops
 
@@ -86,14 +86,6 @@ class Kernel(NamedTuple):
         return self.run(query, key, value, self.bias_layout(bias), scale)
 
 
-def fused_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor,
-                    scale: float) -> Tensor:
-    """PyTorch's fused kernel with a dense ``(1, heads, L, S)`` mask, as
-    the fast path calls it."""
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scale)
-
-
 def explicit_attention(query: Tensor, key: Tensor, value: Tensor,
                        bias: Tensor, scale: float) -> Tensor:
     """The logits by ``baddbmm``, their softmax, then ``bmm``."""
@@ -130,7 +122,8 @@ def key_split_attention(query: Tensor, key: Tensor, value: Tensor,
     return (out * weights.unsqueeze(-1).to(out.dtype)).sum(1).unsqueeze(0)
 
 
-FUSED = Kernel(fused_attention, lambda bias: bias.unsqueeze(0))
+# the fast path's call
+FUSED = Kernel(biased_attention, lambda bias: bias)
 
 
 def kernels_for(problem: Problem, device: torch.device) -> Dict[str, Kernel]:

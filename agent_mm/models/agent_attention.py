@@ -10,7 +10,6 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
@@ -20,8 +19,8 @@ from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache
 from .bias_maps import pool_tokens, separable_bias
 from .checks import check_agent_attention
-from .layers import (ChannelsLastConv2d, compute_dtype, linear_into,
-                     map_to_tokens, residual_sum, tokens_to_map)
+from .layers import (ChannelsLastConv2d, biased_attention, compute_dtype,
+                     linear_into, map_to_tokens, residual_sum, tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
 from .traced_agent_attention import traced_agent_attention
 from .tracing import exporting
@@ -242,17 +241,9 @@ class AgentAttention(BaseModule):
 
     def _fused_attention(self, query: Tensor, key: Tensor, value: Tensor,
                          bias: Tensor, dropout: float) -> Tensor:
-        """``softmax(scale * q kᵀ + bias) v`` through
-        ``scaled_dot_product_attention``. A 4-D dense mask lets CPU
-        inference use the fused (flash) kernel; a 3-D one falls back to the
-        unfused math path."""
-        return F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=bias.to(query.dtype).unsqueeze(0),
-            dropout_p=dropout,
-            scale=self.scale)
+        """``softmax(scale * q kᵀ + bias) v`` by the fused kernel
+        (:func:`~.layers.biased_attention`)."""
+        return biased_attention(query, key, value, bias, self.scale, dropout)
 
     def fast_attention(self, query: Tensor, key: Tensor, value: Tensor,
                        agents: Tensor, hw_shape: Tuple[int, int]) -> Tensor:

@@ -10,6 +10,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
 from .checks import check_qk_scale
+from .layers import biased_attention
 
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
@@ -105,14 +106,13 @@ class ShiftWindowAttention(BaseModule):
                              relative_position_index(window_size))
 
     def position_bias(self) -> Tensor:
-        """``(1, heads, ws*ws, ws*ws)`` relative position bias, contiguous:
-        the fused CPU kernel reads its rows (a 3-D or head-minor bias sends
-        it to a path 2-3x slower)."""
+        """``(heads, ws*ws, ws*ws)`` relative position bias, row-major as
+        the fused attention kernel reads it (a head-minor layout slows
+        it)."""
         bias = self.relative_position_bias_table[
             self.relative_position_index.flatten()]
         tokens = self.window_size**2
-        bias = bias.reshape(tokens, tokens, -1).permute(2, 0, 1)
-        return bias.contiguous().unsqueeze(0)
+        return bias.reshape(tokens, tokens, -1).permute(2, 0, 1).contiguous()
 
     def attend_windows(self, windows: Tensor,
                        mask: Optional[Tensor]) -> Tensor:
@@ -128,13 +128,8 @@ class ShiftWindowAttention(BaseModule):
             # (nW, heads, N, N) per image: a view for one, a copy beyond
             bias = (bias + mask.unsqueeze(1)).expand(batch, -1, -1, -1,
                                                      -1).flatten(0, 1)
-        out = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=bias.to(query.dtype),
-            dropout_p=self.attn_drop_rate if self.training else 0.,
-            scale=self.qk_scale)
+        out = biased_attention(query, key, value, bias, self.qk_scale,
+                               self.attn_drop_rate if self.training else 0.)
         out = out.transpose(1, 2).reshape(batch, num_windows, tokens, channels)
         return self.proj_drop(self.proj(out))
 
