@@ -63,3 +63,19 @@ _CfgNode.__qualname__ = 'CfgNode'
 def yacs_cfgnode():
     """The class the authors' ImageNet checkpoints pickle as config."""
     return _CfgNode
+
+
+@pytest.fixture
+def sdpa_masks(monkeypatch):
+    """The ``attn_mask`` of every ``scaled_dot_product_attention`` call made
+    while the test runs, in order (the calls still compute)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    masks = []
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        spy)
+    return masks

@@ -234,21 +234,12 @@ def test_tokens_to_nchw_is_the_contiguous_map_with_gradients(contiguous):
 
 @pytest.mark.parametrize('bias_shape', [(2, 5, 7), (1, 2, 5, 7), (5, 7)])
 def test_biased_attention_hands_sdpa_a_4d_mask_in_the_query_dtype(
-        monkeypatch, bias_shape):
+        sdpa_masks, bias_shape):
     query = torch.randn(3, 2, 5, 4, dtype=torch.bfloat16)
     key, value = torch.randn(2, 3, 2, 7, 4, dtype=torch.bfloat16)
     bias = torch.randn(bias_shape)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    masks = []
-
-    def spy(*args, attn_mask, **kwargs):
-        masks.append(attn_mask)
-        return sdpa(*args, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        spy)
     out = biased_attention(query, key, value, bias, 0.5)
-    (mask, ) = masks
+    (mask, ) = sdpa_masks
     assert mask.dim() == 4 and mask.dtype == torch.bfloat16
     logits = 0.5 * query.float() @ key.float().transpose(-1, -2) + bias
     torch.testing.assert_close(

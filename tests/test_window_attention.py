@@ -50,22 +50,13 @@ def test_parameter_names_are_those_of_swin():
 
 @pytest.mark.parametrize('shift', [0, 2])
 @pytest.mark.parametrize('batch', [1, 2])
-def test_hands_sdpa_a_4d_row_major_bias(monkeypatch, shift, batch):
+def test_hands_sdpa_a_4d_row_major_bias(sdpa_masks, shift, batch):
     # a 3-D mask sends CPU inference to SDPA's unfused path, a head-minor
     # one makes the fused kernel read it with strides
     module, _ = _pair(shift)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    masks = []
-
-    def spy(*args, attn_mask, **kwargs):
-        masks.append(attn_mask)
-        return sdpa(*args, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        spy)
     with torch.no_grad():
         module(torch.randn(batch, 64, 12), (8, 8))
-    (mask, ) = masks
+    (mask, ) = sdpa_masks
     assert mask.dim() == 4
     assert mask.shape[1:] == (3, 16, 16)
     assert mask.stride(-1) == 1 and mask.stride(-2) == 16
