@@ -236,3 +236,42 @@ def test_registered_in_root_registry():
     assert isinstance(module, AgentAttention)
     out = module(torch.randn(2, 35, 16), (5, 7))
     assert out.shape == (2, 35, 16)
+
+
+def _with_large_biases(module):
+    """Biases of order 1 (trained values, not the init's 0.02), so that a
+    map rounded to bfloat16 differs from float32 beyond float32 noise."""
+    with torch.no_grad():
+        for name in BIAS_NAMES:
+            getattr(module, name).normal_(0, 1)
+    return module
+
+
+def test_a_float32_forward_never_reads_maps_cached_under_bfloat16():
+    module, _ = _pair(False, bias_cache_admit_after=1)
+    uncached, _ = _pair(False, bias_cache_size=0)
+    _with_large_biases(module)
+    uncached.load_state_dict(module.state_dict())
+    x = torch.randn(1, 8 * 8, 32)
+    with torch.no_grad():
+        with torch.autocast('cpu', torch.bfloat16):
+            module(x, (8, 8))
+        assert module.bias_cache.maps((8, 8))[0].dtype == torch.bfloat16
+        out = module(x, (8, 8))
+        expected = uncached(x, (8, 8))
+    assert module.bias_cache.maps((8, 8))[0].dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_maps_cached_in_float32_are_rebuilt_in_bfloat16_under_autocast():
+    module, _ = _pair(False, bias_cache_admit_after=1)
+    x = torch.randn(1, 8 * 8, 32)
+    with torch.no_grad():
+        module(x, (8, 8))
+        with torch.autocast('cpu', torch.bfloat16):
+            module(x, (8, 8))
+            bf16_maps = module.bias_cache.maps((8, 8))
+            module(x, (8, 8))
+    assert [t.dtype for t in bf16_maps] == [torch.bfloat16] * 2
+    assert module.bias_cache.maps((8, 8))[0] is bf16_maps[0]
+    assert len(module.bias_cache) == 1

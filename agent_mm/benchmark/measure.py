@@ -9,7 +9,8 @@ Each measurement runs in one precision (a key of
 :data:`~agent_mm.benchmark.models.DTYPES`): float32, or the forward under
 ``torch.autocast`` with float32 parameters (the backward of a training step
 runs outside autocast). The precisions of a run are measured one after the
-other, not interleaved: a model's eval bias cache would serve both.
+other, not interleaved: a model's eval bias cache holds the maps of one
+precision, and each switch would rebuild them.
 
 Peak memory is the largest amount of tensor memory allocated during one call
 on top of what was live when the call started (weights, the input and the

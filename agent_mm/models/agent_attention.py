@@ -162,7 +162,7 @@ class AgentAttention(BaseModule):
                       (torch.is_grad_enabled() and self.an_bias.requires_grad))
         if frozen:
             return self.bias_cache.get(
-                hw_shape, self._parameter_version(),
+                hw_shape, self._maps_version(),
                 lambda: self._build_biases(hw_shape),
                 lambda: self._build_biases(hw_shape, for_once=True))
         return self._build_biases(hw_shape)
@@ -191,12 +191,15 @@ class AgentAttention(BaseModule):
             'token-major' if token_major else 'agent-major', shape,
             compute_dtype(self.an_bias), self.an_bias.device)
 
-    def _parameter_version(self) -> tuple:
-        """Identifies the bias parameters' current values: storage, device,
-        dtype and in-place version counters (optimizer steps and
-        ``load_state_dict`` bump them)."""
+    def _maps_version(self) -> tuple:
+        """Identifies what the bias maps are built from: the bias
+        parameters' current values (storage, device, dtype and in-place
+        version counters, which optimizer steps and ``load_state_dict``
+        bump) and the dtype the maps are computed in (that of autocast, if
+        on), so that a float32 forward never reads maps rounded to a lower
+        precision, nor a bfloat16 one casts float32 maps at every call."""
         params = [getattr(self, name) for name in BIAS_NAMES]
-        return (params[0].device, params[0].dtype,
+        return (params[0].device, params[0].dtype, compute_dtype(params[0]),
                 tuple((p.data_ptr(), p._version) for p in params))
 
     def train(self, mode: bool = True) -> 'AgentAttention':

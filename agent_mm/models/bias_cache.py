@@ -19,14 +19,16 @@ class BiasCache:
     bias parameters, so in inference they can be built once per grid. The
     maps are large (``heads * n * H * W`` values each), so only the
     ``max_shapes`` most recently used grids are kept, and an entry is valid
-    only for the parameter version it was built from: any other version
-    (after an optimizer step, ``load_state_dict`` or a move to another
-    device or dtype) drops the entries of older versions.
+    only for the version it was built from (the parameter values and the
+    precision the maps are computed in): any other version (after an
+    optimizer step, ``load_state_dict``, a move to another device or dtype,
+    or a forward under autocast to another precision) drops the entries of
+    older versions.
 
     A grid is admitted only at its ``admit_after``-th sighting: before, its
     maps are built and returned but not kept, so a grid that never repeats
     (keep-ratio resizing in a detection test pipeline) costs what the
-    uncached path costs. Sightings are counted per parameter version, for
+    uncached path costs. Sightings are counted per version, for
     the :data:`SIGHTINGS_KEPT` most recently seen grids not yet admitted; a
     grid dropped from the cache must be seen ``admit_after`` times again.
 
@@ -68,7 +70,7 @@ class BiasCache:
         return self._entries[key]
 
     def _drop_other_versions(self, version: tuple) -> None:
-        """Forget the entries and sightings of other parameter versions."""
+        """Forget the entries and sightings of other versions."""
         for record in (self._entries, self._sightings):
             for stale in [key for key in record if key[1] != version]:
                 del record[stale]
