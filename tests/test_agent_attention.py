@@ -1,4 +1,7 @@
 """AgentAttention: fidelity to the spec, fast vs reference path, bias cache."""
+import sys
+import threading
+
 import pytest
 import torch
 from reference_agent import ReferenceAgentAttention, randomize_
@@ -275,3 +278,40 @@ def test_maps_cached_in_float32_are_rebuilt_in_bfloat16_under_autocast():
     assert [t.dtype for t in bf16_maps] == [torch.bfloat16] * 2
     assert module.bias_cache.maps((8, 8))[0] is bf16_maps[0]
     assert len(module.bias_cache) == 1
+
+
+def test_threads_can_share_a_module_for_inference():
+    module, _ = _pair(False, bias_cache_admit_after=1)
+    uncached, _ = _pair(False, bias_cache_size=0)
+    shapes = [(4 + i, 5) for i in range(6)]
+    inputs = {hw: torch.randn(1, hw[0] * hw[1], 32) for hw in shapes}
+    with torch.no_grad():
+        expected = {hw: uncached(x, hw) for hw, x in inputs.items()}
+    failures = []
+
+    def work(seed):
+        try:
+            for step in range(100):
+                hw = shapes[(seed * 7 + step * 5) % len(shapes)]
+                with torch.no_grad():
+                    out = module(inputs[hw], hw)
+                torch.testing.assert_close(
+                    out, expected[hw], atol=1e-5, rtol=0)
+        except Exception as error:  # noqa: B902 (any failure is reported)
+            failures.append(repr(error))
+
+    threads = [
+        threading.Thread(target=work, args=(s, ), daemon=True)
+        for s in range(8)
+    ]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads), 'hung'
+    assert failures == []

@@ -1,5 +1,10 @@
 """BiasCache: the most recently used shapes, one parameter version, stored
-from a shape's admit_after-th sighting on."""
+from a shape's admit_after-th sighting on, shared by threads, copied
+empty."""
+import copy
+import pickle
+import threading
+
 import pytest
 import torch
 
@@ -138,3 +143,47 @@ def test_clear_forgets_the_sightings():
     cache.clear()
     cache.get((8, 8), 'v1', build)
     assert not cache and cache.pending_shapes == [(8, 8)]
+
+
+def test_threads_sharing_the_cache_get_their_own_shapes_maps():
+    cache = BiasCache(2, admit_after=1)
+    shapes = [(4 + i, 5) for i in range(6)]
+    errors, wrong = [], []
+
+    def build(shape):
+        return lambda: (torch.full((1, ), float(shape[0])), )
+
+    def work(seed):
+        try:
+            for step in range(2000):
+                shape = shapes[(seed * 7 + step * 5) % len(shapes)]
+                maps = cache.get(shape, 'v1', build(shape))
+                if float(maps[0]) != shape[0]:
+                    wrong.append(shape)
+        except Exception as error:  # noqa: B902 (any failure is reported)
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(s, )) for s in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and wrong == []
+    assert len(cache) <= 2
+
+
+@pytest.mark.parametrize('copy_fn', [
+    copy.deepcopy, lambda cache: pickle.loads(pickle.dumps(cache))
+])
+def test_a_copy_keeps_the_settings_and_starts_empty(copy_fn):
+    cache, build = BiasCache(3, admit_after=2), _Builder()
+    for _ in range(2):
+        cache.get((8, 8), 'v1', build)
+    cache.get((6, 10), 'v1', build)
+    copied = copy_fn(cache)
+    assert (copied.max_shapes, copied.admit_after) == (3, 2)
+    assert not copied and copied.pending_shapes == []
+    assert cache.shapes == [(8, 8)] and cache.pending_shapes == [(6, 10)]
+    for _ in range(2):
+        second = copied.get((8, 8), 'v1', build)
+    assert copied.maps((8, 8)) is second

@@ -1,4 +1,5 @@
 """The eval-time cache of agent attention's bias maps."""
+import threading
 from collections import OrderedDict
 from typing import Callable, List, Optional, Tuple
 
@@ -32,6 +33,11 @@ class BiasCache:
     the :data:`SIGHTINGS_KEPT` most recently seen grids not yet admitted; a
     grid dropped from the cache must be seen ``admit_after`` times again.
 
+    Threads may share the cache (concurrent inference with one model): its
+    records change under a lock, and maps are built outside it. A pickled
+    or deep-copied cache (``torch.save`` of a model, an EMA copy) starts
+    empty.
+
     Args:
         max_shapes: Grids kept at most; 0 disables the cache.
         admit_after: Sighting of a grid from which its maps are kept; 1
@@ -41,8 +47,15 @@ class BiasCache:
     def __init__(self, max_shapes: int, admit_after: int = ADMIT_AFTER):
         self.max_shapes = max_shapes
         self.admit_after = admit_after
+        self._lock = threading.Lock()
         self._entries: 'OrderedDict[tuple, Maps]' = OrderedDict()
         self._sightings: 'OrderedDict[tuple, int]' = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return dict(max_shapes=self.max_shapes, admit_after=self.admit_after)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     def get(self,
             shape: Tuple[int, int],
@@ -58,16 +71,22 @@ class BiasCache:
         if not self.max_shapes:
             return once()
         key = (tuple(shape), version)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        self._drop_other_versions(version)
-        if not self._admits(key):
+        with self._lock:
+            maps = self._entries.get(key)
+            if maps is not None:
+                self._entries.move_to_end(key)
+                return maps
+            self._drop_other_versions(version)
+            admitted = self._admits(key)
+        if not admitted:
             return once()
-        while len(self._entries) >= self.max_shapes:
-            self._entries.popitem(last=False)
-        self._entries[key] = compute()
-        return self._entries[key]
+        maps = compute()
+        with self._lock:
+            self._entries.pop(key, None)  # stored meanwhile by another thread
+            while len(self._entries) >= self.max_shapes:
+                self._entries.popitem(last=False)
+            self._entries[key] = maps
+        return maps
 
     def _drop_other_versions(self, version: tuple) -> None:
         """Forget the entries and sightings of other versions."""
@@ -88,32 +107,36 @@ class BiasCache:
 
     def maps(self, shape: Tuple[int, int]) -> Optional[Maps]:
         """The cached maps of ``shape`` (any version), or None."""
-        for (cached_shape, _), maps in self._entries.items():
-            if cached_shape == tuple(shape):
-                return maps
-        return None
+        with self._lock:
+            return next((maps
+                         for (cached_shape, _), maps in self._entries.items()
+                         if cached_shape == tuple(shape)), None)
 
     @property
     def shapes(self) -> List[Tuple[int, int]]:
         """The cached grids, least recently used first."""
-        return [shape for shape, _ in self._entries]
+        with self._lock:
+            return [shape for shape, _ in self._entries]
 
     @property
     def pending_shapes(self) -> List[Tuple[int, int]]:
         """The grids seen but not yet admitted, least recently seen
         first."""
-        return [shape for shape, _ in self._sightings]
+        with self._lock:
+            return [shape for shape, _ in self._sightings]
 
     @property
     def nbytes(self) -> int:
         """Memory held by the cached maps."""
-        return sum(t.numel() * t.element_size()
-                   for maps in self._entries.values() for t in maps)
+        with self._lock:
+            return sum(t.numel() * t.element_size()
+                       for maps in self._entries.values() for t in maps)
 
     def clear(self) -> None:
         """Drop every cached map and every sighting."""
-        self._entries.clear()
-        self._sightings.clear()
+        with self._lock:
+            self._entries.clear()
+            self._sightings.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
