@@ -9,6 +9,7 @@ from reference_agent import ReferenceAgentAttention, randomize_
 from agent_mm.models import AgentAttention
 from agent_mm.models.agent_attention import BIAS_CACHE_SIZE, BIAS_NAMES
 from agent_mm.models.bias_cache import ADMIT_AFTER
+from agent_mm.models.bias_maps import interpolation_matrix, pooling_matrix
 
 
 def _pair(fused_qkv,
@@ -315,3 +316,36 @@ def test_threads_can_share_a_module_for_inference():
         sys.setswitchinterval(interval)
     assert not any(thread.is_alive() for thread in threads), 'hung'
     assert failures == []
+
+
+def _input_grad(module, x, hw):
+    x = x.clone().requires_grad_()
+    module(x, hw).square().sum().backward()
+    return x.grad
+
+
+def test_training_after_an_inference_mode_forward():
+    for matrix in (interpolation_matrix, pooling_matrix):
+        matrix.cache_clear()  # the weights are first made in inference mode
+    module, _ = _pair(False)
+    fresh, _ = _pair(False)
+    x = torch.randn(2, 8 * 8, 32)
+    with torch.inference_mode():
+        module(x, (8, 8))
+    module.train()
+    fresh.train()
+    torch.testing.assert_close(
+        _input_grad(module, x, (8, 8)), _input_grad(fresh, x, (8, 8)))
+
+
+def test_maps_cached_in_inference_mode_serve_a_frozen_module_with_autograd():
+    module, _ = _pair(False, bias_cache_admit_after=1)
+    uncached, _ = _pair(False, bias_cache_size=0)
+    for frozen in (module, uncached):
+        frozen.requires_grad_(False)
+    x = torch.randn(1, 8 * 8, 32)
+    with torch.inference_mode():
+        module(x, (8, 8))
+    assert module.bias_cache.shapes == [(8, 8)]
+    torch.testing.assert_close(
+        _input_grad(module, x, (8, 8)), _input_grad(uncached, x, (8, 8)))

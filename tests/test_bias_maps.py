@@ -3,8 +3,9 @@ products, equal to PyTorch's interpolation and pooling kernels."""
 import pytest
 import torch
 
-from agent_mm.models.bias_maps import (batched_matmul, left_matmul,
-                                       on_agent_grid, pool_tokens, resize,
+from agent_mm.models.bias_maps import (batched_matmul, interpolation_matrix,
+                                       left_matmul, on_agent_grid, pool_tokens,
+                                       pooling_matrix, resize,
                                        resize_by_matmul, resize_tokens,
                                        separable_bias, to_agent_grid)
 from agent_mm.models.layers import map_to_tokens, tokens_to_map
@@ -154,3 +155,15 @@ def test_separable_bias_in_bfloat16_is_the_float32_bias_rounded(
         assert bias.data_ptr() == out.data_ptr()
     assert bias.dtype == torch.bfloat16 and bias.is_contiguous()
     torch.testing.assert_close(bias.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('matrix', [interpolation_matrix, pooling_matrix])
+def test_weights_first_made_in_inference_mode_serve_autograd(matrix):
+    matrix.cache_clear()
+    with torch.inference_mode():
+        first = matrix(9, 4)
+    x = torch.randn(9, 2, requires_grad=True)
+    (matrix(9, 4) @ x).sum().backward()
+    assert matrix(9, 4) is first and not first.is_inference()
+    expected = first.sum(0).unsqueeze(1).expand(9, 2)
+    torch.testing.assert_close(x.grad, expected)

@@ -245,3 +245,14 @@ def test_biased_attention_hands_sdpa_a_4d_mask_in_the_query_dtype(
     torch.testing.assert_close(
         out.float(), logits.softmax(-1) @ value.float(), atol=3e-2,
         rtol=3e-2)
+
+
+@pytest.mark.parametrize('mode', [torch.inference_mode, torch.no_grad])
+def test_plain_tensors_are_made_without_autograd_nor_inference_mode(mode):
+    weight = torch.ones(3, requires_grad=True)
+    with mode():
+        with layers.plain_tensors():
+            made = weight * 2
+        after = torch.ones(3)
+    assert not made.is_inference() and not made.requires_grad
+    assert after.is_inference() == (mode is torch.inference_mode)

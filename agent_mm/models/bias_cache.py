@@ -5,6 +5,8 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import Tensor
 
+from .layers import plain_tensors
+
 Maps = Tuple[Tensor, ...]
 
 # a shape's maps are stored from its second sighting on
@@ -80,7 +82,8 @@ class BiasCache:
             admitted = self._admits(key)
         if not admitted:
             return once()
-        maps = compute()
+        with plain_tensors():  # kept: usable by later forwards with autograd
+            maps = compute()
         with self._lock:
             self._entries.pop(key, None)  # stored meanwhile by another thread
             while len(self._entries) >= self.max_shapes:

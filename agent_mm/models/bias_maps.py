@@ -12,6 +12,7 @@ computed by the graph, for its own (possibly dynamic) sizes, and no cache
 ever holds a tensor of a trace.
 """
 import functools
+import inspect
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -19,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import compute_dtype
+from .layers import compute_dtype, plain_tensors
 from .tracing import tracing
 
 # A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
 # tensor.
 Size = Union[int, torch.SymInt, Tensor]
+# Resizing or pooling weights of a pair of sizes (in, out).
+Weights = Callable[[Size, Size], Tensor]
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -57,7 +60,22 @@ def to_agent_grid(
     return resizer(per_token, agent_shape).flatten(2)
 
 
-@functools.lru_cache(maxsize=128)
+def cached_weights(matrix: Weights) -> Weights:
+    """``matrix(size_in, size_out)`` cached per sizes (an LRU cache),
+    computed as plain tensors (:func:`~.layers.plain_tensors`) so that
+    weights first made inside ``torch.inference_mode()`` serve later
+    forwards with autograd; ``inspect.unwrap`` gives ``matrix`` itself."""
+
+    @functools.lru_cache(maxsize=128)
+    @functools.wraps(matrix)
+    def cached(size_in: Size, size_out: Size) -> Tensor:
+        with plain_tensors():
+            return matrix(size_in, size_out)
+
+    return cached
+
+
+@cached_weights
 def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
     """``(size_out, size_in)`` weights of 1-D linear resizing
     (``align_corners=False``), the per-axis factor of bilinear resizing."""
@@ -67,7 +85,7 @@ def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
     return weights[0].t().float()
 
 
-@functools.lru_cache(maxsize=128)
+@cached_weights
 def pooling_matrix(size_in: Size, size_out: int) -> Tensor:
     """``(size_out, size_in)`` weights of 1-D adaptive average pooling: bin
     ``i`` averages ``[floor(i*in/out), ceil((i+1)*in/out))``. Tensor
@@ -81,13 +99,13 @@ def pooling_matrix(size_in: Size, size_out: int) -> Tensor:
     return inside.float() / (end - start).float()
 
 
-def weights_like(matrix: Callable[[Size, Size], Tensor], size_in: Size,
-                 size_out: Size, like: Tensor) -> Tensor:
+def weights_like(matrix: Weights, size_in: Size, size_out: Size,
+                 like: Tensor) -> Tensor:
     """``matrix(size_in, size_out)`` on ``like``'s device and dtype, from
     its cache unless a graph is being traced
     (:func:`~agent_mm.models.tracing.tracing`)."""
     if tracing():
-        matrix = matrix.__wrapped__
+        matrix = inspect.unwrap(matrix)
     return matrix(size_in, size_out).to(like)
 
 

@@ -1,5 +1,6 @@
 """Small layers and tensor helpers shared by the agent models."""
-from typing import Any, Callable, Iterable, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -217,6 +218,16 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
         linear_into(hidden[:size], norm(part), *fc1)
         activate_(mlp.act, hidden[:size])
         part.add_(linear_into(out[:size], hidden[:size], *fc2))
+
+
+@contextlib.contextmanager
+def plain_tensors() -> Iterator[None]:
+    """Make tensors as plain tensors without autograd history, also within
+    ``torch.inference_mode()``: for tensors kept across forwards (caches),
+    since a cached inference tensor breaks any later forward that autograd
+    records ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
