@@ -2,6 +2,7 @@
 import contextlib
 import os
 import sys
+import threading
 import types
 
 import pytest
@@ -79,3 +80,37 @@ def sdpa_masks(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
                         spy)
     return masks
+
+
+@pytest.fixture
+def run_in_threads():
+    """``run(work, count)``: call ``work(i)`` in ``count`` threads at once,
+    switching threads between any two bytecodes, so that races show; returns
+    the ``repr`` of every exception raised, and fails if a thread hangs."""
+
+    def run(work, count):
+        failures = []
+
+        def guarded(index):
+            try:
+                work(index)
+            except Exception as error:  # noqa: B902 (any failure is reported)
+                failures.append(repr(error))
+
+        threads = [
+            threading.Thread(target=guarded, args=(i, ), daemon=True)
+            for i in range(count)
+        ]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+        finally:
+            sys.setswitchinterval(interval)
+        assert not any(thread.is_alive() for thread in threads), 'hung'
+        return failures
+
+    return run

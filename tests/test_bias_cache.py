@@ -3,7 +3,6 @@ from a shape's admit_after-th sighting on, shared by threads, copied
 empty."""
 import copy
 import pickle
-import threading
 
 import pytest
 import torch
@@ -145,30 +144,20 @@ def test_clear_forgets_the_sightings():
     assert not cache and cache.pending_shapes == [(8, 8)]
 
 
-def test_threads_sharing_the_cache_get_their_own_shapes_maps():
+def test_threads_sharing_the_cache_get_their_own_shapes_maps(run_in_threads):
     cache = BiasCache(2, admit_after=1)
     shapes = [(4 + i, 5) for i in range(6)]
-    errors, wrong = [], []
 
     def build(shape):
         return lambda: (torch.full((1, ), float(shape[0])), )
 
     def work(seed):
-        try:
-            for step in range(2000):
-                shape = shapes[(seed * 7 + step * 5) % len(shapes)]
-                maps = cache.get(shape, 'v1', build(shape))
-                if float(maps[0]) != shape[0]:
-                    wrong.append(shape)
-        except Exception as error:  # noqa: B902 (any failure is reported)
-            errors.append(repr(error))
+        for step in range(2000):
+            shape = shapes[(seed * 7 + step * 5) % len(shapes)]
+            maps = cache.get(shape, 'v1', build(shape))
+            assert float(maps[0]) == shape[0], shape
 
-    threads = [threading.Thread(target=work, args=(s, )) for s in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == [] and wrong == []
+    assert run_in_threads(work, 8) == []
     assert len(cache) <= 2
 
 
