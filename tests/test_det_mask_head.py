@@ -40,3 +40,27 @@ def test_registered_in_mmdet():
     with DefaultScope.overwrite_default_scope('mmdet'):
         head = MODELS.build(dict(type='ScaledInitFCNMaskHead', **SETTINGS))
     assert isinstance(head, FCNMaskHead)
+
+
+def test_channels_last_gives_the_same_logits_and_gradients():
+    # float64: in float32 the two layouts round differently, which can flip
+    # a ReLU whose input is within rounding of zero and move a gradient
+    torch.manual_seed(0)
+    plain = ScaledInitFCNMaskHead(**SETTINGS).double()
+    plain.init_weights()
+    fast = ScaledInitFCNMaskHead(channels_last=True, **SETTINGS).double()
+    fast.load_state_dict(plain.state_dict())
+    layouts = []
+    fast.convs[0].conv.register_forward_hook(
+        lambda m, args, out: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)))
+    rois = torch.randn(6, 32, 14, 14, dtype=torch.float64)
+    logits = [head(rois) for head in (plain, fast)]
+    assert layouts == [True]
+    torch.testing.assert_close(logits[1], logits[0])
+    weights = torch.randn_like(logits[0])
+    for out in logits:
+        (out * weights).sum().backward()
+    for (name, ours), (_, theirs) in zip(fast.named_parameters(),
+                                         plain.named_parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, msg=name)

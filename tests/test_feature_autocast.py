@@ -14,7 +14,8 @@ from tiny_configs import (DET_CONFIG, DET_OVERRIDES, REPO, SEG_CONFIG,
 import agent_mm  # noqa: F401  (registers the hook)
 from agent_mm.engine import optim_wrapper
 from agent_mm.engine.feature_autocast import (FeatureAutocastHook,
-                                              autocast_features)
+                                              autocast_features,
+                                              autocast_method)
 
 sys.path.insert(0, osp.join(REPO, 'tools'))
 import test as test_tool  # noqa: E402
@@ -26,7 +27,7 @@ class _Detector(nn.Module):
     def __init__(self):
         super().__init__()
         self.backbone = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 2)
+        self.head = nn.Sequential(nn.Linear(4, 2))
 
     def extract_feat(self, x):
         return (self.backbone(x), )
@@ -63,6 +64,36 @@ def test_extract_feat_runs_in_bfloat16_and_returns_float32():
     # gradients flow through the autocast region
     out.sum().backward()
     assert model.backbone.weight.grad is not None
+
+
+def test_named_heads_run_in_bfloat16_and_return_float32(monkeypatch):
+    monkeypatch.setattr(optim_wrapper, 'cpu_has_native', lambda dtype: True)
+    model = _Detector()
+    seen = _record_dtypes(model.head[0])
+    hook = FeatureAutocastHook(native_only=True, heads=('head', ))
+    hook.before_train(_Runner(model))
+    hook.before_val(_Runner(model))  # applied again: no second wrapper
+    out = model(torch.randn(3, 4))
+    assert seen == [(torch.float32, torch.bfloat16)]
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert model.head[0].weight.grad is not None
+
+
+def test_a_new_precision_replaces_the_old_one():
+    model = _Detector()
+    seen = _record_dtypes(model.head[0])
+    autocast_method(model.head, 'forward', torch.bfloat16)
+    autocast_method(model.head, 'forward', torch.float16)
+    model(torch.randn(3, 4))
+    # nested wrappers would leave the inner (bfloat16) autocast in force
+    assert seen[0][1] == torch.float16
+
+
+def test_unknown_heads_are_refused_with_the_model_children():
+    hook = FeatureAutocastHook(dtype='bfloat16', heads=('roi_head', ))
+    with pytest.raises(ValueError, match="no submodule 'roi_head'.*backbone"):
+        hook.before_train(_Runner(_Detector()))
 
 
 def test_models_without_extract_feat_are_refused():

@@ -1,13 +1,14 @@
-"""Mixed precision for the feature extractor only (backbone and neck).
+"""Mixed precision for the feature extractor and chosen heads.
 
 mmcv's CPU kernels (NMS, RoIAlign, ...) accept float32 only, so autocasting
 a whole detector on the CPU fails in its heads. The backbone and neck are
-where the time goes; :class:`FeatureAutocastHook` runs the model's
+where most of the time goes; :class:`FeatureAutocastHook` runs the model's
 ``extract_feat`` under ``torch.autocast`` and hands float32 features to the
-heads.
+heads. Heads whose ``forward`` is plain convolutions and linear layers (the
+RPN, box and mask heads of mmdet) can be named to run under autocast too.
 """
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,23 @@ def _autocast_call(fn: Callable, device_type: str, dtype: torch.dtype,
     return _to_float32(features)
 
 
+def autocast_method(owner: nn.Module, name: str, dtype: torch.dtype,
+                    device_type: str = 'cpu') -> None:
+    """Make ``owner.<name>`` run under autocast and return float32.
+
+    Idempotent; a second call with another precision replaces the first.
+    The undecorated method stays available as ``owner.plain_<name>``.
+    """
+    marks = owner.__dict__.setdefault('autocast_methods', {})
+    if marks.get(name) == (device_type, dtype):
+        return
+    plain = getattr(owner, f'plain_{name}', getattr(owner, name))
+    setattr(owner, f'plain_{name}', plain)
+    setattr(owner, name,
+            functools.partial(_autocast_call, plain, device_type, dtype))
+    marks[name] = (device_type, dtype)
+
+
 def autocast_features(model: nn.Module, dtype: torch.dtype,
                       device_type: str = 'cpu') -> None:
     """Make ``model.extract_feat`` run under autocast (idempotent).
@@ -44,23 +62,40 @@ def autocast_features(model: nn.Module, dtype: torch.dtype,
         ValueError: The model has no ``extract_feat`` (mmdet detectors and
             mmseg segmentors have one).
     """
-    if getattr(model, 'features_autocast', None) == (device_type, dtype):
-        return
     if not hasattr(model, 'extract_feat'):
         raise ValueError(f'{type(model).__name__} has no extract_feat: '
                          'FeatureAutocastHook serves mmdet detectors and '
                          'mmseg segmentors.')
-    plain = getattr(model, 'plain_extract_feat', model.extract_feat)
-    model.plain_extract_feat = plain
-    model.extract_feat = functools.partial(_autocast_call, plain,
-                                           device_type, dtype)
-    model.features_autocast = (device_type, dtype)
+    autocast_method(model, 'extract_feat', dtype, device_type)
+
+
+def autocast_heads(model: nn.Module, heads: Sequence[str],
+                   dtype: torch.dtype, device_type: str = 'cpu') -> None:
+    """Make the ``forward`` of each named submodule run under autocast.
+
+    Args:
+        heads: Dotted submodule names, e.g. ``'roi_head.mask_head'``.
+
+    Raises:
+        ValueError: A name is not a submodule of ``model``.
+    """
+    for name in heads:
+        try:
+            head = model.get_submodule(name)
+        except AttributeError:
+            children = ', '.join(n for n, _ in model.named_children())
+            raise ValueError(
+                f'FeatureAutocastHook: {type(model).__name__} has no '
+                f'submodule {name!r}; name heads by their dotted path from '
+                f'the model (its children: {children}).') from None
+        autocast_method(head, 'forward', dtype, device_type)
 
 
 @HOOKS.register_module()
 class FeatureAutocastHook(Hook):
-    """Run the backbone and neck (``extract_feat``) in ``dtype`` under
-    autocast, in training, validation and test; the heads stay in float32.
+    """Run the backbone and neck (``extract_feat``), and optionally some
+    heads, in ``dtype`` under autocast, in training, validation and test;
+    everything else stays in float32 and reads float32 outputs.
 
     Args:
         dtype: ``'bfloat16'`` (default; fast on CPUs with AVX512-BF16 or
@@ -68,17 +103,23 @@ class FeatureAutocastHook(Hook):
         device_type: The autocast device, ``'cpu'`` or ``'cuda'``.
         native_only: On the CPU, do nothing where the CPU has no native
             ``dtype`` products (autocast would be slower than float32).
+        heads: Dotted names of submodules whose ``forward`` also runs under
+            autocast, e.g. ``('rpn_head', 'roi_head.bbox_head',
+            'roi_head.mask_head')``. Name only modules whose ``forward``
+            holds no float32-only op (mmdet's RoI extractors do: RoIAlign).
     """
     priority = 'VERY_HIGH'
 
     def __init__(self,
                  dtype: str = 'bfloat16',
                  device_type: str = 'cpu',
-                 native_only: bool = False):
+                 native_only: bool = False,
+                 heads: Sequence[str] = ()):
         self.dtype = cpu_autocast_dtype(
             dtype, native_only and device_type == 'cpu',
             'FeatureAutocastHook')
         self.device_type = device_type
+        self.heads = tuple(heads)
 
     def _apply(self, runner) -> None:
         if self.dtype is None:
@@ -86,6 +127,7 @@ class FeatureAutocastHook(Hook):
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
         autocast_features(model, self.dtype, self.device_type)
+        autocast_heads(model, self.heads, self.dtype, self.device_type)
 
     def before_train(self, runner) -> None:
         self._apply(runner)
