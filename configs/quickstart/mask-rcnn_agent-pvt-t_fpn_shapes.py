@@ -57,7 +57,8 @@ model = dict(
             out_channels=channels,
             featmap_strides=strides),
         # small initial mask logits (mmdet's init is tuned for 80 classes);
-        # channels-last convolutions: oneDNN's layout, 0.85 of the time
+        # channels-last convolutions (oneDNN's layout): the head alone takes
+        # 0.85 of its time in float32, 0.68 in bfloat16
         mask_head=dict(
             type='ScaledInitFCNMaskHead',
             channels_last=True,
