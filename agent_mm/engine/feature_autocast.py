@@ -41,17 +41,17 @@ def autocast_method(owner: nn.Module, name: str, dtype: torch.dtype,
                     device_type: str = 'cpu') -> None:
     """Make ``owner.<name>`` run under autocast and return float32.
 
-    Idempotent; a second call with another precision replaces the first.
-    The undecorated method stays available as ``owner.plain_<name>``.
+    Idempotent; a second call with another precision replaces the first
+    (``owner.autocast_methods`` maps each name to its undecorated method and
+    settings).
     """
-    marks = owner.__dict__.setdefault('autocast_methods', {})
-    if marks.get(name) == (device_type, dtype):
+    wrapped = owner.__dict__.setdefault('autocast_methods', {})
+    plain, *settings = wrapped.get(name, (getattr(owner, name), ))
+    if settings == [device_type, dtype]:
         return
-    plain = getattr(owner, f'plain_{name}', getattr(owner, name))
-    setattr(owner, f'plain_{name}', plain)
     setattr(owner, name,
             functools.partial(_autocast_call, plain, device_type, dtype))
-    marks[name] = (device_type, dtype)
+    wrapped[name] = (plain, device_type, dtype)
 
 
 def autocast_features(model: nn.Module, dtype: torch.dtype,
