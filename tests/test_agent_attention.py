@@ -85,12 +85,15 @@ def test_only_the_reference_path_stores_attention_maps(attn_impl, stores_maps):
     module, _ = _pair(False, attn_impl)
     module.train()
     hw, agents = (11, 13), 4 * 5
-    map_dims = {(hw[0] * hw[1], agents), (agents, hw[0] * hw[1])}
+    # per image: a (heads, L, S) bias shared by the batch is not a map
+    batch, heads = 2, module.num_heads
+    map_shapes = {(batch, heads, hw[0] * hw[1], agents),
+                  (batch, heads, agents, hw[0] * hw[1])}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append(tuple(t.shape[-2:])) or t, lambda t: t):
-        module(torch.randn(2, hw[0] * hw[1], 32, requires_grad=True), hw)
-    assert any(dims in map_dims for dims in saved) == stores_maps
+            lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        module(torch.randn(batch, hw[0] * hw[1], 32, requires_grad=True), hw)
+    assert any(shape in map_shapes for shape in saved) == stores_maps
 
 
 def test_bias_cache_is_used_in_eval_and_invalidated_on_update():

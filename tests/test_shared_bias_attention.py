@@ -1,5 +1,6 @@
-"""Attention with a recomputed shared bias: exact values and gradients,
-nothing attention-sized stored for backward."""
+"""Attention with a shared bias: exact values and gradients whether the
+bias is kept or rebuilt in backward, no attention map stored, and the bias
+kept only when it is small."""
 import pytest
 import torch
 
@@ -36,6 +37,14 @@ def _with_bias(query, key, value, bias, scale):
                                            bias)
 
 
+@pytest.fixture(params=['kept', 'rebuilt'])
+def bias_path(request, monkeypatch):
+    """Run a test with the bias kept for backward, then rebuilt there."""
+    keep = request.param == 'kept'
+    monkeypatch.setattr(op_module, 'keeps_bias', lambda query, key: keep)
+    return request.param
+
+
 def _literal(query, key, value, bias, scale):
     weights = (scale * query @ key.transpose(-2, -1) + bias).softmax(-1)
     return weights @ value
@@ -51,7 +60,7 @@ def test_matches_literal_attention(value_dims):
 
 
 @pytest.mark.parametrize('value_dims', [5, 4])
-def test_gradients_match_autograd_of_literal_attention(value_dims):
+def test_gradients_match_autograd_of_literal_attention(value_dims, bias_path):
     inputs = _inputs(value_dims=value_dims)
     grad_out = torch.randn(2, 3, 11, value_dims, dtype=torch.float64)
     ours = torch.autograd.grad(_with_bias(*inputs, 0.7), inputs, grad_out)
@@ -66,7 +75,7 @@ def test_gradients_match_autograd_of_literal_attention(value_dims):
 @pytest.mark.parametrize('queries,keys', [(11, 7), (7, 11)])
 @pytest.mark.parametrize('block', [1, 3, 11])
 def test_blockwise_backward_matches_autograd_of_literal_attention(
-        monkeypatch, queries, keys, block):
+        monkeypatch, queries, keys, block, bias_path):
     monkeypatch.setattr(op_module, 'BACKWARD_BLOCK_BYTES',
                         block * 2 * 3 * 7 * 8)
     query, key, value, bias = _inputs(queries=queries, keys=keys)
@@ -88,13 +97,13 @@ def test_blockwise_backward_matches_autograd_of_literal_attention(
         torch.testing.assert_close(got, want)
 
 
-def test_gradcheck():
+def test_gradcheck(bias_path):
     inputs = _inputs(batch=2, heads=2, queries=4, keys=3, dims=3, value_dims=2)
     assert torch.autograd.gradcheck(lambda *args: _with_bias(*args, 0.5),
                                     inputs)
 
 
-def test_gradients_reach_the_bias_sources():
+def test_gradients_reach_the_bias_sources(bias_path):
     query, key, value, _ = _inputs()
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
@@ -113,7 +122,9 @@ def test_gradients_reach_the_bias_sources():
         torch.testing.assert_close(got, want)
 
 
-def test_backward_rebuilds_the_bias_under_the_forwards_autocast():
+@pytest.mark.parametrize('bias_path,builds', [('kept', 1), ('rebuilt', 2)],
+                         indirect=['bias_path'])
+def test_bias_is_built_under_the_forwards_autocast(bias_path, builds):
     query, key, value, _ = _inputs(dtype=torch.float32, dims=4)
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(3, 11, 2, generator=gen).requires_grad_()
@@ -132,8 +143,8 @@ def test_backward_rebuilds_the_bias_under_the_forwards_autocast():
             *(x.to(torch.bfloat16) for x in (query, key, value)), 0.4,
             low_rank, rows, cols)
     ours = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
-    # built in forward and again in backward, both times in bfloat16
-    assert built == [torch.bfloat16, torch.bfloat16]
+    # built in forward, and again in backward unless kept: in bfloat16
+    assert built == [torch.bfloat16] * builds
     expected = torch.autograd.grad(
         _literal(query, key, value, _low_rank(rows, cols), 0.4), inputs,
         grad_out)
@@ -149,7 +160,7 @@ def test_sum_over_batch_is_the_sum_over_the_first_dimension():
     torch.testing.assert_close(out, x.sum(0))
 
 
-def test_frozen_bias_gets_no_gradient():
+def test_frozen_bias_gets_no_gradient(bias_path):
     query, key, value, bias = _inputs()
     bias = bias.detach()
     out = _with_bias(query, key, value, bias, 1.0)
@@ -158,10 +169,20 @@ def test_frozen_bias_gets_no_gradient():
     assert query.grad is not None and value.grad is not None
 
 
-def test_saves_neither_bias_nor_attention_map():
-    query, key, value, _ = _inputs(queries=13, keys=17)
-    rows = torch.randn(3, 13, 2, dtype=torch.float64, requires_grad=True)
-    cols = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize('batch,agents,kept', [(1, 12, False), (1, 6, True),
+                                               (2, 12, True)])
+def test_keeps_a_bias_no_larger_than_the_query_or_key(batch, agents, kept):
+    # 8-dimensional heads: a bias of 12 agents over 10 tokens (or 10 tokens
+    # over 12 agents) is larger than 1 image's query and key, not than 2's
+    tokens = torch.zeros(batch, 3, 10, 8)
+    agent_tokens = torch.zeros(batch, 3, agents, 8)
+    assert op_module.keeps_bias(tokens, agent_tokens) is kept
+    assert op_module.keeps_bias(agent_tokens, tokens) is kept
+
+
+def _saved_shapes(*args):
+    """Shapes of the tensors :func:`shared_bias_attention` (``args``)
+    saves for backward."""
     saved = []
 
     def pack(tensor):
@@ -169,8 +190,37 @@ def test_saves_neither_bias_nor_attention_map():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op_module.shared_bias_attention(query, key, value, 1.0, _low_rank,
-                                        rows, cols)
+        op_module.shared_bias_attention(*args)
+    return saved
+
+
+def test_keeps_a_small_bias_but_no_attention_map():
+    query, key, value, _ = _inputs(queries=13, keys=17, dims=8)
+    rows = torch.randn(3, 13, 2, dtype=torch.float64, requires_grad=True)
+    cols = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    assert op_module.keeps_bias(query, key)
+    saved = _saved_shapes(query, key, value, 1.0, _low_rank, rows, cols)
+    batch, heads = query.shape[:2]
+    assert (batch, heads, 13, 17) not in saved  # attention map
+    assert saved.count((heads, 13, 17)) == 1  # the bias, by the function
+    # the function's inputs, output, log-sum-exp and bias; the bias's own
+    # graph keeps the sources
+    assert sorted(saved) == sorted([
+        tuple(query.shape),
+        tuple(key.shape),
+        tuple(value.shape), (batch, heads, 13, value.shape[-1]),
+        (batch, heads, 13), (heads, 13, 17),
+        tuple(rows.shape),
+        tuple(cols.shape)
+    ])
+
+
+def test_saves_neither_a_large_bias_nor_the_attention_map():
+    query, key, value, _ = _inputs(queries=13, keys=17)
+    rows = torch.randn(3, 13, 2, dtype=torch.float64, requires_grad=True)
+    cols = torch.randn(3, 2, 17, dtype=torch.float64, requires_grad=True)
+    assert not op_module.keeps_bias(query, key)
+    saved = _saved_shapes(query, key, value, 1.0, _low_rank, rows, cols)
     batch, heads = query.shape[:2]
     assert (batch, heads, 13, 17) not in saved  # attention map
     assert (heads, 13, 17) not in saved  # bias

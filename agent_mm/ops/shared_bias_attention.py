@@ -1,5 +1,6 @@
 """Softmax attention with a learned bias shared by every image of the batch,
-trained without storing any attention-sized tensor.
+trained without storing the attention map, and the bias only where it is
+small.
 
 Agent attention's biases depend on the token grid, not on the image, so one
 ``(heads, L, S)`` map serves the whole batch, and it is built from a few
@@ -7,10 +8,17 @@ small parameters. PyTorch's fused CPU kernel cannot return a gradient for
 an additive mask, so with trainable biases ``scaled_dot_product_attention``
 falls back to its unfused path, which keeps the bias and two
 attention-sized tensors per call for the backward pass. Here the forward
-runs the fused kernel and keeps its inputs, its output, the row-wise
-log-sum-exp and the small bias sources; the backward rebuilds the bias and
-the attention weights (one extra ``L×S×d`` product) and sums the bias
-gradient over the batch.
+runs the fused kernel and keeps its inputs, its output and the row-wise
+log-sum-exp; the backward rebuilds the attention weights (one extra
+``L×S×d`` product) and sums the bias gradient over the batch.
+
+The bias itself is kept for the backward pass when it is no larger than
+the query or the key, which are kept anyway (:func:`keeps_bias`: few
+agents, or a batch of several images): the memory stays of the order of
+what the call already holds, and the backward pass skips rebuilding it, a
+few hundred small operations per step. A larger bias (many agents, as the
+paper's detection configs at batch 2) is rebuilt in backward from its
+small sources.
 """
 from typing import Callable, List, Optional, Tuple
 
@@ -107,8 +115,46 @@ def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
     return bias
 
 
+def keeps_bias(query: Tensor, key: Tensor) -> bool:
+    """Whether :func:`shared_bias_attention` keeps the ``(heads, L, S)``
+    bias for the backward pass instead of rebuilding it: when it has no
+    more elements than the larger of ``query`` ``(B, heads, L, d)`` and
+    ``key`` ``(B, heads, S, d)``, both of which are kept anyway."""
+    heads, queries = query.shape[1:3]
+    bias_size = heads * queries * key.shape[2]
+    return bias_size <= max(query.numel(), key.numel())
+
+
+class _KeptBiasAttention(torch.autograd.Function):
+    """``softmax(scale * q kᵀ + bias) v`` keeping ``bias``, built by the
+    caller with autograd, for the backward pass; see
+    :func:`shared_bias_attention`."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                bias: Tensor) -> Tensor:
+        _checked_bias(bias, query, key)
+        out, lse = _attend_with_lse(query, key, value, bias.to(query.dtype),
+                                    scale)
+        ctx.save_for_backward(query, key, value, out, lse, bias)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        query, key, value, out, lse, bias = ctx.saved_tensors
+        need_query, need_key, need_value, _, need_bias = ctx.needs_input_grad
+        grad_query, grad_key, grad_value, grad_bias = _blockwise_grads(
+            ctx.scale, query, key, value, out, lse, bias.to(query.dtype),
+            grad_out, (need_query, need_key, need_value, need_bias))
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_query, grad_key, grad_value, None, grad_bias
+
+
 class _SharedBiasAttention(torch.autograd.Function):
-    """``softmax(scale * q kᵀ + make_bias(*sources)) v``; see
+    """``softmax(scale * q kᵀ + make_bias(*sources)) v`` keeping only the
+    bias sources, the bias rebuilt in backward; see
     :func:`shared_bias_attention`."""
 
     @staticmethod
@@ -209,7 +255,8 @@ def shared_bias_attention(query: Tensor, key: Tensor, value: Tensor,
                           scale: float, make_bias: BiasFn, *sources:
                           Tensor) -> Tensor:
     """``softmax(scale * q kᵀ + bias) v`` with ``bias = make_bias(*sources)``
-    shared by the batch, storing neither the bias nor the attention map.
+    shared by the batch, storing no attention map, and the bias only when
+    :func:`keeps_bias` says so.
 
     Args:
         query: ``(B, heads, L, d)``.
@@ -217,13 +264,16 @@ def shared_bias_attention(query: Tensor, key: Tensor, value: Tensor,
         value: ``(B, heads, S, e)``.
         scale: Factor of the dot products.
         make_bias: Builds the ``(heads, L, S)`` bias from ``sources`` with
-            differentiable torch operations; called once in forward and
-            once more in backward.
+            differentiable torch operations; called once in forward, and
+            once more in backward unless the bias is kept.
         sources: The tensors the bias is built from (usually a few small
             parameters).
 
     Returns:
         ``(B, heads, L, e)``.
     """
+    if keeps_bias(query, key):
+        return _KeptBiasAttention.apply(query, key, value, scale,
+                                        make_bias(*sources))
     return _SharedBiasAttention.apply(query, key, value, scale, make_bias,
                                       *sources)
