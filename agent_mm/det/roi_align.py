@@ -111,11 +111,17 @@ def sampling_matrix(rois: Tensor, feature_shape: Tuple[int, int, int],
     rows = rois.shape[0] * out_h * out_w
     crow = torch.zeros(rows + 1, dtype=torch.long, device=rois.device)
     crow[1:] = torch.bincount(bins, minlength=rows).cumsum(0)
+    # valid by construction (rows in order, columns in range); a row's
+    # columns may repeat a pixel, which the products sum, so PyTorch's
+    # invariant check (sorted, unique columns) is off, said explicitly so
+    # that it does not warn at every call
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', 'Sparse CSR tensor support')
-        return torch.sparse_csr_tensor(crow, pixel.flatten()[keep],
-                                       weight.flatten()[keep],
-                                       (rows, batch * height * width))
+        return torch.sparse_csr_tensor(
+            crow,
+            pixel.flatten()[keep],
+            weight.flatten()[keep], (rows, batch * height * width),
+            check_invariants=False)
 
 
 class _SparseRoIAlign(Function):
