@@ -15,10 +15,10 @@ log-sum-exp; the backward rebuilds the attention weights (one extra
 The bias itself is kept for the backward pass when it is no larger than
 the query or the key, which are kept anyway (:func:`keeps_bias`: few
 agents, or a batch of several images): the memory stays of the order of
-what the call already holds, and the backward pass skips rebuilding it, a
-few hundred small operations per step. A larger bias (many agents, as the
-paper's detection configs at batch 2) is rebuilt in backward from its
-small sources.
+what the call already holds, and the backward pass skips rebuilding it
+(about a hundred small operations per call). A larger bias (many agents,
+as in the paper's detection configs at batch 2) is rebuilt in backward
+from its small sources.
 """
 from typing import Callable, List, Optional, Tuple
 
