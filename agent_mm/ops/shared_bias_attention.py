@@ -125,6 +125,19 @@ def keeps_bias(query: Tensor, key: Tensor) -> bool:
     return bias_size <= max(query.numel(), key.numel())
 
 
+def _attend_and_save(ctx, query: Tensor, key: Tensor, value: Tensor,
+                     scale: float, bias: Tensor, *kept: Tensor) -> Tensor:
+    """The forward of both autograd functions: attend with ``bias`` (its
+    shape checked) and save the inputs, the output, the log-sum-exp and
+    ``kept`` (the bias, or its sources) for the backward pass."""
+    out, lse = _attend_with_lse(
+        query, key, value,
+        _checked_bias(bias, query, key).to(query.dtype), scale)
+    ctx.save_for_backward(query, key, value, out, lse, *kept)
+    ctx.scale = scale
+    return out
+
+
 class _KeptBiasAttention(torch.autograd.Function):
     """``softmax(scale * q kᵀ + bias) v`` keeping ``bias``, built by the
     caller with autograd, for the backward pass; see
@@ -133,12 +146,7 @@ class _KeptBiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
                 bias: Tensor) -> Tensor:
-        _checked_bias(bias, query, key)
-        out, lse = _attend_with_lse(query, key, value, bias.to(query.dtype),
-                                    scale)
-        ctx.save_for_backward(query, key, value, out, lse, bias)
-        ctx.scale = scale
-        return out
+        return _attend_and_save(ctx, query, key, value, scale, bias, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -160,14 +168,10 @@ class _SharedBiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
                 make_bias: BiasFn, *sources: Tensor) -> Tensor:
-        bias = _checked_bias(make_bias(*sources), query, key)
-        out, lse = _attend_with_lse(query, key, value, bias.to(query.dtype),
-                                    scale)
-        ctx.save_for_backward(query, key, value, out, lse, *sources)
-        ctx.scale = scale
         ctx.make_bias = make_bias
         ctx.autocast = autocast_state(query.device.type)
-        return out
+        return _attend_and_save(ctx, query, key, value, scale,
+                                make_bias(*sources), *sources)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -190,8 +194,7 @@ class _SharedBiasAttention(torch.autograd.Function):
         if grad_bias is not None:
             wanted = [i for i, need in enumerate(need_sources) if need]
             with torch.autocast(**ctx.autocast):
-                found = torch.autograd.grad(bias,
-                                            [sources[i] for i in wanted],
+                found = torch.autograd.grad(bias, [sources[i] for i in wanted],
                                             grad_bias.to(bias.dtype))
             for i, grad in zip(wanted, found):
                 grad_sources[i] = grad
