@@ -1,10 +1,14 @@
 """The bias-map linear algebra: separable resizing and pooling as matrix
 products, equal to PyTorch's interpolation and pooling kernels."""
+import math
+
 import pytest
 import torch
 
-from agent_mm.models.bias_maps import (batched_matmul, interpolation_matrix,
-                                       left_matmul, on_agent_grid, pool_tokens,
+from agent_mm.models import bias_maps
+from agent_mm.models.bias_maps import (batched_matmul, builds_by_product,
+                                       interpolation_matrix, left_matmul,
+                                       on_agent_grid, pool_tokens,
                                        pooling_matrix, resize,
                                        resize_by_matmul, resize_tokens,
                                        separable_bias, to_agent_grid)
@@ -90,6 +94,16 @@ def test_on_agent_grid_resizes_each_tokens_agent_map():
     torch.testing.assert_close(mapped, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=['dense', 'separable'])
+def bias_build(request, monkeypatch):
+    """Runs a test with every map built by one dense product, then by the
+    separable products (whatever :func:`builds_by_product` would pick)."""
+    dense = request.param == 'dense'
+    monkeypatch.setattr(bias_maps, 'builds_by_product',
+                        lambda *args: dense)
+    return request.param
+
+
 def literal_bias(full, rows, cols, hw, agent_shape):
     """The authors' order: sum the sources as maps, resize to the token
     grid, then map every token's agents; ``(heads, H*W, n)``."""
@@ -110,7 +124,7 @@ def literal_bias(full, rows, cols, hw, agent_shape):
 ])
 @pytest.mark.parametrize('token_major', [False, True])
 def test_separable_bias_is_the_literal_bias_in_either_layout(
-        full_hw, rows_cols, hw, agent_shape, token_major):
+        full_hw, rows_cols, hw, agent_shape, token_major, bias_build):
     sources = [
         torch.randn(2, 16, *full_hw, dtype=torch.float64, requires_grad=True),
         torch.randn(
@@ -136,9 +150,9 @@ def test_separable_bias_is_the_literal_bias_in_either_layout(
 @pytest.mark.parametrize('token_major', [False, True])
 @pytest.mark.parametrize('how', ['autocast', 'out'])
 def test_separable_bias_in_bfloat16_is_the_float32_bias_rounded(
-        token_major, how):
+        token_major, how, bias_build):
     # 16-bit maps are built by other products than float32 ones (the row
-    # term inside the product in the token-major layout)
+    # term inside the product in the token-major separable layout)
     sources = [
         torch.randn(2, 16, 7, 7),
         torch.randn(2, 16, 14, 1),
@@ -155,6 +169,36 @@ def test_separable_bias_in_bfloat16_is_the_float32_bias_rounded(
         assert bias.data_ptr() == out.data_ptr()
     assert bias.dtype == torch.bfloat16 and bias.is_contiguous()
     torch.testing.assert_close(bias.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+def test_small_maps_are_built_by_the_dense_product():
+    # (heads, agents, tokens, inner): Agent-PVT-T's stage 1 at 224 pixels
+    # with 8x8 agents, as in the detection quick-start, and at 1024 pixels
+    # with the paper's 12x12 agents
+    quick_start, paper = (1, 64, 56 * 56, 161), (1, 144, 256 * 256, 161)
+    assert builds_by_product(*quick_start, torch.float32)
+    assert not builds_by_product(*paper, torch.float32)
+    assert not builds_by_product(*paper, torch.bfloat16)
+    # a 16-bit product counts half: twice the multiply-adds are allowed
+    macs = bias_maps.DENSE_MAX_MACS
+    middle = (2, 64, 2**20 // 256, 256)
+    assert macs < math.prod(middle) <= 2 * macs
+    assert not builds_by_product(*middle, torch.float32)
+    assert builds_by_product(*middle, torch.bfloat16)
+    # the token-grid matrix is bounded on its own
+    assert not builds_by_product(1, 1, 2**20, 2, torch.float32)
+
+
+def test_separable_bias_builds_by_the_rule(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(bias_maps, '_dense_bias',
+                        lambda *args: chosen.append('dense'))
+    sources = [torch.randn(1, 9, 7, 7), torch.randn(1, 9, 56, 1),
+               torch.randn(1, 9, 1, 56)]
+    separable_bias(*sources, (56, 56), (8, 8), True)
+    assert chosen == ['dense']
+    separable_bias(*sources, (256, 256), (12, 12), True)
+    assert chosen == ['dense']
 
 
 @pytest.mark.parametrize('matrix', [interpolation_matrix, pooling_matrix])

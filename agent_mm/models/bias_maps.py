@@ -4,7 +4,10 @@ Each bias is learned on small grids (7×7 per agent, or a row / column of the
 224-pixel token grid) and bilinearly resized to the current token grid and
 agent grid. Bilinear resizing and adaptive average pooling are separable, so
 they are computed here as small matrix products, in the order and layout
-that is cheapest for the large maps the attention kernels read.
+that is cheapest for the large maps the attention kernels read. A small map
+is one dense product with the two grids' resizing weights instead: a few
+operations, where the separable build's hundred small ones would cost more
+than the arithmetic (in training, forward and backward).
 
 The resizing and pooling weights are cached per size, except in a graph
 being traced (:func:`~agent_mm.models.tracing.tracing`): there they are
@@ -26,8 +29,16 @@ from .tracing import tracing
 # A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
 # tensor.
 Size = Union[int, torch.SymInt, Tensor]
-# Resizing or pooling weights of a pair of sizes (in, out).
-Weights = Callable[[Size, Size], Tensor]
+# Bias maps are one dense product (:func:`_dense_bias`) when its token-grid
+# matrix has at most this many elements (4 MB in float32) ...
+DENSE_MAX_OPERATOR = 2**20
+# ... and the product at most this many 32-bit multiply-adds: on 2 CPU
+# cores, training steps of maps this small spend more time in the
+# separable build's many small operations (forward and backward) than in
+# the dense product's arithmetic.
+DENSE_MAX_MACS = 2**26
+# Token-grid matrices kept (each at most DENSE_MAX_OPERATOR elements).
+TOKEN_OPERATORS_CACHED = 8
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -60,29 +71,67 @@ def to_agent_grid(
     return resizer(per_token, agent_shape).flatten(2)
 
 
-def cached_weights(matrix: Weights) -> Weights:
-    """``matrix(size_in, size_out)`` cached per sizes (an LRU cache),
-    computed as plain tensors (:func:`~.layers.plain_tensors`) so that
-    weights first made inside ``torch.inference_mode()`` serve later
+def cached_weights(matrix: Callable[..., Tensor],
+                   maxsize: int = 128) -> Callable[..., Tensor]:
+    """``matrix(*sizes)`` cached per sizes (an LRU cache of ``maxsize``
+    entries), computed as plain tensors (:func:`~.layers.plain_tensors`) so
+    that weights first made inside ``torch.inference_mode()`` serve later
     forwards with autograd; ``inspect.unwrap`` gives ``matrix`` itself."""
 
-    @functools.lru_cache(maxsize=128)
+    @functools.lru_cache(maxsize=maxsize)
     @functools.wraps(matrix)
-    def cached(size_in: Size, size_out: Size) -> Tensor:
+    def cached(*sizes: Size) -> Tensor:
         with plain_tensors():
-            return matrix(size_in, size_out)
+            return matrix(*sizes)
 
     return cached
 
 
-@cached_weights
-def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
-    """``(size_out, size_in)`` weights of 1-D linear resizing
+def linear_weights(size_in: int, size_out: int) -> Tensor:
+    """``(size_out, size_in)`` float64 weights of 1-D linear resizing
     (``align_corners=False``), the per-axis factor of bilinear resizing."""
     basis = torch.eye(size_in, dtype=torch.float64).unsqueeze(0)
     weights = F.interpolate(
         basis, size=size_out, mode='linear', align_corners=False)
-    return weights[0].t().float()
+    return weights[0].t()
+
+
+@cached_weights
+def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
+    """:func:`linear_weights` in float32 (the models' precision)."""
+    return linear_weights(size_in, size_out).float()
+
+
+def bilinear_weights(shape_in: Tuple[int, int],
+                     shape_out: Tuple[int, int]) -> Tensor:
+    """``(h_out, w_out, h_in*w_in)`` float64 weights of bilinear resizing
+    of a row-major ``h_in×w_in`` map: the outer product of the two axes'
+    :func:`linear_weights`."""
+    rows = linear_weights(shape_in[0], shape_out[0])
+    cols = linear_weights(shape_in[1], shape_out[1])
+    return (rows[:, None, :, None] * cols[None, :, None, :]).flatten(2)
+
+
+@cached_weights
+def agent_grid_matrix(side: int, agent_h: int, agent_w: int) -> Tensor:
+    """``(a_h*a_w, side*side)`` weights that resize a ``side×side`` grid of
+    bias agents to the agent grid (:func:`to_agent_grid`'s resizing)."""
+    return bilinear_weights((side, side), (agent_h, agent_w)).flatten(
+        0, 1).float()
+
+
+@functools.partial(cached_weights, maxsize=TOKEN_OPERATORS_CACHED)
+def token_grid_matrix(full_h: int, full_w: int, rows_h: int, cols_w: int,
+                      height: int, width: int) -> Tensor:
+    """``(H*W, f_h*f_w + r_h + r_w)`` weights with which each token of an
+    ``H×W`` grid reads the three sources of a bias (bilinear resizing, as
+    :func:`separable_bias` takes them): the ``f_h×f_w`` full map, the
+    ``r_h`` rows (constant along the width) and the ``r_w`` columns
+    (constant along the height)."""
+    full = bilinear_weights((full_h, full_w), (height, width))
+    rows = linear_weights(rows_h, height)[:, None].expand(-1, width, -1)
+    cols = linear_weights(cols_w, width).expand(height, -1, -1)
+    return torch.cat([full, rows, cols], 2).flatten(0, 1).float()
 
 
 @cached_weights
@@ -99,20 +148,20 @@ def pooling_matrix(size_in: Size, size_out: int) -> Tensor:
     return inside.float() / (end - start).float()
 
 
-def weights_like(matrix: Weights, size_in: Size, size_out: Size,
+def weights_like(matrix: Callable[..., Tensor], *sizes: Size,
                  like: Tensor) -> Tensor:
-    """``matrix(size_in, size_out)`` on ``like``'s device and dtype, from
-    its cache unless a graph is being traced
+    """``matrix(*sizes)`` on ``like``'s device and dtype, from its cache
+    unless a graph is being traced
     (:func:`~agent_mm.models.tracing.tracing`)."""
     if tracing():
         matrix = inspect.unwrap(matrix)
-    return matrix(size_in, size_out).to(like)
+    return matrix(*sizes).to(like)
 
 
 def interpolation_weights(size_in: Size, size_out: Size,
                           like: Tensor) -> Tensor:
     """:func:`interpolation_matrix` on ``like``'s device and dtype."""
-    return weights_like(interpolation_matrix, size_in, size_out, like)
+    return weights_like(interpolation_matrix, size_in, size_out, like=like)
 
 
 def batched_matmul(a: Tensor,
@@ -176,8 +225,8 @@ def separable_tokens(x: Tensor, hw_shape: Sequence[int], size: Sequence[int],
     """
     batch, _, channels = x.shape
     (height, width), (out_h, out_w) = hw_shape, size
-    weights_h = weights_like(matrix, height, out_h, x)
-    weights_w = weights_like(matrix, width, out_w, x)
+    weights_h = weights_like(matrix, height, out_h, like=x)
+    weights_w = weights_like(matrix, width, out_w, like=x)
     rows = left_matmul(weights_w, x.reshape(batch * height, width, channels))
     out = left_matmul(weights_h, rows.reshape(batch, height, out_w * channels))
     return out.reshape(batch, out_h * out_w, channels)
@@ -229,7 +278,11 @@ def separable_bias(full: Tensor,
     weights to the token grid, ``full`` maps to ``R_h F R_wᵀ`` per agent,
     ``rows`` to ``R_h a`` (constant along the width) and ``cols`` to ``b
     R_wᵀ`` (constant along the height). The layouts take the terms as
-    :func:`_agent_major_bias` and :func:`_token_major_bias` say.
+    :func:`_agent_major_bias` and :func:`_token_major_bias` say. A small
+    map is one dense product instead (:func:`_dense_bias`, where
+    :func:`builds_by_product`): a few operations, forward and backward,
+    where the separable build's hundred small ones cost more than the
+    arithmetic.
 
     Args:
         full: ``(heads, p*p, f_h, f_w)`` source (7×7 in the models).
@@ -245,6 +298,12 @@ def separable_bias(full: Tensor,
     Returns:
         A contiguous map: the attention kernels read it row by row.
     """
+    dtype = compute_dtype(full) if out is None else out.dtype
+    if builds_by_product(full.shape[0], math.prod(agent_shape),
+                         math.prod(hw_shape), _inner_size(full, rows, cols),
+                         dtype):
+        return _dense_bias(full, rows, cols, hw_shape, agent_shape,
+                           token_major, out)
     full, rows, cols = (on_agent_grid(source, agent_shape)
                         for source in (full, rows, cols))
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
@@ -320,3 +379,47 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
         row_term = torch.einsum('yi,eia->eya', row_weights, rows)
         bias.view(heads, height, width, agents).add_(row_term.unsqueeze(2))
     return bias.reshape(heads, height * width, agents)
+
+
+def _inner_size(full: Tensor, rows: Tensor, cols: Tensor) -> int:
+    """``f_h*f_w + r_h + r_w``: the values per agent of the three sources,
+    the inner size of :func:`_dense_bias`'s product."""
+    return full.shape[2] * full.shape[3] + rows.shape[2] + cols.shape[3]
+
+
+def builds_by_product(heads: int, agents: int, tokens: int, inner: int,
+                      dtype: torch.dtype) -> bool:
+    """Whether :func:`separable_bias` builds a ``heads × agents × tokens``
+    map by :func:`_dense_bias`: when its token-grid matrix (``tokens ×
+    inner``) has at most :data:`DENSE_MAX_OPERATOR` elements and its product
+    at most :data:`DENSE_MAX_MACS` multiply-adds (counted in 32-bit
+    products: a 16-bit one counts half)."""
+    macs = heads * agents * tokens * inner * dtype.itemsize // 4
+    return (tokens * inner <= DENSE_MAX_OPERATOR and macs <= DENSE_MAX_MACS)
+
+
+def _dense_bias(full: Tensor, rows: Tensor, cols: Tensor,
+                hw_shape: Tuple[int, int], agent_shape: Tuple[int, int],
+                token_major: bool, out: Optional[Tensor]) -> Tensor:
+    """The map of :func:`separable_bias` as one dense product per head,
+    ``A S Tᵀ``: ``S`` holds each bias agent's source values ``(p*p, k)``,
+    ``A`` resizes the agents to the agent grid (:func:`agent_grid_matrix`)
+    and ``T`` reads the sources at each token (:func:`token_grid_matrix`).
+    The ``k = f_h*f_w + r_h + r_w`` inner size (about 100-200) makes the
+    product slower than the separable build for large maps."""
+    heads, agent_num, full_h, full_w = full.shape
+    sources = torch.cat([x.flatten(2) for x in (full, rows, cols)], 2)
+    agents = weights_like(
+        agent_grid_matrix, math.isqrt(agent_num), *agent_shape, like=full)
+    per_agent = left_matmul(agents, sources)
+    tokens = weights_like(
+        token_grid_matrix,
+        full_h,
+        full_w,
+        rows.shape[2],
+        cols.shape[3],
+        *hw_shape,
+        like=full)
+    if token_major:
+        return left_matmul(tokens, per_agent.transpose(1, 2), out)
+    return batched_matmul(per_agent, tokens.t().expand(heads, -1, -1), out)
