@@ -215,6 +215,38 @@ def test_keeps_a_small_bias_but_no_attention_map():
     ])
 
 
+def test_keeps_the_bias_in_the_querys_dtype():
+    # float32 bias sources, a bfloat16 query and no autocast: the bias is
+    # cast once, in forward, and its gradient comes back in float32
+    query, key, value = (x.detach().to(torch.bfloat16).requires_grad_()
+                         for x in _inputs(queries=13, keys=17, dims=8)[:3])
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 13, 2, generator=gen).requires_grad_()
+    cols = torch.randn(3, 2, 17, generator=gen).requires_grad_()
+    assert op_module.keeps_bias(query, key)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = op_module.shared_bias_attention(query, key, value, 8**-0.5,
+                                              _low_rank, rows, cols)
+    assert ((3, 13, 17), torch.bfloat16) in saved
+    assert ((3, 13, 17), torch.float32) not in saved
+    grad_out = torch.randn(out.shape, generator=gen).to(out.dtype)
+    ours = torch.autograd.grad(out, (rows, cols), grad_out)
+    expected = torch.autograd.grad(
+        _literal(*(x.float() for x in (query, key, value)),
+                 _low_rank(rows, cols), 8**-0.5), (rows, cols),
+        grad_out.float())
+    for got, want in zip(ours, expected):
+        assert got.dtype == torch.float32
+        # bfloat16 rounding of the attention and of the bias gradient
+        assert (got - want).norm() <= 0.05 * want.norm()
+
+
 def test_saves_neither_a_large_bias_nor_the_attention_map():
     query, key, value, _ = _inputs(queries=13, keys=17)
     rows = torch.randn(3, 13, 2, dtype=torch.float64, requires_grad=True)

@@ -105,14 +105,14 @@ def sum_over_batch(x: Tensor, out: Tensor) -> None:
 
 
 def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
-    """``bias`` if it is ``(heads, L, S)`` for ``query`` and ``key``, else a
-    ``ValueError`` naming the expected shape (a wrong shape could broadcast
-    silently)."""
+    """``bias`` in the query's dtype if it is ``(heads, L, S)`` for
+    ``query`` and ``key``, else a ``ValueError`` naming the expected shape
+    (a wrong shape could broadcast silently)."""
     expected = (query.shape[1], query.shape[2], key.shape[2])
     if tuple(bias.shape) != expected:
         raise ValueError(f'bias must have shape (heads, L, S) = {expected}, '
                          f'got {tuple(bias.shape)}')
-    return bias
+    return bias.to(query.dtype)
 
 
 def keeps_bias(query: Tensor, key: Tensor) -> bool:
@@ -127,12 +127,11 @@ def keeps_bias(query: Tensor, key: Tensor) -> bool:
 
 def _attend_and_save(ctx, query: Tensor, key: Tensor, value: Tensor,
                      scale: float, bias: Tensor, *kept: Tensor) -> Tensor:
-    """The forward of both autograd functions: attend with ``bias`` (its
-    shape checked) and save the inputs, the output, the log-sum-exp and
-    ``kept`` (the bias, or its sources) for the backward pass."""
-    out, lse = _attend_with_lse(
-        query, key, value,
-        _checked_bias(bias, query, key).to(query.dtype), scale)
+    """The forward of both autograd functions: attend with ``bias``
+    (:func:`_checked_bias`) and save the inputs, the output, the
+    log-sum-exp and ``kept`` (the bias, or its sources) for the backward
+    pass."""
+    out, lse = _attend_with_lse(query, key, value, bias, scale)
     ctx.save_for_backward(query, key, value, out, lse, *kept)
     ctx.scale = scale
     return out
@@ -146,6 +145,9 @@ class _KeptBiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
                 bias: Tensor) -> Tensor:
+        # kept in the query's dtype: cast once, not again in backward
+        ctx.bias_dtype = bias.dtype
+        bias = _checked_bias(bias, query, key)
         return _attend_and_save(ctx, query, key, value, scale, bias, bias)
 
     @staticmethod
@@ -153,10 +155,10 @@ class _KeptBiasAttention(torch.autograd.Function):
         query, key, value, out, lse, bias = ctx.saved_tensors
         need_query, need_key, need_value, _, need_bias = ctx.needs_input_grad
         grad_query, grad_key, grad_value, grad_bias = _blockwise_grads(
-            ctx.scale, query, key, value, out, lse, bias.to(query.dtype),
-            grad_out, (need_query, need_key, need_value, need_bias))
+            ctx.scale, query, key, value, out, lse, bias, grad_out,
+            (need_query, need_key, need_value, need_bias))
         if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
+            grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_query, grad_key, grad_value, None, grad_bias
 
 
@@ -170,8 +172,9 @@ class _SharedBiasAttention(torch.autograd.Function):
                 make_bias: BiasFn, *sources: Tensor) -> Tensor:
         ctx.make_bias = make_bias
         ctx.autocast = autocast_state(query.device.type)
-        return _attend_and_save(ctx, query, key, value, scale,
-                                make_bias(*sources), *sources)
+        return _attend_and_save(
+            ctx, query, key, value, scale,
+            _checked_bias(make_bias(*sources), query, key), *sources)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
