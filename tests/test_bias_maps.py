@@ -171,34 +171,45 @@ def test_separable_bias_in_bfloat16_is_the_float32_bias_rounded(
     torch.testing.assert_close(bias.float(), expected, atol=3e-2, rtol=2e-2)
 
 
-def test_small_maps_are_built_by_the_dense_product():
+@pytest.mark.parametrize('trains', [False, True])
+def test_small_maps_are_built_by_the_dense_product(trains):
     # (heads, agents, tokens, inner): Agent-PVT-T's stage 1 at 224 pixels
     # with 8x8 agents, as in the detection quick-start, and at 1024 pixels
     # with the paper's 12x12 agents
     quick_start, paper = (1, 64, 56 * 56, 161), (1, 144, 256 * 256, 161)
-    assert builds_by_product(*quick_start, torch.float32)
-    assert not builds_by_product(*paper, torch.float32)
-    assert not builds_by_product(*paper, torch.bfloat16)
-    # a 16-bit product counts half: twice the multiply-adds are allowed
-    macs = bias_maps.DENSE_MAX_MACS
+    for dtype in (torch.float32, torch.bfloat16):
+        assert builds_by_product(*quick_start, dtype, trains)
+        # the token-grid matrix is bounded on its own
+        assert not builds_by_product(*paper, dtype, trains)
+    # stage 3 at 512 pixels with the paper's 28x28 agents
+    large = (5, 784, 32 * 32, 77)
+    assert math.prod(large) > 4 * bias_maps.DENSE_MAX_MACS
+    assert not builds_by_product(*large, torch.float32, trains)
+    # in 16-bit, dense when trained; else a product counts half
+    assert builds_by_product(*large, torch.bfloat16, trains) is trains
     middle = (2, 64, 2**20 // 256, 256)
+    macs = bias_maps.DENSE_MAX_MACS
     assert macs < math.prod(middle) <= 2 * macs
-    assert not builds_by_product(*middle, torch.float32)
-    assert builds_by_product(*middle, torch.bfloat16)
-    # the token-grid matrix is bounded on its own
-    assert not builds_by_product(1, 1, 2**20, 2, torch.float32)
+    assert not builds_by_product(*middle, torch.float32, trains)
+    assert builds_by_product(*middle, torch.bfloat16, trains)
 
 
 def test_separable_bias_builds_by_the_rule(monkeypatch):
-    chosen = []
-    monkeypatch.setattr(bias_maps, '_dense_bias',
-                        lambda *args: chosen.append('dense'))
-    sources = [torch.randn(1, 9, 7, 7), torch.randn(1, 9, 56, 1),
-               torch.randn(1, 9, 1, 56)]
-    separable_bias(*sources, (56, 56), (8, 8), True)
-    assert chosen == ['dense']
-    separable_bias(*sources, (256, 256), (12, 12), True)
-    assert chosen == ['dense']
+    asked = []
+    monkeypatch.setattr(bias_maps, 'builds_by_product',
+                        lambda *args: asked.append(args) or False)
+    sources = [torch.randn(2, 9, 7, 7), torch.randn(2, 9, 14, 1),
+               torch.randn(2, 9, 1, 12)]
+    separable_bias(*sources, (25, 42), (8, 6), True)
+    sources[0].requires_grad_()
+    with torch.autocast('cpu', torch.bfloat16):
+        separable_bias(*sources, (25, 42), (8, 6), False)
+    with torch.no_grad():
+        separable_bias(*sources, (25, 42), (8, 6), False)
+    dims = (2, 48, 25 * 42, 7 * 7 + 14 + 12)
+    assert asked == [(*dims, torch.float32, False),
+                     (*dims, torch.bfloat16, True),
+                     (*dims, torch.float32, False)]
 
 
 @pytest.mark.parametrize('matrix', [interpolation_matrix, pooling_matrix])
