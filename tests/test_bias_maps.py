@@ -171,27 +171,27 @@ def test_separable_bias_in_bfloat16_is_the_float32_bias_rounded(
     torch.testing.assert_close(bias.float(), expected, atol=3e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize('trains', [False, True])
-def test_small_maps_are_built_by_the_dense_product(trains):
+@pytest.mark.parametrize('trained', [False, True])
+def test_small_maps_are_built_by_the_dense_product(trained):
     # (heads, agents, tokens, inner): Agent-PVT-T's stage 1 at 224 pixels
     # with 8x8 agents, as in the detection quick-start, and at 1024 pixels
     # with the paper's 12x12 agents
     quick_start, paper = (1, 64, 56 * 56, 161), (1, 144, 256 * 256, 161)
     for dtype in (torch.float32, torch.bfloat16):
-        assert builds_by_product(*quick_start, dtype, trains)
+        assert builds_by_product(*quick_start, dtype, trained)
         # the token-grid matrix is bounded on its own
-        assert not builds_by_product(*paper, dtype, trains)
+        assert not builds_by_product(*paper, dtype, trained)
     # stage 3 at 512 pixels with the paper's 28x28 agents
     large = (5, 784, 32 * 32, 77)
     assert math.prod(large) > 4 * bias_maps.DENSE_MAX_MACS
-    assert not builds_by_product(*large, torch.float32, trains)
+    assert not builds_by_product(*large, torch.float32, trained)
     # in 16-bit, dense when trained; else a product counts half
-    assert builds_by_product(*large, torch.bfloat16, trains) is trains
+    assert builds_by_product(*large, torch.bfloat16, trained) is trained
     middle = (2, 64, 2**20 // 256, 256)
     macs = bias_maps.DENSE_MAX_MACS
     assert macs < math.prod(middle) <= 2 * macs
-    assert not builds_by_product(*middle, torch.float32, trains)
-    assert builds_by_product(*middle, torch.bfloat16, trains)
+    assert not builds_by_product(*middle, torch.float32, trained)
+    assert builds_by_product(*middle, torch.bfloat16, trained)
 
 
 def test_separable_bias_builds_by_the_rule(monkeypatch):
@@ -204,12 +204,14 @@ def test_separable_bias_builds_by_the_rule(monkeypatch):
     sources[0].requires_grad_()
     with torch.autocast('cpu', torch.bfloat16):
         separable_bias(*sources, (25, 42), (8, 6), False)
+    # trained sources whatever the grad mode: shared_bias_attention builds
+    # the map without autograd in forward, and with it in backward
     with torch.no_grad():
         separable_bias(*sources, (25, 42), (8, 6), False)
     dims = (2, 48, 25 * 42, 7 * 7 + 14 + 12)
     assert asked == [(*dims, torch.float32, False),
                      (*dims, torch.bfloat16, True),
-                     (*dims, torch.float32, False)]
+                     (*dims, torch.float32, True)]
 
 
 @pytest.mark.parametrize('matrix', [interpolation_matrix, pooling_matrix])

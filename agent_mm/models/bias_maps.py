@@ -31,16 +31,17 @@ from .tracing import tracing
 Size = Union[int, torch.SymInt, Tensor]
 # Bias maps are one dense product (:func:`_dense_bias`) when its token-grid
 # matrix has at most this many elements (4 MB in float32) ...
-DENSE_MAX_OPERATOR = 2**20
-# ... and, unless it is trained in 16-bit products, the product has at
-# most this many 32-bit multiply-adds: on 2 CPU cores, maps this small
-# spend more time in the separable build's many small operations (forward
-# and backward) than in the dense product's arithmetic. In 16-bit training
-# the products are cheap beside the autograd passes over the map that the
-# separable build adds, so any map with a small token-grid matrix is one.
+DENSE_MAX_GRID_MATRIX = 2**20
+# ... and, unless its sources are trained and it is built in 16-bit
+# products, the product has at most this many 32-bit multiply-adds: on 2
+# CPU cores, maps this small spend more time in the separable build's many
+# small operations (forward and backward) than in the dense product's
+# arithmetic. In 16-bit training the products are cheap beside the
+# autograd passes over the map that the separable build adds, so any map
+# with a small token-grid matrix is one.
 DENSE_MAX_MACS = 2**26
-# Token-grid matrices kept (each at most DENSE_MAX_OPERATOR elements).
-TOKEN_OPERATORS_CACHED = 8
+# Token-grid matrices kept (each at most DENSE_MAX_GRID_MATRIX elements).
+GRID_MATRICES_CACHED = 8
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -122,7 +123,7 @@ def agent_grid_matrix(side: int, agent_h: int, agent_w: int) -> Tensor:
         0, 1).float()
 
 
-@functools.partial(cached_weights, maxsize=TOKEN_OPERATORS_CACHED)
+@functools.partial(cached_weights, maxsize=GRID_MATRICES_CACHED)
 def token_grid_matrix(full_h: int, full_w: int, rows_h: int, cols_w: int,
                       height: int, width: int) -> Tensor:
     """``(H*W, f_h*f_w + r_h + r_w)`` weights with which each token of an
@@ -301,11 +302,12 @@ def separable_bias(full: Tensor,
         A contiguous map: the attention kernels read it row by row.
     """
     dtype = compute_dtype(full) if out is None else out.dtype
-    trains = torch.is_grad_enabled() and any(
-        source.requires_grad for source in (full, rows, cols))
+    # whatever the grad mode: shared_bias_attention builds a map without
+    # autograd in forward and again with it in backward, the same way
+    trained = any(source.requires_grad for source in (full, rows, cols))
     if builds_by_product(full.shape[0], math.prod(agent_shape),
                          math.prod(hw_shape), _inner_size(full, rows, cols),
-                         dtype, trains):
+                         dtype, trained):
         return _dense_bias(full, rows, cols, hw_shape, agent_shape,
                            token_major, out)
     full, rows, cols = (on_agent_grid(source, agent_shape)
@@ -392,16 +394,16 @@ def _inner_size(full: Tensor, rows: Tensor, cols: Tensor) -> int:
 
 
 def builds_by_product(heads: int, agents: int, tokens: int, inner: int,
-                      dtype: torch.dtype, trains: bool) -> bool:
+                      dtype: torch.dtype, trained: bool) -> bool:
     """Whether :func:`separable_bias` builds a ``heads × agents × tokens``
     map by :func:`_dense_bias`: when its token-grid matrix (``tokens ×
-    inner``) has at most :data:`DENSE_MAX_OPERATOR` elements and either
-    the map is trained (``trains``) in 16-bit products, or the product has
-    at most :data:`DENSE_MAX_MACS` multiply-adds (counted in 32-bit
-    products: a 16-bit one counts half)."""
-    if tokens * inner > DENSE_MAX_OPERATOR:
+    inner``) has at most :data:`DENSE_MAX_GRID_MATRIX` elements and either
+    the map's sources are ``trained`` and it is built in 16-bit products,
+    or the product has at most :data:`DENSE_MAX_MACS` multiply-adds
+    (counted in 32-bit products: a 16-bit one counts half)."""
+    if tokens * inner > DENSE_MAX_GRID_MATRIX:
         return False
-    if trains and dtype.itemsize < 4:
+    if trained and dtype.itemsize < 4:
         return True
     return heads * agents * tokens * inner * dtype.itemsize // 4 <= (
         DENSE_MAX_MACS)
