@@ -314,8 +314,9 @@ def separable_bias(full: Tensor,
                         for source in (full, rows, cols))
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
     rows, cols = rows[:, :, 0], cols[:, 0]
-    build = _token_major_bias if token_major else _agent_major_bias
-    return build(full, rows, cols, *hw_shape, out)
+    if token_major:
+        return _token_major_bias(full, rows, cols, *hw_shape, dtype, out)
+    return _agent_major_bias(full, rows, cols, *hw_shape, out)
 
 
 def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
@@ -351,9 +352,11 @@ def _agent_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
 
 
 def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
-                      width: int, out: Optional[Tensor]) -> Tensor:
+                      width: int, dtype: torch.dtype,
+                      out: Optional[Tensor]) -> Tensor:
     """The token-major ``(heads, H*W, n)`` map of :func:`separable_bias`,
-    from the sources as :func:`_agent_major_bias` takes them.
+    from the sources as :func:`_agent_major_bias` takes them, computed in
+    ``dtype``.
 
     Per head, the map is the product of ``[R_h | R_h' | 1]`` and ``[F R_wᵀ;
     a; b R_wᵀ]`` (laid out ``(x, agent)``; ``a`` repeated along the width).
@@ -363,7 +366,6 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     autocast) are cheap beside the memory they write.
     """
     heads, full_h, full_w, agents = full.shape
-    dtype = compute_dtype(full) if out is None else out.dtype
     fold_rows = dtype.itemsize < 4
     row_weights = interpolation_weights(rows.shape[1], height, full)
     right = [
