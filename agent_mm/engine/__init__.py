@@ -2,10 +2,12 @@
 from .checkpoint_hook import AtomicCheckpointHook
 from .checkpoint_match import CheckpointMatchHook
 from .feature_autocast import FeatureAutocastHook
+from .freed_memory import KeepFreedMemoryHook
 from .model_wrapper import CPUDistributedDataParallel
 from .optim_wrapper import CPUAmpOptimWrapper
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMatchHook', 'CPUAmpOptimWrapper',
-    'CPUDistributedDataParallel', 'FeatureAutocastHook'
+    'CPUDistributedDataParallel', 'FeatureAutocastHook',
+    'KeepFreedMemoryHook'
 ]
