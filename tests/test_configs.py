@@ -31,7 +31,6 @@ from mmengine.registry import HOOKS, init_default_scope
 from mmseg.registry import DATASETS as SEG_DATASETS
 
 import agent_mm  # noqa: F401  (registers the backbones)
-from agent_mm.engine import KeepFreedMemoryHook
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -461,10 +460,3 @@ def test_quickstarts_train_in_float32_by_one_override():
     det = Config.fromfile(quickstart / 'mask-rcnn_agent-pvt-t_fpn_shapes.py')
     det.merge_from_dict({'custom_hooks.0.dtype': 'float32'})
     assert HOOKS.build(det.custom_hooks[0]).dtype is None
-
-
-def test_detection_quickstart_keeps_freed_memory():
-    det = Config.fromfile(
-        REPO / 'configs/quickstart/mask-rcnn_agent-pvt-t_fpn_shapes.py')
-    hooks = [HOOKS.build(hook) for hook in det.custom_hooks]
-    assert any(isinstance(hook, KeepFreedMemoryHook) for hook in hooks)

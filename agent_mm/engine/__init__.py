@@ -2,12 +2,10 @@
 from .checkpoint_hook import AtomicCheckpointHook
 from .checkpoint_match import CheckpointMatchHook
 from .feature_autocast import FeatureAutocastHook
-from .freed_memory import KeepFreedMemoryHook
 from .model_wrapper import CPUDistributedDataParallel
 from .optim_wrapper import CPUAmpOptimWrapper
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMatchHook', 'CPUAmpOptimWrapper',
-    'CPUDistributedDataParallel', 'FeatureAutocastHook',
-    'KeepFreedMemoryHook'
+    'CPUDistributedDataParallel', 'FeatureAutocastHook'
 ]

@@ -150,14 +150,11 @@ auto_scale_lr = dict(enable=False, base_batch_size=4)
 # elsewhere, or anywhere with `--cfg-options custom_hooks.0.dtype=float32`.
 # RoI extraction, NMS and the losses stay in float32 (mmcv's CPU RoIAlign
 # and NMS take float32 only).
-# The second hook keeps the memory each step frees in the process (glibc's
-# heap) instead of faulting it back in at the next step.
 custom_hooks = [
     dict(
         type='FeatureAutocastHook',
         native_only=True,
-        heads=('rpn_head', 'roi_head.bbox_head', 'roi_head.mask_head')),
-    dict(type='KeepFreedMemoryHook')
+        heads=('rpn_head', 'roi_head.bbox_head', 'roi_head.mask_head'))
 ]
 
 # a fixed seed makes the quick-start reproducible (runs with other seeds
