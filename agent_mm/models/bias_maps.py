@@ -355,8 +355,8 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
                       width: int, dtype: torch.dtype,
                       out: Optional[Tensor]) -> Tensor:
     """The token-major ``(heads, H*W, n)`` map of :func:`separable_bias`,
-    from the sources as :func:`_agent_major_bias` takes them, computed in
-    ``dtype``.
+    from the sources as :func:`_agent_major_bias` takes them; ``dtype`` is
+    the one its products compute in (the running autocast's, or ``out``'s).
 
     Per head, the map is the product of ``[R_h | R_h' | 1]`` and ``[F R_wᵀ;
     a; b R_wᵀ]`` (laid out ``(x, agent)``; ``a`` repeated along the width).
