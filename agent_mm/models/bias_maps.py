@@ -407,8 +407,8 @@ def builds_by_product(heads: int, agents: int, tokens: int, inner: int,
         return False
     if trained and dtype.itemsize < 4:
         return True
-    return heads * agents * tokens * inner * dtype.itemsize // 4 <= (
-        DENSE_MAX_MACS)
+    macs_in_32_bits = heads * agents * tokens * inner * dtype.itemsize // 4
+    return macs_in_32_bits <= DENSE_MAX_MACS
 
 
 def _dense_bias(full: Tensor, rows: Tensor, cols: Tensor,
