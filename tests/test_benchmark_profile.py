@@ -11,16 +11,18 @@ from types import SimpleNamespace
 import pytest
 from test_benchmark_tools import load_tool
 
-from agent_mm.benchmark.profile import (FAMILIES, FAMILY_PATTERNS, GEMM,
-                                        LAYOUT, OTHER, VIEW, ProfileSettings,
-                                        Roofline, Tally, attention_flops,
-                                        event_bytes, event_flops, family_rows,
+from agent_mm.benchmark.ops_alone import OpTime
+from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
+                                        GEMM, LAYOUT, OTHER, VIEW,
+                                        ProfileSettings, Roofline, Tally,
+                                        attention_flops, event_bytes,
+                                        event_flops, family_rows, family_times,
                                         markdown, op_family, run_profiles,
                                         tally)
 
 KNOWN_FAMILIES = {
-    GEMM: [
-        'mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'linear',
+    GEMM: ['mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'linear'],
+    ATTENTION: [
         'scaled_dot_product_attention',
         '_scaled_dot_product_flash_attention_for_cpu',
         '_scaled_dot_product_attention_math'
@@ -152,7 +154,8 @@ def test_profile_of_a_tiny_run():
         sizes=[(64, 64)],
         dtypes=['float32', 'bfloat16'],
         matmul_size=256,
-        copy_mb=8)
+        copy_mb=8,
+        alone=1)
     results = run_profiles(settings)
     meta = results['meta']
     assert list(meta['matmul_gflops']) == ['float32', 'bfloat16']
@@ -171,11 +174,37 @@ def test_profile_of_a_tiny_run():
         assert sum(row['ms'] for row in families.values()) == pytest.approx(
             profile['aten_ms'])
         assert families[GEMM]['gflops'] > 0 and families[GEMM]['floor_ms'] > 0
+        assert families[ATTENTION]['gflops'] > 0
         assert profile['forward_ms'] > 0 and profile['profiled_ms'] > 0
+        # the GEMM roofline: products, fused attention and convolutions
+        rate = meta['matmul_gflops'][profile['dtype']]
+        products = sum(families[family]['gflops']
+                       for family in (GEMM, ATTENTION, 'convolution'))
+        assert profile['roofline_ms'] == pytest.approx(products / rate * 1e3)
+        alone = {row['family']: row for row in profile['alone']}
+        assert {GEMM, ATTENTION} <= set(alone) <= set(FAMILIES)
+        assert min(row['alone_ms'] for row in alone.values()) > 0
     assert json.loads(json.dumps(results)) == results
     table = markdown(results)
     assert table.count('| Family | ms | Share | Floor ms | × floor |') == 2
+    assert table.count('| Family | In forward ms | Alone ms | × alone |') == 2
     assert '## Agent-PVT-T, 64×64, bfloat16' in table
+
+
+def test_family_times_add_up_ops_by_family():
+    ops = [
+        OpTime('aten::addmm', 3e-3, 2e-3),
+        OpTime('aten::gelu', 1e-3, 1e-3),
+        OpTime('aten::mm', 1e-3, 2e-3),
+        OpTime('aten::view', 1e-6, 0.0),
+    ]
+    rows = family_times(ops)
+    assert [row['family'] for row in rows] == [GEMM, 'activation', VIEW]
+    gemm, activation, view = rows
+    assert (gemm['in_forward_ms'], gemm['alone_ms']) == pytest.approx((4, 4))
+    assert gemm['x_alone'] == pytest.approx(1.0)
+    assert activation['x_alone'] == pytest.approx(1.0)
+    assert view['alone_ms'] == 0 and view['x_alone'] is None
 
 
 def test_profile_tool_writes_markdown_and_json(tmp_path, capsys):
@@ -197,6 +226,7 @@ def test_profile_tool_writes_markdown_and_json(tmp_path, capsys):
     (['pvt_t', '--dtype', 'bfloat16', 'bfloat16'], 'distinct'),
     (['resnet'], "invalid choice: 'resnet'"),
     (['pvt_t', '--calls', '0'], '--calls'),
+    (['pvt_t', '--alone', '-1'], '--alone'),
 ])
 def test_profile_tool_rejects_bad_options(argv, message, capsys):
     tool = load_tool('profile_backbones')

@@ -31,6 +31,14 @@ allocation, metadata queries, and the wrappers ``contiguous`` / ``to`` /
 ``reshape`` / ``dropout``, whose copies are their ``clone`` / ``_to_copy``
 children) move nothing.
 
+The forward's *GEMM roofline* is the time of its products' FLOPs (the
+:data:`PRODUCTS` families: matrix products, fused attention kernels and
+convolutions) at the matmul rate; the report gives it as a share of the
+unprofiled forward. With ``alone`` set, every op of one more
+forward is also timed in the forward and re-run alone
+(:mod:`agent_mm.benchmark.ops_alone`), by family: whether the forward runs
+its kernels at their own speed.
+
 How to read a floor: the bandwidth is that of a copy larger than the caches,
 so ops whose data stay in cache can beat it (a memory-bound family below 1×
 its floor); the matmul rate is that of a large square product, which small
@@ -56,17 +64,21 @@ from agent_mm.utils.timing import timed
 from .measure import MB, log
 from .models import (DTYPES, MODELS, Size, build_models, check_dtypes,
                      in_precision, size_text)
+from .ops_alone import OpTime, op_times
 
 CPU = torch.device('cpu')
 GEMM, LAYOUT, VIEW, OTHER = 'GEMM', 'layout/copy', 'view/alloc', 'other'
+ATTENTION, CONVOLUTION = 'fused attention', 'convolution'
+# the families whose FLOPs make the GEMM roofline
+PRODUCTS = (GEMM, ATTENTION, CONVOLUTION)
 # aten op name (without ``aten::``) matched in full → family; the first
 # pattern that matches wins, ops matching none are OTHER
 FAMILY_PATTERNS: Dict[str, str] = {
     r'(mm|bmm|_?addmm\w*|addbmm|baddbmm|matmul|linear|mkldnn_linear|einsum)_?':
     GEMM,
     r'_?scaled_dot_product\w*|_flash_attention\w*|_efficient_attention\w*':
-    GEMM,
-    r'\w*conv\w*': 'convolution',  # conv2d ... mkldnn_convolution
+    ATTENTION,
+    r'\w*conv\w*': CONVOLUTION,  # conv2d ... mkldnn_convolution
     r'_?(safe_)?(log_)?softmax': 'softmax',
     r'\w*(layer|batch|group|instance|rms)_norm\w*': 'normalisation',
     r'(gelu|relu|relu6|leaky_relu|elu|selu|silu|mish|sigmoid|tanh|hardswish'
@@ -285,8 +297,35 @@ def family_rows(tallies: Dict[str, Tally], roofline: Roofline,
     return rows
 
 
-def profile_forward(model: nn.Module, inputs: torch.Tensor, warmup: int,
-                    calls: int) -> dict:
+def family_times(ops: Sequence[OpTime]) -> List[dict]:
+    """The times of :func:`~agent_mm.benchmark.ops_alone.op_times` added
+    up by family.
+
+    Returns:
+        ``family``, ``in_forward_ms``, ``alone_ms`` and ``x_alone`` (in the
+        forward over alone; None where alone is 0), in the order of
+        :data:`FAMILIES`, families without ops left out.
+    """
+    totals = {family: [0.0, 0.0] for family in FAMILIES}
+    for op in ops:
+        family = totals[op_family(op.name)]
+        family[0] += op.in_forward_s * 1e3
+        family[1] += op.alone_s * 1e3
+    return [
+        dict(
+            family=family,
+            in_forward_ms=in_forward,
+            alone_ms=alone,
+            x_alone=in_forward / alone if alone else None)
+        for family, (in_forward, alone) in totals.items() if in_forward
+    ]
+
+
+def profile_forward(model: nn.Module,
+                    inputs: torch.Tensor,
+                    warmup: int,
+                    calls: int,
+                    alone: int = 0) -> dict:
     """Profile eval forwards of ``model`` (already in its precision).
 
     Args:
@@ -294,11 +333,14 @@ def profile_forward(model: nn.Module, inputs: torch.Tensor, warmup: int,
         inputs: Its input batch.
         warmup: Untimed forwards first.
         calls: Profiled forwards.
+        alone: Timed re-runs of each op alone
+            (:func:`~agent_mm.benchmark.ops_alone.op_times`); 0 for none.
 
     Returns:
         ``forward_ms`` (one unprofiled forward after the warm-up),
-        ``profiled_ms`` (wall time per profiled forward) and ``tallies``
-        (:func:`tally` of the profiled forwards).
+        ``profiled_ms`` (wall time per profiled forward), ``tallies``
+        (:func:`tally` of the profiled forwards) and, with ``alone``,
+        ``alone`` (:func:`family_times`).
     """
     device = inputs.device
     with torch.no_grad():
@@ -313,10 +355,13 @@ def profile_forward(model: nn.Module, inputs: torch.Tensor, warmup: int,
             for _ in range(calls):
                 model(inputs)
             profiled_s = time.perf_counter() - start
-    return dict(
+    result = dict(
         forward_ms=forward_s * 1e3,
         profiled_ms=profiled_s * 1e3 / calls,
         tallies=tally(prof.events()))
+    if alone:
+        result['alone'] = family_times(op_times(model, inputs, alone))
+    return result
 
 
 @dataclass(frozen=True)
@@ -336,6 +381,8 @@ class ProfileSettings:
         seed: ``torch.manual_seed`` before the models are built.
         matmul_size: Side of the matmul whose rate is the GEMM roofline.
         copy_mb: MB of the tensor copied to measure the bandwidth.
+        alone: Timed re-runs of each op alone in one more forward
+            (:mod:`agent_mm.benchmark.ops_alone`); 0 for none.
     """
     models: Sequence[str]
     sizes: Sequence[Size]
@@ -347,6 +394,7 @@ class ProfileSettings:
     seed: int = 0
     matmul_size: int = 2048
     copy_mb: int = 256
+    alone: int = 0
 
 
 def profile_meta(settings: ProfileSettings,
@@ -362,6 +410,7 @@ def profile_meta(settings: ProfileSettings,
         calls=settings.calls,
         matmul_size=settings.matmul_size,
         copy_mb=settings.copy_mb,
+        alone=settings.alone,
         matmul_gflops={
             dtype: roofline.matmul_flops / 1e9
             for dtype, roofline in rooflines.items()
@@ -376,8 +425,9 @@ def profile_model(key: str, settings: ProfileSettings,
     Returns:
         One profile per size and precision: ``model``, ``size``,
         ``dtype``, ``forward_ms``, ``profiled_ms``, ``aten_ms`` (self time
-        of all ``aten`` ops per forward) and ``families``
-        (:func:`family_rows`).
+        of all ``aten`` ops per forward), ``roofline_ms`` (the GEMM
+        roofline), ``families`` (:func:`family_rows`) and, with
+        ``settings.alone``, ``alone`` (:func:`family_times`).
     """
     model = build_models([key], CPU)[key]
     profiles = []
@@ -387,8 +437,9 @@ def profile_model(key: str, settings: ProfileSettings,
             model.eval()  # drop the bias caches of other sizes and dtypes
             result = profile_forward(
                 in_precision(model, dtype, CPU), inputs, settings.warmup,
-                settings.calls)
+                settings.calls, settings.alone)
             tallies = result.pop('tallies')
+            products = sum(tallies[family].flops for family in PRODUCTS)
             profiles.append(
                 dict(
                     model=key,
@@ -397,6 +448,8 @@ def profile_model(key: str, settings: ProfileSettings,
                     **result,
                     aten_ms=sum(t.self_us for t in tallies.values()) / 1e3 /
                     settings.calls,
+                    roofline_ms=products / rooflines[dtype].matmul_flops *
+                    1e3 / settings.calls,
                     families=family_rows(tallies, rooflines[dtype],
                                          settings.calls)))
             log(f'profiled {key} {size_text(size)} {dtype}')
@@ -450,7 +503,10 @@ def profile_table(profile: dict) -> List[str]:
         f"{size_text(profile['size'])}, {profile['dtype']}", '',
         f"Forward {profile['forward_ms']:.1f} ms unprofiled, "
         f"{profile['profiled_ms']:.1f} ms profiled, of which aten self "
-        f"time {profile['aten_ms']:.1f} ms.", '',
+        f"time {profile['aten_ms']:.1f} ms. GEMM roofline (the products' "
+        f"FLOPs at the matmul rate): {profile['roofline_ms']:.1f} ms, "
+        f"{100 * profile['roofline_ms'] / profile['forward_ms']:.0f} % of "
+        'the unprofiled forward.', '',
         '| Family | ms | Share | Floor ms | × floor |',
         '|---|---:|---:|---:|---:|'
     ]
@@ -462,6 +518,30 @@ def profile_table(profile: dict) -> List[str]:
     x_floor = profile['aten_ms'] / floor_ms if floor_ms else None
     lines.append(f"| total | {profile['aten_ms']:.1f} | 100.0 % "
                  f"| {floor_ms:.1f} | {fmt(x_floor, '.2f')} |")
+    if 'alone' in profile:
+        lines += alone_table(profile['alone'], profile['roofline_ms'])
+    return lines
+
+
+def alone_table(rows: List[dict], roofline_ms: float) -> List[str]:
+    """The ops of one more forward by family, timed in it and alone
+    (:func:`family_times`), with the GEMM roofline's share of each total."""
+    in_forward = sum(row['in_forward_ms'] for row in rows)
+    alone = sum(row['alone_ms'] for row in rows)
+    lines = [
+        '', 'Each op of one more forward, timed in it and re-run alone on '
+        'copies of its arguments (median): the ops add up to '
+        f'{in_forward:.1f} ms in the forward and {alone:.1f} ms alone; the '
+        f'roofline is {100 * roofline_ms / in_forward:.0f} % and '
+        f'{100 * roofline_ms / alone:.0f} % of them.', '',
+        '| Family | In forward ms | Alone ms | × alone |',
+        '|---|---:|---:|---:|'
+    ]
+    lines += [
+        f"| {row['family']} | {row['in_forward_ms']:.1f} "
+        f"| {row['alone_ms']:.1f} | {fmt(row['x_alone'], '.2f')} |"
+        for row in rows
+    ]
     return lines
 
 

@@ -14,6 +14,10 @@ Example::
     python tools/analysis_tools/profile_backbones.py agent_pvt_t pvt_t \
         --sizes 1024 800x1333 --dtype float32 bfloat16 \
         --out docs/benchmark/profile.md
+
+``--alone 3`` also times every op of one more forward in it and alone
+(:mod:`agent_mm.benchmark.ops_alone`): whether the forward runs its
+kernels at their own speed.
 """
 import argparse
 import os
@@ -73,14 +77,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=256,
         help='MB of the tensor copy timed for the memory bandwidth')
     parser.add_argument(
+        '--alone',
+        type=int,
+        default=0,
+        metavar='REPEATS',
+        help='also time every op of one more forward in it and re-run '
+        'alone on copies of its arguments, REPEATS times (median); 0 '
+        '(default) for not')
+    parser.add_argument(
         '--out',
         default=osp.join('work_dirs', 'profile', 'profile.md'),
         help='the markdown report; the JSON goes beside it')
     args = parser.parse_args(argv)
     check_dtype_option(parser, args)
-    if args.warmup < 0 or min(getattr(args, name) for name in POSITIVE) < 1:
-        parser.error('--warmup must be ≥ 0 and --batch, --calls, '
-                     '--matmul-size and --copy-mb ≥ 1')
+    if min(args.warmup, args.alone) < 0 or min(
+            getattr(args, name) for name in POSITIVE) < 1:
+        parser.error('--warmup and --alone must be ≥ 0 and --batch, '
+                     '--calls, --matmul-size and --copy-mb ≥ 1')
     return args
 
 
