@@ -69,9 +69,11 @@ TRAIN_ROWS = [
 RATIOS = {
     'pvt_t_eval_time_fast_over_ref': 0.4,
     'pvt_t_eval_mem_fast_over_ref': 1 / 3,
-    'pvt_t_eval_footprint_fast_over_ref': 7 / 3,
     'pvt_t_train_time_fast_over_ref': 1.25,
     'pvt_t_train_mem_fast_over_ref': 0.8,
+    'pvt_t_eval_time_bf16_over_fp32': None,
+    'pvt_t_train_time_bf16_over_fp32': None,
+    'swin_t_time_agent_over_mmdet': None,
     'pvt_t_time_2048_over_1024': 4.25,
     'pvt_s_time_agent_over_mmdet': 0.3,
 }
@@ -80,7 +82,7 @@ RATIOS = {
 def test_targets_name_each_key_and_description_once():
     keys = [target.key for target in TARGETS]
     descriptions = [target.description for target in TARGETS]
-    assert len(set(keys)) == len(keys) == 7
+    assert len(set(keys)) == len(keys) == 9
     assert len(set(descriptions)) == len(descriptions)
     assert all(target.bound > 0 for target in TARGETS)
     assert target_ratios([], [], None) == dict.fromkeys(keys)
@@ -98,6 +100,28 @@ def test_target_ratios_of_one_run():
     ratios = target_ratios(EVAL_ROWS, TRAIN_ROWS, SCALING)
     assert ratios == pytest.approx(RATIOS)
     assert list(ratios) == list(RATIOS)
+
+
+def test_targets_read_models_in_one_precision_and_both_for_bf16_over_fp32():
+    swin = [
+        row('agent_swin_t', [800, 1344], 700.0, 200.0),
+        row('swin_t', [800, 1344], 1000.0, 300.0)
+    ]
+    eval_rows = (
+        EVAL_ROWS + swin + in_bfloat16(EVAL_ROWS[:1], 2.5) +
+        in_bfloat16(swin[:1], 2.0) + in_bfloat16(swin[1:], 1.4))
+    train_rows = TRAIN_ROWS + in_bfloat16(TRAIN_ROWS[:1], 2.0)
+    fp32 = target_ratios(eval_rows, train_rows, None)
+    assert fp32['swin_t_time_agent_over_mmdet'] == pytest.approx(0.7)
+    assert fp32['pvt_t_eval_time_fast_over_ref'] == pytest.approx(0.4)
+    assert fp32['pvt_t_eval_time_bf16_over_fp32'] == pytest.approx(0.4)
+    assert fp32['pvt_t_train_time_bf16_over_fp32'] == pytest.approx(0.5)
+    bf16 = target_ratios(eval_rows, train_rows, None, 'bfloat16')
+    assert bf16['swin_t_time_agent_over_mmdet'] == pytest.approx(0.7 / 2 *
+                                                                 1.4)
+    # no bfloat16 reference-path rows
+    assert bf16['pvt_t_eval_time_fast_over_ref'] is None
+    assert bf16['pvt_t_eval_time_bf16_over_fp32'] == pytest.approx(0.4)
 
 
 def test_scaling_target_needs_the_1024_2048_pair():
@@ -233,12 +257,16 @@ Agent-PVT-T forward: 400 ms at 1024×1024, 1700 ms at 2048×2048, ratio 4.25
 | yes |
 | Agent-PVT-T eval 1024²: fast / reference peak memory | 0.333 | ≤ 1.0 \
 | yes |
-| Agent-PVT-T eval 1024²: fast (peak + bias cache) / reference peak \
-| 2.333 | ≤ 1.0 | NO |
-| Agent-PVT-T train 512² (fwd+bwd): fast / reference time | 1.250 | ≤ 0.7 \
+| Agent-PVT-T train 512² (fwd+bwd): fast / reference time | 1.250 | ≤ 1.0 \
 | NO |
 | Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory \
-| 0.800 | ≤ 0.8 | yes |
+| 0.800 | ≤ 0.75 | NO |
+| Agent-PVT-T eval 1024²: bfloat16 / float32 forward time | n/a | ≤ 0.4 \
+| n/a |
+| Agent-PVT-T train 512² (fwd+bwd): bfloat16 / float32 time | n/a | ≤ 0.6 \
+| n/a |
+| Agent-Swin-T / mmdet Swin-T forward time at 800×1344 | n/a | ≤ 0.8 \
+| n/a |
 | Agent-PVT-T forward time 2048² / 1024² (sizes alternating) | 4.250 \
 | ≤ 4.5 | yes |
 | Agent-PVT-S (fast) / mmdet PVT-S forward time at 1024² | n/a | ≤ 1.0 \
@@ -325,6 +353,8 @@ def two_precision_results():
     results['precision_ratios'] = (
         precision_ratios(results['eval'], 'eval') +
         precision_ratios(results['train'], 'train'))
+    results['ratios'] = target_ratios(results['eval'], results['train'],
+                                      results['scaling'])
     return results
 
 
@@ -349,8 +379,15 @@ def test_markdown_of_two_precisions():
 
 ## Scaling"""
     assert section in table
-    assert '## Ratios\n\nFrom the float32 rows.\n\n| Ratio' in table
-    assert 'From the float32 rows.' not in EXPECTED_MARKDOWN
+    note = ('Models compared from the float32 rows; bfloat16 / float32 from '
+            'both.')
+    assert f'## Ratios\n\n{note}\n\n| Ratio' in table
+    assert note not in EXPECTED_MARKDOWN
+    # the bf16 / fp32 targets read both precisions
+    assert ('| Agent-PVT-T eval 1024²: bfloat16 / float32 forward time '
+            '| 0.400 | ≤ 0.4 | yes |') in table
+    assert ('| Agent-PVT-T train 512² (fwd+bwd): bfloat16 / float32 time '
+            '| 0.800 | ≤ 0.6 | NO |') in table
     assert '## bf16 / fp32' not in EXPECTED_MARKDOWN
 
 

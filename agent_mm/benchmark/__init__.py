@@ -16,6 +16,8 @@
   ``tools/analysis_tools/profile_backbones.py``: self CPU time of eval
   forwards by op family, against each family's floor (FLOPs at the matmul
   rate, bytes at the copy bandwidth, both measured in the same run);
+- :mod:`~agent_mm.benchmark.ops_alone`: every op of a forward timed in it
+  and re-run alone (``profile_backbones.py --alone``);
 - :mod:`~agent_mm.benchmark.cli`: command-line pieces shared by the two
   tools.
 """

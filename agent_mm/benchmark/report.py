@@ -197,7 +197,10 @@ def markdown(results: dict) -> str:
     lines += scaling_lines(results.get('scaling'))
     lines += ['', '## Ratios', '']
     if len(meta['dtypes']) > 1:
-        lines += [f"From the {meta['dtypes'][0]} rows.", '']
+        lines += [
+            f"Models compared from the {meta['dtypes'][0]} rows; bfloat16 / "
+            'float32 from both.', ''
+        ]
     lines += ratio_lines(results['ratios'])
     lines += ['', '## Checks', ''] + check_lines(results)
     return '\n'.join(lines) + '\n'

@@ -3,8 +3,9 @@
 The results hold ``meta`` (how the run measured), ``params``, the ``eval``
 and ``train`` rows of :func:`~agent_mm.benchmark.measure.measure` (one per
 model, size and precision), ``skipped`` models, ``output_max_abs_diff``
-(float32), ``scaling`` (when timed), the target ``ratios`` and the
-``flop_checks`` (both from the rows of the run's first precision) and the
+(float32), ``scaling`` (when timed), the target ``ratios`` (their model
+comparisons from the rows of the run's first precision, the bfloat16 /
+float32 targets from both), the ``flop_checks`` (first precision) and the
 ``precision_ratios`` (lower precision / float32 time, when both ran).
 """
 import math
@@ -165,11 +166,11 @@ def scaling_wanted(models: Dict[str, nn.Module], settings: Settings) -> bool:
 
 
 def judge(results: Results, dtype: str) -> None:
-    """Add the target ``ratios`` and ``flop_checks`` (from the rows of
-    precision ``dtype``) and the ``precision_ratios`` to ``results``."""
-    results['ratios'] = target_ratios(
-        rows_in(results['eval'], dtype), rows_in(results['train'], dtype),
-        results.get('scaling'))
+    """Add the target ``ratios`` (the model comparisons from the rows of
+    precision ``dtype``), the ``flop_checks`` (from those rows) and the
+    ``precision_ratios`` to ``results``."""
+    results['ratios'] = target_ratios(results['eval'], results['train'],
+                                      results.get('scaling'), dtype)
     results['flop_checks'] = flop_checks(rows_in(results['eval'], dtype))
     results['precision_ratios'] = (
         precision_ratios(results['eval'], 'eval') +

@@ -3,12 +3,16 @@ the time of the lower precisions over float32.
 
 Each target is a ratio of two measurements of the same run with the bound
 it should meet; :data:`TARGETS` is the one list of them (key, description,
-bound and how the value is read from the run's rows). Targets and FLOP
-checks read the rows of one precision (see :func:`rows_in`).
+bound and how the value is read from the run's rows). Targets comparing
+two models, and the FLOP checks, read the rows of one precision (see
+:func:`rows_in`); the precision targets compare a model's bfloat16 and
+float32 rows.
 """
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .models import FLOAT32, MODELS, Size
+
+BFLOAT16 = 'bfloat16'
 
 Rows = List[dict]
 # a row's model key and input size
@@ -19,19 +23,26 @@ SCALING_MODEL = 'agent_pvt_t'
 TARGET_SCALING = ((1024, 1024), (2048, 2048))
 FAST, REFERENCE = 'agent_pvt_t', 'agent_pvt_t_ref'
 S512, S1024 = (512, 512), (1024, 1024)
+S800 = (800, 1344)  # 800×1333 padded to 32, as mmdet's test pipeline does
 
 
 class Run(NamedTuple):
     """The measurements of one run the targets are read from.
 
     Attributes:
-        eval_rows: Rows of the eval measurements.
-        train_rows: Rows of the train measurements.
+        eval_rows: Rows of the eval measurements, in every precision.
+        train_rows: Rows of the train measurements, in every precision.
         scaling: The alternating pair of :data:`SCALING_MODEL`, if timed.
+        dtype: The precision whose rows the model comparisons read.
     """
     eval_rows: Rows
     train_rows: Rows
     scaling: Optional[dict]
+    dtype: str = FLOAT32
+
+    def rows(self, mode: str) -> Rows:
+        """The rows of ``mode`` (``'eval'`` or ``'train'``)."""
+        return self.train_rows if mode == 'train' else self.eval_rows
 
 
 def rows_in(rows: Rows, dtype: str) -> Rows:
@@ -47,24 +58,13 @@ def find_row(rows: Rows, model: str, size: Sequence[int]) -> Optional[dict]:
     return None
 
 
-def field_value(row: dict, field: str) -> float:
-    """A row's ``field``.
-
-    ``footprint_mb`` is derived: the peak plus the bias cache the model
-    keeps between calls.
-    """
-    if field == 'footprint_mb':
-        return row['peak_mb'] + row['bias_cache_mb']
-    return row[field]
-
-
 def ratio(rows: Rows, field: str, num: RowKey,
           den: RowKey) -> Optional[float]:
     """``field`` of one row over another's.
 
     Args:
         rows: The rows to look in.
-        field: A row field, or ``footprint_mb`` (see :func:`field_value`).
+        field: A row field.
         num: ``(model, size)`` of the numerator's row.
         den: ``(model, size)`` of the denominator's row.
 
@@ -73,9 +73,9 @@ def ratio(rows: Rows, field: str, num: RowKey,
         zero or None.
     """
     top, bottom = find_row(rows, *num), find_row(rows, *den)
-    if top is None or bottom is None or not field_value(bottom, field):
+    if top is None or bottom is None or not bottom[field]:
         return None
-    return field_value(top, field) / field_value(bottom, field)
+    return top[field] / bottom[field]
 
 
 class RowRatio(NamedTuple):
@@ -95,10 +95,33 @@ class RowRatio(NamedTuple):
     size: Size
 
     def __call__(self, run: Run) -> Optional[float]:
-        """The ratio in ``run``, None if not measured."""
-        rows = run.train_rows if self.mode == 'train' else run.eval_rows
-        return ratio(rows, self.field, (self.numerator, self.size),
-                     (self.denominator, self.size))
+        """The ratio in ``run``'s precision, None if not measured."""
+        return ratio(
+            rows_in(run.rows(self.mode), run.dtype), self.field,
+            (self.numerator, self.size), (self.denominator, self.size))
+
+
+class PrecisionRatio(NamedTuple):
+    """A target's value: one model's time in bfloat16 over its time in
+    float32, at one size.
+
+    Attributes:
+        mode: ``'eval'`` or ``'train'``: which rows of the run.
+        model: Key of the model.
+        size: The input size of both rows.
+    """
+    mode: str
+    model: str
+    size: Size
+
+    def __call__(self, run: Run) -> Optional[float]:
+        """The ratio in ``run``, None unless both precisions ran."""
+        rows = run.rows(self.mode)
+        low, base = (find_row(rows_in(rows, dtype), self.model, self.size)
+                     for dtype in (BFLOAT16, FLOAT32))
+        if low is None or base is None or not base['median_ms']:
+            return None
+        return low['median_ms'] / base['median_ms']
 
 
 def scaling_ratio(run: Run) -> Optional[float]:
@@ -132,16 +155,21 @@ TARGETS = (
     Target('pvt_t_eval_mem_fast_over_ref',
            'Agent-PVT-T eval 1024²: fast / reference peak memory', 1.0,
            RowRatio('eval', 'peak_mb', FAST, REFERENCE, S1024)),
-    Target(
-        'pvt_t_eval_footprint_fast_over_ref',
-        'Agent-PVT-T eval 1024²: fast (peak + bias cache) / reference peak',
-        1.0, RowRatio('eval', 'footprint_mb', FAST, REFERENCE, S1024)),
     Target('pvt_t_train_time_fast_over_ref',
-           'Agent-PVT-T train 512² (fwd+bwd): fast / reference time', 0.7,
+           'Agent-PVT-T train 512² (fwd+bwd): fast / reference time', 1.0,
            RowRatio('train', 'median_ms', FAST, REFERENCE, S512)),
     Target('pvt_t_train_mem_fast_over_ref',
            'Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory',
-           0.8, RowRatio('train', 'peak_mb', FAST, REFERENCE, S512)),
+           0.75, RowRatio('train', 'peak_mb', FAST, REFERENCE, S512)),
+    Target('pvt_t_eval_time_bf16_over_fp32',
+           'Agent-PVT-T eval 1024²: bfloat16 / float32 forward time', 0.4,
+           PrecisionRatio('eval', FAST, S1024)),
+    Target('pvt_t_train_time_bf16_over_fp32',
+           'Agent-PVT-T train 512² (fwd+bwd): bfloat16 / float32 time', 0.6,
+           PrecisionRatio('train', FAST, S512)),
+    Target('swin_t_time_agent_over_mmdet',
+           'Agent-Swin-T / mmdet Swin-T forward time at 800×1344', 0.8,
+           RowRatio('eval', 'median_ms', 'agent_swin_t', 'swin_t', S800)),
     Target('pvt_t_time_2048_over_1024',
            'Agent-PVT-T forward time 2048² / 1024² (sizes alternating)',
            4.5, scaling_ratio),
@@ -151,10 +179,13 @@ TARGETS = (
 )
 
 
-def target_ratios(eval_rows: Rows, train_rows: Rows,
-                  scaling: Optional[dict]) -> Dict[str, Optional[float]]:
-    """The value of every target of :data:`TARGETS` in one run, by key."""
-    run = Run(eval_rows, train_rows, scaling)
+def target_ratios(eval_rows: Rows,
+                  train_rows: Rows,
+                  scaling: Optional[dict],
+                  dtype: str = FLOAT32) -> Dict[str, Optional[float]]:
+    """The value of every target of :data:`TARGETS` in one run, by key; the
+    model comparisons read the rows of precision ``dtype``."""
+    run = Run(eval_rows, train_rows, scaling, dtype)
     return {target.key: target.value(run) for target in TARGETS}
 
 
