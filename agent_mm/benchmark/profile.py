@@ -306,19 +306,21 @@ def family_times(ops: Sequence[OpTime]) -> List[dict]:
         forward over alone; None where alone is 0), in the order of
         :data:`FAMILIES`, families without ops left out.
     """
-    totals = {family: [0.0, 0.0] for family in FAMILIES}
+    totals: Dict[str, List[float]] = {}
     for op in ops:
-        family = totals[op_family(op.name)]
+        family = totals.setdefault(op_family(op.name), [0.0, 0.0])
         family[0] += op.in_forward_s * 1e3
         family[1] += op.alone_s * 1e3
-    return [
-        dict(
-            family=family,
-            in_forward_ms=in_forward,
-            alone_ms=alone,
-            x_alone=in_forward / alone if alone else None)
-        for family, (in_forward, alone) in totals.items() if in_forward
-    ]
+    rows = []
+    for family in filter(totals.__contains__, FAMILIES):
+        in_forward, alone = totals[family]
+        rows.append(
+            dict(
+                family=family,
+                in_forward_ms=in_forward,
+                alone_ms=alone,
+                x_alone=in_forward / alone if alone else None))
+    return rows
 
 
 def profile_forward(model: nn.Module,
