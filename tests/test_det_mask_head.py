@@ -1,11 +1,14 @@
-"""ScaledInitFCNMaskHead: small initial logits on few-class data."""
+"""ScaledInitFCNMaskHead: small initial logits on few-class data, and the
+deconvolution as a matrix product (PatchConvTranspose2d)."""
 import math
+import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from mmdet.models.roi_heads.mask_heads import FCNMaskHead
 
-from agent_mm.det import ScaledInitFCNMaskHead
+from agent_mm.det import PatchConvTranspose2d, ScaledInitFCNMaskHead
 
 SETTINGS = dict(num_convs=2, in_channels=32, conv_out_channels=32,
                 num_classes=3)
@@ -64,3 +67,92 @@ def test_channels_last_gives_the_same_logits_and_gradients():
     for (name, ours), (_, theirs) in zip(fast.named_parameters(),
                                          plain.named_parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad, msg=name)
+
+
+def _deconv_pair(**kwargs):
+    """An nn.ConvTranspose2d and the PatchConvTranspose2d like it."""
+    torch.manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(8, 6, **kwargs).double()
+    return deconv, PatchConvTranspose2d.like(deconv)
+
+
+@pytest.mark.parametrize('kernel', [2, 3, (2, 3)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_patch_deconvolution_matches_torch(kernel, channels_last):
+    deconv, patch = _deconv_pair(kernel_size=kernel, stride=kernel)
+    assert patch.state_dict().keys() == deconv.state_dict().keys()
+    x = torch.randn(3, 8, 5, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [layer(x) for layer, x in zip((deconv, patch), inputs)]
+    torch.testing.assert_close(outs[1], outs[0])
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    weights = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weights).sum().backward()
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad)
+    torch.testing.assert_close(patch.weight.grad, deconv.weight.grad)
+    torch.testing.assert_close(patch.bias.grad, deconv.bias.grad)
+
+
+def test_patch_deconvolution_of_no_rois_and_without_bias():
+    deconv, patch = _deconv_pair(kernel_size=2, stride=2, bias=False)
+    x = torch.randn(0, 8, 14, 14, dtype=torch.float64)
+    assert patch(x).shape == deconv(x).shape == (0, 6, 28, 28)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(patch(x), deconv(x))
+
+
+def test_patch_deconvolution_in_bfloat16_autocast():
+    deconv, patch = _deconv_pair(kernel_size=2, stride=2)
+    deconv, patch = deconv.float(), patch.float()
+    x = torch.randn(4, 8, 14, 14)
+    with torch.autocast('cpu', torch.bfloat16):
+        ours, theirs = patch(x), deconv(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2,
+                               atol=2e-2)
+
+
+@pytest.mark.parametrize('settings, wrong', [
+    (dict(kernel_size=2, stride=1), 'stride=(1, 1)'),
+    (dict(kernel_size=2, stride=2, padding=1), 'padding=(1, 1)'),
+    (dict(kernel_size=2, stride=2, groups=2), 'groups=2'),
+])
+def test_patch_deconvolution_refuses_overlapping_or_padded_kernels(
+        settings, wrong):
+    with pytest.raises(ValueError, match=re.escape(wrong)):
+        PatchConvTranspose2d(8, 6, **settings)
+
+
+def test_matmul_upsample_keeps_the_heads_parameters_and_logits():
+    torch.manual_seed(0)
+    plain = ScaledInitFCNMaskHead(channels_last=True, **SETTINGS).double()
+    plain.init_weights()
+    fast = ScaledInitFCNMaskHead(
+        channels_last=True, matmul_upsample=True, **SETTINGS).double()
+    assert isinstance(fast.upsample, PatchConvTranspose2d)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    rois = torch.randn(5, 32, 14, 14, dtype=torch.float64)
+    torch.testing.assert_close(fast(rois), plain(rois))
+
+
+def test_matmul_upsample_needs_a_deconvolution():
+    with pytest.raises(ValueError, match="type 'bilinear'"):
+        ScaledInitFCNMaskHead(
+            matmul_upsample=True,
+            upsample_cfg=dict(type='bilinear', scale_factor=2),
+            **SETTINGS)
+
+
+def test_matmul_upsample_leaves_the_random_stream_as_it_was():
+    # the modules built after the head must start as they would without it
+    draws = []
+    for matmul_upsample in (False, True):
+        torch.manual_seed(0)
+        head = ScaledInitFCNMaskHead(
+            matmul_upsample=matmul_upsample, **SETTINGS)
+        draws.append((head.upsample.weight.detach(), torch.rand(4)))
+    torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)

@@ -58,10 +58,13 @@ model = dict(
             featmap_strides=strides),
         # small initial mask logits (mmdet's init is tuned for 80 classes);
         # channels-last convolutions (oneDNN's layout): the head alone takes
-        # 0.85 of its time in float32, 0.68 in bfloat16
+        # 0.85 of its time in float32, 0.68 in bfloat16; the 2x2
+        # deconvolution as one matrix product: a training step in 0.92-0.97
+        # of the time in bfloat16, 0.97-0.98 in float32
         mask_head=dict(
             type='ScaledInitFCNMaskHead',
             channels_last=True,
+            matmul_upsample=True,
             num_convs=2,
             in_channels=channels,
             conv_out_channels=channels,
