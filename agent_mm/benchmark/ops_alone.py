@@ -25,6 +25,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from agent_mm.utils.timing import timed
+
+CPU = torch.device('cpu')
+
 
 class OpTime(NamedTuple):
     """One op of the forward.
@@ -58,13 +62,6 @@ def copy_argument(value: Any) -> Any:
                        value.stride())
 
 
-def wall_time(call: Callable[[], Any]) -> float:
-    """Seconds ``call()`` takes (on the CPU: no device to wait for)."""
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def time_alone(func: Callable, args: tuple, kwargs: dict,
                repeats: int) -> float:
     """Median seconds of ``func`` on copies of its arguments (in-place ops
@@ -75,7 +72,7 @@ def time_alone(func: Callable, args: tuple, kwargs: dict,
         return func(*args, **kwargs)
 
     call()
-    return statistics.median(wall_time(call) for _ in range(repeats))
+    return statistics.median(timed(call, CPU) for _ in range(repeats))
 
 
 class TimedOps(TorchDispatchMode):

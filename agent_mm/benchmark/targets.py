@@ -115,13 +115,14 @@ class PrecisionRatio(NamedTuple):
     size: Size
 
     def __call__(self, run: Run) -> Optional[float]:
-        """The ratio in ``run``, None unless both precisions ran."""
-        rows = run.rows(self.mode)
-        low, base = (find_row(rows_in(rows, dtype), self.model, self.size)
-                     for dtype in (BFLOAT16, FLOAT32))
-        if low is None or base is None or not base['median_ms']:
-            return None
-        return low['median_ms'] / base['median_ms']
+        """The ratio in ``run`` (as :func:`precision_ratios` pairs the
+        rows), None unless both precisions ran."""
+        wanted = (self.model, list(self.size), BFLOAT16)
+        return next((entry['ratio']
+                     for entry in precision_ratios(run.rows(self.mode),
+                                                   self.mode)
+                     if (entry['model'], list(entry['size']),
+                         entry['dtype']) == wanted), None)
 
 
 def scaling_ratio(run: Run) -> Optional[float]:
