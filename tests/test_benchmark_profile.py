@@ -130,6 +130,32 @@ def test_tally_counts_bytes_once_per_family_chain():
     assert tallies[OTHER] == Tally()
 
 
+def test_tally_counts_the_elements_of_compute_bound_ops():
+    gelus = [
+        event('gelu', [[4, 8], []], ['c10::BFloat16', 'Scalar']),
+        event('gelu', [[2, 3]], ['float'])
+    ]
+    relu = event('relu', [[4, 8]], ['float'])
+    activation = tally(gelus + [relu])['activation']
+    assert activation.elements == {'aten::gelu': 32 + 6}
+    assert activation.bytes == 2 * 64 + 2 * 24 + 2 * 128
+
+
+def test_floor_is_the_largest_of_flops_bytes_and_rated_elements():
+    roofline = Roofline(
+        matmul_flops=1e9, bandwidth=1e9, element_rates={'aten::gelu': 1e8})
+    # 10**6 elements at 1e8/s: 10 ms, above the bytes' 2 ms
+    gelu = Tally(bytes=2 * 10**6, elements={'aten::gelu': 10**6})
+    assert roofline.floor_s(gelu) == pytest.approx(10e-3)
+    # the same op, bandwidth-bound where its bytes take longer
+    assert roofline.floor_s(
+        Tally(bytes=3 * 10**7, elements={'aten::gelu': 10**6})) == (
+            pytest.approx(30e-3))
+    # families without rated ops need no rates
+    assert Roofline(1e9, 1e9).floor_s(Tally(flops=10**6)) == (
+        pytest.approx(1e-3))
+
+
 def test_family_rows_share_time_and_compare_with_floors():
     roofline = Roofline(matmul_flops=1e9, bandwidth=1e9)
     tallies = {family: Tally() for family in FAMILIES}
@@ -161,6 +187,10 @@ def test_profile_of_a_tiny_run():
     assert list(meta['matmul_gflops']) == ['float32', 'bfloat16']
     assert min(meta['matmul_gflops'].values()) > 0
     assert meta['bandwidth_gb_s'] > 0 and meta['threads'] == 1
+    assert {dtype: set(ops) for dtype, ops in meta['gelements_s'].items()
+            } == {dtype: {'aten::gelu'} for dtype in ('float32', 'bfloat16')}
+    assert min(rate for ops in meta['gelements_s'].values()
+               for rate in ops.values()) > 0
     assert [(p['model'], p['size'], p['dtype'])
             for p in results['profiles']] == [('agent_pvt_t', [64, 64],
                                                'float32'),
@@ -189,6 +219,8 @@ def test_profile_of_a_tiny_run():
     assert table.count('| Family | ms | Share | Floor ms | × floor |') == 2
     assert table.count('| Family | In forward ms | Alone ms | × alone |') == 2
     assert '## Agent-PVT-T, 64×64, bfloat16' in table
+    assert re.search(r'gelu float32 [\d.]+, bfloat16 [\d.]+ G elements/s',
+                     table)
 
 
 def test_family_times_add_up_ops_by_family():

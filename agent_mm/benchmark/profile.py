@@ -8,7 +8,7 @@ cache is filled) of the benchmark's models. The self CPU time of every
 GEMM, normalisation, layout/copy); ops of other namespaces are left out.
 
 A family's *floor* is the time it could not beat on this machine, a
-roofline bound measured in the same process: the larger of
+roofline bound measured in the same process: the largest of
 
 - its FLOPs over the matmul rate, timed on a ``matmul_size``³ ``torch.mm``
   in the run's precision. FLOPs are the profiler's counts (``mm``,
@@ -16,7 +16,11 @@ roofline bound measured in the same process: the larger of
   multiply-add = 2 flops) plus those of the fused attention kernels, which
   the profiler does not count, from their query, key and value shapes;
 - its bytes over the memory bandwidth, timed on a ``copy_mb`` MB
-  ``dst.copy_(src)`` counting the bytes read and written.
+  ``dst.copy_(src)`` counting the bytes read and written;
+- for the ops of :data:`RATED_OPS`, compute-bound element-wise ops such
+  as the exact (erf) GELU, their input elements over the op's own rate,
+  timed on a cache-sized input in the run's precision (the elements of the
+  family's rated ops at their rates, added up).
 
 Bytes are estimated from the recorded input shapes and dtypes: an op moves
 its tensor inputs, plus, for the families whose output is the size of an
@@ -51,11 +55,13 @@ import math
 import os.path as osp
 import re
 import time
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple,
+                    Optional, Sequence)
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
@@ -123,6 +129,12 @@ ELEMENT_BYTES = {
     'signed char': 1,
     'unsigned char': 1,
     'bool': 1,
+}
+# compute-bound element-wise ops (profiler name → the op on one tensor):
+# their floor is their elements at the op's own rate, which the bandwidth
+# bound understates (exact GELU runs at a few G elements/s on 2 cores)
+RATED_OPS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'aten::gelu': F.gelu,
 }
 _COMPILED = [(re.compile(pattern), family)
              for pattern, family in FAMILY_PATTERNS.items()]
@@ -195,10 +207,12 @@ class Tally:
         self_us: Self CPU time, in µs.
         flops: FLOPs (see :func:`event_flops`).
         bytes: Estimated bytes moved (see :func:`event_bytes`).
+        elements: Input elements of the :data:`RATED_OPS`, by op name.
     """
     self_us: float = 0.0
     flops: int = 0
     bytes: int = 0
+    elements: Dict[str, int] = field(default_factory=dict)
 
 
 def tally(events: Sequence[FunctionEvent]) -> Dict[str, Tally]:
@@ -215,6 +229,10 @@ def tally(events: Sequence[FunctionEvent]) -> Dict[str, Tally]:
         totals.flops += event_flops(event)
         if moves_bytes(event, family):
             totals.bytes += event_bytes(event, family)
+        if event.name in RATED_OPS:
+            totals.elements[event.name] = (
+                totals.elements.get(event.name, 0) +
+                math.prod(event.input_shapes[0]))
     return tallies
 
 
@@ -224,15 +242,21 @@ class Roofline(NamedTuple):
     Attributes:
         matmul_flops: FLOP/s of a large matmul in one precision.
         bandwidth: Bytes/s of a large tensor copy (read + write).
+        element_rates: Elements/s of each of the :data:`RATED_OPS` in the
+            same precision (:func:`element_rate`).
     """
     matmul_flops: float
     bandwidth: float
+    element_rates: Mapping[str, float] = {}
 
     def floor_s(self, totals: Tally) -> float:
-        """Seconds a family's ops take at least: the larger of their
-        FLOPs at the matmul rate and their bytes at the bandwidth."""
+        """Seconds a family's ops take at least: the largest of their
+        FLOPs at the matmul rate, their bytes at the bandwidth and the
+        elements of their rated ops at those ops' rates."""
+        rated = sum(elements / self.element_rates[op]
+                    for op, elements in totals.elements.items())
         return max(totals.flops / self.matmul_flops,
-                   totals.bytes / self.bandwidth)
+                   totals.bytes / self.bandwidth, rated)
 
 
 def matmul_rate(dtype: torch.dtype,
@@ -247,6 +271,26 @@ def matmul_rate(dtype: torch.dtype,
     seconds = min(
         timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
     return 2 * size**3 / seconds
+
+
+def element_rate(op: Callable[[torch.Tensor], torch.Tensor],
+                 dtype: torch.dtype,
+                 device: torch.device,
+                 elements: int = 2**18,
+                 calls: int = 20,
+                 repeats: int = 3) -> float:
+    """Elements/s of ``op`` on a ``dtype`` tensor of ``elements`` (sized
+    to stay in the caches, so that the op's arithmetic is timed, not the
+    memory): the best of ``repeats`` timings of ``calls`` calls, after one
+    untimed."""
+    x = torch.randn(elements, device=device).to(dtype)
+    op(x)
+
+    def run() -> None:
+        for _ in range(calls):
+            op(x)
+
+    return calls * elements / min(timed(run, device) for _ in range(repeats))
 
 
 def copy_bandwidth(nbytes: int,
@@ -402,7 +446,8 @@ class ProfileSettings:
 def profile_meta(settings: ProfileSettings,
                  rooflines: Dict[str, Roofline]) -> dict:
     """How a run measured, with the rates of its ``rooflines`` (by
-    precision): ``matmul_gflops`` by precision and ``bandwidth_gb_s``."""
+    precision): ``matmul_gflops`` and ``gelements_s`` (of each rated op) by
+    precision, and ``bandwidth_gb_s``."""
     return dict(
         device=str(CPU),
         threads=torch.get_num_threads(),
@@ -415,6 +460,13 @@ def profile_meta(settings: ProfileSettings,
         alone=settings.alone,
         matmul_gflops={
             dtype: roofline.matmul_flops / 1e9
+            for dtype, roofline in rooflines.items()
+        },
+        gelements_s={
+            dtype: {
+                op: rate / 1e9
+                for op, rate in roofline.element_rates.items()
+            }
             for dtype, roofline in rooflines.items()
         },
         bandwidth_gb_s=rooflines[settings.dtypes[0]].bandwidth / 1e9)
@@ -458,14 +510,29 @@ def profile_model(key: str, settings: ProfileSettings,
     return profiles
 
 
+def machine_rooflines(settings: ProfileSettings) -> Dict[str, Roofline]:
+    """The :class:`Roofline` of each of ``settings.dtypes``, measured here
+    (one copy bandwidth for all)."""
+    bandwidth = copy_bandwidth(settings.copy_mb * MB, CPU)
+    return {
+        dtype: Roofline(
+            matmul_rate(DTYPES[dtype], settings.matmul_size, CPU), bandwidth,
+            {
+                name: element_rate(op, DTYPES[dtype], CPU)
+                for name, op in RATED_OPS.items()
+            })
+        for dtype in settings.dtypes
+    }
+
+
 def run_profiles(settings: ProfileSettings) -> dict:
     """Measure the machine's rates, then profile every model.
 
     Sets torch's threads and seed first; runs on the CPU.
 
     Returns:
-        ``meta`` (how the run measured, with the rates: ``matmul_gflops``
-        by precision and ``bandwidth_gb_s``) and ``profiles`` (see
+        ``meta`` (how the run measured, with the rates: see
+        :func:`profile_meta`) and ``profiles`` (see
         :func:`profile_model`).
 
     Raises:
@@ -475,12 +542,7 @@ def run_profiles(settings: ProfileSettings) -> dict:
     check_dtypes(settings.dtypes)
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    bandwidth = copy_bandwidth(settings.copy_mb * MB, CPU)
-    rooflines = {
-        dtype: Roofline(
-            matmul_rate(DTYPES[dtype], settings.matmul_size, CPU), bandwidth)
-        for dtype in settings.dtypes
-    }
+    rooflines = machine_rooflines(settings)
     meta = profile_meta(settings, rooflines)
     log('rates: ' + ', '.join(f'{dtype} {rate:.0f} GFLOP/s'
                               for dtype, rate in meta['matmul_gflops'].items())
@@ -552,6 +614,11 @@ def markdown(results: dict) -> str:
     meta = results['meta']
     rates = ', '.join(f'{dtype} {gflops:.0f} GFLOP/s'
                       for dtype, gflops in meta['matmul_gflops'].items())
+    element_rates = '; '.join(
+        f"{op.replace('aten::', '')} " + ', '.join(
+            f"{dtype} {ops[op]:.2f}"
+            for dtype, ops in meta['gelements_s'].items()) + ' G elements/s'
+        for op in RATED_OPS)
     lines = [
         '# Eval forward by op family', '',
         f"{meta['device']}, {meta['threads']} threads, torch "
@@ -560,10 +627,11 @@ def markdown(results: dict) -> str:
         f"{meta['warmup']} untimed. Measured in the same process: matmul "
         f"{meta['matmul_size']}³ {rates}; copy bandwidth "
         f"{meta['bandwidth_gb_s']:.1f} GB/s ({meta['copy_mb']} MB copy_, "
-        'read + write).',
+        f'read + write); {element_rates} (in cache).',
         'ms: self CPU time of the family\'s aten ops per forward; floor: '
-        'the larger of its FLOPs at the matmul rate and its estimated bytes '
-        'at the copy bandwidth (method and approximations: '
+        'the largest of its FLOPs at the matmul rate, its estimated bytes '
+        'at the copy bandwidth and its compute-bound ops\' elements at '
+        'their rates (method and approximations: '
         '`agent_mm/benchmark/profile.py`).'
     ]
     for profile in results['profiles']:
