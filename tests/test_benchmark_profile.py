@@ -9,7 +9,12 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from test_benchmark_tools import load_tool
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
 from agent_mm.benchmark.ops_alone import OpTime
 from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
@@ -19,6 +24,7 @@ from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
                                         event_flops, family_rows, family_times,
                                         markdown, op_family, run_profiles,
                                         tally)
+from agent_mm.models.layers import activate_
 
 KNOWN_FAMILIES = {
     GEMM: ['mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'linear'],
@@ -133,12 +139,25 @@ def test_tally_counts_bytes_once_per_family_chain():
 def test_tally_counts_the_elements_of_compute_bound_ops():
     gelus = [
         event('gelu', [[4, 8], []], ['c10::BFloat16', 'Scalar']),
-        event('gelu', [[2, 3]], ['float'])
+        event('gelu', [[2, 3]], ['float']),
+        event('gelu_', [[5, 2]], ['float']),
     ]
     relu = event('relu', [[4, 8]], ['float'])
     activation = tally(gelus + [relu])['activation']
-    assert activation.elements == {'aten::gelu': 32 + 6}
-    assert activation.bytes == 2 * 64 + 2 * 24 + 2 * 128
+    assert activation.elements == {'aten::gelu': 32 + 6, 'aten::gelu_': 10}
+    assert activation.bytes == 2 * 64 + 2 * 24 + 40 + 2 * 128
+
+
+def test_tally_rates_the_gelus_the_models_run():
+    x = torch.randn(3, 40)
+    with torch_profile(activities=[ProfilerActivity.CPU],
+                       record_shapes=True) as prof:
+        activate_(nn.GELU(), x)  # the models' MLPs in inference
+        F.gelu(x)
+    assert tally(prof.events())['activation'].elements == {
+        'aten::gelu_': 120,
+        'aten::gelu': 120
+    }
 
 
 def test_floor_is_the_largest_of_flops_bytes_and_rated_elements():
@@ -188,7 +207,8 @@ def test_profile_of_a_tiny_run():
     assert min(meta['matmul_gflops'].values()) > 0
     assert meta['bandwidth_gb_s'] > 0 and meta['threads'] == 1
     assert {dtype: set(ops) for dtype, ops in meta['gelements_s'].items()
-            } == {dtype: {'aten::gelu'} for dtype in ('float32', 'bfloat16')}
+            } == {dtype: {'aten::gelu', 'aten::gelu_'}
+                  for dtype in ('float32', 'bfloat16')}
     assert min(rate for ops in meta['gelements_s'].values()
                for rate in ops.values()) > 0
     assert [(p['model'], p['size'], p['dtype'])
@@ -219,7 +239,7 @@ def test_profile_of_a_tiny_run():
     assert table.count('| Family | ms | Share | Floor ms | × floor |') == 2
     assert table.count('| Family | In forward ms | Alone ms | × alone |') == 2
     assert '## Agent-PVT-T, 64×64, bfloat16' in table
-    assert re.search(r'gelu float32 [\d.]+, bfloat16 [\d.]+ G elements/s',
+    assert re.search(r'gelu_ float32 [\d.]+, bfloat16 [\d.]+ G elements/s',
                      table)
 
 

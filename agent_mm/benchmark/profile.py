@@ -135,6 +135,7 @@ ELEMENT_BYTES = {
 # bound understates (exact GELU runs at a few G elements/s on 2 cores)
 RATED_OPS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'aten::gelu': F.gelu,
+    'aten::gelu_': torch.ops.aten.gelu_,  # the models' MLPs (in place)
 }
 _COMPILED = [(re.compile(pattern), family)
              for pattern, family in FAMILY_PATTERNS.items()]
