@@ -19,8 +19,8 @@ roofline bound measured in the same process: the largest of
   ``dst.copy_(src)`` counting the bytes read and written;
 - for the ops of :data:`RATED_OPS`, compute-bound element-wise ops such
   as the exact (erf) GELU, their input elements over the op's own rate,
-  timed on a cache-sized input in the run's precision (the elements of the
-  family's rated ops at their rates, added up).
+  the best of a few input sizes in the run's precision (the elements of
+  the family's rated ops at their rates, added up).
 
 Bytes are estimated from the recorded input shapes and dtypes: an op moves
 its tensor inputs, plus, for the families whose output is the size of an
@@ -277,21 +277,19 @@ def matmul_rate(dtype: torch.dtype,
 def element_rate(op: Callable[[torch.Tensor], torch.Tensor],
                  dtype: torch.dtype,
                  device: torch.device,
-                 elements: int = 2**18,
-                 calls: int = 20,
+                 sizes: Sequence[int] = (2**20, 2**22, 2**24),
                  repeats: int = 3) -> float:
-    """Elements/s of ``op`` on a ``dtype`` tensor of ``elements`` (sized
-    to stay in the caches, so that the op's arithmetic is timed, not the
-    memory): the best of ``repeats`` timings of ``calls`` calls, after one
+    """Elements/s of ``op`` on a ``dtype`` tensor: the best over tensors of
+    ``sizes`` elements (small ones leave the threads' start-up unpaid,
+    large ones the caches) of the best of ``repeats`` calls, after one
     untimed."""
-    x = torch.randn(elements, device=device).to(dtype)
-    op(x)
-
-    def run() -> None:
-        for _ in range(calls):
-            op(x)
-
-    return calls * elements / min(timed(run, device) for _ in range(repeats))
+    rates = []
+    for size in sizes:
+        x = torch.randn(size, device=device).to(dtype)
+        op(x)
+        rates.append(size / min(
+            timed(lambda: op(x), device) for _ in range(repeats)))
+    return max(rates)
 
 
 def copy_bandwidth(nbytes: int,
@@ -628,7 +626,7 @@ def markdown(results: dict) -> str:
         f"{meta['warmup']} untimed. Measured in the same process: matmul "
         f"{meta['matmul_size']}³ {rates}; copy bandwidth "
         f"{meta['bandwidth_gb_s']:.1f} GB/s ({meta['copy_mb']} MB copy_, "
-        f'read + write); {element_rates} (in cache).',
+        f'read + write); {element_rates}.',
         'ms: self CPU time of the family\'s aten ops per forward; floor: '
         'the largest of its FLOPs at the matmul rate, its estimated bytes '
         'at the copy bandwidth and its compute-bound ops\' elements at '
