@@ -20,10 +20,10 @@ from agent_mm.benchmark.ops_alone import OpTime
 from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
                                         GEMM, LAYOUT, OTHER, VIEW,
                                         ProfileSettings, Roofline, Tally,
-                                        attention_flops, event_bytes,
-                                        event_flops, family_rows, family_times,
-                                        markdown, op_family, run_profiles,
-                                        tally)
+                                        attention_flops, element_rate,
+                                        event_bytes, event_flops, family_rows,
+                                        family_times, markdown, op_family,
+                                        run_profiles, tally)
 from agent_mm.models.layers import activate_
 
 KNOWN_FAMILIES = {
@@ -158,6 +158,20 @@ def test_tally_rates_the_gelus_the_models_run():
         'aten::gelu_': 120,
         'aten::gelu': 120
     }
+
+
+def test_element_rate_is_the_best_over_the_sizes():
+    calls = []
+
+    def op(x):
+        calls.append((x.numel(), x.dtype))
+        return x
+
+    rate = element_rate(op, torch.bfloat16, torch.device('cpu'),
+                        sizes=(4, 8), repeats=2)
+    # one untimed call, then the timed ones, at each size
+    assert calls == [(4, torch.bfloat16)] * 3 + [(8, torch.bfloat16)] * 3
+    assert rate > 0
 
 
 def test_floor_is_the_largest_of_flops_bytes_and_rated_elements():

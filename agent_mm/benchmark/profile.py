@@ -280,9 +280,9 @@ def element_rate(op: Callable[[torch.Tensor], torch.Tensor],
                  sizes: Sequence[int] = (2**20, 2**22, 2**24),
                  repeats: int = 3) -> float:
     """Elements/s of ``op`` on a ``dtype`` tensor: the best over tensors of
-    ``sizes`` elements (small ones leave the threads' start-up unpaid,
-    large ones the caches) of the best of ``repeats`` calls, after one
-    untimed."""
+    ``sizes`` elements (on small ones the threads' start-up weighs, on
+    large ones the memory) of the best of ``repeats`` calls each, after
+    one untimed."""
     rates = []
     for size in sizes:
         x = torch.randn(size, device=device).to(dtype)
@@ -545,7 +545,8 @@ def run_profiles(settings: ProfileSettings) -> dict:
     meta = profile_meta(settings, rooflines)
     log('rates: ' + ', '.join(f'{dtype} {rate:.0f} GFLOP/s'
                               for dtype, rate in meta['matmul_gflops'].items())
-        + f", copy {meta['bandwidth_gb_s']:.1f} GB/s")
+        + f", copy {meta['bandwidth_gb_s']:.1f} GB/s; "
+        + element_rates_text(meta['gelements_s']))
     profiles = []
     for key in settings.models:
         profiles += profile_model(key, settings, rooflines)
@@ -608,16 +609,20 @@ def alone_table(rows: List[dict], roofline_ms: float) -> List[str]:
     return lines
 
 
+def element_rates_text(gelements_s: Dict[str, Dict[str, float]]) -> str:
+    """The rated ops' rates of :func:`profile_meta`, e.g. ``'gelu float32
+    4.61, bfloat16 4.30 G elements/s'``."""
+    return '; '.join(
+        f"{op.replace('aten::', '')} " + ', '.join(
+            f'{dtype} {ops[op]:.2f}' for dtype, ops in gelements_s.items()) +
+        ' G elements/s' for op in RATED_OPS)
+
+
 def markdown(results: dict) -> str:
     """The report (``profile.md``) of :func:`run_profiles`' results."""
     meta = results['meta']
     rates = ', '.join(f'{dtype} {gflops:.0f} GFLOP/s'
                       for dtype, gflops in meta['matmul_gflops'].items())
-    element_rates = '; '.join(
-        f"{op.replace('aten::', '')} " + ', '.join(
-            f"{dtype} {ops[op]:.2f}"
-            for dtype, ops in meta['gelements_s'].items()) + ' G elements/s'
-        for op in RATED_OPS)
     lines = [
         '# Eval forward by op family', '',
         f"{meta['device']}, {meta['threads']} threads, torch "
@@ -626,7 +631,7 @@ def markdown(results: dict) -> str:
         f"{meta['warmup']} untimed. Measured in the same process: matmul "
         f"{meta['matmul_size']}³ {rates}; copy bandwidth "
         f"{meta['bandwidth_gb_s']:.1f} GB/s ({meta['copy_mb']} MB copy_, "
-        f'read + write); {element_rates}.',
+        f'read + write); {element_rates_text(meta["gelements_s"])}.',
         'ms: self CPU time of the family\'s aten ops per forward; floor: '
         'the largest of its FLOPs at the matmul rate, its estimated bytes '
         'at the copy bandwidth and its compute-bound ops\' elements at '
