@@ -11,7 +11,7 @@ from test_benchmark_measure import TIMING, TinyBackbone
 from test_benchmark_tools import load_tool
 
 import agent_mm.benchmark.measure as measure_module
-from agent_mm.benchmark.measure import measure
+from agent_mm.benchmark.measure import measure, precision_copies
 from agent_mm.benchmark.models import (DTYPES, FLOAT32, Autocast, check_dtypes,
                                        in_precision)
 from agent_mm.benchmark.run import run
@@ -67,12 +67,59 @@ def test_in_precision_autocasts_the_forward_only(dtype):
 @pytest.mark.parametrize('train', [False, True])
 def test_measure_rows_carry_their_dtype(train):
     models = dict(one=TinyBackbone(), two=TinyBackbone(attend=True))
-    rows = measure(models, (8, 8), 1, train, TIMING, dtype='bfloat16')
+    rows = measure(models, (8, 8), 1, train, TIMING, dtypes=['bfloat16'])
     assert [(row['model'], row['dtype']) for row in rows] == [
         ('one', 'bfloat16'), ('two', 'bfloat16')
     ]
     assert all(row['peak_mb'] > 0 for row in rows)
     assert measure(models, (8, 8), 1, train, TIMING)[0]['dtype'] == FLOAT32
+
+
+def test_precision_copies_give_later_precisions_models_of_their_own():
+    models = dict(one=TinyBackbone(), two=TinyBackbone(attend=True))
+    runs = precision_copies(models, ['float32', 'bfloat16', 'float16'])
+    assert list(runs) == ['float32', 'bfloat16', 'float16']
+    assert runs['float32'] is models
+    for dtype in ('bfloat16', 'float16'):
+        for key, model in models.items():
+            twin = runs[dtype][key]
+            assert twin is not model
+            assert all(a is not b and torch.equal(a, b) for a, b in zip(
+                twin.state_dict().values(),
+                model.state_dict().values()))
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_measure_interleaves_the_precisions_call_by_call(train, monkeypatch):
+    calls = []
+    in_precision = measure_module.in_precision
+
+    class Recording(torch.nn.Module):
+        """The runner of ``model`` in ``dtype``, noting each call."""
+
+        def __init__(self, model, dtype, device):
+            super().__init__()
+            self.runner = in_precision(model, dtype, device)
+            self.call = (id(model), dtype)
+
+        def forward(self, *args):
+            calls.append(self.call)
+            return self.runner(*args)
+
+    monkeypatch.setattr(measure_module, 'in_precision', Recording)
+    models = dict(one=TinyBackbone(attend=True))
+    rows = measure(models, (8, 8), 1, train, TIMING,
+                   dtypes=['float32', 'bfloat16'])
+    assert [row['dtype'] for row in rows] == ['float32', 'bfloat16']
+    timed = calls[:4 * TIMING.repeats]  # then each step's peak memory
+    # one untimed and one timed call of each precision in turn, the order
+    # rotating; bfloat16 runs a copy of the model, float32 the model
+    fp32, bf16 = (id(models['one']), 'float32'), (timed[2][0], 'bfloat16')
+    assert timed == [fp32, fp32, bf16, bf16, bf16, bf16, fp32, fp32]
+    assert bf16[0] != fp32[0]
+    if not train:
+        # FLOPs counted once, in the first precision, shared by the other
+        assert rows[1]['flops'] == rows[0]['flops'] > 0
 
 
 def test_benchmark_tiny_run_in_two_precisions(tmp_path, monkeypatch):

@@ -5,12 +5,15 @@ order, see :func:`agent_mm.utils.timing.interleaved_times`) so load from
 other processes hits all of them. The scaling of a model's forward time
 with the input size is timed the same way, its two sizes alternating.
 
-Each measurement runs in one precision (a key of
+Each row is one precision (a key of
 :data:`~agent_mm.benchmark.models.DTYPES`): float32, or the forward under
 ``torch.autocast`` with float32 parameters (the backward of a training step
-runs outside autocast). The precisions of a run are measured one after the
-other, not interleaved: a model's eval bias cache holds the maps of one
-precision, and each switch would rebuild them.
+runs outside autocast). The precisions of a run are interleaved with the
+models, call by call, so that a ratio between precisions is measured side
+by side like one between models: each precision after the first runs a
+copy of each model (:func:`precision_copies`), whose eval bias cache holds
+that precision's maps (one cache switching between precisions would
+rebuild its maps at every call).
 
 Peak memory is the largest amount of tensor memory allocated during one call
 on top of what was live when the call started (weights, the input and the
@@ -27,6 +30,7 @@ FLOPs come from mmengine's ``FlopAnalyzer`` (one multiply-add = one flop)
 with handles for ``scaled_dot_product_attention`` and ``baddbmm``; they are
 counted on a cold model, so the fast path's bias computation is included.
 """
+import copy
 import os
 import statistics
 import sys
@@ -39,11 +43,13 @@ from torch import Tensor
 
 from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
-from agent_mm.utils.timing import (Step, eval_step, interleaved_times,
+from agent_mm.utils.timing import (Key, Step, eval_step, interleaved_times,
                                    peak_bytes, train_step)
 from .models import FLOAT32, MODELS, Size, in_precision, size_text, token_count
 
 MB = 2**20
+# FLOPs do not depend on the precision: counted in the first one only
+FLOP_FIELDS = ('flops', 'layer_flops', 'unsupported_ops')
 # ops where the two attention paths differ: the reference resizes biases
 # with interpolation and attends with matmuls, the fast path resizes with
 # matrix products (matmul, bmm) and attends with SDPA
@@ -63,7 +69,7 @@ class Timing(NamedTuple):
     repeats: int
     device: torch.device
 
-    def times(self, steps: Dict[str, Step]) -> Dict[str, List[float]]:
+    def times(self, steps: Dict[Key, Step]) -> Dict[Key, List[float]]:
         """Seconds of each step's timed calls, the steps interleaved."""
         return interleaved_times(steps, self.warmup, self.repeats,
                                  self.device)
@@ -181,17 +187,31 @@ def eval_extras(model: nn.Module, inputs: Tensor, peak_mb: float,
     return extras
 
 
+def precision_copies(models: Dict[str, nn.Module],
+                     dtypes: Sequence[str]) -> Dict[str, Dict[str, nn.Module]]:
+    """The models each of ``dtypes`` runs: the first precision the models
+    themselves, every other a deep copy of each (same weights, its own
+    bias cache)."""
+    return {
+        dtype: models if index == 0 else
+        {key: copy.deepcopy(model)
+         for key, model in models.items()}
+        for index, dtype in enumerate(dtypes)
+    }
+
+
 def measure(models: Dict[str, nn.Module],
             size: Size,
             batch: int,
             train: bool,
             timing: Timing,
             flops_max_peak_mb: Optional[float] = None,
-            dtype: str = FLOAT32) -> List[dict]:
-    """Measure every model at one size, in one precision.
+            dtypes: Sequence[str] = (FLOAT32, )) -> List[dict]:
+    """Measure every model at one size, in each precision.
 
-    First the interleaved latency of all models, then the peak memory of
-    each (and in eval its bias cache and FLOPs).
+    First the interleaved latency of all models in all precisions, then
+    the peak memory of each (and in eval its bias cache and FLOPs, counted
+    in the first precision and shared by the others).
 
     Args:
         models: Models by key.
@@ -201,39 +221,48 @@ def measure(models: Dict[str, nn.Module],
             forward without autograd.
         timing: How calls are timed.
         flops_max_peak_mb: See :func:`eval_extras`.
-        dtype: The precision, a key of
+        dtypes: The precisions, keys of
             :data:`~agent_mm.benchmark.models.DTYPES`.
 
     Returns:
-        One row per model: ``model``, ``size``, ``dtype``, ``batch``,
-        ``tokens``, ``times_ms``, ``median_ms``, ``peak_mb`` and, in eval,
-        the fields of :func:`eval_extras`.
+        One row per precision and model (precision-major): ``model``,
+        ``size``, ``dtype``, ``batch``, ``tokens``, ``times_ms``,
+        ``median_ms``, ``peak_mb`` and, in eval, the fields of
+        :func:`eval_extras`.
     """
     inputs = torch.randn(batch, 3, *size, device=timing.device)
     make_step = train_step if train else eval_step
     for model in models.values():
         model.train(train)
-    steps = {
-        key: make_step(in_precision(model, dtype, timing.device), inputs)
-        for key, model in models.items()
-    }
+    runs = precision_copies(models, dtypes)
+    steps = {(dtype, key): make_step(in_precision(model, dtype,
+                                                  timing.device), inputs)
+             for dtype, copies in runs.items()
+             for key, model in copies.items()}
     load_before = os.getloadavg()[0]
     times = timing.times(steps)
-    rows = []
-    for key, model in models.items():
-        row = time_row(key, size, batch, dtype, times[key])
+    rows: Dict[Tuple[str, str], dict] = {}
+    for (dtype, key), step in steps.items():
+        model = runs[dtype][key]
+        row = time_row(key, size, batch, dtype, times[dtype, key])
         model.zero_grad(set_to_none=True)  # frees nothing while profiled
-        row['peak_mb'] = peak_bytes(steps[key], timing.device) / MB
-        if not train:
+        row['peak_mb'] = peak_bytes(step, timing.device) / MB
+        if not train and dtype == dtypes[0]:
             row.update(
                 eval_extras(model, inputs, row['peak_mb'], flops_max_peak_mb))
+        elif not train:
+            counted = rows[dtypes[0], key]
+            row.update(
+                bias_cache_mb=bias_cache_bytes(model) / MB,
+                **{field: counted[field]
+                   for field in FLOP_FIELDS})
         model.zero_grad(set_to_none=True)
         model.eval()  # drop this size's bias cache before the next size
-        rows.append(row)
+        rows[dtype, key] = row
     mode = 'train' if train else 'eval'
-    log(f'{mode} {size[0]}x{size[1]} {dtype} done (load avg '
+    log(f'{mode} {size[0]}x{size[1]} {"+".join(dtypes)} done (load avg '
         f'{load_before:.1f} → {os.getloadavg()[0]:.1f})')
-    return rows
+    return list(rows.values())
 
 
 def measure_scaling(key: str,

@@ -20,16 +20,12 @@ import torch.nn as nn
 from .measure import Timing, log, measure, measure_scaling, output_differences
 from .models import (Size, build_models, check_dtypes, parameter_counts,
                      within_limits)
-from .targets import (SCALING_MODEL, Rows, flop_checks, precision_ratios,
-                      rows_in, target_ratios)
+from .targets import (SCALING_MODEL, flop_checks, precision_ratios, rows_in,
+                      target_ratios)
 
 Results = dict
 # called with the results after each measured size, e.g. to save them
 OnUpdate = Callable[[Results], None]
-# FLOPs do not depend on the precision: counted in the first one only
-FLOP_FIELDS = ('flops', 'layer_flops', 'unsupported_ops')
-# a forward peak limit no model is under: no FLOPs counted
-NO_FLOPS = -math.inf
 
 
 @dataclass(frozen=True)
@@ -112,30 +108,6 @@ def new_results(settings: Settings) -> Results:
         output_max_abs_diff={})
 
 
-def measure_precisions(models: Dict[str, nn.Module], size: Size,
-                       train: bool, settings: Settings) -> Rows:
-    """Measure the models at one size in every precision of the run.
-
-    FLOPs are counted in the first precision and copied to the rows of
-    the others.
-    """
-    batch = settings.train_batch if train else settings.batch
-    first: Rows = []
-    rows: Rows = []
-    for dtype in settings.dtypes:
-        limit = NO_FLOPS if first else settings.flops_max_peak_mb
-        measured = measure(models, size, batch, train, settings.timing(),
-                           limit, dtype)
-        for row, counted in zip(measured, first):  # the same models
-            row.update({
-                field: counted[field]
-                for field in FLOP_FIELDS if field in counted
-            })
-        first = first or measured
-        rows += measured
-    return rows
-
-
 def measure_sizes(models: Dict[str, nn.Module], settings: Settings,
                   results: Results, on_update: OnUpdate) -> None:
     """Measure every size of both modes, in every precision, into
@@ -151,8 +123,11 @@ def measure_sizes(models: Dict[str, nn.Module], settings: Settings,
                 dict(model=key, size=list(size), mode=mode) for key in models
                 if key not in active
             ]
-            results[mode] += measure_precisions(active, size,
-                                                mode == 'train', settings)
+            batch = settings.train_batch if mode == 'train' else settings.batch
+            results[mode] += measure(active, size, batch, mode == 'train',
+                                     settings.timing(),
+                                     settings.flops_max_peak_mb,
+                                     settings.dtypes)
             on_update(results)
 
 

@@ -10,13 +10,15 @@ and free events that ``torch.profiler`` records for torch's CPU allocator
 (memory allocated outside it, such as oneDNN scratchpads, is not seen).
 """
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 Step = Callable[[], None]
+# what names a step in :func:`interleaved_times`, e.g. a model's key
+Key = TypeVar('Key', bound=Hashable)
 
 
 def synchronize(device: torch.device) -> None:
@@ -34,8 +36,8 @@ def timed(step: Step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
-                      device: torch.device) -> Dict[str, List[float]]:
+def interleaved_times(steps: Dict[Key, Step], warmup: int, repeats: int,
+                      device: torch.device) -> Dict[Key, List[float]]:
     """Time every step once per repeat, round-robin, each timed call right
     after ``warmup`` untimed calls of the same step.
 
@@ -46,7 +48,7 @@ def interleaved_times(steps: Dict[str, Step], warmup: int, repeats: int,
     their pages would fault in again).
     """
     keys = list(steps)
-    times: Dict[str, List[float]] = {key: [] for key in keys}
+    times: Dict[Key, List[float]] = {key: [] for key in keys}
     for repeat in range(repeats):
         shift = repeat % len(keys)
         for key in keys[shift:] + keys[:shift]:

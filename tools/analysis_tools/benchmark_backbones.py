@@ -6,7 +6,8 @@ peak memory, parameters and FLOPs, and forward+backward latency and peak
 memory in train mode, plus the scaling of Agent-PVT-T's forward time with
 the input size (its two sizes alternating) and the project's target ratios.
 With ``--dtype float32 bfloat16`` every measurement is also made with the
-forward under ``torch.autocast`` and the report gives the bf16 / fp32 time.
+forward under ``torch.autocast``, the precisions' calls interleaved with the
+models', and the report gives the bf16 / fp32 time.
 How each quantity is measured: :mod:`agent_mm.benchmark.measure`; the
 measuring, the targets and the report live in :mod:`agent_mm.benchmark`,
 this file is the command line.
