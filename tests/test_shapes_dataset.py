@@ -71,6 +71,14 @@ def test_layout_and_coco_file_load(tiny_root):
     assert image.shape == (64, 64, 3)
 
 
+def test_images_and_label_maps_are_stored_uncompressed(tiny_root):
+    """Decoding a compressed PNG of noise costs most of a training step's
+    data loading; stored uncompressed, a file holds at least its pixels."""
+    for kind, channels in (('images', 3), ('ann_semseg', 1)):
+        path = osp.join(tiny_root, kind, 'train', '000001.png')
+        assert osp.getsize(path) >= 64 * 64 * channels
+
+
 def test_same_seed_is_byte_identical_other_seed_differs(tiny_root, tmp_path):
     again = generate_shapes(str(tmp_path / 'again'), **TINY)
     assert _files(again) == _files(tiny_root)
