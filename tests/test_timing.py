@@ -4,8 +4,8 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from agent_mm.utils.timing import (eval_step, interleaved_times, peak_bytes,
-                                   replay_peak, timed, train_step)
+from agent_mm.utils.timing import (best_time, eval_step, interleaved_times,
+                                   peak_bytes, replay_peak, timed, train_step)
 
 CPU = torch.device('cpu')
 
@@ -77,3 +77,10 @@ def test_cpu_peak_bytes_counts_what_the_call_allocates():
 
     assert peak_bytes(step, CPU) == (4 + 2) * 2**20
     assert peak_bytes(live.zero_, CPU) == 0
+
+
+def test_best_time_calls_once_untimed_then_each_repeat():
+    calls = []
+    seconds = best_time(lambda: calls.append(1), CPU, repeats=4)
+    assert len(calls) == 1 + 4
+    assert seconds >= 0

@@ -66,7 +66,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
-from agent_mm.utils.timing import timed
+from agent_mm.utils.timing import best_time, timed
 from .measure import MB, log
 from .models import (DTYPES, MODELS, Size, build_models, check_dtypes,
                      in_precision, size_text)
@@ -268,9 +268,7 @@ def matmul_rate(dtype: torch.dtype,
     multiply-add), the best of ``repeats`` calls after one untimed."""
     a, b = (torch.randn(size, size, device=device).to(dtype)
             for _ in range(2))
-    torch.mm(a, b)
-    seconds = min(
-        timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
+    seconds = best_time(lambda: torch.mm(a, b), device, repeats)
     return 2 * size**3 / seconds
 
 
@@ -286,9 +284,7 @@ def element_rate(op: Callable[[torch.Tensor], torch.Tensor],
     rates = []
     for size in sizes:
         x = torch.randn(size, device=device).to(dtype)
-        op(x)
-        rates.append(size / min(
-            timed(lambda: op(x), device) for _ in range(repeats)))
+        rates.append(size / best_time(lambda: op(x), device, repeats))
     return max(rates)
 
 
@@ -300,9 +296,7 @@ def copy_bandwidth(nbytes: int,
     ``repeats`` copies after one untimed (which faults the pages in)."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    seconds = min(
-        timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    seconds = best_time(lambda: dst.copy_(src), device, repeats)
     return 2 * src.nbytes / seconds
 
 

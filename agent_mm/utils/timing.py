@@ -36,6 +36,13 @@ def timed(step: Step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def best_time(step: Step, device: torch.device, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``step``, after one
+    untimed call (which warms caches and faults memory in)."""
+    step()
+    return min(timed(step, device) for _ in range(repeats))
+
+
 def interleaved_times(steps: Dict[Key, Step], warmup: int, repeats: int,
                       device: torch.device) -> Dict[Key, List[float]]:
     """Time every step once per repeat, round-robin, each timed call right
