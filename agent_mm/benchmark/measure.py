@@ -165,8 +165,11 @@ def time_row(key: str, size: Size, batch: int, dtype: str,
         median_ms=median_ms(times))
 
 
-def eval_extras(model: nn.Module, inputs: Tensor, peak_mb: float,
-                flops_max_peak_mb: Optional[float]) -> dict:
+def eval_extras(model: nn.Module,
+                inputs: Tensor,
+                peak_mb: float,
+                flops_max_peak_mb: Optional[float],
+                counted: Optional[dict] = None) -> dict:
     """The eval-only fields of a row: the bias cache and FLOPs.
 
     Args:
@@ -174,16 +177,22 @@ def eval_extras(model: nn.Module, inputs: Tensor, peak_mb: float,
         inputs: Its input batch.
         peak_mb: Its measured forward peak (see :func:`flops_wanted`).
         flops_max_peak_mb: No FLOPs counted above this peak (None: always).
+        counted: The row of the same model in another precision, whose
+            FLOPs are taken instead of counting them again (they do not
+            depend on the precision).
 
     Returns:
         ``bias_cache_mb``, ``flops``, ``layer_flops`` and
         ``unsupported_ops`` (the last three None when not counted).
     """
     extras = dict(bias_cache_mb=bias_cache_bytes(model) / MB)
-    counts = (
-        count_flops(model, inputs) if flops_wanted(
-            peak_mb, flops_max_peak_mb) else (None, None, None))
-    extras['flops'], extras['layer_flops'], extras['unsupported_ops'] = counts
+    if counted is not None:
+        counts = tuple(counted[field] for field in FLOP_FIELDS)
+    elif flops_wanted(peak_mb, flops_max_peak_mb):
+        counts = count_flops(model, inputs)
+    else:
+        counts = (None, None, None)
+    extras.update(zip(FLOP_FIELDS, counts))
     return extras
 
 
@@ -247,15 +256,12 @@ def measure(models: Dict[str, nn.Module],
         row = time_row(key, size, batch, dtype, times[dtype, key])
         model.zero_grad(set_to_none=True)  # frees nothing while profiled
         row['peak_mb'] = peak_bytes(step, timing.device) / MB
-        if not train and dtype == dtypes[0]:
+        if not train:
+            # rows are precision-major: the first precision's is there
+            # before the others'
             row.update(
-                eval_extras(model, inputs, row['peak_mb'], flops_max_peak_mb))
-        elif not train:
-            counted = rows[dtypes[0], key]
-            row.update(
-                bias_cache_mb=bias_cache_bytes(model) / MB,
-                **{field: counted[field]
-                   for field in FLOP_FIELDS})
+                eval_extras(model, inputs, row['peak_mb'], flops_max_peak_mb,
+                            rows.get((dtypes[0], key))))
         model.zero_grad(set_to_none=True)
         model.eval()  # drop this size's bias cache before the next size
         rows[dtype, key] = row
