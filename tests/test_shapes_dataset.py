@@ -392,3 +392,15 @@ def test_seg_dataset_generates_and_loads(tmp_path):
     expected = _label_map(data_root, 'val', '000001.png')
     np.testing.assert_array_equal(seg_map, expected)
     assert set(np.unique(seg_map)) - {0} != set()
+
+
+@pytest.mark.parametrize('name', ['ShapesDetDataset', 'ShapesSegDataset'])
+def test_dataset_without_data_root_names_the_fix(name, tmp_path, monkeypatch):
+    from agent_mm.datasets import ShapesDetDataset, ShapesSegDataset
+    cls = dict(ShapesDetDataset=ShapesDetDataset,
+               ShapesSegDataset=ShapesSegDataset)[name]
+    # nothing may be generated into the working directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f'{name} needs a data_root'):
+        cls(data_root='', generate=TINY)
+    assert list(tmp_path.iterdir()) == []

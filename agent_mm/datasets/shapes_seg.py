@@ -1,14 +1,12 @@
 """The shapes data set for mmseg (label maps, generated on first use)."""
-from typing import List, Optional
-
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
-from .shapes import ensure_shapes
+from .generated import GeneratedOnFirstUse
 
 
 @DATASETS.register_module()
-class ShapesSegDataset(BaseSegDataset):
+class ShapesSegDataset(GeneratedOnFirstUse, BaseSegDataset):
     """Synthetic circles, squares and triangles for semantic segmentation.
 
     Label maps are ADE20K-style single-channel PNGs, but label 0 is a real
@@ -35,19 +33,9 @@ class ShapesSegDataset(BaseSegDataset):
                  img_suffix: str = '.png',
                  seg_map_suffix: str = '.png',
                  reduce_zero_label: bool = False,
-                 generate: Optional[dict] = None,
                  **kwargs) -> None:
-        self._generate_kwargs = dict(generate or {})
         super().__init__(
             img_suffix=img_suffix,
             seg_map_suffix=seg_map_suffix,
             reduce_zero_label=reduce_zero_label,
             **kwargs)
-
-    def load_data_list(self) -> List[dict]:
-        """Generate the data set if needed, then list its images."""
-        if not self.data_root:
-            raise ValueError(f'{type(self).__name__} needs a data_root to '
-                             'generate the shapes data set in')
-        ensure_shapes(self.data_root, **self._generate_kwargs)
-        return super().load_data_list()
