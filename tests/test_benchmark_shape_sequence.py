@@ -2,10 +2,12 @@
 shape_sequence.py)."""
 import pytest
 
-from agent_mm.benchmark.shape_sequence import (PAD, TEST_SCALE,
+from agent_mm.benchmark.shape_sequence import (MAPS_BUILT, PAD, TEST_SCALE,
                                                coco_like_shapes,
                                                keep_ratio_shape,
-                                               measure_variants, report)
+                                               measure_variants, report,
+                                               variants)
+from agent_mm.models import AgentAttention
 
 
 @pytest.mark.parametrize('width, height, shape', [
@@ -38,3 +40,18 @@ def test_only_repeated_shapes_hold_maps():
     table = report(results, [(64, 96), (96, 64)], 64)
     assert table.count('\n| ') == 1 + len(results)  # header + one per row
     assert '64x96, 96x64' in table
+
+
+def test_a_lower_precision_adds_the_variant_with_maps_built():
+    assert MAPS_BUILT not in variants('float32')
+    results = measure_variants(first_size=64, shapes=[(64, 96)],
+                               dtype='bfloat16')
+    assert list(results) == list(variants('bfloat16'))
+    assert MAPS_BUILT in results
+    model = variants('bfloat16')[MAPS_BUILT]()
+    attentions = [m for m in model.modules() if isinstance(m, AgentAttention)]
+    assert attentions and not any(m.fold_biases for m in attentions)
+    assert not any(m.bias_cache.max_shapes for m in attentions)
+    table = report(results, [(64, 96)], 64, 'bfloat16')
+    assert table.startswith('bfloat16.')
+    assert table.count('\n| ') == 1 + len(results)

@@ -13,7 +13,9 @@ Agent-PVT-T (fresh model, eval, no autograd):
 - a shape seen twice before: time of a call that the cache serves.
 
 The variants' calls are interleaved shape by shape, so load from other
-processes hits all of them.
+processes hits all of them. In a lower precision (autocast, the parameters
+in float32) a fifth variant builds the maps where the others fold them
+into the products (:mod:`agent_mm.models.folded_bias`).
 """
 from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -21,9 +23,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from agent_mm.models import AgentAttention
 from agent_mm.utils.timing import eval_step, peak_bytes, timed
 from .measure import MB, bias_cache_bytes, log
-from .models import MODELS
+from .models import FLOAT32, MODELS, in_precision
 
 # (width, height) of common COCO image sizes
 COCO_IMAGE_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640),
@@ -40,6 +43,24 @@ VARIANTS: Dict[str, Callable[[], nn.Module]] = {
     'fast, cache off': MODELS['agent_pvt_t_nocache'].build,
     'reference (literal)': MODELS['agent_pvt_t_ref'].build,
 }
+MAPS_BUILT = 'fast, cache off, maps built (none folded)'
+
+
+def build_maps_built() -> nn.Module:
+    """Agent-PVT-T without cache whose attentions never fold their maps."""
+    model = MODELS['agent_pvt_t_nocache'].build()
+    for module in model.modules():
+        if isinstance(module, AgentAttention):
+            module.fold_biases = False
+    return model
+
+
+def variants(dtype: str) -> Dict[str, Callable[[], nn.Module]]:
+    """:data:`VARIANTS`, and in a precision other than float32 (where maps
+    may be folded) the :data:`MAPS_BUILT` one."""
+    if dtype == FLOAT32:
+        return dict(VARIANTS)
+    return {**VARIANTS, MAPS_BUILT: build_maps_built}
 
 
 def keep_ratio_shape(width: int, height: int) -> Tuple[int, int]:
@@ -60,13 +81,15 @@ def coco_like_shapes() -> List[Tuple[int, int]]:
 
 def measure_variants(first_size: int = 1024,
                      shapes: Sequence[Tuple[int, int]] = (),
-                     seed: int = 0) -> Dict[str, dict]:
-    """Measure every variant of :data:`VARIANTS`.
+                     seed: int = 0,
+                     dtype: str = FLOAT32) -> Dict[str, dict]:
+    """Measure every variant of :func:`variants`.
 
     Args:
         first_size: Side of the square input of the first forward.
         shapes: The sequence (default: :func:`coco_like_shapes`).
         seed: Seed of the weights (equal for all variants) and inputs.
+        dtype: The precision, a key of :data:`~.models.DTYPES`.
 
     Returns:
         Per variant: ``first_peak_mb``, ``first_held_mb`` (cache after the
@@ -75,9 +98,9 @@ def measure_variants(first_size: int = 1024,
     shapes = list(shapes) or coco_like_shapes()
     device = torch.device('cpu')
     models = {}
-    for name, build in VARIANTS.items():
+    for name, build in variants(dtype).items():
         torch.manual_seed(seed)
-        models[name] = build().eval()
+        models[name] = in_precision(build().eval(), dtype, device)
     results = {name: {'sequence_s': 0.} for name in models}
     first = torch.randn(1, 3, first_size, first_size)
     for name, model in models.items():
@@ -101,13 +124,15 @@ def measure_variants(first_size: int = 1024,
     return results
 
 
-def report(results: Dict[str, dict], shapes: Sequence[Tuple[int, int]],
-           first_size: int) -> str:
+def report(results: Dict[str, dict],
+           shapes: Sequence[Tuple[int, int]],
+           first_size: int,
+           dtype: str = FLOAT32) -> str:
     """A markdown table of :func:`measure_variants`' results, with the
     ratios to the reference."""
     reference = results['reference (literal)']
     lines = [
-        f'First forward at {first_size}x{first_size}; sequence of '
+        f'{dtype}. First forward at {first_size}x{first_size}; sequence of '
         f'{len(shapes)} distinct shapes: '
         + ', '.join(f'{h}x{w}' for h, w in shapes) + '.', '',
         '| Variant | first forward peak (MB) | x reference | held after '

@@ -6,7 +6,8 @@ Both attentions carry learned position biases that are interpolated to the
 current token grid, so the module works at any input resolution.
 """
 import functools
-from typing import Callable, List, Optional, Tuple
+import math
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,8 +18,9 @@ from torch import Tensor
 
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache
-from .bias_maps import pool_tokens, separable_bias
+from .bias_maps import agent_grid_matrix, pool_tokens, separable_bias
 from .checks import check_agent_attention
+from .folded_bias import FoldedBias, folded_bias_attention, folds_bias
 from .layers import (ChannelsLastConv2d, biased_attention, compute_dtype,
                      linear_into, map_to_tokens, residual_sum, tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
@@ -29,6 +31,8 @@ from .workspace import workspace_buffer
 BIAS_CACHE_SIZE = 2
 BIAS_NAMES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
 Sources = Tuple[Tensor, Tensor, Tensor]
+# the two maps, or both as low-rank factors
+Biases = Union[Tuple[Tensor, Tensor], FoldedBias]
 
 
 @MODELS.register_module()
@@ -63,6 +67,12 @@ class AgentAttention(BaseModule):
         qk_scale: Factor of the dot products; ``None`` for ``d ** -0.5``
             (as mmdet's and mmseg's Swin take it).
         init_cfg: mmengine initialisation config.
+
+    Attributes:
+        fold_biases (bool): Whether maps built for one forward in eval may
+            come as low-rank factors folded into the attention's products
+            where :func:`~.folded_bias.folds_bias` says it pays (default
+            True); False always builds the maps (for comparisons).
     """
 
     def __init__(self,
@@ -95,6 +105,7 @@ class AgentAttention(BaseModule):
         self.attn_impl = attn_impl
         self.attn_drop_rate = attn_drop
         self.bias_cache = BiasCache(bias_cache_size, bias_cache_admit_after)
+        self.fold_biases = True
 
         if fused_qkv:
             self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
@@ -143,29 +154,58 @@ class AgentAttention(BaseModule):
                           self.wa_bias.squeeze(0).permute(0, 3, 1, 2))
         return agent_to_token, token_to_agent
 
-    def bias_builder(self, hw_shape: Tuple[int, int],
-                     token_major: bool) -> Callable[..., Tensor]:
-        """:func:`separable_bias` for this module and token grid."""
+    def bias_builder(self,
+                     hw_shape: Tuple[int, int],
+                     token_major: bool,
+                     agent_shape: Optional[Tuple[int, int]] = None
+                     ) -> Callable[..., Tensor]:
+        """:func:`separable_bias` for this module and token grid, for its
+        agent grid or ``agent_shape``."""
         return functools.partial(
             separable_bias,
             hw_shape=tuple(hw_shape),
-            agent_shape=self.agent_shape,
+            agent_shape=tuple(agent_shape or self.agent_shape),
             token_major=token_major)
 
     @torch.compiler.disable
-    def biases(self, hw_shape: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    def biases(self, hw_shape: Tuple[int, int]) -> Biases:
         """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
         n)``, shared by the batch; from :attr:`bias_cache` when nothing is
-        trained. Run eagerly under ``torch.compile`` (the cache's key reads
-        storage addresses, which a graph cannot)."""
+        trained, where maps that are not cached may come as their
+        :class:`~.folded_bias.FoldedBias` factors instead
+        (:func:`~.folded_bias.folds_bias`). Run eagerly under
+        ``torch.compile`` (the cache's key reads storage addresses, which a
+        graph cannot)."""
         frozen = not (self.training or
                       (torch.is_grad_enabled() and self.an_bias.requires_grad))
         if frozen:
-            return self.bias_cache.get(
-                hw_shape, self._maps_version(),
-                lambda: self._build_biases(hw_shape),
-                lambda: self._build_biases(hw_shape, for_once=True))
+            return self.bias_cache.get(hw_shape, self._maps_version(),
+                                       lambda: self._build_biases(hw_shape),
+                                       lambda: self._biases_for_once(hw_shape))
         return self._build_biases(hw_shape)
+
+    def _biases_for_once(self, hw_shape: Tuple[int, int]) -> Biases:
+        """The biases of a forward whose maps are not cached: folded where
+        :attr:`fold_biases` allows and :func:`~.folded_bias.folds_bias`
+        says it pays, else the maps in the open workspace's buffers."""
+        if self.fold_biases and folds_bias(
+                math.prod(self.agent_shape), self.head_dims, self.agent_num,
+                compute_dtype(self.an_bias), self.an_bias.device):
+            return self.folded_biases(hw_shape)
+        return self._build_biases(hw_shape, for_once=True)
+
+    def folded_biases(self, hw_shape: Tuple[int, int]) -> FoldedBias:
+        """Both biases as low-rank factors (:class:`~.folded_bias.
+        FoldedBias`): the maps built for the ``p×p`` grid of bias agents
+        and the weights that resize that grid to the agent grid."""
+        side = math.isqrt(self.agent_num)
+        agent_to_token, token_to_agent = self.bias_sources()
+        keys = self.bias_builder(hw_shape, False,
+                                 (side, side))(*agent_to_token)
+        queries = self.bias_builder(hw_shape, True,
+                                    (side, side))(*token_to_agent)
+        grid = agent_grid_matrix(side, *self.agent_shape).to(queries)
+        return FoldedBias(grid, keys.transpose(1, 2), queries)
 
     def _build_biases(self,
                       hw_shape: Tuple[int, int],
@@ -266,7 +306,15 @@ class AgentAttention(BaseModule):
                                          self.scale,
                                          self.bias_builder(hw_shape, True),
                                          *token_to_agent)
-        agent_bias, token_bias = self.biases(hw_shape)
+        biases = self.biases(hw_shape)
+        if isinstance(biases, FoldedBias):
+            agent_value = folded_bias_attention(agents, key, value,
+                                                biases.agent_grid, biases.keys,
+                                                self.scale)
+            return folded_bias_attention(query, agents, agent_value,
+                                         biases.queries, biases.agent_grid,
+                                         self.scale)
+        agent_bias, token_bias = biases
         agent_value = self._fused_attention(agents, key, value, agent_bias,
                                             dropout)
         return self._fused_attention(query, agents, agent_value, token_bias,
