@@ -13,10 +13,16 @@ Agent-PVT-T (fresh model, eval, no autograd):
 - a shape seen twice before: time of a call that the cache serves.
 
 The variants' calls are interleaved shape by shape, so load from other
-processes hits all of them. In a lower precision (autocast, the parameters
+processes hits all of them. Before they are timed at a shape, a copy of
+each (its bias cache empty) runs once at it: what the first call at a shape
+prepares for the whole process (oneDNN's kernels for new bfloat16 product
+shapes, the resizing weights cached per size) is then ready for all, and no
+variant pays it for the others (in bfloat16 the variant timed first paid
+about 0.1 s a shape). In a lower precision (autocast, the parameters
 in float32) a fifth variant builds the maps where the others fold them
 into the products (:mod:`agent_mm.models.folded_bias`).
 """
+import copy
 from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -113,6 +119,8 @@ def measure_variants(first_size: int = 1024,
     for shape in shapes:
         inputs = torch.randn(1, 3, *shape)
         log(f'sequence shape {shape[0]}x{shape[1]}')
+        for model in models.values():
+            eval_step(copy.deepcopy(model), inputs)()
         for name, model in models.items():
             results[name]['sequence_s'] += timed(
                 eval_step(model, inputs), device)
