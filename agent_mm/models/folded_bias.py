@@ -16,10 +16,11 @@ and read by the kernel, for ``p²`` more columns in both products. It pays
 where the map would be built for one forward only (an input shape that the
 bias cache does not hold) and is wide beside the head: in bfloat16 on a
 2-core Intel Xeon with AMX, folding Agent-PVT's 784-agent stages (64-wide
-heads, ``p² = 49``: width 128) took 0.90-0.93 of the forward's time of
-building their maps, at 1024² and 800×1344. Folding its 144- and 256-agent
-stages, or any stage in float32 (where the wider products cost more than
-the map), did not pay. :func:`folds_bias` holds that rule.
+heads, ``p² = 49``: width 128) took 0.89-0.93 of the time of a forward
+that builds their maps, at 800×1344 and 1024² (docs/benchmark). Folding
+its 144- and 256-agent stages, or any stage in float32 (where the wider
+products cost more than the map), did not pay. :func:`folds_bias` holds
+that rule.
 """
 from typing import NamedTuple, Optional
 
