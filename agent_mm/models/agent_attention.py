@@ -72,7 +72,10 @@ class AgentAttention(BaseModule):
         fold_biases (bool): Whether maps built for one forward in eval may
             come as low-rank factors folded into the attention's products
             where :func:`~.folded_bias.folds_bias` says it pays (default
-            True); False always builds the maps (for comparisons).
+            True); False always builds the maps. A folded forward agrees
+            with one reading the cached maps to the rounding of its
+            precision, not bit for bit: set False where repeated shapes
+            must give bit-identical outputs in bfloat16.
     """
 
     def __init__(self,
