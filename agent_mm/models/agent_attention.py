@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache
-from .bias_maps import agent_grid_matrix, pool_tokens, separable_bias
+from .bias_maps import (agent_grid_matrix, pool_tokens, separable_bias,
+                        weights_like)
 from .checks import check_agent_attention
 from .folded_bias import FoldedBias, folded_bias_attention, folds_bias
 from .layers import (ChannelsLastConv2d, biased_attention, compute_dtype,
@@ -198,16 +199,18 @@ class AgentAttention(BaseModule):
         return self._build_biases(hw_shape, for_once=True)
 
     def folded_biases(self, hw_shape: Tuple[int, int]) -> FoldedBias:
-        """Both biases as low-rank factors (:class:`~.folded_bias.
-        FoldedBias`): the maps built for the ``p×p`` grid of bias agents
-        and the weights that resize that grid to the agent grid."""
+        """Both biases as low-rank factors
+        (:class:`~.folded_bias.FoldedBias`): the maps built for the ``p×p``
+        grid of bias agents and the weights that resize that grid to the
+        agent grid."""
         side = math.isqrt(self.agent_num)
         agent_to_token, token_to_agent = self.bias_sources()
         keys = self.bias_builder(hw_shape, False,
                                  (side, side))(*agent_to_token)
         queries = self.bias_builder(hw_shape, True,
                                     (side, side))(*token_to_agent)
-        grid = agent_grid_matrix(side, *self.agent_shape).to(queries)
+        grid = weights_like(
+            agent_grid_matrix, side, *self.agent_shape, like=queries)
         return FoldedBias(grid, keys.transpose(1, 2), queries)
 
     def _build_biases(self,
