@@ -116,11 +116,14 @@ def measure_variants(first_size: int = 1024,
         results[name]['first_held_mb'] = bias_cache_bytes(model) / MB
     for model in models.values():
         model.train().eval()  # a new sequence: the caches start empty
+    # copies for the warm-up: their own bias caches, emptied at each shape
+    warm_ups = [copy.deepcopy(model) for model in models.values()]
     for shape in shapes:
         inputs = torch.randn(1, 3, *shape)
         log(f'sequence shape {shape[0]}x{shape[1]}')
-        for model in models.values():
-            eval_step(copy.deepcopy(model), inputs)()
+        for model in warm_ups:
+            eval_step(model, inputs)()
+            model.train().eval()
         for name, model in models.items():
             results[name]['sequence_s'] += timed(
                 eval_step(model, inputs), device)
