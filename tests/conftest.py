@@ -66,6 +66,17 @@ def yacs_cfgnode():
     return _CfgNode
 
 
+@pytest.fixture(params=['dense', 'separable'])
+def bias_build(request, monkeypatch):
+    """Runs a test with every bias map built by one dense product, then by
+    the separable products (whatever ``builds_by_product`` would pick)."""
+    from agent_mm.models import bias_maps
+    dense = request.param == 'dense'
+    monkeypatch.setattr(bias_maps, 'builds_by_product',
+                        lambda *args: dense)
+    return request.param
+
+
 @pytest.fixture
 def sdpa_masks(monkeypatch):
     """The ``attn_mask`` of every ``scaled_dot_product_attention`` call made

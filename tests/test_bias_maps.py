@@ -94,16 +94,6 @@ def test_on_agent_grid_resizes_each_tokens_agent_map():
     torch.testing.assert_close(mapped, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=['dense', 'separable'])
-def bias_build(request, monkeypatch):
-    """Runs a test with every map built by one dense product, then by the
-    separable products (whatever :func:`builds_by_product` would pick)."""
-    dense = request.param == 'dense'
-    monkeypatch.setattr(bias_maps, 'builds_by_product',
-                        lambda *args: dense)
-    return request.param
-
-
 def literal_bias(full, rows, cols, hw, agent_shape):
     """The authors' order: sum the sources as maps, resize to the token
     grid, then map every token's agents; ``(heads, H*W, n)``."""

@@ -25,6 +25,7 @@ from .folded_bias import FoldedBias, folded_bias_attention, folds_bias
 from .layers import (ChannelsLastConv2d, biased_attention, compute_dtype,
                      linear_into, map_to_tokens, residual_sum, tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
+from .padded_agents import pad_agents, padded_agent_count
 from .traced_agent_attention import traced_agent_attention
 from .tracing import exporting
 from .workspace import workspace_buffer
@@ -60,7 +61,8 @@ class AgentAttention(BaseModule):
             graph traced for export takes :mod:`.traced_agent_attention`.
         bias_cache_size: Input shapes whose bias maps the fast path keeps in
             eval mode (:attr:`bias_cache`); 0 turns the cache off. Each shape
-            costs ``2 * heads * n * H * W`` values.
+            costs ``2 * heads * n * H * W`` values (a few more where the
+            agents are padded: :meth:`key_agents`).
         bias_cache_admit_after: Forward of an input shape from which its
             bias maps are cached (default 2: shapes that repeat, as the
             crops of sliding-window inference; a keep-ratio test pipeline
@@ -216,21 +218,34 @@ class AgentAttention(BaseModule):
     def _build_biases(self,
                       hw_shape: Tuple[int, int],
                       for_once: bool = False) -> Tuple[Tensor, Tensor]:
-        """Both maps; with ``for_once``, written into the buffers of the
-        open workspace (:mod:`.workspace`), if any."""
+        """Both maps, the token→agent one with :meth:`key_agents` agents;
+        with ``for_once``, written into the buffers of the open workspace
+        (:mod:`.workspace`), if any."""
         maps = []
         for token_major, sources in zip((False, True), self.bias_sources()):
+            agents = self.key_agents() if token_major else None
             out = self._map_buffer(hw_shape, token_major) if for_once else None
-            maps.append(self.bias_builder(hw_shape, token_major)(*sources,
-                                                                 out=out))
+            maps.append(
+                self.bias_builder(hw_shape, token_major)(
+                    *sources, out=out, agent_count=agents))
         return tuple(maps)
+
+    def key_agents(self) -> int:
+        """Agents of the token→agent map, the keys of its fused kernel:
+        the agent grid's, padded where
+        :func:`~.padded_agents.padded_agent_count` says it pays in the
+        dtype the maps are computed in."""
+        return padded_agent_count(
+            math.prod(self.agent_shape), compute_dtype(self.an_bias),
+            self.an_bias.device)
 
     def _map_buffer(self, hw_shape: Tuple[int, int],
                     token_major: bool) -> Optional[Tensor]:
         """A workspace buffer for one map of ``hw_shape``, in the dtype the
         maps are computed in (that of autocast, if on)."""
         tokens = hw_shape[0] * hw_shape[1]
-        agents = self.agent_shape[0] * self.agent_shape[1]
+        agents = (self.key_agents()
+                  if token_major else math.prod(self.agent_shape))
         shape = ((self.num_heads, tokens, agents) if token_major else
                  (self.num_heads, agents, tokens))
         return workspace_buffer(
@@ -323,8 +338,10 @@ class AgentAttention(BaseModule):
         agent_bias, token_bias = biases
         agent_value = self._fused_attention(agents, key, value, agent_bias,
                                             dropout)
-        return self._fused_attention(query, agents, agent_value, token_bias,
-                                     dropout)
+        keys = token_bias.shape[-1]
+        return self._fused_attention(query, pad_agents(agents, keys),
+                                     pad_agents(agent_value, keys),
+                                     token_bias, dropout)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as

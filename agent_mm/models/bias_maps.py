@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layers import compute_dtype, plain_tensors
+from .padded_agents import PADDED_AGENT_BIAS
 from .tracing import tracing
 
 # A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
@@ -270,7 +271,8 @@ def separable_bias(full: Tensor,
                    hw_shape: Tuple[int, int],
                    agent_shape: Tuple[int, int],
                    token_major: bool,
-                   out: Optional[Tensor] = None) -> Tensor:
+                   out: Optional[Tensor] = None,
+                   agent_count: Optional[int] = None) -> Tensor:
     """One bias of agent attention, ``to_agent_grid(resize(full + rows +
     cols, hw_shape), agent_shape)``, built by matrix products whose operands
     are small beside the large map they write.
@@ -297,6 +299,10 @@ def separable_bias(full: Tensor,
         out: Where to write the map, a contiguous tensor of its shape and
             of the dtype to compute it in (autograd does not go through
             it); None for a new tensor.
+        agent_count: Agents of the map, at least the agent grid's; those
+            beyond it are padded agents, whose bias is
+            :data:`~.padded_agents.PADDED_AGENT_BIAS` at every token. None
+            for the agent grid's.
 
     Returns:
         A contiguous map: the attention kernels read it row by row.
@@ -305,13 +311,17 @@ def separable_bias(full: Tensor,
     # whatever the grad mode: shared_bias_attention builds a map without
     # autograd in forward and again with it in backward, the same way
     trained = any(source.requires_grad for source in (full, rows, cols))
-    if builds_by_product(full.shape[0], math.prod(agent_shape),
-                         math.prod(hw_shape), _inner_size(full, rows, cols),
-                         dtype, trained):
+    agent_count = agent_count or math.prod(agent_shape)
+    if builds_by_product(full.shape[0], agent_count, math.prod(hw_shape),
+                         _inner_size(full, rows, cols), dtype, trained):
         return _dense_bias(full, rows, cols, hw_shape, agent_shape,
-                           token_major, out)
-    full, rows, cols = (on_agent_grid(source, agent_shape)
-                        for source in (full, rows, cols))
+                           token_major, out, agent_count)
+    # padded agents: a constant full map and zero rows and columns give a
+    # constant bias, as every resize's weights sum to 1
+    full, rows, cols = (_padded_agents_last(
+        on_agent_grid(source, agent_shape), agent_count, pad)
+                        for source, pad in zip((full, rows, cols),
+                                               (PADDED_AGENT_BIAS, 0., 0.)))
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
     rows, cols = rows[:, :, 0], cols[:, 0]
     if token_major:
@@ -389,6 +399,13 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     return bias.reshape(heads, height * width, agents)
 
 
+def _padded_agents_last(x: Tensor, count: int, value: float) -> Tensor:
+    """``x`` with entries of ``value`` appended along its last (agent)
+    axis up to ``count`` agents; ``x`` itself when it has them."""
+    extra = count - x.shape[-1]
+    return F.pad(x, (0, extra), value=value) if extra else x
+
+
 def _inner_size(full: Tensor, rows: Tensor, cols: Tensor) -> int:
     """``f_h*f_w + r_h + r_w``: the values per agent of the three sources,
     the inner size of :func:`_dense_bias`'s product."""
@@ -413,18 +430,27 @@ def builds_by_product(heads: int, agents: int, tokens: int, inner: int,
 
 def _dense_bias(full: Tensor, rows: Tensor, cols: Tensor,
                 hw_shape: Tuple[int, int], agent_shape: Tuple[int, int],
-                token_major: bool, out: Optional[Tensor]) -> Tensor:
+                token_major: bool, out: Optional[Tensor],
+                agent_count: int) -> Tensor:
     """The map of :func:`separable_bias` as one dense product per head,
     ``A S Tᵀ``: ``S`` holds each bias agent's source values ``(p*p, k)``,
     ``A`` resizes the agents to the agent grid (:func:`agent_grid_matrix`)
-    and ``T`` reads the sources at each token (:func:`token_grid_matrix`).
-    The ``k = f_h*f_w + r_h + r_w`` inner size (about 100-200) makes the
-    product slower than the separable build for large maps."""
+    and ``T`` reads the sources at each token (:func:`token_grid_matrix`);
+    the rows of ``A S`` beyond the grid's agents, up to ``agent_count``,
+    are padded agents (the full map's values at
+    :data:`~.padded_agents.PADDED_AGENT_BIAS`, whose token weights sum to
+    1). The ``k = f_h*f_w + r_h + r_w`` inner size (about 100-200) makes
+    the product slower than the separable build for large maps."""
     heads, agent_num, full_h, full_w = full.shape
     sources = torch.cat([x.flatten(2) for x in (full, rows, cols)], 2)
     agents = weights_like(
         agent_grid_matrix, math.isqrt(agent_num), *agent_shape, like=full)
     per_agent = left_matmul(agents, sources)
+    extra = agent_count - len(agents)
+    if extra:
+        padded = sources.new_zeros(sources.shape[2])
+        padded[:full_h * full_w] = PADDED_AGENT_BIAS
+        per_agent = torch.cat([per_agent, padded.expand(heads, extra, -1)], 1)
     tokens = weights_like(
         token_grid_matrix,
         full_h,

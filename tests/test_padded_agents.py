@@ -1,0 +1,102 @@
+"""Agents padded as keys (agent_mm.models.padded_agents): the rule, the
+padded maps of either build, and an attention unchanged by the padding."""
+import pytest
+import torch
+
+from agent_mm.models import AgentAttention
+from agent_mm.models.bias_maps import separable_bias
+from agent_mm.models.layers import biased_attention
+from agent_mm.models.padded_agents import (PADDED_AGENT_BIAS, pad_agents,
+                                           padded_agent_count)
+
+
+@pytest.mark.parametrize('agents, dtype, device, count', [
+    (81, torch.bfloat16, 'cpu', 96),
+    (196, torch.bfloat16, 'cpu', 208),
+    (144, torch.bfloat16, 'cpu', 144),
+    (1, torch.bfloat16, 'cpu', 16),
+    (81, torch.float32, 'cpu', 81),
+    (81, torch.float16, 'cpu', 81),
+    (81, torch.bfloat16, 'cuda', 81),
+])
+def test_pads_to_a_multiple_of_16_in_bfloat16_on_the_cpu(
+        agents, dtype, device, count):
+    assert padded_agent_count(agents, dtype, torch.device(device)) == count
+
+
+def test_pad_agents_appends_zero_rows():
+    x = torch.randn(2, 3, 5, 4)
+    padded = pad_agents(x, 8)
+    assert padded.shape == (2, 3, 8, 4)
+    assert torch.equal(padded[..., :5, :], x)
+    assert not padded[..., 5:, :].any()
+    assert pad_agents(x, 5) is x
+
+
+def _sources(requires_grad: bool = False):
+    """Sources of one bias (full 7×7, rows, columns) for 2 heads, 3×3 bias
+    agents."""
+    return [
+        torch.randn(2, 9, *hw, requires_grad=requires_grad)
+        for hw in ((7, 7), (14, 1), (1, 14))
+    ]
+
+
+@pytest.mark.parametrize('token_major', [False, True])
+def test_padded_map_is_the_map_then_the_padded_bias(token_major, bias_build):
+    sources = _sources(requires_grad=True)
+    grids = (10, 13), (3, 3)
+    bias = separable_bias(*sources, *grids, token_major)
+    padded = separable_bias(*sources, *grids, token_major, agent_count=16)
+    assert padded.is_contiguous()
+    agent_dim = 2 if token_major else 1
+    assert padded.shape[agent_dim] == 16
+    real, extra = padded.split([9, 7], agent_dim)
+    torch.testing.assert_close(real, bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(extra, torch.full_like(extra,
+                                                      PADDED_AGENT_BIAS))
+    # the padded agents depend on no source
+    grad = torch.randn_like(bias)
+    want = torch.autograd.grad(bias, sources, grad)
+    got = torch.autograd.grad(real, sources, grad)
+    for ours, expected in zip(got, want):
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_agents_get_no_weight():
+    query = torch.randn(2, 2, 130, 8)
+    agents, agent_value = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    sources, grids = _sources(), ((10, 13), (3, 3))
+    bias = separable_bias(*sources, *grids, True)
+    padded = separable_bias(*sources, *grids, True, agent_count=16)
+    expected = biased_attention(query, agents, agent_value, bias, 0.3)
+    out = biased_attention(query, pad_agents(agents, 16),
+                           pad_agents(agent_value, 16), padded, 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def _forward(attn: AgentAttention, x: torch.Tensor, hw, dtype):
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype,
+                                         enabled=dtype != torch.float32):
+        return attn(x, hw)
+
+
+def test_eval_pads_the_token_map_in_bfloat16_only():
+    attn = AgentAttention(32, 2, pretrain_grid=(14, 14), agent_num=9,
+                          agent_shape=(3, 3)).eval()
+    hw = (10, 13)
+    x = torch.randn(2, 130, 32)
+    reference = _forward(attn, x, hw, torch.float32)
+    _forward(attn, x, hw, torch.float32)
+    assert attn.bias_cache.maps(hw)[1].shape == (2, 130, 9)
+
+    first = _forward(attn, x, hw, torch.bfloat16)  # maps built for once
+    cached = _forward(attn, x, hw, torch.bfloat16)
+    agent_map, token_map = attn.bias_cache.maps(hw)
+    assert agent_map.shape == (2, 9, 130)
+    assert token_map.shape == (2, 130, 16)
+    assert attn.key_agents() == 9  # outside autocast
+    # the same padding whether the maps are cached or not
+    assert torch.equal(first, cached)
+    torch.testing.assert_close(cached.float(), reference, atol=3e-2,
+                               rtol=3e-2)
