@@ -448,7 +448,7 @@ def _dense_bias(full: Tensor, rows: Tensor, cols: Tensor,
     per_agent = left_matmul(agents, sources)
     extra = agent_count - len(agents)
     if extra:
-        padded = sources.new_zeros(sources.shape[2])
+        padded = per_agent.new_zeros(per_agent.shape[2])
         padded[:full_h * full_w] = PADDED_AGENT_BIAS
         per_agent = torch.cat([per_agent, padded.expand(heads, extra, -1)], 1)
     tokens = weights_like(
