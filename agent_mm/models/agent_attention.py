@@ -176,7 +176,8 @@ class AgentAttention(BaseModule):
     @torch.compiler.disable
     def biases(self, hw_shape: Tuple[int, int]) -> Biases:
         """Agent→token bias ``(heads, n, N)`` and token→agent ``(heads, N,
-        n)``, shared by the batch; from :attr:`bias_cache` when nothing is
+        m)``, ``m`` being :meth:`key_agents` (``n``, or ``n`` padded),
+        shared by the batch; from :attr:`bias_cache` when nothing is
         trained, where maps that are not cached may come as their
         :class:`~.folded_bias.FoldedBias` factors instead
         (:func:`~.folded_bias.folds_bias`). Run eagerly under
