@@ -7,7 +7,7 @@ from agent_mm.models import layers
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
                                     activate_, biased_attention, linear_into,
                                     map_to_tokens, mlp_residual, residual_sum,
-                                    tokens_to_map, tokens_to_nchw)
+                                    round_up, tokens_to_map, tokens_to_nchw)
 
 
 def _branch(training: bool = False, dims: int = 8, hidden: int = 32):
@@ -256,3 +256,12 @@ def test_plain_tensors_are_made_without_autograd_nor_inference_mode(mode):
         after = torch.ones(3)
     assert not made.is_inference() and not made.requires_grad
     assert after.is_inference() == (mode is torch.inference_mode)
+
+
+@pytest.mark.parametrize('value, multiple, expected', [(81, 16, 96),
+                                                       (96, 16, 96),
+                                                       (1, 16, 16),
+                                                       (0, 16, 0),
+                                                       (799, 32, 800)])
+def test_round_up_to_a_multiple(value, multiple, expected):
+    assert round_up(value, multiple) == expected

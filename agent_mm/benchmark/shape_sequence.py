@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models import AgentAttention
+from agent_mm.models.layers import round_up
 from agent_mm.utils.timing import eval_step, peak_bytes, timed
 from .measure import MB, bias_cache_bytes, log
 from .models import FLOAT32, MODELS, in_precision
@@ -75,8 +76,8 @@ def keep_ratio_shape(width: int, height: int) -> Tuple[int, int]:
     long_edge, short_edge = max(TEST_SCALE), min(TEST_SCALE)
     scale = min(long_edge / max(width, height),
                 short_edge / min(width, height))
-    return tuple(-(-round(side * scale) // PAD) * PAD
-                 for side in (height, width))
+    return tuple(
+        round_up(round(side * scale), PAD) for side in (height, width))
 
 
 def coco_like_shapes() -> List[Tuple[int, int]]:

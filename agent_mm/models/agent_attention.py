@@ -224,8 +224,10 @@ class AgentAttention(BaseModule):
         (:mod:`.workspace`), if any."""
         maps = []
         for token_major, sources in zip((False, True), self.bias_sources()):
-            agents = self.key_agents() if token_major else None
-            out = self._map_buffer(hw_shape, token_major) if for_once else None
+            agents = (self.key_agents()
+                      if token_major else math.prod(self.agent_shape))
+            out = (self._map_buffer(hw_shape, token_major, agents)
+                   if for_once else None)
             maps.append(
                 self.bias_builder(hw_shape, token_major)(
                     *sources, out=out, agent_count=agents))
@@ -240,13 +242,12 @@ class AgentAttention(BaseModule):
             math.prod(self.agent_shape), compute_dtype(self.an_bias),
             self.an_bias.device)
 
-    def _map_buffer(self, hw_shape: Tuple[int, int],
-                    token_major: bool) -> Optional[Tensor]:
-        """A workspace buffer for one map of ``hw_shape``, in the dtype the
-        maps are computed in (that of autocast, if on)."""
+    def _map_buffer(self, hw_shape: Tuple[int, int], token_major: bool,
+                    agents: int) -> Optional[Tensor]:
+        """A workspace buffer for one map of ``hw_shape`` with ``agents``
+        agents, in the dtype the maps are computed in (that of autocast, if
+        on)."""
         tokens = hw_shape[0] * hw_shape[1]
-        agents = (self.key_agents()
-                  if token_major else math.prod(self.agent_shape))
         shape = ((self.num_heads, tokens, agents) if token_major else
                  (self.num_heads, agents, tokens))
         return workspace_buffer(

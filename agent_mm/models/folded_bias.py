@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import round_up
+
 # the folded head size is rounded up to a multiple of this
 PAD_MULTIPLE = 16
 # a map is folded when it has at least this many agents per column of the
@@ -47,7 +49,7 @@ class FoldedBias(NamedTuple):
 def folded_width(head_dims: int, rank: int) -> int:
     """Head size of the folded products: ``head_dims + rank`` rounded up to
     :data:`PAD_MULTIPLE`."""
-    return -(-(head_dims + rank) // PAD_MULTIPLE) * PAD_MULTIPLE
+    return round_up(head_dims + rank, PAD_MULTIPLE)
 
 
 def folds_bias(agents: int, head_dims: int, rank: int, dtype: torch.dtype,

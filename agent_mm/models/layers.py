@@ -230,6 +230,11 @@ def plain_tensors() -> Iterator[None]:
         yield
 
 
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype ``nn.Linear`` computes in for input ``x``: the autocast
     dtype of ``x``'s device where autocast is on, else ``x``'s own."""

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import round_up
+
 # agents as keys are padded up to a multiple of this
 KEY_MULTIPLE = 16
 # the bias of a padded agent, for every token
@@ -33,7 +35,7 @@ def padded_agent_count(agents: int, dtype: torch.dtype,
     (where it was measured to pay), else ``agents``."""
     if device.type != 'cpu' or dtype != torch.bfloat16:
         return agents
-    return -(-agents // KEY_MULTIPLE) * KEY_MULTIPLE
+    return round_up(agents, KEY_MULTIPLE)
 
 
 def pad_agents(x: Tensor, count: int) -> Tensor:
