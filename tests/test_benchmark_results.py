@@ -41,15 +41,20 @@ def row(model, size, median_ms, peak_mb, dtype='float32', **extras):
         **extras)
 
 
-def eval_row(model, median_ms, peak_mb, cache_mb, gflops, layer_gflops):
-    """An eval row at 1024²; FLOPs in G (None: not counted)."""
+def eval_row(model, median_ms, peak_mb, cache_mb, gflops, layer_gflops,
+             fault_mb=None):
+    """An eval row at 1024²; FLOPs in G (None: not counted); without
+    ``fault_mb`` when None, like the results of runs before it was
+    measured."""
     flops = None if gflops is None else gflops * 1e9
     layer = None if layer_gflops is None else layer_gflops * 1e9
+    faults = {} if fault_mb is None else dict(fault_mb=fault_mb)
     return row(
         model,
         S1024,
         median_ms,
         peak_mb,
+        **faults,
         bias_cache_mb=cache_mb,
         flops=flops,
         layer_flops=layer,
@@ -57,14 +62,14 @@ def eval_row(model, median_ms, peak_mb, cache_mb, gflops, layer_gflops):
 
 
 EVAL_ROWS = [
-    eval_row('agent_pvt_t', 400.0, 100.0, 600.0, 62.8, 41.0),
-    eval_row('agent_pvt_t_ref', 1000.0, 300.0, 0.0, 62.9, 40.0),
-    eval_row('agent_pvt_s', 900.0, 120.0, 1300.0, None, None),
+    eval_row('agent_pvt_t', 400.0, 100.0, 600.0, 62.8, 41.0, 12.4),
+    eval_row('agent_pvt_t_ref', 1000.0, 300.0, 0.0, 62.9, 40.0, 250.0),
+    eval_row('agent_pvt_s', 900.0, 120.0, 1300.0, None, None, 0.0),
     eval_row('pvt_s', 3000.0, 600.0, 0.0, 139.2, 139.2),
 ]
 TRAIN_ROWS = [
-    row('agent_pvt_t', S512, 2500.0, 800.0),
-    row('agent_pvt_t_ref', S512, 2000.0, 1000.0),
+    row('agent_pvt_t', S512, 2500.0, 800.0, fault_mb=64.0),
+    row('agent_pvt_t_ref', S512, 2000.0, 1000.0, fault_mb=96.6),
 ]
 RATIOS = {
     'pvt_t_eval_time_fast_over_ref': 0.4,
@@ -219,31 +224,35 @@ cpu, float32, 2 threads, torch 2.0.0, median of 3 interleaved calls, \
 each right after 1 untimed call(s) of the same model; \
 load average 0.5 at start, 1.5 at end.
 Peak memory: replayed profiler events
+Faults: memory the kernel mapped into the process during a timed call \
+(minor page faults × page size, median), i.e. freed memory that the C \
+allocator returned to the kernel and that faults in again; its system \
+time is part of the call.
 FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, \
 attention (SDPA/matmul) included.
 
 ## Inference (eval, no_grad, batch 1)
 
 | Model | Input | Dtype | Tokens | Params (M) | GFLOPs | Fwd ms (median) \
-| Peak MB | Bias cache MB | × reference | × mmdet |
-|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|
-| Agent-PVT-T | 1024×1024 | float32 | 65536 | 11.06 | 62.8 | 400 | 100 \
-| 600 | 0.40 | n/a |
+| Faults MB | Peak MB | Bias cache MB | × reference | × mmdet |
+|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 1024×1024 | float32 | 65536 | 11.06 | 62.8 | 400 | 12 \
+| 100 | 600 | 0.40 | n/a |
 | Agent-PVT-T (reference) | 1024×1024 | float32 | 65536 | 11.06 | 62.9 \
-| 1000 | 300 | 0 | n/a | n/a |
-| Agent-PVT-S | 1024×1024 | float32 | 65536 | 20.12 | n/a | 900 | 120 \
-| 1300 | n/a | 0.30 |
+| 1000 | 250 | 300 | 0 | n/a | n/a |
+| Agent-PVT-S | 1024×1024 | float32 | 65536 | 20.12 | n/a | 900 | 0 \
+| 120 | 1300 | n/a | 0.30 |
 | PVT-S (mmdet) | 1024×1024 | float32 | 65536 | 23.97 | 139.2 | 3000 \
-| 600 | 0 | n/a | n/a |
+| n/a | 600 | 0 | n/a | n/a |
 
 ## Training (train mode, forward + backward, batch 2)
 
-| Model | Input | Dtype | Batch | Fwd+bwd ms (median) | Peak MB \
-| × reference | × mmdet |
-|---|---|---|---:|---:|---:|---:|---:|
-| Agent-PVT-T | 512×512 | float32 | 2 | 2500 | 800 | 1.25 | n/a |
-| Agent-PVT-T (reference) | 512×512 | float32 | 2 | 2000 | 1000 | n/a \
-| n/a |
+| Model | Input | Dtype | Batch | Fwd+bwd ms (median) | Faults MB \
+| Peak MB | × reference | × mmdet |
+|---|---|---|---:|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 512×512 | float32 | 2 | 2500 | 64 | 800 | 1.25 | n/a |
+| Agent-PVT-T (reference) | 512×512 | float32 | 2 | 2000 | 97 | 1000 \
+| n/a | n/a |
 
 ## Scaling (the two sizes alternating, call by call)
 
@@ -364,9 +373,9 @@ def test_markdown_of_two_precisions():
             'float32 parameters), 2 threads') in table
     # the bfloat16 row is compared with the bfloat16 reference row
     assert ('| Agent-PVT-T | 1024×1024 | bfloat16 | 65536 | 11.06 | 62.8 '
-            '| 160 | 100 | 600 | 0.40 | n/a |') in table
-    assert ('| Agent-PVT-T | 512×512 | bfloat16 | 2 | 2000 | 800 | 1.25 '
-            '| n/a |') in table
+            '| 160 | 12 | 100 | 600 | 0.40 | n/a |') in table
+    assert ('| Agent-PVT-T | 512×512 | bfloat16 | 2 | 2000 | 64 | 800 '
+            '| 1.25 | n/a |') in table
     section = """
 ## bf16 / fp32 time (same model, input and mode)
 

@@ -109,6 +109,9 @@ def test_benchmark_tiny_run(tmp_path, capsys):
     for row in saved['eval']:
         assert row['flops'] > 0 and row['peak_mb'] > 0
         assert len(row['times_ms']) == 1
+    # the memory each timed call faulted in, counted on Linux
+    assert all(row['fault_mb'] >= 0 for mode in ('eval', 'train')
+               for row in saved[mode])
     checks = saved['flop_checks']
     assert len(checks) == 3 and all(check['ok'] for check in checks)
     diffs = saved['output_max_abs_diff']

@@ -1,11 +1,15 @@
 """Tests of agent_mm.utils.timing (the analysis tools' measurements)."""
+import mmap
 from typing import List
 
+import pytest
 import torch
 import torch.nn as nn
 
-from agent_mm.utils.timing import (best_time, eval_step, interleaved_times,
-                                   peak_bytes, replay_peak, timed, train_step)
+from agent_mm.utils.timing import (best_time, eval_step, interleaved_calls,
+                                   interleaved_times, measured_call,
+                                   page_faults, peak_bytes, replay_peak, timed,
+                                   train_step)
 
 CPU = torch.device('cpu')
 
@@ -36,6 +40,32 @@ def test_interleaved_times_rotates_the_order_and_warms_each_step():
     assert all(t >= 0 for ts in times.values() for t in ts)
     # each timed call right after one untimed call of the same step
     assert calls == list('aabbcc' 'bbccaa' 'ccaabb')
+
+
+def test_measured_call_counts_the_memory_a_call_faults_in():
+    if page_faults() is None:
+        pytest.skip('no page fault counter on this platform (resource)')
+    kept = torch.empty(1 << 24)  # 64 MiB, faulted in by its first fill
+    kept.fill_(0.)
+    # 64 MiB freed at every call: above glibc's largest mmap threshold, the
+    # block goes back to the kernel and its pages fault in at the next call
+    fresh = measured_call(lambda: torch.ones(1 << 24), CPU)
+    reused = measured_call(lambda: kept.fill_(1.), CPU)
+    # at least one fault per 2 MiB even where huge pages back the block
+    assert fresh.faulted_bytes >= 32 * mmap.PAGESIZE
+    assert reused.faulted_bytes < fresh.faulted_bytes
+    assert fresh.seconds >= 0 and reused.seconds >= 0
+
+
+def test_interleaved_times_are_the_seconds_of_interleaved_calls():
+    steps = {key: (lambda: None) for key in 'ab'}
+    calls = interleaved_calls(steps, warmup=0, repeats=2, device=CPU)
+    assert {key: len(c) for key, c in calls.items()} == dict(a=2, b=2)
+    counted = page_faults() is not None
+    assert all((call.faulted_bytes is not None) == counted
+               for c in calls.values() for call in c)
+    times = interleaved_times(steps, warmup=0, repeats=2, device=CPU)
+    assert {key: len(t) for key, t in times.items()} == dict(a=2, b=2)
 
 
 def test_timed_measures_the_call():

@@ -26,6 +26,12 @@ by time and the running total's maximum is the peak. Memory that libraries
 allocate outside torch's allocator (oneDNN scratchpads, BLAS buffers) is not
 seen, and neither is allocator caching, so this is a lower bound on RSS.
 
+Faults are the memory the kernel maps into the process during a timed call
+(minor page faults, :class:`~agent_mm.utils.timing.Call`), the median over
+the calls: memory the C allocator returned to the kernel on free and must
+fault in again. Their system time is part of the call's wall time, and it
+moves with the machine more than the computation does.
+
 FLOPs come from mmengine's ``FlopAnalyzer`` (one multiply-add = one flop)
 with handles for ``scaled_dot_product_attention`` and ``baddbmm``; they are
 counted on a cold model, so the fast path's bias computation is included.
@@ -43,8 +49,8 @@ from torch import Tensor
 
 from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
-from agent_mm.utils.timing import (Key, Step, eval_step, interleaved_times,
-                                   peak_bytes, train_step)
+from agent_mm.utils.timing import (Call, Key, Step, eval_step,
+                                   interleaved_calls, peak_bytes, train_step)
 from .models import FLOAT32, MODELS, Size, in_precision, size_text, token_count
 
 MB = 2**20
@@ -69,10 +75,17 @@ class Timing(NamedTuple):
     repeats: int
     device: torch.device
 
+    def calls(self, steps: Dict[Key, Step]) -> Dict[Key, List[Call]]:
+        """Each step's timed calls, the steps interleaved."""
+        return interleaved_calls(steps, self.warmup, self.repeats,
+                                 self.device)
+
     def times(self, steps: Dict[Key, Step]) -> Dict[Key, List[float]]:
         """Seconds of each step's timed calls, the steps interleaved."""
-        return interleaved_times(steps, self.warmup, self.repeats,
-                                 self.device)
+        return {
+            key: [call.seconds for call in calls]
+            for key, calls in self.calls(steps).items()
+        }
 
 
 def log(message: str) -> None:
@@ -151,10 +164,20 @@ def output_differences(models: Dict[str, nn.Module],
     return diffs
 
 
+def median_fault_mb(calls: Sequence[Call]) -> Optional[float]:
+    """The median memory the calls faulted in, in MB (None where faults are
+    not counted)."""
+    faulted = [call.faulted_bytes for call in calls]
+    if None in faulted:
+        return None
+    return statistics.median(faulted) / MB
+
+
 def time_row(key: str, size: Size, batch: int, dtype: str,
-             times: Sequence[float]) -> dict:
-    """The row of model ``key`` at one size and precision, with its times
-    in ms."""
+             calls: Sequence[Call]) -> dict:
+    """The row of model ``key`` at one size and precision: its times in ms
+    and the median memory its calls faulted in (``fault_mb``)."""
+    times = [call.seconds for call in calls]
     return dict(
         model=key,
         size=list(size),
@@ -162,7 +185,8 @@ def time_row(key: str, size: Size, batch: int, dtype: str,
         batch=batch,
         tokens=token_count(size),
         times_ms=[t * 1e3 for t in times],
-        median_ms=median_ms(times))
+        median_ms=median_ms(times),
+        fault_mb=median_fault_mb(calls))
 
 
 def eval_extras(model: nn.Module,
@@ -236,7 +260,7 @@ def measure(models: Dict[str, nn.Module],
     Returns:
         One row per precision and model (precision-major): ``model``,
         ``size``, ``dtype``, ``batch``, ``tokens``, ``times_ms``,
-        ``median_ms``, ``peak_mb`` and, in eval, the fields of
+        ``median_ms``, ``fault_mb``, ``peak_mb`` and, in eval, the fields of
         :func:`eval_extras`.
     """
     inputs = torch.randn(batch, 3, *size, device=timing.device)
@@ -249,11 +273,11 @@ def measure(models: Dict[str, nn.Module],
              for dtype, copies in runs.items()
              for key, model in copies.items()}
     load_before = os.getloadavg()[0]
-    times = timing.times(steps)
+    calls = timing.calls(steps)
     rows: Dict[Tuple[str, str], dict] = {}
     for (dtype, key), step in steps.items():
         model = runs[dtype][key]
-        row = time_row(key, size, batch, dtype, times[dtype, key])
+        row = time_row(key, size, batch, dtype, calls[dtype, key])
         model.zero_grad(set_to_none=True)  # frees nothing while profiled
         row['peak_mb'] = peak_bytes(step, timing.device) / MB
         if not train:

@@ -27,6 +27,12 @@ def time_over(rows: Rows, row: dict, other: Optional[str]) -> Optional[float]:
                  (other, row['size']))
 
 
+def fault_mb(row: dict) -> str:
+    """A row's faulted-in memory in MB (``'n/a'`` where not counted, as in
+    the results of runs before it was)."""
+    return fmt(row.get('fault_mb'), '.0f')
+
+
 def comparison(rows: Rows,
                row: dict) -> Tuple[Optional[float], Optional[float]]:
     """Time of an agent (fast) model's row over its reference twin's and
@@ -42,8 +48,9 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
     """The inference table, one line per eval row."""
     lines = [
         '| Model | Input | Dtype | Tokens | Params (M) | GFLOPs '
-        '| Fwd ms (median) | Peak MB | Bias cache MB | × reference '
-        '| × mmdet |', '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'
+        '| Fwd ms (median) | Faults MB | Peak MB | Bias cache MB '
+        '| × reference | × mmdet |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
     ]
     for row in rows:
         vs_ref, vs_base = comparison(rows, row)
@@ -54,6 +61,7 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
             f"| {row['dtype']} | {row['tokens']} "
             f"| {params[row['model']] / 1e6:.2f} "
             f"| {gflops} | {row['median_ms']:.0f} "
+            f"| {fault_mb(row)} "
             f"| {row['peak_mb']:.0f} | {row['bias_cache_mb']:.0f} "
             f'| {fmt(vs_ref)} | {fmt(vs_base)} |')
     return lines
@@ -62,15 +70,17 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
 def train_table(rows: Rows) -> List[str]:
     """The training table, one line per train row."""
     lines = [
-        '| Model | Input | Dtype | Batch | Fwd+bwd ms (median) | Peak MB '
-        '| × reference | × mmdet |', '|---|---|---|---:|---:|---:|---:|---:|'
+        '| Model | Input | Dtype | Batch | Fwd+bwd ms (median) | Faults MB '
+        '| Peak MB | × reference | × mmdet |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|'
     ]
     for row in rows:
         vs_ref, vs_base = comparison(rows, row)
         lines.append(
             f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
             f"| {row['dtype']} | {row['batch']} | {row['median_ms']:.0f} "
-            f"| {row['peak_mb']:.0f} | {fmt(vs_ref)} | {fmt(vs_base)} |")
+            f"| {fault_mb(row)} | {row['peak_mb']:.0f} | {fmt(vs_ref)} "
+            f"| {fmt(vs_base)} |")
     return lines
 
 
@@ -175,6 +185,10 @@ def header_lines(meta: dict) -> List[str]:
         'model; load average '
         f"{meta['load_avg_start']:.1f} at start, {meta['load_avg_end']:.1f} "
         'at end.', f"Peak memory: {meta['memory_method']}",
+        'Faults: memory the kernel mapped into the process during a timed '
+        'call (minor page faults × page size, median), i.e. freed memory '
+        'that the C allocator returned to the kernel and that faults in '
+        'again; its system time is part of the call.',
         'FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, '
         'attention (SDPA/matmul) included.'
     ]

@@ -1,16 +1,19 @@
 """Timing and peak-memory measurement of model calls, for the analysis tools.
 
 A *step* is a callable that runs one call of a model (see :func:`eval_step`
-and :func:`train_step`). :func:`interleaved_times` times several steps
+and :func:`train_step`). :func:`interleaved_calls` times several steps
 round-robin so that load from other processes hits all of them alike, and
+counts the memory each timed call faults in (:class:`Call`);
 :func:`peak_bytes` reports the largest amount of tensor memory a step
 allocates on top of what was live before it: on CUDA from
 ``torch.cuda.max_memory_allocated``, on the CPU by replaying the allocation
 and free events that ``torch.profiler`` records for torch's CPU allocator
 (memory allocated outside it, such as oneDNN scratchpads, is not seen).
 """
+import mmap
 import time
-from typing import Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
+from typing import (Callable, Dict, Hashable, List, NamedTuple, Optional,
+                    Sequence, Tuple, TypeVar)
 
 import torch
 import torch.nn as nn
@@ -36,6 +39,43 @@ def timed(step: Step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def page_faults() -> Optional[int]:
+    """The process's minor page faults so far (all threads), or None where
+    :mod:`resource` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class Call(NamedTuple):
+    """One timed call.
+
+    Attributes:
+        seconds: Its wall time.
+        faulted_bytes: Memory the kernel mapped into the process during it:
+            its minor page faults (:func:`page_faults`) times the base page
+            size, a lower bound where transparent huge pages fault in 2 MB
+            at once; None where faults are not counted. Blocks that
+            the C allocator returned to the kernel on free (glibc does above
+            its mmap threshold, at most 32 MB, and when it trims its heap)
+            fault in again page by page when next written, in system time
+            that counts in ``seconds``.
+    """
+    seconds: float
+    faulted_bytes: Optional[int]
+
+
+def measured_call(step: Step, device: torch.device) -> Call:
+    """One call of ``step``, timed, with the memory it faulted in."""
+    before = page_faults()
+    seconds = timed(step, device)
+    if before is None:
+        return Call(seconds, None)
+    return Call(seconds, (page_faults() - before) * mmap.PAGESIZE)
+
+
 def best_time(step: Step, device: torch.device, repeats: int) -> float:
     """Seconds of the fastest of ``repeats`` calls of ``step``, after one
     untimed call (which warms caches and faults memory in)."""
@@ -43,10 +83,10 @@ def best_time(step: Step, device: torch.device, repeats: int) -> float:
     return min(timed(step, device) for _ in range(repeats))
 
 
-def interleaved_times(steps: Dict[Key, Step], warmup: int, repeats: int,
-                      device: torch.device) -> Dict[Key, List[float]]:
+def interleaved_calls(steps: Dict[Key, Step], warmup: int, repeats: int,
+                      device: torch.device) -> Dict[Key, List[Call]]:
     """Time every step once per repeat, round-robin, each timed call right
-    after ``warmup`` untimed calls of the same step.
+    after ``warmup`` untimed calls of the same step (:func:`measured_call`).
 
     The order rotates each repeat, so no step always follows the same one.
     The untimed calls make the timed one warm, with the caches and the
@@ -55,14 +95,24 @@ def interleaved_times(steps: Dict[Key, Step], warmup: int, repeats: int,
     their pages would fault in again).
     """
     keys = list(steps)
-    times: Dict[Key, List[float]] = {key: [] for key in keys}
+    calls: Dict[Key, List[Call]] = {key: [] for key in keys}
     for repeat in range(repeats):
         shift = repeat % len(keys)
         for key in keys[shift:] + keys[:shift]:
             for _ in range(warmup):
                 steps[key]()
-            times[key].append(timed(steps[key], device))
-    return times
+            calls[key].append(measured_call(steps[key], device))
+    return calls
+
+
+def interleaved_times(steps: Dict[Key, Step], warmup: int, repeats: int,
+                      device: torch.device) -> Dict[Key, List[float]]:
+    """The seconds of :func:`interleaved_calls`."""
+    return {
+        key: [call.seconds for call in calls]
+        for key, calls in interleaved_calls(steps, warmup, repeats,
+                                            device).items()
+    }
 
 
 def replay_peak(events: Sequence[Tuple[int, int]]) -> int:
