@@ -10,13 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from agent_mm.benchmark.measure import (PATH_SPECIFIC_OPS, Timing,
+from agent_mm.benchmark.measure import (MB, PATH_SPECIFIC_OPS, Timing,
                                         bias_cache_bytes, count_flops,
-                                        flops_wanted, measure, measure_scaling,
-                                        output_differences)
+                                        fault_mb, flops_wanted, measure,
+                                        measure_scaling, output_differences)
 from agent_mm.benchmark.models import (MODELS, build_models, parameter_counts,
                                        reference_twin, size_text, token_count,
                                        within_limits)
+from agent_mm.utils.timing import Call
 
 CPU = torch.device('cpu')
 TIMING = Timing(warmup=1, repeats=2, device=CPU)
@@ -119,6 +120,13 @@ def test_output_differences_of_each_pair():
                               torch.randn(1, 3, 4, 4)) == {}
 
 
+def test_fault_mb_is_a_statistic_of_the_calls_or_none_if_one_is_missing():
+    calls = [Call(0.1, 2 * MB), Call(0.2, 6 * MB), Call(0.3, 4 * MB)]
+    assert fault_mb(calls) == 4.
+    assert fault_mb(calls, sum) == 12.
+    assert fault_mb(calls + [Call(0.1, None)]) is None
+
+
 def test_timing_interleaves_every_step():
     calls = []
     times = TIMING.times(dict(a=lambda: calls.append('a'),
@@ -136,8 +144,10 @@ def test_measure_rows(train):
     eval_fields = {'bias_cache_mb', 'flops', 'layer_flops', 'unsupported_ops'}
     for row in rows:
         fields = {'model', 'size', 'dtype', 'batch', 'tokens', 'times_ms',
-                  'median_ms', 'peak_mb'} | (set() if train else eval_fields)
+                  'median_ms', 'fault_mb', 'peak_mb'} | (set() if train else
+                                                         eval_fields)
         assert set(row) == fields
+        assert row['fault_mb'] >= 0  # counted on Linux
         assert row['size'] == [8, 12] and row['batch'] == 2
         assert row['dtype'] == 'float32'
         assert row['tokens'] == 6

@@ -40,6 +40,9 @@ def test_only_repeated_shapes_hold_maps():
     table = report(results, [(64, 96), (96, 64)], 64)
     assert table.count('\n| ') == 1 + len(results)  # header + one per row
     assert '64x96, 96x64' in table
+    # what the sequence's calls faulted in, counted on Linux
+    assert all(row['sequence_fault_mb'] >= 0 for row in results.values())
+    assert 'faulted in over the sequence (MB)' in table
 
 
 def test_a_lower_precision_adds_the_variant_with_maps_built():

@@ -41,7 +41,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -164,13 +164,15 @@ def output_differences(models: Dict[str, nn.Module],
     return diffs
 
 
-def median_fault_mb(calls: Sequence[Call]) -> Optional[float]:
-    """The median memory the calls faulted in, in MB (None where faults are
-    not counted)."""
+def fault_mb(calls: Sequence[Call],
+             statistic: Callable[[List[int]], float] = statistics.median
+             ) -> Optional[float]:
+    """A statistic (default: the median) of the memory the calls faulted in,
+    in MB; None where faults are not counted."""
     faulted = [call.faulted_bytes for call in calls]
     if None in faulted:
         return None
-    return statistics.median(faulted) / MB
+    return statistic(faulted) / MB
 
 
 def time_row(key: str, size: Size, batch: int, dtype: str,
@@ -186,7 +188,7 @@ def time_row(key: str, size: Size, batch: int, dtype: str,
         tokens=token_count(size),
         times_ms=[t * 1e3 for t in times],
         median_ms=median_ms(times),
-        fault_mb=median_fault_mb(calls))
+        fault_mb=fault_mb(calls))
 
 
 def eval_extras(model: nn.Module,

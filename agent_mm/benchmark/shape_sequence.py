@@ -9,7 +9,9 @@ Agent-PVT-T (fresh model, eval, no autograd):
   what was live before it (maps the cache keeps are allocated in the call,
   so they are part of it), and the cache's memory after it;
 - a COCO-like sequence of distinct keep-ratio shapes, each seen once:
-  total time, and the cache's memory after it;
+  total time, the memory its calls faulted in (freed memory the C
+  allocator returned to the kernel, :class:`~agent_mm.utils.timing.Call`),
+  and the cache's memory after it;
 - a shape seen twice before: time of a call that the cache serves.
 
 The variants' calls are interleaved shape by shape, so load from other
@@ -31,9 +33,11 @@ import torch.nn as nn
 
 from agent_mm.models import AgentAttention
 from agent_mm.models.layers import round_up
-from agent_mm.utils.timing import eval_step, peak_bytes, timed
-from .measure import MB, bias_cache_bytes, log
+from agent_mm.utils.timing import (Call, eval_step, measured_call, peak_bytes,
+                                   timed)
+from .measure import MB, bias_cache_bytes, fault_mb, log
 from .models import FLOAT32, MODELS, in_precision
+from .report import fmt
 
 # (width, height) of common COCO image sizes
 COCO_IMAGE_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640),
@@ -100,7 +104,8 @@ def measure_variants(first_size: int = 1024,
 
     Returns:
         Per variant: ``first_peak_mb``, ``first_held_mb`` (cache after the
-        first call), ``sequence_s``, ``sequence_held_mb``, ``repeat_s``.
+        first call), ``sequence_s``, ``sequence_fault_mb`` (None where
+        faults are not counted), ``sequence_held_mb``, ``repeat_s``.
     """
     shapes = list(shapes) or coco_like_shapes()
     device = torch.device('cpu')
@@ -108,7 +113,8 @@ def measure_variants(first_size: int = 1024,
     for name, build in variants(dtype).items():
         torch.manual_seed(seed)
         models[name] = in_precision(build().eval(), dtype, device)
-    results = {name: {'sequence_s': 0.} for name in models}
+    results: Dict[str, dict] = {name: {} for name in models}
+    sequence_calls: Dict[str, List[Call]] = {name: [] for name in models}
     first = torch.randn(1, 3, first_size, first_size)
     for name, model in models.items():
         log(f'first forward at {first_size}: {name}')
@@ -126,9 +132,12 @@ def measure_variants(first_size: int = 1024,
             eval_step(model, inputs)()
             model.train().eval()
         for name, model in models.items():
-            results[name]['sequence_s'] += timed(
-                eval_step(model, inputs), device)
+            sequence_calls[name].append(
+                measured_call(eval_step(model, inputs), device))
     for name, model in models.items():
+        calls = sequence_calls[name]
+        results[name]['sequence_s'] = sum(call.seconds for call in calls)
+        results[name]['sequence_fault_mb'] = fault_mb(calls, sum)
         results[name]['sequence_held_mb'] = bias_cache_bytes(model) / MB
         for _ in range(2):  # sightings: admitted at the second
             eval_step(model, first)()
@@ -149,8 +158,8 @@ def report(results: Dict[str, dict],
         + ', '.join(f'{h}x{w}' for h, w in shapes) + '.', '',
         '| Variant | first forward peak (MB) | x reference | held after '
         'it (MB) | held after sequence (MB) | sequence time (s) | '
-        f'x reference | repeat of {first_size}² (ms) |',
-        '|---|---|---|---|---|---|---|---|'
+        f'x reference | faulted in over the sequence (MB) | repeat of '
+        f'{first_size}² (ms) |', '|---|---|---|---|---|---|---|---|---|'
     ]
     for name, row in results.items():
         first = row['first_peak_mb']
@@ -160,5 +169,6 @@ def report(results: Dict[str, dict],
             f"{row['first_held_mb']:.0f} | "
             f"{row['sequence_held_mb']:.0f} | {row['sequence_s']:.2f} | "
             f"{row['sequence_s'] / reference['sequence_s']:.2f} | "
+            f"{fmt(row['sequence_fault_mb'], '.0f')} | "
             f"{1000 * row['repeat_s']:.0f} |")
     return '\n'.join(lines)
