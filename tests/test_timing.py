@@ -45,14 +45,19 @@ def test_interleaved_times_rotates_the_order_and_warms_each_step():
 def test_measured_call_counts_the_memory_a_call_faults_in():
     if page_faults() is None:
         pytest.skip('no page fault counter on this platform (resource)')
-    kept = torch.empty(1 << 24)  # 64 MiB, faulted in by its first fill
-    kept.fill_(0.)
-    # 64 MiB freed at every call: above glibc's largest mmap threshold, the
-    # block goes back to the kernel and its pages fault in at the next call
-    fresh = measured_call(lambda: torch.ones(1 << 24), CPU)
-    reused = measured_call(lambda: kept.fill_(1.), CPU)
+    size = 64 * 2**20
+    kept = torch.ones(size, dtype=torch.uint8)  # faulted in once, here
+
+    def write_fresh_pages() -> None:
+        # a new anonymous mapping: every page faults in when first written,
+        # whatever the C allocator's settings
+        block = mmap.mmap(-1, size)
+        torch.frombuffer(block, dtype=torch.uint8).fill_(1)
+
+    fresh = measured_call(write_fresh_pages, CPU)
+    reused = measured_call(lambda: kept.fill_(2), CPU)
     # at least one fault per 2 MiB even where huge pages back the block
-    assert fresh.faulted_bytes >= 32 * mmap.PAGESIZE
+    assert fresh.faulted_bytes >= size // (2 * 2**20) * mmap.PAGESIZE
     assert reused.faulted_bytes < fresh.faulted_bytes
     assert fresh.seconds >= 0 and reused.seconds >= 0
 
