@@ -50,7 +50,8 @@ from torch import Tensor
 from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
 from agent_mm.utils.timing import (Call, Key, Step, eval_step,
-                                   interleaved_calls, peak_bytes, train_step)
+                                   interleaved_calls, interleaved_times,
+                                   peak_bytes, train_step)
 from .models import FLOAT32, MODELS, Size, in_precision, size_text, token_count
 
 MB = 2**20
@@ -82,10 +83,8 @@ class Timing(NamedTuple):
 
     def times(self, steps: Dict[Key, Step]) -> Dict[Key, List[float]]:
         """Seconds of each step's timed calls, the steps interleaved."""
-        return {
-            key: [call.seconds for call in calls]
-            for key, calls in self.calls(steps).items()
-        }
+        return interleaved_times(steps, self.warmup, self.repeats,
+                                 self.device)
 
 
 def log(message: str) -> None:

@@ -27,7 +27,7 @@ def time_over(rows: Rows, row: dict, other: Optional[str]) -> Optional[float]:
                  (other, row['size']))
 
 
-def fault_mb(row: dict) -> str:
+def fault_cell(row: dict) -> str:
     """A row's faulted-in memory in MB (``'n/a'`` where not counted, as in
     the results of runs before it was)."""
     return fmt(row.get('fault_mb'), '.0f')
@@ -61,7 +61,7 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
             f"| {row['dtype']} | {row['tokens']} "
             f"| {params[row['model']] / 1e6:.2f} "
             f"| {gflops} | {row['median_ms']:.0f} "
-            f"| {fault_mb(row)} "
+            f"| {fault_cell(row)} "
             f"| {row['peak_mb']:.0f} | {row['bias_cache_mb']:.0f} "
             f'| {fmt(vs_ref)} | {fmt(vs_base)} |')
     return lines
@@ -79,7 +79,7 @@ def train_table(rows: Rows) -> List[str]:
         lines.append(
             f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
             f"| {row['dtype']} | {row['batch']} | {row['median_ms']:.0f} "
-            f"| {fault_mb(row)} | {row['peak_mb']:.0f} | {fmt(vs_ref)} "
+            f"| {fault_cell(row)} | {row['peak_mb']:.0f} | {fmt(vs_ref)} "
             f"| {fmt(vs_base)} |")
     return lines
 
