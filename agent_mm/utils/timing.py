@@ -19,6 +19,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+try:  # Unix only
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 Step = Callable[[], None]
 # what names a step in :func:`interleaved_times`, e.g. a model's key
 Key = TypeVar('Key', bound=Hashable)
@@ -42,9 +47,7 @@ def timed(step: Step, device: torch.device) -> float:
 def page_faults() -> Optional[int]:
     """The process's minor page faults so far (all threads), or None where
     :mod:`resource` is missing (Windows)."""
-    try:
-        import resource
-    except ImportError:
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
