@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models import layers
+from agent_mm.models.fused_linear import (NO_ACTIVATION, activation_epilogue,
+                                          fused_linear, fuses_epilogues)
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
                                     activate_, biased_attention, linear_into,
                                     map_to_tokens, mlp_residual, residual_sum,
@@ -33,13 +35,13 @@ def test_inference_residual_matches_the_plain_sum(monkeypatch, chunk_tokens):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize('act_cfg', [
-    None,
-    dict(type='GELU', approximate='tanh'),
-    dict(type='ReLU'),
-    dict(type='SiLU'),
+@pytest.mark.parametrize('act_cfg, dtype', [
+    (None, torch.float32),
+    (dict(type='GELU', approximate='tanh'), torch.float32),
+    (dict(type='ReLU'), torch.float32),
+    (dict(type='SiLU'), torch.float32),
+    (dict(type='SiLU'), torch.bfloat16),  # no oneDNN epilogue: buffered
 ])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_inference_residual_computes_as_the_plain_sum_under_autocast(
         monkeypatch, act_cfg, dtype):
     torch.manual_seed(0)
@@ -54,6 +56,69 @@ def test_inference_residual_computes_as_the_plain_sum_under_autocast(
     # float32 ones), the residual in float32
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def _epilogue_mlp(x, norm, mlp):
+    """The bfloat16 MLP branch with bias and activation applied to the
+    float32 sums of the first product, rounded once after them."""
+    def product(h, layer):
+        weight, bias = (t.bfloat16().float() for t in (layer.weight,
+                                                       layer.bias))
+        return h.bfloat16().float() @ weight.t() + bias
+
+    hidden = mlp.act(product(norm(x), mlp.fc1)).bfloat16()
+    return product(hidden, mlp.fc2).bfloat16()
+
+
+@pytest.mark.parametrize('act_cfg', [
+    None,
+    dict(type='GELU', approximate='tanh'),
+    dict(type='ReLU'),
+])
+def test_bfloat16_inference_residual_fuses_bias_and_activation(
+        monkeypatch, act_cfg):
+    torch.manual_seed(0)
+    norm, mlp = nn.LayerNorm(8), Mlp(8, 32, act_cfg=act_cfg).eval()
+    monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', 5 * 32 * 2)
+    x = torch.randn(2, 13, 8)
+    with torch.no_grad():
+        fused = x + _epilogue_mlp(x, norm, mlp)
+        with torch.autocast('cpu', torch.bfloat16):
+            plain = _expected(x, norm, mlp)
+            out = mlp_residual(x.clone(), norm, mlp, nn.Identity(), False)
+    if fuses_epilogues(torch.bfloat16, x.device):
+        # one bfloat16 rounding of the branch apart at most
+        torch.testing.assert_close(out, fused, atol=2e-2, rtol=1e-2)
+    else:
+        torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('act_cfg, dtype, fusable', [
+    (None, torch.bfloat16, True),
+    (dict(type='ReLU'), torch.bfloat16, True),
+    (dict(type='SiLU'), torch.bfloat16, False),
+    (None, torch.float32, False),
+])
+def test_inference_residual_takes_the_fused_products_where_the_rule_says(
+        monkeypatch, act_cfg, dtype, fusable):
+    calls = []
+
+    def counted(x, weight, bias, epilogue=NO_ACTIVATION):
+        calls.append(epilogue)
+        return fused_linear(x, weight, bias, epilogue)
+
+    monkeypatch.setattr(layers, 'fused_linear', counted)
+    monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', 5 * 32 * dtype.itemsize)
+    norm, mlp = nn.LayerNorm(8), Mlp(8, 32, act_cfg=act_cfg).eval()
+    x = torch.randn(2, 13, 8)  # 26 tokens: 6 chunks of at most 5
+    with torch.no_grad(), torch.autocast(
+            'cpu', torch.bfloat16, enabled=dtype == torch.bfloat16):
+        mlp_residual(x, norm, mlp, nn.Identity(), False)
+    if fusable and fuses_epilogues(dtype, x.device):
+        first = activation_epilogue(mlp.act)
+        assert calls == [first, NO_ACTIVATION] * 6
+    else:
+        assert calls == []
 
 
 @pytest.mark.parametrize('bias', [True, False])

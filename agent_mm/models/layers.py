@@ -1,6 +1,6 @@
 """Small layers and tensor helpers shared by the agent models."""
 import contextlib
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
+from .fused_linear import (Epilogue, activation_epilogue, fused_linear,
+                           fuses_epilogues)
 from .tracing import exporting
 
 
@@ -200,10 +202,12 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
     """``tokens += mlp(norm(tokens))`` for ``(N, C)`` tokens in inference,
     in chunks of :data:`MLP_CHUNK_BYTES` of hidden activations.
 
-    The products write into two buffers reused by every chunk, in the
-    compute dtype of the running autocast (as ``nn.Linear`` would compute
-    under it, :func:`linear_into`), and the activation is applied in place
-    where :func:`activate_` knows how.
+    The products run in the compute dtype of the running autocast (as
+    ``nn.Linear`` would compute under it, :func:`linear_into`): with the
+    bias and activation in their epilogue where
+    :func:`~.fused_linear.fuses_epilogues` says so, else written into two
+    buffers reused by every chunk, the activation applied in place where
+    :func:`activate_` knows how.
     """
     dtype = compute_dtype(tokens)
     # cast once for all chunks (linear_into's casts are then no-ops)
@@ -211,13 +215,43 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
                 for layer in (mlp.fc1, mlp.fc2))
     rows = max(1, MLP_CHUNK_BYTES // (len(fc1[0]) * dtype.itemsize))
     rows = min(rows, len(tokens))
-    hidden = tokens.new_empty(rows, len(fc1[0]), dtype=dtype)
-    out = tokens.new_empty(rows, len(fc2[0]), dtype=dtype)
+    epilogue = activation_epilogue(mlp.act)
+    if epilogue is not None and fuses_epilogues(dtype, tokens.device):
+        branch = _fused_mlp(fc1, fc2, epilogue, dtype)
+    else:
+        branch = _buffered_mlp(fc1, fc2, mlp.act, tokens.new_empty(
+            rows, len(fc1[0]), dtype=dtype))
     for part in tokens.split(rows):
-        size = len(part)
-        linear_into(hidden[:size], norm(part), *fc1)
-        activate_(mlp.act, hidden[:size])
-        part.add_(linear_into(out[:size], hidden[:size], *fc2))
+        part.add_(branch(norm(part)))
+
+
+Layer = Tuple[Tensor, Optional[Tensor]]
+
+
+def _fused_mlp(fc1: Layer, fc2: Layer, epilogue: Epilogue,
+               dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """The MLP of a chunk of tokens by two :func:`~.fused_linear.fused_linear`
+    products, the activation in the first one's epilogue."""
+
+    def branch(x: Tensor) -> Tensor:
+        return fused_linear(fused_linear(x.to(dtype), *fc1, epilogue), *fc2)
+
+    return branch
+
+
+def _buffered_mlp(fc1: Layer, fc2: Layer, act: nn.Module,
+                  hidden: Tensor) -> Callable[[Tensor], Tensor]:
+    """The MLP of a chunk of at most ``len(hidden)`` tokens, written into
+    ``hidden`` and an output buffer reused by every chunk."""
+    out = hidden.new_empty(len(hidden), len(fc2[0]))
+
+    def branch(x: Tensor) -> Tensor:
+        size = len(x)
+        linear_into(hidden[:size], x, *fc1)
+        activate_(act, hidden[:size])
+        return linear_into(out[:size], hidden[:size], *fc2)
+
+    return branch
 
 
 @contextlib.contextmanager

@@ -1,0 +1,66 @@
+"""Tests of the oneDNN products with bias and activation in their epilogue
+(agent_mm/models/fused_linear.py)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from agent_mm.models import fused_linear as module
+from agent_mm.models.fused_linear import (NO_ACTIVATION, activation_epilogue,
+                                          fused_linear, fuses_epilogues)
+
+CPU = torch.device('cpu')
+
+
+@pytest.mark.parametrize('act, expected', [
+    (nn.GELU(), ('gelu', 'none')),
+    (nn.GELU(approximate='tanh'), ('gelu', 'tanh')),
+    (nn.ReLU(), ('relu', '')),
+    (nn.SiLU(), None),
+    (nn.Identity(), None),
+])
+def test_activation_epilogue_names_what_onednn_can_apply(act, expected):
+    assert activation_epilogue(act) == expected
+
+
+def test_fusion_is_taken_for_bfloat16_on_the_cpu_only():
+    supported = torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert fuses_epilogues(torch.bfloat16, CPU) == supported
+    assert not fuses_epilogues(torch.float32, CPU)
+    assert not fuses_epilogues(torch.float16, CPU)
+    assert not fuses_epilogues(torch.bfloat16, torch.device('meta'))
+
+
+def test_no_fusion_without_the_onednn_op(monkeypatch):
+    monkeypatch.setattr(module, '_LINEAR_POINTWISE', None)
+    assert not fuses_epilogues(torch.bfloat16, CPU)
+
+
+def _reference(x, weight, bias, act):
+    """``act(x wᵀ + b)`` on the float32 sums, rounded to ``x``'s dtype."""
+    out = x.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return act(out).to(x.dtype)
+
+
+@pytest.mark.parametrize('act', [
+    nn.Identity(), nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU()
+])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('bias', [True, False])
+def test_fused_linear_applies_bias_and_activation(act, dtype, bias):
+    if dtype == torch.bfloat16 and not fuses_epilogues(dtype, CPU):
+        # without oneDNN bfloat16 the op is not used: float32 still runs
+        dtype = torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(37, 24).to(dtype)
+    weight = torch.randn(40, 24).div(5).to(dtype)
+    bias = torch.randn(40).to(dtype) if bias else None
+    epilogue = activation_epilogue(act) or NO_ACTIVATION
+    out = fused_linear(x, weight, bias, epilogue)
+    assert out.shape == (37, 40) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        out, _reference(x, weight, bias, act), atol=tolerance,
+        rtol=tolerance)
