@@ -10,10 +10,10 @@ inductor fuses CPU linear layers into) adds the bias and applies the
 activation to each block of the output while it is in the caches, and
 rounds to the output dtype once, after the activation.
 
-In bfloat16 on a CPU with AMX, the inference MLPs computed this way took
-0.96 of the time of a whole Agent-PVT-T or Agent-Swin-T forward. In
-float32, MKL's products (``addmm``) were faster than oneDNN's at the
-widest layers of Agent-Swin-T, and the forward was not faster, so
+In bfloat16 on a CPU with AMX, computing the inference MLPs this way
+brought a whole Agent-PVT-T or Agent-Swin-T forward to 0.95-0.97 of its
+time. In float32, MKL's products (``addmm``) were faster than oneDNN's at
+the widest layers of Agent-Swin-T, and its forward was not faster, so
 :func:`fuses_epilogues` takes the fusion for bfloat16 on the CPU only
 (docs/benchmark/README.md, "The MLP's bias and GELU in the product").
 """
