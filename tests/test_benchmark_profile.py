@@ -22,8 +22,8 @@ from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
                                         ProfileSettings, Roofline, Tally,
                                         attention_flops, element_rate,
                                         event_bytes, event_flops, family_rows,
-                                        family_times, markdown, op_family,
-                                        run_profiles, tally)
+                                        family_times, linear_flops, markdown,
+                                        op_family, run_profiles, tally)
 from agent_mm.models.layers import activate_
 
 KNOWN_FAMILIES = {
@@ -134,6 +134,25 @@ def test_tally_counts_bytes_once_per_family_chain():
     assert tallies[VIEW] == Tally(2.0, 0, 0)
     assert tallies[GEMM] == Tally(9.0, 512, 128 + 256)
     assert tallies[OTHER] == Tally()
+
+
+def _onednn_linear(self_us=0.0):
+    """A profiler event of oneDNN's linear (the bfloat16 MLPs' products)."""
+    linear = event('mm', [[2, 5, 8], [16, 8], [16]],
+                   ['c10::BFloat16'] * 3, self_us=self_us)
+    return SimpleNamespace(**dict(vars(linear),
+                                  name='mkldnn::_linear_pointwise'))
+
+
+def test_onednn_linear_is_a_product_with_its_flops():
+    assert op_family('mkldnn::_linear_pointwise') == GEMM
+    assert op_family('mkldnn::_convolution_pointwise') == OTHER
+    linear = _onednn_linear()
+    assert linear_flops(linear.input_shapes) == 2 * 10 * 8 * 16
+    assert event_flops(linear) == 2 * 10 * 8 * 16
+    totals = tally([_onednn_linear(self_us=7.0)])
+    assert totals[GEMM] == Tally(7.0, 2560, 2 * (80 + 128 + 16))
+    assert totals[OTHER] == Tally()
 
 
 def test_tally_counts_the_elements_of_compute_bound_ops():

@@ -5,7 +5,9 @@ floor.
 records warm eval forwards (``no_grad``, after untimed calls, so the bias
 cache is filled) of the benchmark's models. The self CPU time of every
 ``aten::`` op is added to the op's family (:data:`FAMILY_PATTERNS`, e.g.
-GEMM, normalisation, layout/copy); ops of other namespaces are left out.
+GEMM, normalisation, layout/copy), and so is that of the few ops of other
+namespaces that the models call (:data:`OTHER_NAMESPACE_FAMILIES`); other
+ops are left out.
 
 A family's *floor* is the time it could not beat on this machine, a
 roofline bound measured in the same process: the largest of
@@ -13,8 +15,9 @@ roofline bound measured in the same process: the largest of
 - its FLOPs over the matmul rate, timed on a ``matmul_size``³ ``torch.mm``
   in the run's precision. FLOPs are the profiler's counts (``mm``,
   ``addmm``, ``bmm``, ``baddbmm``, ``conv2d``, ``add``, ``mul``; one
-  multiply-add = 2 flops) plus those of the fused attention kernels, which
-  the profiler does not count, from their query, key and value shapes;
+  multiply-add = 2 flops) plus those of the fused attention kernels and
+  oneDNN's linear layers, which the profiler does not count, from their
+  input shapes;
 - its bytes over the memory bandwidth, timed on a ``copy_mb`` MB
   ``dst.copy_(src)`` counting the bytes read and written;
 - for the ops of :data:`RATED_OPS`, compute-bound element-wise ops such
@@ -110,6 +113,10 @@ FAMILY_PATTERNS: Dict[str, str] = {
     r'|cos|erf\w*|arange|scalar_tensor|normal|uniform|bernoulli'
     r'|native_dropout)_?': 'elementwise',
 }
+# ops of other namespaces that the models call → family (oneDNN's linear
+# with its epilogue: agent_mm.models.fused_linear)
+LINEAR_POINTWISE = 'mkldnn::_linear_pointwise'
+OTHER_NAMESPACE_FAMILIES: Dict[str, str] = {LINEAR_POINTWISE: GEMM}
 FAMILIES = tuple(dict.fromkeys(FAMILY_PATTERNS.values())) + (OTHER, )
 # families whose ops write an output the size of their largest input
 SAME_SIZE_OUTPUT = frozenset(('softmax', 'normalisation', 'activation',
@@ -143,7 +150,10 @@ _COMPILED = [(re.compile(pattern), family)
 
 def op_family(name: str) -> str:
     """The family of profiler event ``name``, e.g. ``'aten::mm'`` → GEMM;
-    OTHER for unknown ``aten`` ops and ops of other namespaces."""
+    OTHER for unknown ``aten`` ops and ops of other namespaces not in
+    :data:`OTHER_NAMESPACE_FAMILIES`."""
+    if name in OTHER_NAMESPACE_FAMILIES:
+        return OTHER_NAMESPACE_FAMILIES[name]
     namespace, _, op = name.partition('::')
     if namespace != 'aten':
         return OTHER
@@ -151,9 +161,11 @@ def op_family(name: str) -> str:
                  if pattern.fullmatch(op)), OTHER)
 
 
-def is_aten(event: FunctionEvent) -> bool:
-    """Whether ``event`` is an ``aten::`` op."""
-    return event.name.startswith('aten::')
+def is_counted(event: FunctionEvent) -> bool:
+    """Whether ``event`` is an op the families add up: an ``aten::`` op or
+    one of :data:`OTHER_NAMESPACE_FAMILIES`."""
+    return (event.name.startswith('aten::')
+            or event.name in OTHER_NAMESPACE_FAMILIES)
 
 
 def descendants(event: FunctionEvent) -> Iterator[FunctionEvent]:
@@ -167,7 +179,7 @@ def moves_bytes(event: FunctionEvent, family: str) -> bool:
     """Whether the bytes of ``event`` (of ``family``) are counted: not a
     view and no descendant of the same family (which would count them)."""
     return family != VIEW and not any(
-        is_aten(d) and op_family(d.name) == family
+        is_counted(d) and op_family(d.name) == family
         for d in descendants(event))
 
 
@@ -192,11 +204,21 @@ def attention_flops(shapes: Sequence[Sequence[int]]) -> int:
     return 2 * batch * query[-2] * key[-2] * (query[-1] + value[-1])
 
 
+def linear_flops(shapes: Sequence[Sequence[int]]) -> int:
+    """FLOPs of a linear layer with input and weight of ``shapes[:2]``
+    (``(..., in)`` and ``(out, in)``), 2 flops per multiply-add."""
+    x, weight = shapes[:2]
+    return 2 * math.prod(x) * weight[0]
+
+
 def event_flops(event: FunctionEvent) -> int:
     """FLOPs of an op: the profiler's count, or for a fused attention
-    kernel :func:`attention_flops` of its inputs."""
+    kernel :func:`attention_flops` of its inputs and for oneDNN's linear
+    :func:`linear_flops`."""
     if FUSED_ATTENTION.fullmatch(event.name):
         return attention_flops(event.input_shapes)
+    if event.name == LINEAR_POINTWISE:
+        return linear_flops(event.input_shapes)
     return event.flops or 0
 
 
@@ -217,13 +239,13 @@ class Tally:
 
 
 def tally(events: Sequence[FunctionEvent]) -> Dict[str, Tally]:
-    """Add up the ``aten`` ops of profiler ``events`` by family.
+    """Add up the ops of profiler ``events`` by family (:func:`is_counted`).
 
     Returns:
         A :class:`Tally` for every family of :data:`FAMILIES`.
     """
     tallies = {family: Tally() for family in FAMILIES}
-    for event in filter(is_aten, events):
+    for event in filter(is_counted, events):
         family = op_family(event.name)
         totals = tallies[family]
         totals.self_us += event.self_cpu_time_total
@@ -472,7 +494,8 @@ def profile_model(key: str, settings: ProfileSettings,
     Returns:
         One profile per size and precision: ``model``, ``size``,
         ``dtype``, ``forward_ms``, ``profiled_ms``, ``aten_ms`` (self time
-        of all ``aten`` ops per forward), ``roofline_ms`` (the GEMM
+        of the ops counted, :func:`is_counted`, per forward; the name kept
+        from when only ``aten`` ops were), ``roofline_ms`` (the GEMM
         roofline), ``families`` (:func:`family_rows`) and, with
         ``settings.alone``, ``alone`` (:func:`family_times`).
     """
@@ -560,7 +583,7 @@ def profile_table(profile: dict) -> List[str]:
         '', f"## {MODELS[profile['model']].label}, "
         f"{size_text(profile['size'])}, {profile['dtype']}", '',
         f"Forward {profile['forward_ms']:.1f} ms unprofiled, "
-        f"{profile['profiled_ms']:.1f} ms profiled, of which aten self "
+        f"{profile['profiled_ms']:.1f} ms profiled, of which the ops' self "
         f"time {profile['aten_ms']:.1f} ms. GEMM roofline (the products' "
         f"FLOPs at the matmul rate): {profile['roofline_ms']:.1f} ms, "
         f"{100 * profile['roofline_ms'] / profile['forward_ms']:.0f} % of "
@@ -626,7 +649,7 @@ def markdown(results: dict) -> str:
         f"{meta['matmul_size']}³ {rates}; copy bandwidth "
         f"{meta['bandwidth_gb_s']:.1f} GB/s ({meta['copy_mb']} MB copy_, "
         f'read + write); {element_rates_text(meta["gelements_s"])}.',
-        'ms: self CPU time of the family\'s aten ops per forward; floor: '
+        'ms: self CPU time of the family\'s ops per forward; floor: '
         'the largest of its FLOPs at the matmul rate, its estimated bytes '
         'at the copy bandwidth and its compute-bound ops\' elements at '
         'their rates (method and approximations: '
