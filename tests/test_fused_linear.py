@@ -36,6 +36,12 @@ def test_no_fusion_without_the_onednn_op(monkeypatch):
     assert not fuses_epilogues(torch.bfloat16, CPU)
 
 
+@pytest.mark.filterwarnings('ignore:TF32 acceleration')
+def test_no_fusion_where_onednn_is_turned_off():
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not fuses_epilogues(torch.bfloat16, CPU)
+
+
 def _reference(x, weight, bias, act):
     """``act(x wᵀ + b)`` on the float32 sums, rounded to ``x``'s dtype."""
     out = x.float() @ weight.float().t()

@@ -45,10 +45,12 @@ def activation_epilogue(act: nn.Module) -> Optional[Epilogue]:
 def fuses_epilogues(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether inference computes products of ``dtype`` on ``device`` with
     :func:`fused_linear`: bfloat16 on a CPU where PyTorch's oneDNN has the
-    op and supports bfloat16, where it was measured to pay."""
+    op and supports bfloat16, where it was measured to pay, unless oneDNN
+    is turned off (``torch.backends.mkldnn.flags(enabled=False)``)."""
     return (device.type == 'cpu' and dtype == torch.bfloat16
             and _LINEAR_POINTWISE is not None and _BF16_SUPPORTED is not None
-            and torch.backends.mkldnn.is_available() and _BF16_SUPPORTED())
+            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and _BF16_SUPPORTED())
 
 
 def fused_linear(x: Tensor,
