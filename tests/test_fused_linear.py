@@ -36,6 +36,18 @@ def test_no_fusion_without_the_onednn_op(monkeypatch):
     assert not fuses_epilogues(torch.bfloat16, CPU)
 
 
+def test_no_fusion_within_torch_compile():
+    seen = []
+
+    @torch.compile(backend='eager', fullgraph=True)
+    def traced(x):
+        seen.append(fuses_epilogues(torch.bfloat16, CPU))
+        return x + 1
+
+    traced(torch.zeros(2))
+    assert seen == [False]
+
+
 @pytest.mark.filterwarnings('ignore:TF32 acceleration')
 def test_no_fusion_where_onednn_is_turned_off():
     with torch.backends.mkldnn.flags(enabled=False):

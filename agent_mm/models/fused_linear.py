@@ -46,9 +46,13 @@ def fuses_epilogues(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether inference computes products of ``dtype`` on ``device`` with
     :func:`fused_linear`: bfloat16 on a CPU where PyTorch's oneDNN has the
     op and supports bfloat16, where it was measured to pay, unless oneDNN
-    is turned off (``torch.backends.mkldnn.flags(enabled=False)``)."""
-    return (device.type == 'cpu' and dtype == torch.bfloat16
-            and _LINEAR_POINTWISE is not None and _BF16_SUPPORTED is not None
+    is turned off (``torch.backends.mkldnn.flags(enabled=False)``). Not
+    within ``torch.compile``: inductor makes such fusions itself, and it
+    cannot lower this op with an activation as called here."""
+    # is_compiling first: the oneDNN queries would break the traced graph
+    return (not torch.compiler.is_compiling() and device.type == 'cpu'
+            and dtype == torch.bfloat16 and _LINEAR_POINTWISE is not None
+            and _BF16_SUPPORTED is not None
             and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and _BF16_SUPPORTED())
 
