@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models import fused_linear as module
-from agent_mm.models.fused_linear import (NO_ACTIVATION, activation_epilogue,
-                                          fused_linear, fuses_epilogues)
+from agent_mm.models.fused_linear import (FLOAT32_MAX_WIDTH, NO_ACTIVATION,
+                                          activation_epilogue, fused_linear,
+                                          fuses_epilogues)
 
 CPU = torch.device('cpu')
 
@@ -22,18 +23,25 @@ def test_activation_epilogue_names_what_onednn_can_apply(act, expected):
     assert activation_epilogue(act) == expected
 
 
-def test_fusion_is_taken_for_bfloat16_on_the_cpu_only():
-    supported = torch.backends.mkldnn.is_available() and bool(
+def _onednn_bfloat16() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(
         torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert fuses_epilogues(torch.bfloat16, CPU) == supported
-    assert not fuses_epilogues(torch.float32, CPU)
-    assert not fuses_epilogues(torch.float16, CPU)
-    assert not fuses_epilogues(torch.bfloat16, torch.device('meta'))
+
+
+def test_fusion_is_taken_for_bfloat16_and_narrow_float32_on_the_cpu():
+    onednn = torch.backends.mkldnn.is_available()
+    assert fuses_epilogues(torch.bfloat16, CPU, 768) == _onednn_bfloat16()
+    assert fuses_epilogues(torch.float32, CPU, FLOAT32_MAX_WIDTH) == onednn
+    assert not fuses_epilogues(torch.float32, CPU, FLOAT32_MAX_WIDTH + 1)
+    assert not fuses_epilogues(torch.float16, CPU, 64)
+    assert not fuses_epilogues(torch.bfloat16, torch.device('meta'), 64)
+    assert not fuses_epilogues(torch.float32, torch.device('meta'), 64)
 
 
 def test_no_fusion_without_the_onednn_op(monkeypatch):
     monkeypatch.setattr(module, '_LINEAR_POINTWISE', None)
-    assert not fuses_epilogues(torch.bfloat16, CPU)
+    assert not fuses_epilogues(torch.bfloat16, CPU, 64)
+    assert not fuses_epilogues(torch.float32, CPU, 64)
 
 
 def test_no_fusion_within_torch_compile():
@@ -41,7 +49,7 @@ def test_no_fusion_within_torch_compile():
 
     @torch.compile(backend='eager', fullgraph=True)
     def traced(x):
-        seen.append(fuses_epilogues(torch.bfloat16, CPU))
+        seen.append(fuses_epilogues(torch.float32, CPU, 64))
         return x + 1
 
     traced(torch.zeros(2))
@@ -51,7 +59,8 @@ def test_no_fusion_within_torch_compile():
 @pytest.mark.filterwarnings('ignore:TF32 acceleration')
 def test_no_fusion_where_onednn_is_turned_off():
     with torch.backends.mkldnn.flags(enabled=False):
-        assert not fuses_epilogues(torch.bfloat16, CPU)
+        assert not fuses_epilogues(torch.bfloat16, CPU, 64)
+        assert not fuses_epilogues(torch.float32, CPU, 64)
 
 
 def _reference(x, weight, bias, act):
@@ -68,7 +77,7 @@ def _reference(x, weight, bias, act):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('bias', [True, False])
 def test_fused_linear_applies_bias_and_activation(act, dtype, bias):
-    if dtype == torch.bfloat16 and not fuses_epilogues(dtype, CPU):
+    if dtype == torch.bfloat16 and not _onednn_bfloat16():
         # without oneDNN bfloat16 the op is not used: float32 still runs
         dtype = torch.float32
     torch.manual_seed(0)

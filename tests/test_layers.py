@@ -4,8 +4,9 @@ import torch
 import torch.nn as nn
 
 from agent_mm.models import layers
-from agent_mm.models.fused_linear import (NO_ACTIVATION, activation_epilogue,
-                                          fused_linear, fuses_epilogues)
+from agent_mm.models.fused_linear import (FLOAT32_MAX_WIDTH, NO_ACTIVATION,
+                                          activation_epilogue, fused_linear,
+                                          fuses_epilogues)
 from agent_mm.models.layers import (ChannelsLastConv2d, DropPath, Mlp,
                                     activate_, biased_attention, linear_into,
                                     map_to_tokens, mlp_residual, residual_sum,
@@ -86,21 +87,22 @@ def test_bfloat16_inference_residual_fuses_bias_and_activation(
         with torch.autocast('cpu', torch.bfloat16):
             plain = _expected(x, norm, mlp)
             out = mlp_residual(x.clone(), norm, mlp, nn.Identity(), False)
-    if fuses_epilogues(torch.bfloat16, x.device):
+    if fuses_epilogues(torch.bfloat16, x.device, 8):
         # one bfloat16 rounding of the branch apart at most
         torch.testing.assert_close(out, fused, atol=2e-2, rtol=1e-2)
     else:
         torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize('act_cfg, dtype, fusable', [
-    (None, torch.bfloat16, True),
-    (dict(type='ReLU'), torch.bfloat16, True),
-    (dict(type='SiLU'), torch.bfloat16, False),
-    (None, torch.float32, False),
+@pytest.mark.parametrize('act_cfg, dtype, dims, fusable', [
+    (None, torch.bfloat16, 8, True),
+    (dict(type='ReLU'), torch.bfloat16, 8, True),
+    (dict(type='SiLU'), torch.bfloat16, 8, False),
+    (None, torch.float32, 8, True),
+    (None, torch.float32, FLOAT32_MAX_WIDTH + 1, False),
 ])
 def test_inference_residual_takes_the_fused_products_where_the_rule_says(
-        monkeypatch, act_cfg, dtype, fusable):
+        monkeypatch, act_cfg, dtype, dims, fusable):
     calls = []
 
     def counted(x, weight, bias, epilogue=NO_ACTIVATION):
@@ -109,12 +111,12 @@ def test_inference_residual_takes_the_fused_products_where_the_rule_says(
 
     monkeypatch.setattr(layers, 'fused_linear', counted)
     monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', 5 * 32 * dtype.itemsize)
-    norm, mlp = nn.LayerNorm(8), Mlp(8, 32, act_cfg=act_cfg).eval()
-    x = torch.randn(2, 13, 8)  # 26 tokens: 6 chunks of at most 5
+    norm, mlp = nn.LayerNorm(dims), Mlp(dims, 32, act_cfg=act_cfg).eval()
+    x = torch.randn(2, 13, dims)  # 26 tokens: 6 chunks of at most 5
     with torch.no_grad(), torch.autocast(
             'cpu', torch.bfloat16, enabled=dtype == torch.bfloat16):
         mlp_residual(x, norm, mlp, nn.Identity(), False)
-    if fusable and fuses_epilogues(dtype, x.device):
+    if fusable and fuses_epilogues(dtype, x.device, dims):
         first = activation_epilogue(mlp.act)
         assert calls == [first, NO_ACTIVATION] * 6
     else:

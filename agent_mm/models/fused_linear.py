@@ -10,12 +10,14 @@ inductor fuses CPU linear layers into) adds the bias and applies the
 activation to each block of the output while it is in the caches, and
 rounds to the output dtype once, after the activation.
 
-In bfloat16 on a CPU with AMX, computing the inference MLPs this way
-brought a whole Agent-PVT-T or Agent-Swin-T forward to 0.95-0.97 of its
-time. In float32, MKL's products (``addmm``) were faster than oneDNN's at
-the widest layers of Agent-Swin-T, and its forward was not faster, so
-:func:`fuses_epilogues` takes the fusion for bfloat16 on the CPU only
-(docs/benchmark/README.md, "The MLP's bias and GELU in the product").
+On a CPU with AMX, computing the inference MLPs this way brought a whole
+Agent-PVT-T or Agent-Swin-T bfloat16 forward to 0.95-0.97 of its time. In
+float32, oneDNN's products beat MKL's (``addmm``) on the narrow layers of
+the first two stages and lost on the wide ones (768 -> 3072 channels:
+1.21x), so :func:`fuses_epilogues` takes the fusion in float32 for MLPs at
+most :data:`FLOAT32_MAX_WIDTH` channels wide (float32 forwards: Agent-PVT-T
+0.95-0.97 of their time, Agent-Swin-T 0.98). See docs/benchmark/README.md,
+"The MLP's bias and GELU in the product".
 """
 from typing import Optional, Tuple
 
@@ -26,6 +28,10 @@ from torch import Tensor
 # absent from builds of PyTorch without oneDNN
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
 _BF16_SUPPORTED = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+
+# float32 MLPs up to this many input channels are fused (the first two
+# stages of Agent-PVT and Agent-Swin)
+FLOAT32_MAX_WIDTH = 192
 
 # oneDNN's name and algorithm of the epilogue: none, only the bias
 Epilogue = Tuple[str, str]
@@ -42,19 +48,26 @@ def activation_epilogue(act: nn.Module) -> Optional[Epilogue]:
     return None
 
 
-def fuses_epilogues(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether inference computes products of ``dtype`` on ``device`` with
-    :func:`fused_linear`: bfloat16 on a CPU where PyTorch's oneDNN has the
-    op and supports bfloat16, where it was measured to pay, unless oneDNN
-    is turned off (``torch.backends.mkldnn.flags(enabled=False)``). Not
-    within ``torch.compile``: inductor makes such fusions itself, and it
-    cannot lower this op with an activation as called here."""
+def fuses_epilogues(dtype: torch.dtype, device: torch.device,
+                    width: int) -> bool:
+    """Whether inference computes the products of an MLP ``width`` input
+    channels wide, in ``dtype`` on ``device``, with :func:`fused_linear`:
+    on a CPU where PyTorch's oneDNN has the op, in bfloat16 where oneDNN
+    supports it, and in float32 up to :data:`FLOAT32_MAX_WIDTH` channels,
+    where it was measured to pay; not where oneDNN is turned off
+    (``torch.backends.mkldnn.flags(enabled=False)``), nor within
+    ``torch.compile``: inductor makes such fusions itself, and it cannot
+    lower this op with an activation as called here."""
     # is_compiling first: the oneDNN queries would break the traced graph
-    return (not torch.compiler.is_compiling() and device.type == 'cpu'
-            and dtype == torch.bfloat16 and _LINEAR_POINTWISE is not None
-            and _BF16_SUPPORTED is not None
-            and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and _BF16_SUPPORTED())
+    if (torch.compiler.is_compiling() or device.type != 'cpu'
+            or _LINEAR_POINTWISE is None
+            or not torch.backends.mkldnn.is_available()
+            or not torch.backends.mkldnn.enabled):
+        return False
+    if dtype == torch.float32:
+        return width <= FLOAT32_MAX_WIDTH
+    return (dtype == torch.bfloat16 and _BF16_SUPPORTED is not None
+            and _BF16_SUPPORTED())
 
 
 def fused_linear(x: Tensor,

@@ -216,7 +216,8 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
     rows = max(1, MLP_CHUNK_BYTES // (len(fc1[0]) * dtype.itemsize))
     rows = min(rows, len(tokens))
     epilogue = activation_epilogue(mlp.act)
-    if epilogue is not None and fuses_epilogues(dtype, tokens.device):
+    if epilogue is not None and fuses_epilogues(dtype, tokens.device,
+                                                tokens.shape[-1]):
         branch = _fused_mlp(fc1, fc2, epilogue, dtype)
     else:
         branch = _buffered_mlp(fc1, fc2, mlp.act, tokens.new_empty(
