@@ -111,11 +111,13 @@ def test_measure_interleaves_the_precisions_call_by_call(train, monkeypatch):
     rows = measure(models, (8, 8), 1, train, TIMING,
                    dtypes=['float32', 'bfloat16'])
     assert [row['dtype'] for row in rows] == ['float32', 'bfloat16']
-    timed = calls[:4 * TIMING.repeats]  # then each step's peak memory
+    # an untimed round, then each step's calls; then its peak memory
+    timed = calls[:2 + 4 * TIMING.repeats]
     # one untimed and one timed call of each precision in turn, the order
     # rotating; bfloat16 runs a copy of the model, float32 the model
-    fp32, bf16 = (id(models['one']), 'float32'), (timed[2][0], 'bfloat16')
-    assert timed == [fp32, fp32, bf16, bf16, bf16, bf16, fp32, fp32]
+    fp32, bf16 = (id(models['one']), 'float32'), (timed[1][0], 'bfloat16')
+    assert timed == [fp32, bf16, fp32, fp32, bf16, bf16, bf16, bf16, fp32,
+                     fp32]
     assert bf16[0] != fp32[0]
     if not train:
         # FLOPs counted once, in the first precision, shared by the other

@@ -296,6 +296,16 @@ def test_markdown_report_of_fixed_results():
     assert markdown(fake_results()) == EXPECTED_MARKDOWN
 
 
+def test_header_names_the_untimed_round_where_the_run_had_one():
+    results = fake_results()
+    results['meta'] = dict(results['meta'], untimed_round=True)
+    expected = EXPECTED_MARKDOWN.replace(
+        'interleaved calls, each right after',
+        'interleaved calls, after an untimed round of every model, each '
+        'right after')
+    assert markdown(results) == expected
+
+
 def test_markdown_leaves_out_sections_not_measured():
     results = dict(fake_results(), train=[])
     del results['scaling']

@@ -37,8 +37,9 @@ def test_interleaved_times_rotates_the_order_and_warms_each_step():
     times = interleaved_times(steps, warmup=1, repeats=3, device=CPU)
     assert {key: len(t) for key, t in times.items()} == dict(a=3, b=3, c=3)
     assert all(t >= 0 for ts in times.values() for t in ts)
-    # each timed call right after one untimed call of the same step
-    assert calls == list('aabbcc' 'bbccaa' 'ccaabb')
+    # a first untimed round, then each timed call right after one untimed
+    # call of the same step
+    assert calls == list('abc' 'aabbcc' 'bbccaa' 'ccaabb')
 
 
 def test_measured_call_counts_the_memory_a_call_faults_in():
@@ -60,6 +61,13 @@ def test_measured_call_counts_the_memory_a_call_faults_in():
     assert fresh.faulted_bytes >= size // (2 * 2**20) * mmap.PAGESIZE
     assert reused.faulted_bytes < fresh.faulted_bytes
     assert fresh.seconds >= 0 and reused.seconds >= 0
+
+
+def test_no_untimed_round_without_warmup():
+    calls = []
+    steps = {key: (lambda key=key: calls.append(key)) for key in 'ab'}
+    interleaved_calls(steps, warmup=0, repeats=2, device=CPU)
+    assert calls == list('ab' 'ba')
 
 
 def test_interleaved_times_are_the_seconds_of_interleaved_calls():

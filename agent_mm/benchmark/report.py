@@ -181,6 +181,8 @@ def header_lines(meta: dict) -> List[str]:
         f"{meta['device']}, {precision_text(meta['dtypes'])}, "
         f"{meta['threads']} threads, torch "
         f"{meta['torch']}, median of {meta['repeats']} interleaved calls, "
+        + ('after an untimed round of every model, '
+           if meta.get('untimed_round') else '') +
         f"each right after {meta['warmup']} untimed call(s) of the same "
         'model; load average '
         f"{meta['load_avg_start']:.1f} at start, {meta['load_avg_end']:.1f} "

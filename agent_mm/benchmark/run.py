@@ -99,6 +99,8 @@ def new_results(settings: Settings) -> Results:
             train_batch=settings.train_batch,
             repeats=settings.repeats,
             warmup=settings.warmup,
+            # interleaved_calls' first round (see there)
+            untimed_round=settings.warmup > 0,
             memory_method=memory_method(torch.device(settings.device)),
             load_avg_start=os.getloadavg()[0]),
         params={},

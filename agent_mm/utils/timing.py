@@ -95,10 +95,17 @@ def interleaved_calls(steps: Dict[Key, Step], warmup: int, repeats: int,
     The untimed calls make the timed one warm, with the caches and the
     allocator's free memory as that step left them (after another model's
     call, the C allocator has returned its large blocks to the kernel, and
-    their pages would fault in again).
+    their pages would fault in again). With ``warmup``, one untimed round
+    of every step comes first, so that no timed call is among a step's
+    first two: what a step prepares once (an agent backbone's bias cache
+    keeps a shape's maps from its second forward, oneDNN builds its
+    kernels at the first calls of a shape) is not in the timed calls.
     """
     keys = list(steps)
     calls: Dict[Key, List[Call]] = {key: [] for key in keys}
+    if warmup:
+        for key in keys:
+            steps[key]()
     for repeat in range(repeats):
         shift = repeat % len(keys)
         for key in keys[shift:] + keys[:shift]:
