@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from agent_mm.benchmark.measure import (MB, PATH_SPECIFIC_OPS, Timing,
                                         bias_cache_bytes, count_flops,
-                                        fault_mb, flops_wanted, measure,
-                                        measure_scaling, output_differences)
+                                        fault_mb, flops_wanted, matmul_gflops,
+                                        matmul_step, measure, measure_scaling,
+                                        output_differences)
 from agent_mm.benchmark.models import (MODELS, build_models, parameter_counts,
                                        reference_twin, size_text, token_count,
                                        within_limits)
@@ -140,9 +141,12 @@ def test_timing_interleaves_every_step():
 @pytest.mark.parametrize('train', [False, True])
 def test_measure_rows(train):
     models = dict(one=TinyBackbone(), two=TinyBackbone(attend=True))
-    rows = measure(models, (8, 12), 2, train, TIMING)
+    rows = measure(models, (8, 12), 2, train, TIMING, matmul_size=32)
     assert [row['model'] for row in rows] == ['one', 'two']
-    eval_fields = {'bias_cache_mb', 'flops', 'layer_flops', 'unsupported_ops'}
+    eval_fields = {
+        'bias_cache_mb', 'flops', 'layer_flops', 'unsupported_ops',
+        'matmul_gflops'
+    }
     for row in rows:
         fields = {'model', 'size', 'dtype', 'batch', 'tokens', 'times_ms',
                   'median_ms', 'fault_mb', 'peak_mb'} | (set() if train else
@@ -161,6 +165,23 @@ def test_measure_rows(train):
         assert [row['flops'] for row in rows] == [2 * 96 * 12, 2 * 96 * 12 +
                                                   2 * 2 * 96 * 96 * 4]
         assert all(row['bias_cache_mb'] == 0 for row in rows)
+        assert all(row['matmul_gflops'] > 0 for row in rows)
+
+
+def test_eval_rows_of_each_precision_get_that_precisions_product_rate():
+    rows = measure(dict(one=TinyBackbone()), (8, 8), 1, False, TIMING,
+                   dtypes=('float32', 'bfloat16'), matmul_size=32)
+    assert [row['dtype'] for row in rows] == ['float32', 'bfloat16']
+    # each precision's product is timed on its own: two measured rates
+    assert rows[0]['matmul_gflops'] != rows[1]['matmul_gflops']
+
+
+def test_matmul_step_and_rate():
+    step = matmul_step('bfloat16', 4, CPU)
+    assert step().dtype == torch.bfloat16 and step().shape == (4, 4)
+    calls = [Call(seconds, None) for seconds in (2e-3, 1e-3, 4e-3)]
+    # 2 * 100³ flops in the median 2 ms
+    assert matmul_gflops(calls, 100) == pytest.approx(1.0)
 
 
 def test_measure_skips_flops_above_the_peak_limit():

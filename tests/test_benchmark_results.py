@@ -10,9 +10,10 @@ import pytest
 from agent_mm.benchmark.models import DTYPES, MODELS
 from agent_mm.benchmark.report import (SHORT_DTYPES, markdown, ratio_lines,
                                        write_report)
-from agent_mm.benchmark.targets import (TARGETS, RowRatio, find_row,
-                                        flop_checks, precision_ratios, ratio,
-                                        rows_in, target_ratios)
+from agent_mm.benchmark.targets import (TARGETS, RooflineShare, RowRatio,
+                                        Target, find_row, flop_checks,
+                                        precision_ratios, ratio,
+                                        roofline_share, rows_in, target_ratios)
 
 S1024, S512 = [1024, 1024], [512, 512]
 SCALING = dict(
@@ -41,30 +42,41 @@ def row(model, size, median_ms, peak_mb, dtype='float32', **extras):
         **extras)
 
 
-def eval_row(model, median_ms, peak_mb, cache_mb, gflops, layer_gflops,
-             fault_mb=None):
+def eval_row(model,
+             median_ms,
+             peak_mb,
+             cache_mb,
+             gflops,
+             layer_gflops,
+             fault_mb=None,
+             matmul_gflops=None):
     """An eval row at 1024²; FLOPs in G (None: not counted); without
-    ``fault_mb`` when None, like the results of runs before it was
-    measured."""
+    ``fault_mb`` or ``matmul_gflops`` when None, like the results of runs
+    before they were measured."""
     flops = None if gflops is None else gflops * 1e9
     layer = None if layer_gflops is None else layer_gflops * 1e9
-    faults = {} if fault_mb is None else dict(fault_mb=fault_mb)
+    extras = {} if fault_mb is None else dict(fault_mb=fault_mb)
+    if matmul_gflops is not None:
+        extras['matmul_gflops'] = matmul_gflops
     return row(
         model,
         S1024,
         median_ms,
         peak_mb,
-        **faults,
+        **extras,
         bias_cache_mb=cache_mb,
         flops=flops,
         layer_flops=layer,
         unsupported_ops=None if flops is None else [])
 
 
+# the products' rate: Agent-PVT-T's 62.8 G multiply-adds take 200 ms at it
+RATE = 628.0
 EVAL_ROWS = [
-    eval_row('agent_pvt_t', 400.0, 100.0, 600.0, 62.8, 41.0, 12.4),
-    eval_row('agent_pvt_t_ref', 1000.0, 300.0, 0.0, 62.9, 40.0, 250.0),
-    eval_row('agent_pvt_s', 900.0, 120.0, 1300.0, None, None, 0.0),
+    eval_row('agent_pvt_t', 400.0, 100.0, 600.0, 62.8, 41.0, 12.4, RATE),
+    eval_row('agent_pvt_t_ref', 1000.0, 300.0, 0.0, 62.9, 40.0, 250.0,
+             RATE),
+    eval_row('agent_pvt_s', 900.0, 120.0, 1300.0, None, None, 0.0, RATE),
     eval_row('pvt_s', 3000.0, 600.0, 0.0, 139.2, 139.2),
 ]
 TRAIN_ROWS = [
@@ -76,6 +88,7 @@ RATIOS = {
     'pvt_t_eval_mem_fast_over_ref': 1 / 3,
     'pvt_t_train_time_fast_over_ref': 1.25,
     'pvt_t_train_mem_fast_over_ref': 0.8,
+    'pvt_t_eval_roofline_share_fp32': 0.5,
     'pvt_t_eval_time_bf16_over_fp32': None,
     'pvt_t_train_time_bf16_over_fp32': None,
     'swin_t_time_agent_over_mmdet': None,
@@ -87,7 +100,7 @@ RATIOS = {
 def test_targets_name_each_key_and_description_once():
     keys = [target.key for target in TARGETS]
     descriptions = [target.description for target in TARGETS]
-    assert len(set(keys)) == len(keys) == 9
+    assert len(set(keys)) == len(keys) == 10
     assert len(set(descriptions)) == len(descriptions)
     assert all(target.bound > 0 for target in TARGETS)
     assert target_ratios([], [], None) == dict.fromkeys(keys)
@@ -127,6 +140,35 @@ def test_targets_read_models_in_one_precision_and_both_for_bf16_over_fp32():
     # no bfloat16 reference-path rows
     assert bf16['pvt_t_eval_time_fast_over_ref'] is None
     assert bf16['pvt_t_eval_time_bf16_over_fp32'] == pytest.approx(0.4)
+
+
+def test_roofline_share_is_the_flops_at_the_rows_product_rate_over_its_time():
+    fast, ref, no_flops, old_run = EVAL_ROWS
+    assert roofline_share(fast) == pytest.approx(0.5)
+    assert roofline_share(ref) == pytest.approx(62.9 / 628 * 2 / 1000 * 1e3)
+    assert roofline_share(no_flops) is None
+    assert roofline_share(old_run) is None
+    assert roofline_share(dict(fast, matmul_gflops=0.0)) is None
+
+
+def test_roofline_target_reads_the_float32_row_in_any_run():
+    bf16 = with_bf16_rate(in_bfloat16(EVAL_ROWS[:1], 2.0))
+    target = RooflineShare('agent_pvt_t', S1024)
+    for dtype in ('float32', 'bfloat16'):
+        ratios = target_ratios(EVAL_ROWS + bf16, [], None, dtype)
+        assert ratios['pvt_t_eval_roofline_share_fp32'] == pytest.approx(0.5)
+    assert target_ratios(bf16, [], None,
+                         'bfloat16')['pvt_t_eval_roofline_share_fp32'] is None
+    assert target.model in MODELS
+
+
+def test_lower_and_upper_bounds():
+    at_most = Target('a', 'a', 0.4, lambda run: None)
+    at_least = Target('b', 'b', 0.65, lambda run: None, at_least=True)
+    assert at_most.met(0.4) and not at_most.met(0.41)
+    assert at_least.met(0.65) and not at_least.met(0.64)
+    assert (at_most.bound_text(), at_least.bound_text()) == ('≤ 0.4',
+                                                             '≥ 0.65')
 
 
 def test_scaling_target_needs_the_1024_2048_pair():
@@ -230,20 +272,23 @@ allocator returned to the kernel and that faults in again; its system \
 time is part of the call.
 FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, \
 attention (SDPA/matmul) included.
+Roofline %: the GEMM roofline (the FLOPs at the rate of a 2048³ torch.mm \
+in the row's precision, timed in the same rounds as the models) over the \
+forward time; that rate, GFLOP/s: float32 628.
 
 ## Inference (eval, no_grad, batch 1)
 
 | Model | Input | Dtype | Tokens | Params (M) | GFLOPs | Fwd ms (median) \
-| Faults MB | Peak MB | Bias cache MB | × reference | × mmdet |
-|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| Agent-PVT-T | 1024×1024 | float32 | 65536 | 11.06 | 62.8 | 400 | 12 \
-| 100 | 600 | 0.40 | n/a |
+| Roofline % | Faults MB | Peak MB | Bias cache MB | × reference | × mmdet |
+|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| Agent-PVT-T | 1024×1024 | float32 | 65536 | 11.06 | 62.8 | 400 | 50 \
+| 12 | 100 | 600 | 0.40 | n/a |
 | Agent-PVT-T (reference) | 1024×1024 | float32 | 65536 | 11.06 | 62.9 \
-| 1000 | 250 | 300 | 0 | n/a | n/a |
-| Agent-PVT-S | 1024×1024 | float32 | 65536 | 20.12 | n/a | 900 | 0 \
-| 120 | 1300 | n/a | 0.30 |
+| 1000 | 20 | 250 | 300 | 0 | n/a | n/a |
+| Agent-PVT-S | 1024×1024 | float32 | 65536 | 20.12 | n/a | 900 | n/a \
+| 0 | 120 | 1300 | n/a | 0.30 |
 | PVT-S (mmdet) | 1024×1024 | float32 | 65536 | 23.97 | 139.2 | 3000 \
-| n/a | 600 | 0 | n/a | n/a |
+| n/a | n/a | 600 | 0 | n/a | n/a |
 
 ## Training (train mode, forward + backward, batch 2)
 
@@ -270,6 +315,8 @@ Agent-PVT-T forward: 400 ms at 1024×1024, 1700 ms at 2048×2048, ratio 4.25
 | NO |
 | Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory \
 | 0.800 | ≤ 0.75 | NO |
+| Agent-PVT-T eval 1024², float32: GEMM roofline / forward time | 0.500 \
+| ≥ 0.65 | NO |
 | Agent-PVT-T eval 1024²: bfloat16 / float32 forward time | n/a | ≤ 0.4 \
 | n/a |
 | Agent-PVT-T train 512² (fwd+bwd): bfloat16 / float32 time | n/a | ≤ 0.6 \
@@ -319,7 +366,7 @@ def test_markdown_leaves_out_sections_not_measured():
 def test_ratio_lines_follow_the_targets_order():
     lines = ratio_lines(dict.fromkeys(t.key for t in TARGETS))
     assert len(lines) == 2 + len(TARGETS)
-    assert all(line.endswith('| n/a | ≤ ' + str(target.bound) + ' | n/a |')
+    assert all(line.endswith(f'| n/a | {target.bound_text()} | n/a |')
                for line, target in zip(lines[2:], TARGETS))
 
 
@@ -342,6 +389,11 @@ def in_bfloat16(rows, speedup):
             times_ms=[t / speedup for t in row['times_ms']],
             median_ms=row['median_ms'] / speedup) for row in rows
     ]
+
+
+def with_bf16_rate(rows):
+    """``rows`` with the bfloat16 product rate, 4 times float32's."""
+    return [dict(row, matmul_gflops=4 * RATE) for row in rows]
 
 
 def test_precision_ratios_pair_rows_with_their_float32_twin():
@@ -367,7 +419,8 @@ def two_precision_results():
     """The fake results with every row also run in bfloat16."""
     results = fake_results()
     results['meta']['dtypes'] = ['float32', 'bfloat16']
-    results['eval'] = EVAL_ROWS + in_bfloat16(EVAL_ROWS[:2], 2.5)
+    results['eval'] = EVAL_ROWS + with_bf16_rate(in_bfloat16(EVAL_ROWS[:2],
+                                                             2.5))
     results['train'] = TRAIN_ROWS + in_bfloat16(TRAIN_ROWS, 1.25)
     results['precision_ratios'] = (
         precision_ratios(results['eval'], 'eval') +
@@ -382,8 +435,10 @@ def test_markdown_of_two_precisions():
     assert ('cpu, float32 + bfloat16 (bfloat16 under torch.autocast, '
             'float32 parameters), 2 threads') in table
     # the bfloat16 row is compared with the bfloat16 reference row
+    # its roofline at the bfloat16 rate: 50 ms of 160
     assert ('| Agent-PVT-T | 1024×1024 | bfloat16 | 65536 | 11.06 | 62.8 '
-            '| 160 | 12 | 100 | 600 | 0.40 | n/a |') in table
+            '| 160 | 31 | 12 | 100 | 600 | 0.40 | n/a |') in table
+    assert 'GFLOP/s: float32 628, bfloat16 2512.' in table
     assert ('| Agent-PVT-T | 512×512 | bfloat16 | 2 | 2000 | 64 | 800 '
             '| 1.25 | n/a |') in table
     section = """

@@ -26,6 +26,12 @@ by time and the running total's maximum is the peak. Memory that libraries
 allocate outside torch's allocator (oneDNN scratchpads, BLAS buffers) is not
 seen, and neither is allocator caching, so this is a lower bound on RSS.
 
+Each eval round also times a ``MATMUL_SIZE``³ ``torch.mm`` in every
+precision, interleaved with the models' calls: its median rate
+(``matmul_gflops``) is the machine's product rate in the same minutes as
+the row, against which the row's FLOPs give its GEMM roofline (see
+:func:`~agent_mm.benchmark.targets.roofline_share`).
+
 Faults are the memory the kernel maps into the process during a timed call
 (minor page faults, :class:`~agent_mm.utils.timing.Call`), the median over
 the calls: memory the C allocator returned to the kernel on free and must
@@ -52,11 +58,16 @@ from agent_mm.utils.flops import flop_analyzer
 from agent_mm.utils.timing import (Call, Key, Step, eval_step,
                                    interleaved_calls, interleaved_times,
                                    peak_bytes, train_step)
-from .models import FLOAT32, MODELS, Size, in_precision, size_text, token_count
+from .models import (DTYPES, FLOAT32, MODELS, Size, in_precision, size_text,
+                     token_count)
 
 MB = 2**20
 # FLOPs do not depend on the precision: counted in the first one only
 FLOP_FIELDS = ('flops', 'layer_flops', 'unsupported_ops')
+# side of the square product whose rate each eval row is given
+MATMUL_SIZE = 2048
+# the key of that product among the models' steps
+MATMUL = 'matmul'
 # ops where the two attention paths differ: the reference resizes biases
 # with interpolation and attends with matmuls, the fast path resizes with
 # matrix products (matmul, bmm) and attends with SDPA
@@ -234,16 +245,31 @@ def precision_copies(models: Dict[str, nn.Module],
     }
 
 
+def matmul_step(dtype: str, size: int, device: torch.device) -> Step:
+    """A ``size``³ ``torch.mm`` in precision ``dtype``."""
+    a, b = (torch.randn(size, size, device=device).to(DTYPES[dtype])
+            for _ in range(2))
+    return lambda: torch.mm(a, b)
+
+
+def matmul_gflops(calls: Sequence[Call], size: int) -> float:
+    """The rate of the median of ``calls`` of a ``size``³ product, in
+    GFLOP/s (2 flops per multiply-add)."""
+    return 2 * size**3 / median_ms([call.seconds for call in calls]) / 1e6
+
+
 def measure(models: Dict[str, nn.Module],
             size: Size,
             batch: int,
             train: bool,
             timing: Timing,
             flops_max_peak_mb: Optional[float] = None,
-            dtypes: Sequence[str] = (FLOAT32, )) -> List[dict]:
+            dtypes: Sequence[str] = (FLOAT32, ),
+            matmul_size: int = MATMUL_SIZE) -> List[dict]:
     """Measure every model at one size, in each precision.
 
-    First the interleaved latency of all models in all precisions, then
+    First the interleaved latency of all models in all precisions (in eval,
+    with a ``matmul_size``³ product in each precision among them), then
     the peak memory of each (and in eval its bias cache and FLOPs, counted
     in the first precision and shared by the others).
 
@@ -257,12 +283,14 @@ def measure(models: Dict[str, nn.Module],
         flops_max_peak_mb: See :func:`eval_extras`.
         dtypes: The precisions, keys of
             :data:`~agent_mm.benchmark.models.DTYPES`.
+        matmul_size: Side of the product timed beside the eval calls.
 
     Returns:
         One row per precision and model (precision-major): ``model``,
         ``size``, ``dtype``, ``batch``, ``tokens``, ``times_ms``,
         ``median_ms``, ``fault_mb``, ``peak_mb`` and, in eval, the fields of
-        :func:`eval_extras`.
+        :func:`eval_extras` and ``matmul_gflops`` (:func:`matmul_gflops` of
+        the product timed in the same rounds, in the row's precision).
     """
     inputs = torch.randn(batch, 3, *size, device=timing.device)
     make_step = train_step if train else eval_step
@@ -273,8 +301,12 @@ def measure(models: Dict[str, nn.Module],
                                                   timing.device), inputs)
              for dtype, copies in runs.items()
              for key, model in copies.items()}
+    products = {} if train else {
+        (dtype, MATMUL): matmul_step(dtype, matmul_size, timing.device)
+        for dtype in dtypes
+    }
     load_before = os.getloadavg()[0]
-    calls = timing.calls(steps)
+    calls = timing.calls({**steps, **products})
     rows: Dict[Tuple[str, str], dict] = {}
     for (dtype, key), step in steps.items():
         model = runs[dtype][key]
@@ -286,7 +318,9 @@ def measure(models: Dict[str, nn.Module],
             # before the others'
             row.update(
                 eval_extras(model, inputs, row['peak_mb'], flops_max_peak_mb,
-                            rows.get((dtypes[0], key))))
+                            rows.get((dtypes[0], key))),
+                matmul_gflops=matmul_gflops(calls[dtype, MATMUL],
+                                            matmul_size))
         model.zero_grad(set_to_none=True)
         model.eval()  # drop this size's bias cache before the next size
         rows[dtype, key] = row

@@ -7,8 +7,9 @@ import json
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .measure import MATMUL_SIZE
 from .models import FLOAT32, MODELS, reference_twin, size_text
-from .targets import TARGETS, Rows, ratio, rows_in
+from .targets import TARGETS, Rows, ratio, roofline_share, rows_in
 
 # the short names of the precisions, in ratio headings and plot labels
 SHORT_DTYPES = {FLOAT32: 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}
@@ -48,19 +49,21 @@ def eval_table(rows: Rows, params: Dict[str, int]) -> List[str]:
     """The inference table, one line per eval row."""
     lines = [
         '| Model | Input | Dtype | Tokens | Params (M) | GFLOPs '
-        '| Fwd ms (median) | Faults MB | Peak MB | Bias cache MB '
-        '| × reference | × mmdet |',
-        '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+        '| Fwd ms (median) | Roofline % | Faults MB | Peak MB '
+        '| Bias cache MB | × reference | × mmdet |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
     ]
     for row in rows:
         vs_ref, vs_base = comparison(rows, row)
         flops = row['flops']
         gflops = fmt(None if flops is None else flops / 1e9, '.1f')
+        share = roofline_share(row)
         lines.append(
             f"| {MODELS[row['model']].label} | {size_text(row['size'])} "
             f"| {row['dtype']} | {row['tokens']} "
             f"| {params[row['model']] / 1e6:.2f} "
             f"| {gflops} | {row['median_ms']:.0f} "
+            f"| {fmt(None if share is None else share * 100, '.0f')} "
             f"| {fault_cell(row)} "
             f"| {row['peak_mb']:.0f} | {row['bias_cache_mb']:.0f} "
             f'| {fmt(vs_ref)} | {fmt(vs_base)} |')
@@ -119,9 +122,9 @@ def ratio_lines(ratios: Dict[str, Optional[float]]) -> List[str]:
     for target in TARGETS:
         value = ratios[target.key]
         met = 'n/a' if value is None else (
-            'yes' if value <= target.bound else 'NO')
+            'yes' if target.met(value) else 'NO')
         lines.append(f'| {target.description} | {fmt(value, ".3f")} '
-                     f'| ≤ {target.bound} | {met} |')
+                     f'| {target.bound_text()} | {met} |')
     return lines
 
 
@@ -163,6 +166,32 @@ def check_lines(results: dict) -> List[str]:
     return lines
 
 
+def span(values: Sequence[float]) -> str:
+    """``'low–high'`` of ``values``, rounded; one number if they round
+    alike."""
+    low, high = f'{min(values):.0f}', f'{max(values):.0f}'
+    return low if low == high else f'{low}–{high}'
+
+
+def roofline_lines(rows: Rows) -> List[str]:
+    """What the eval table's roofline column is, with the product rates
+    the run measured in each precision (none for results without them)."""
+    rates: Dict[str, List[float]] = {}
+    for row in rows:
+        if row.get('matmul_gflops'):
+            rates.setdefault(row['dtype'], []).append(row['matmul_gflops'])
+    if not rates:
+        return []
+    ranges = ', '.join(f'{dtype} {span(values)}'
+                       for dtype, values in rates.items())
+    return [
+        f'Roofline %: the GEMM roofline (the FLOPs at the rate of a '
+        f'{MATMUL_SIZE}³ torch.mm in the row\'s precision, timed in the same '
+        f'rounds as the models) over the forward time; that rate, GFLOP/s: '
+        f'{ranges}.'
+    ]
+
+
 def precision_text(dtypes: Sequence[str]) -> str:
     """The precisions of a run, e.g. ``'float32 + bfloat16 (bfloat16 under
     torch.autocast, float32 parameters)'``."""
@@ -199,7 +228,7 @@ def header_lines(meta: dict) -> List[str]:
 def markdown(results: dict) -> str:
     """The whole report (``benchmark.md``) of a run's results."""
     meta = results['meta']
-    lines = header_lines(meta) + [
+    lines = header_lines(meta) + roofline_lines(results['eval']) + [
         '', f"## Inference (eval, no_grad, batch {meta['batch']})", ''
     ]
     lines += eval_table(results['eval'], results['params'])

@@ -2,11 +2,12 @@
 the time of the lower precisions over float32.
 
 Each target is a ratio of two measurements of the same run with the bound
-it should meet; :data:`TARGETS` is the one list of them (key, description,
-bound and how the value is read from the run's rows). Targets comparing
-two models, and the FLOP checks, read the rows of one precision (see
-:func:`rows_in`); the precision targets compare a model's bfloat16 and
-float32 rows.
+it should meet (at most, or at least for the GEMM roofline's share);
+:data:`TARGETS` is the one list of them (key, description, bound and how
+the value is read from the run's rows). Targets comparing two models, and
+the FLOP checks, read the rows of one precision (see :func:`rows_in`); the
+precision targets compare a model's bfloat16 and float32 rows, and the
+roofline target reads a float32 row and the product rate timed beside it.
 """
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -125,6 +126,36 @@ class PrecisionRatio(NamedTuple):
                          entry['dtype']) == wanted), None)
 
 
+def roofline_share(row: dict) -> Optional[float]:
+    """The GEMM roofline of an eval row over its time: its FLOPs
+    (multiply-adds) at the rate of the product timed in the same rounds
+    (``matmul_gflops``, 2 flops per multiply-add), over its median time;
+    None where either was not measured (as in runs before the rate was)."""
+    rate = row.get('matmul_gflops')
+    if row.get('flops') is None or not rate:
+        return None
+    roofline_ms = 2 * row['flops'] / rate / 1e6
+    return roofline_ms / row['median_ms']
+
+
+class RooflineShare(NamedTuple):
+    """A target's value: :func:`roofline_share` of one model's float32 eval
+    row at one size (whatever precision the run compares models in).
+
+    Attributes:
+        model: Key of the model.
+        size: The input size of the row.
+    """
+    model: str
+    size: Size
+
+    def __call__(self, run: Run) -> Optional[float]:
+        """The share in ``run``, None if not measured."""
+        row = find_row(rows_in(run.eval_rows, FLOAT32), self.model,
+                       self.size)
+        return None if row is None else roofline_share(row)
+
+
 def scaling_ratio(run: Run) -> Optional[float]:
     """The interleaved 2048² / 1024² ratio, None if not measured at those
     sizes."""
@@ -140,13 +171,24 @@ class Target(NamedTuple):
     Attributes:
         key: Name of the ratio in the results.
         description: Its row label in the ratios table.
-        bound: The target: the ratio should be at most this.
+        bound: The target: the ratio should be at most this (at least
+            with ``at_least``).
         value: Reads the ratio from a :class:`Run` (None if not measured).
+        at_least: Whether ``bound`` is a lower bound.
     """
     key: str
     description: str
     bound: float
     value: Callable[[Run], Optional[float]]
+    at_least: bool = False
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` meets the bound."""
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def bound_text(self) -> str:
+        """The bound as the ratios table shows it, e.g. ``'≤ 0.4'``."""
+        return f"{'≥' if self.at_least else '≤'} {self.bound}"
 
 
 TARGETS = (
@@ -162,6 +204,11 @@ TARGETS = (
     Target('pvt_t_train_mem_fast_over_ref',
            'Agent-PVT-T train 512² (fwd+bwd): fast / reference peak memory',
            0.75, RowRatio('train', 'peak_mb', FAST, REFERENCE, S512)),
+    Target('pvt_t_eval_roofline_share_fp32',
+           'Agent-PVT-T eval 1024², float32: GEMM roofline / forward time',
+           0.65,
+           RooflineShare(FAST, S1024),
+           at_least=True),
     Target('pvt_t_eval_time_bf16_over_fp32',
            'Agent-PVT-T eval 1024²: bfloat16 / float32 forward time', 0.4,
            PrecisionRatio('eval', FAST, S1024)),

@@ -7,7 +7,9 @@ memory in train mode, plus the scaling of Agent-PVT-T's forward time with
 the input size (its two sizes alternating) and the project's target ratios.
 With ``--dtype float32 bfloat16`` every measurement is also made with the
 forward under ``torch.autocast``, the precisions' calls interleaved with the
-models', and the report gives the bf16 / fp32 time.
+models', and the report gives the bf16 / fp32 time. Every eval row also
+gets its share of the GEMM roofline, against a 2048³ product timed in the
+same rounds.
 How each quantity is measured: :mod:`agent_mm.benchmark.measure`; the
 measuring, the targets and the report live in :mod:`agent_mm.benchmark`,
 this file is the command line.
