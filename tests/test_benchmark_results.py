@@ -363,6 +363,18 @@ def test_markdown_leaves_out_sections_not_measured():
     assert '## Training' not in expected and '## Scaling' not in expected
 
 
+def test_markdown_of_results_saved_before_the_product_rate():
+    results = fake_results()
+    results['eval'] = [{
+        key: value
+        for key, value in row.items() if key != 'matmul_gflops'
+    } for row in EVAL_ROWS]
+    table = markdown(results)
+    assert 'Roofline %:' not in table and 'Roofline %:' in EXPECTED_MARKDOWN
+    assert ('| Agent-PVT-T | 1024×1024 | float32 | 65536 | 11.06 | 62.8 '
+            '| 400 | n/a | 12 |') in table
+
+
 def test_ratio_lines_follow_the_targets_order():
     lines = ratio_lines(dict.fromkeys(t.key for t in TARGETS))
     assert len(lines) == 2 + len(TARGETS)
