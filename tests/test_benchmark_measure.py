@@ -177,7 +177,7 @@ def test_eval_rows_of_each_precision_get_that_precisions_product_rate():
 
 
 def test_matmul_step_and_rate():
-    step = matmul_step('bfloat16', 4, CPU)
+    step = matmul_step(torch.bfloat16, 4, CPU)
     assert step().dtype == torch.bfloat16 and step().shape == (4, 4)
     calls = [Call(seconds, None) for seconds in (2e-3, 1e-3, 4e-3)]
     # 2 * 100³ flops in the median 2 ms

@@ -245,17 +245,23 @@ def precision_copies(models: Dict[str, nn.Module],
     }
 
 
-def matmul_step(dtype: str, size: int, device: torch.device) -> Step:
-    """A ``size``³ ``torch.mm`` in precision ``dtype``."""
-    a, b = (torch.randn(size, size, device=device).to(DTYPES[dtype])
+def matmul_step(dtype: torch.dtype, size: int, device: torch.device) -> Step:
+    """A ``size``³ ``torch.mm`` in ``dtype``, its operands made once."""
+    a, b = (torch.randn(size, size, device=device).to(dtype)
             for _ in range(2))
     return lambda: torch.mm(a, b)
 
 
+def matmul_flops(size: int) -> int:
+    """The FLOPs of a ``size``³ product (2 per multiply-add)."""
+    return 2 * size**3
+
+
 def matmul_gflops(calls: Sequence[Call], size: int) -> float:
     """The rate of the median of ``calls`` of a ``size``³ product, in
-    GFLOP/s (2 flops per multiply-add)."""
-    return 2 * size**3 / median_ms([call.seconds for call in calls]) / 1e6
+    GFLOP/s."""
+    return matmul_flops(size) / median_ms([call.seconds
+                                           for call in calls]) / 1e6
 
 
 def measure(models: Dict[str, nn.Module],
@@ -302,7 +308,8 @@ def measure(models: Dict[str, nn.Module],
              for dtype, copies in runs.items()
              for key, model in copies.items()}
     products = {} if train else {
-        (dtype, MATMUL): matmul_step(dtype, matmul_size, timing.device)
+        (dtype, MATMUL): matmul_step(DTYPES[dtype], matmul_size,
+                                     timing.device)
         for dtype in dtypes
     }
     load_before = os.getloadavg()[0]

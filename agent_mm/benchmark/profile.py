@@ -70,7 +70,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
 from agent_mm.utils.timing import best_time, timed
-from .measure import MB, log
+from .measure import MATMUL_SIZE, MB, log, matmul_flops, matmul_step
 from .models import (DTYPES, MODELS, Size, build_models, check_dtypes,
                      in_precision, size_text)
 from .ops_alone import OpTime, op_times
@@ -288,10 +288,8 @@ def matmul_rate(dtype: torch.dtype,
                 repeats: int = 3) -> float:
     """FLOP/s of a ``size``³ ``torch.mm`` in ``dtype`` (2 flops per
     multiply-add), the best of ``repeats`` calls after one untimed."""
-    a, b = (torch.randn(size, size, device=device).to(dtype)
-            for _ in range(2))
-    seconds = best_time(lambda: torch.mm(a, b), device, repeats)
-    return 2 * size**3 / seconds
+    seconds = best_time(matmul_step(dtype, size, device), device, repeats)
+    return matmul_flops(size) / seconds
 
 
 def element_rate(op: Callable[[torch.Tensor], torch.Tensor],
@@ -453,7 +451,7 @@ class ProfileSettings:
     calls: int = 1
     threads: int = 1
     seed: int = 0
-    matmul_size: int = 2048
+    matmul_size: int = MATMUL_SIZE
     copy_mb: int = 256
     alone: int = 0
 

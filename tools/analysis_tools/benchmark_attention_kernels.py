@@ -20,10 +20,9 @@ from agent_mm.benchmark.attention_kernels import (TABLE_HEADER,
                                                   model_problems)
 from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
                                     check_dtype_option, parse_size)
+from agent_mm.benchmark.measure import MATMUL_SIZE
 from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.profile import CPU, matmul_rate
-
-MATMUL_SIZE = 2048
 
 
 def main(argv=None) -> None:
