@@ -1,6 +1,7 @@
 """Checks and tiny backbones shared by the AgentPVT, AgentSwinTransformer
 and settings tests."""
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -119,3 +120,37 @@ def assert_frozen(module: nn.Module, frozen_prefixes, trainable_prefixes):
             assert not sub.training, name
         elif name.startswith(tuple(trainable_prefixes)):
             assert sub.training, name
+
+
+def assert_inference_calls_what_the_modules_are(module: nn.Module,
+                                                img: torch.Tensor):
+    """Inference (autograd off) computes what calling the layers gives:
+    forward hooks on every ``nn.Linear`` see each call they would see with
+    autograd on, and a dynamically quantized copy gives the features it
+    gives with autograd on."""
+    module.eval()
+    linears = [m for m in module.modules() if type(m) is nn.Linear]
+    calls = {}
+    for layer in linears:
+        layer.register_forward_hook(lambda layer, inputs, output: calls.
+                                    setdefault(layer, []).append(output.shape))
+    with torch.no_grad():
+        module(img)
+    without_grad, calls = calls, {}
+    module(img)
+    assert without_grad == calls and len(calls) == len(linears)
+    quantized = quantized_dynamically(module)
+    expected = quantized(img)
+    with torch.no_grad():
+        features = quantized(img)
+    for out, ref in zip(features, expected):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def quantized_dynamically(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose ``nn.Linear`` layers are dynamically
+    quantized (``torch.ao.quantization``, deprecated in favour of torchao:
+    its warnings are silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear})

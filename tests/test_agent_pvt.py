@@ -4,7 +4,9 @@ import torch
 from backbone_checks import (assert_bias_cache_settings_reach_every_attention,
                              assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
-                             assert_frozen, assert_parity)
+                             assert_frozen,
+                             assert_inference_calls_what_the_modules_are,
+                             assert_parity, tiny)
 from reference_agent import ReferenceAgentPVT, randomize_
 
 from agent_mm.models import AgentPVT
@@ -148,3 +150,9 @@ def test_pretrained_is_deprecated_in_favour_of_init_cfg():
     with pytest.raises(ValueError, match='not both'):
         AgentPVT(pretrained='a.pth', init_cfg=dict(type='Pretrained',
                                                    checkpoint='b.pth'))
+
+
+def test_inference_calls_hooked_and_quantized_layers():
+    torch.manual_seed(0)
+    assert_inference_calls_what_the_modules_are(tiny('pvt'),
+                                                torch.randn(1, 3, 64, 96))

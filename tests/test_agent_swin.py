@@ -4,7 +4,9 @@ import torch
 from backbone_checks import (assert_bias_cache_settings_reach_every_attention,
                              assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
-                             assert_frozen, assert_parity)
+                             assert_frozen,
+                             assert_inference_calls_what_the_modules_are,
+                             assert_parity, tiny)
 from reference_agent import ReferenceAgentSwin, randomize_
 
 from agent_mm.models import AgentAttention, AgentSwinTransformer
@@ -164,3 +166,9 @@ def test_bad_images_are_rejected(shape, message):
         embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
     with pytest.raises(ValueError, match=message):
         model(torch.randn(*shape))
+
+
+def test_inference_calls_hooked_and_quantized_layers():
+    torch.manual_seed(0)
+    assert_inference_calls_what_the_modules_are(tiny('swin'),
+                                                torch.randn(1, 3, 64, 96))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from backbone_checks import quantized_dynamically
 
 from agent_mm.models import layers
 from agent_mm.models.fused_linear import (FLOAT32_MAX_WIDTH, NO_ACTIVATION,
@@ -167,6 +168,43 @@ def test_inference_residual_of_a_strided_input_leaves_it_untouched():
     torch.testing.assert_close(out, _expected(before.transpose(0, 1), norm,
                                               mlp))
     torch.testing.assert_close(base, before)
+
+
+@pytest.mark.parametrize('hooked', ['norm', 'fc1', 'act', 'fc2', 'mlp'])
+def test_inference_residual_calls_hooked_modules_on_all_tokens(hooked):
+    norm, mlp, drop_path = _branch()
+    modules = dict(norm=norm, fc1=mlp.fc1, act=mlp.act, fc2=mlp.fc2, mlp=mlp)
+    seen = []
+    modules[hooked].register_forward_hook(
+        lambda module, inputs, output: seen.append(output.shape))
+    x = torch.randn(3, 37, 8)
+    with torch.no_grad():
+        out = mlp_residual(x.clone(), norm, mlp, drop_path, training=False)
+    assert seen == [(3, 37, 8 if hooked in ('norm', 'fc2', 'mlp') else 32)]
+    torch.testing.assert_close(out, _expected(x, norm, mlp))
+
+
+def test_inference_residual_calls_the_mlp_under_a_global_hook():
+    norm, mlp, drop_path = _branch()
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: seen.append(module))
+    try:
+        with torch.no_grad():
+            mlp_residual(torch.randn(2, 5, 8), norm, mlp, drop_path, False)
+    finally:
+        handle.remove()
+    assert mlp.fc1 in seen and mlp.fc2 in seen
+
+
+def test_inference_residual_of_a_dynamically_quantized_mlp():
+    norm, mlp, drop_path = _branch()
+    quantized = quantized_dynamically(mlp)
+    x = torch.randn(2, 9, 8)
+    expected = _expected(x, norm, quantized)  # the quantized layers, called
+    with torch.no_grad():
+        out = mlp_residual(x.clone(), norm, quantized, drop_path, False)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
 def test_with_autograd_the_residual_is_a_new_tensor_with_gradients():

@@ -22,8 +22,9 @@ from .bias_maps import (agent_grid_matrix, pool_tokens, separable_bias,
                         weights_like)
 from .checks import check_agent_attention
 from .folded_bias import FoldedBias, folded_bias_attention, folds_bias
-from .layers import (ChannelsLastConv2d, biased_attention, compute_dtype,
-                     linear_into, map_to_tokens, residual_sum, tokens_to_map)
+from .layers import (ChannelsLastConv2d, biased_attention, calls_plain_forward,
+                     compute_dtype, is_plain_linear, linear_into,
+                     map_to_tokens, residual_sum, tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
 from .padded_agents import pad_agents, padded_agent_count
 from .traced_agent_attention import traced_agent_attention
@@ -273,11 +274,14 @@ class AgentAttention(BaseModule):
     # forward
     def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Query, key and value ``(B, N, C)``; in inference within a
-        workspace, written into its buffer, each contiguous."""
+        workspace, written into its buffer, each contiguous, where the
+        layers allow it (:meth:`_reads_projection_weights`)."""
         batch, tokens, channels = x.shape
-        out = None if torch.is_grad_enabled() else workspace_buffer(
-            'projections', (3, batch * tokens, channels), compute_dtype(x),
-            x.device)
+        out = None
+        if not torch.is_grad_enabled() and self._reads_projection_weights():
+            out = workspace_buffer('projections',
+                                   (3, batch * tokens, channels),
+                                   compute_dtype(x), x.device)
         if out is None:
             if self.fused_qkv:
                 return self.qkv(x).chunk(3, dim=-1)
@@ -286,6 +290,15 @@ class AgentAttention(BaseModule):
         for part, (weight, bias) in zip(out, self._projection_weights()):
             linear_into(part, rows, weight, bias)
         return tuple(part.view(batch, tokens, channels) for part in out)
+
+    def _reads_projection_weights(self) -> bool:
+        """Whether the projections may be computed from their layers'
+        weights (:meth:`_projection_weights`) instead of calling them: plain
+        linear layers (:func:`~.layers.is_plain_linear`) without forward
+        hooks."""
+        layers = [self.qkv] if self.fused_qkv else [self.q, self.kv]
+        return (all(is_plain_linear(layer) for layer in layers)
+                and calls_plain_forward(*layers))
 
     def _projection_weights(self) -> List[Tuple[Tensor, Optional[Tensor]]]:
         """The weight and bias of the query, key and value projections:

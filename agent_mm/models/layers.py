@@ -191,11 +191,46 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
         drop_path: Stochastic depth on the residual branch.
         training: The block's training flag.
     """
-    if training or torch.is_grad_enabled() or exporting():
+    if (training or torch.is_grad_enabled() or exporting()
+            or not runs_in_chunks(norm, mlp, drop_path)):
         return x + drop_path(mlp(norm(x)))
     x = x.contiguous()
     add_mlp_in_chunks(x.view(-1, x.shape[-1]), norm, mlp)
     return x
+
+
+def runs_in_chunks(norm: nn.Module, mlp: nn.Module,
+                   drop_path: nn.Module) -> bool:
+    """Whether :func:`add_mlp_in_chunks` computes what calling the modules
+    would: ``mlp`` is an :class:`Mlp` of plain linear layers
+    (:func:`is_plain_linear`), and no module involved has forward hooks,
+    which would see chunks or no call at all."""
+    return (type(mlp) is Mlp and is_plain_linear(mlp.fc1)
+            and is_plain_linear(mlp.fc2)
+            and calls_plain_forward(norm, drop_path, *mlp.modules()))
+
+
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an ``nn.Linear`` whose parameters are plain
+    ``nn.Parameter`` tensors, so that its output is ``F.linear`` of its
+    weight and bias (not of a quantized or parametrized layer, nor of a
+    tensor subclass that computes its own product)."""
+    return type(layer) is nn.Linear and all(
+        param is None or type(param) is nn.Parameter
+        for param in (layer.weight, layer.bias))
+
+
+def calls_plain_forward(*modules: nn.Module) -> bool:
+    """Whether calling each of ``modules`` runs its ``forward`` alone: no
+    forward hooks or pre-hooks, of its own or global (feature extractors,
+    pruning masks, observers). The inference shortcuts that read a layer's
+    weights instead of calling it, or call it on chunks, are taken only
+    then."""
+    if (nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks):
+        return False
+    return not any(module._forward_hooks or module._forward_pre_hooks
+                   for module in modules)
 
 
 def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
