@@ -1,6 +1,9 @@
 """AgentAttention: fidelity to the spec, fast vs reference path, bias cache."""
+import copy
+
 import pytest
 import torch
+from mmengine.model import ExponentialMovingAverage
 from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
@@ -176,6 +179,32 @@ def test_load_state_dict_invalidates_cache():
         module.load_state_dict(state)
         after = module(x, (7, 7))
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize('name', BIAS_NAMES)
+def test_writes_through_data_invalidate_the_cache(name):
+    module, _ = _pair(False, bias_cache_admit_after=1)
+    x = torch.randn(1, 7 * 9, 32)
+    with torch.no_grad():
+        module(x, (7, 9))
+        getattr(module, name).data.mul_(-2.)  # leaves _version as it was
+        updated = module(x, (7, 9))
+        # a copy starts with an empty cache
+        expected = copy.deepcopy(module)(x, (7, 9))
+    torch.testing.assert_close(updated, expected, atol=0, rtol=0)
+
+
+def test_an_ema_model_in_eval_follows_its_averaged_weights():
+    module, _ = _pair(False, bias_cache_admit_after=1)
+    ema = ExponentialMovingAverage(module, momentum=0.5).eval()
+    x = torch.randn(1, 8 * 8, 32)
+    with torch.no_grad():
+        ema(x, (8, 8))
+        for param in module.parameters():
+            param.add_(0.1)  # a step of the trained model
+        ema.update_parameters(module)
+        expected = copy.deepcopy(ema.module)(x, (8, 8))
+        torch.testing.assert_close(ema(x, (8, 8)), expected, atol=0, rtol=0)
 
 
 def test_bias_cache_admits_a_shape_at_its_second_forward():

@@ -1,6 +1,6 @@
-"""BiasCache: the most recently used shapes, one parameter version, stored
-from a shape's admit_after-th sighting on, shared by threads, copied
-empty."""
+"""BiasCache: the most recently used shapes, one parameter version and its
+values, stored from a shape's admit_after-th sighting on, shared by
+threads, copied empty."""
 import copy
 import pickle
 
@@ -46,6 +46,27 @@ def test_another_parameter_version_drops_the_older_entries():
     assert cache.shapes == [(8, 8)]
     assert cache.maps((8, 8)) is updated
     assert build.calls == 3
+
+
+def test_other_source_values_drop_the_entries_at_the_same_version():
+    cache, build = BiasCache(3, admit_after=1), _Builder()
+    source = torch.zeros(5)
+    cache.get((8, 8), 'v1', build, sources=[source])
+    cache.get((6, 10), 'v1', build, sources=[source])
+    assert cache.get((8, 8), 'v1', build, sources=[source.clone()]) is \
+        cache.maps((8, 8))  # equal values: a hit
+    source.data.add_(1.)  # as mmengine's EMA writes: no version change
+    updated = cache.get((8, 8), 'v1', build, sources=[source])
+    assert cache.shapes == [(8, 8)] and cache.maps((8, 8)) is updated
+    assert build.calls == 3
+    assert cache.get((8, 8), 'v1', build, sources=[source]) is updated
+
+
+def test_sightings_of_other_source_values_do_not_count():
+    cache, build = BiasCache(2), _Builder()
+    cache.get((8, 8), 'v1', build, sources=[torch.zeros(3)])
+    cache.get((8, 8), 'v1', build, sources=[torch.ones(3)])
+    assert not cache and cache.pending_shapes == [(8, 8)]
 
 
 def test_size_zero_caches_nothing():

@@ -55,8 +55,11 @@ class AgentAttention(BaseModule):
         attn_drop: Dropout on both attention maps.
         proj_drop: Dropout after ``proj``.
         attn_impl: ``'fast'`` (biases computed once and broadcast over the
-            batch, fused attention kernels, neither biases nor attention
-            maps stored for backward, :class:`BiasCache` in eval) or
+            batch, fused attention kernels, no attention map stored for
+            backward and a bias map only where it is no larger than the
+            queries or keys (:func:`~agent_mm.ops.shared_bias_attention.
+            keeps_bias`; else rebuilt from its sources),
+            :class:`BiasCache` in eval) or
             ``'reference'`` (:mod:`.literal_agent_attention`, the equations
             computed as the authors do; for debugging and benchmarks). A
             graph traced for export takes :mod:`.traced_agent_attention`.
@@ -187,9 +190,11 @@ class AgentAttention(BaseModule):
         frozen = not (self.training or
                       (torch.is_grad_enabled() and self.an_bias.requires_grad))
         if frozen:
-            return self.bias_cache.get(hw_shape, self._maps_version(),
-                                       lambda: self._build_biases(hw_shape),
-                                       lambda: self._biases_for_once(hw_shape))
+            return self.bias_cache.get(
+                hw_shape, self._maps_version(),
+                lambda: self._build_biases(hw_shape),
+                lambda: self._biases_for_once(hw_shape),
+                [getattr(self, name) for name in BIAS_NAMES])
         return self._build_biases(hw_shape)
 
     def _biases_for_once(self, hw_shape: Tuple[int, int]) -> Biases:

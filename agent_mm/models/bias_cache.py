@@ -1,17 +1,19 @@
 """The eval-time cache of agent attention's bias maps."""
 import threading
 from collections import OrderedDict
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .layers import plain_tensors
 
 Maps = Tuple[Tensor, ...]
+Shape = Tuple[int, int]
 
 # a shape's maps are stored from its second sighting on
 ADMIT_AFTER = 2
-# shapes seen but not yet admitted that are remembered (keys only)
+# shapes seen but not yet admitted that are remembered (shapes only)
 SIGHTINGS_KEPT = 64
 
 
@@ -21,17 +23,20 @@ class BiasCache:
     Agent attention's bias maps depend only on the token grid and on the
     bias parameters, so in inference they can be built once per grid. The
     maps are large (``heads * n * H * W`` values each), so only the
-    ``max_shapes`` most recently used grids are kept, and an entry is valid
-    only for the version it was built from (the parameter values and the
-    precision the maps are computed in): any other version (after an
-    optimizer step, ``load_state_dict``, a move to another device or dtype,
-    or a forward under autocast to another precision) drops the entries of
-    older versions.
+    ``max_shapes`` most recently used grids are kept, and the entries are
+    valid only for the version and the values of the sources they were
+    built from. The version (storage, in-place version counters, device,
+    precision) changes with an optimizer step, ``load_state_dict``, a move
+    to another device or dtype, or a forward under autocast to another
+    precision; the values are compared too (a few small tensors), as writes
+    through ``.data`` (mmengine's EMA, weight swaps) leave the version
+    counters as they were. Either change drops every entry. On a GPU the
+    comparison waits for the device, once per call.
 
     A grid is admitted only at its ``admit_after``-th sighting: before, its
     maps are built and returned but not kept, so a grid that never repeats
     (keep-ratio resizing in a detection test pipeline) costs what the
-    uncached path costs. Sightings are counted per version, for
+    uncached path costs. Sightings are counted per version and values, for
     the :data:`SIGHTINGS_KEPT` most recently seen grids not yet admitted; a
     grid dropped from the cache must be seen ``admit_after`` times again.
 
@@ -50,8 +55,13 @@ class BiasCache:
         self.max_shapes = max_shapes
         self.admit_after = admit_after
         self._lock = threading.Lock()
-        self._entries: 'OrderedDict[tuple, Maps]' = OrderedDict()
-        self._sightings: 'OrderedDict[tuple, int]' = OrderedDict()
+        self._entries: 'OrderedDict[Shape, Maps]' = OrderedDict()
+        self._sightings: 'OrderedDict[Shape, int]' = OrderedDict()
+        # what the entries and sightings were built from, and how often
+        # that changed
+        self._version: Optional[tuple] = None
+        self._sources: Tuple[Tensor, ...] = ()
+        self._generation = 0
 
     def __getstate__(self) -> dict:
         return dict(max_shapes=self.max_shapes, admit_after=self.admit_after)
@@ -60,73 +70,80 @@ class BiasCache:
         self.__init__(**state)
 
     def get(self,
-            shape: Tuple[int, int],
+            shape: Shape,
             version: tuple,
             compute: Callable[[], Maps],
-            compute_for_once: Optional[Callable[[], Maps]] = None) -> Maps:
-        """The maps of ``shape`` built from parameters at ``version``:
-        cached, or computed by ``compute`` (and cached if the shape is
-        admitted). Maps that are not cached are computed by
+            compute_for_once: Optional[Callable[[], Maps]] = None,
+            sources: Sequence[Tensor] = ()) -> Maps:
+        """The maps of ``shape`` built from ``sources`` (small tensors) at
+        ``version``: cached, or computed by ``compute`` (and cached if the
+        shape is admitted). Maps that are not cached are computed by
         ``compute_for_once`` where given (it may return memory that the
         caller reuses after this use)."""
         once = compute_for_once or compute
         if not self.max_shapes:
             return once()
-        key = (tuple(shape), version)
+        shape = tuple(shape)
         with self._lock:
-            maps = self._entries.get(key)
+            self._forget_unless_built_from(version, sources)
+            maps = self._entries.get(shape)
             if maps is not None:
-                self._entries.move_to_end(key)
+                self._entries.move_to_end(shape)
                 return maps
-            self._drop_other_versions(version)
-            admitted = self._admits(key)
+            admitted = self._admits(shape)
+            generation = self._generation
         if not admitted:
             return once()
         with plain_tensors():  # kept: usable by later forwards with autograd
             maps = compute()
         with self._lock:
-            self._entries.pop(key, None)  # stored meanwhile by another thread
-            while len(self._entries) >= self.max_shapes:
-                self._entries.popitem(last=False)
-            self._entries[key] = maps
+            if self._generation == generation:  # not dropped meanwhile
+                self._entries.pop(shape, None)  # or stored by another thread
+                while len(self._entries) >= self.max_shapes:
+                    self._entries.popitem(last=False)
+                self._entries[shape] = maps
         return maps
 
-    def _drop_other_versions(self, version: tuple) -> None:
-        """Forget the entries and sightings of other versions."""
-        for record in (self._entries, self._sightings):
-            for stale in [key for key in record if key[1] != version]:
-                del record[stale]
+    def _forget_unless_built_from(self, version: tuple,
+                                  sources: Sequence[Tensor]) -> None:
+        """Drop every entry and sighting unless they were built from
+        ``sources`` with these values at ``version``, and record those."""
+        if version == self._version and _equal(sources, self._sources):
+            return
+        self._forget()
+        with plain_tensors():
+            self._sources = tuple(
+                source.detach().clone() for source in sources)
+        self._version = version
 
-    def _admits(self, key: tuple) -> bool:
-        """Count a sighting of ``key``, not cached: whether its maps are to
-        be kept now."""
-        seen = self._sightings.pop(key, 0) + 1
+    def _admits(self, shape: Shape) -> bool:
+        """Count a sighting of ``shape``, not cached: whether its maps are
+        to be kept now."""
+        seen = self._sightings.pop(shape, 0) + 1
         if seen >= self.admit_after:
             return True
-        self._sightings[key] = seen
+        self._sightings[shape] = seen
         if len(self._sightings) > SIGHTINGS_KEPT:
             self._sightings.popitem(last=False)
         return False
 
-    def maps(self, shape: Tuple[int, int]) -> Optional[Maps]:
-        """The cached maps of ``shape`` (any version), or None."""
+    def maps(self, shape: Shape) -> Optional[Maps]:
+        """The cached maps of ``shape``, or None."""
         with self._lock:
-            return next((maps
-                         for (cached_shape, _), maps in self._entries.items()
-                         if cached_shape == tuple(shape)), None)
+            return self._entries.get(tuple(shape))
 
     @property
-    def shapes(self) -> List[Tuple[int, int]]:
+    def shapes(self) -> List[Shape]:
         """The cached grids, least recently used first."""
         with self._lock:
-            return [shape for shape, _ in self._entries]
+            return list(self._entries)
 
     @property
-    def pending_shapes(self) -> List[Tuple[int, int]]:
+    def pending_shapes(self) -> List[Shape]:
         """The grids seen but not yet admitted, least recently seen
         first."""
         with self._lock:
-            return [shape for shape, _ in self._sightings]
+            return list(self._sightings)
 
     @property
     def nbytes(self) -> int:
@@ -138,8 +155,21 @@ class BiasCache:
     def clear(self) -> None:
         """Drop every cached map and every sighting."""
         with self._lock:
-            self._entries.clear()
-            self._sightings.clear()
+            self._forget()
+            self._version, self._sources = None, ()
+
+    def _forget(self) -> None:
+        """Drop every entry and sighting (the lock held)."""
+        self._entries.clear()
+        self._sightings.clear()
+        self._generation += 1
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _equal(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> bool:
+    """Whether both sequences hold tensors of equal shapes and values, in
+    the same order."""
+    return len(tensors) == len(others) and all(
+        torch.equal(a, b) for a, b in zip(tensors, others))
