@@ -44,6 +44,26 @@ def test_training_values_and_gradients_are_mmcvs(settings):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_trains_under_bfloat16_autocast_as_mmcvs_kernel(dtype):
+    features, rois = _inputs()
+    inputs = features.detach().to(dtype).requires_grad_()
+    settings = SETTINGS[0]
+    with torch.autocast('cpu', torch.bfloat16):
+        out = SparseRoIAlign(**settings)(inputs, rois)
+    assert out.dtype == dtype
+    expected = RoIAlign(**settings)(features, rois)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        out.float(), expected, atol=tolerance, rtol=tolerance)
+    grad = torch.randn_like(expected)
+    got, = torch.autograd.grad(out, inputs, grad.to(dtype))
+    want, = torch.autograd.grad(expected, features, grad)
+    assert got.dtype == dtype
+    torch.testing.assert_close(
+        got.float(), want, atol=tolerance, rtol=tolerance)
+
+
 def test_sampling_matrix_reproduces_the_forward():
     features, rois = _inputs()
     settings = SETTINGS[0]

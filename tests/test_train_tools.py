@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_configs import DET_CONFIG, DET_OVERRIDES, tiny_config
 
 import agent_mm  # noqa: F401  (reads mmengine checkpoints safely)
 from agent_mm.engine import runtime
@@ -161,13 +162,30 @@ def test_amp_training_on_cpu_stays_finite(tmp_path):
                 if torch.cuda.is_available() else 'CPUAmpOptimWrapper')
     dumped = Config.fromfile(str(tmp_path / 'amp' / 'tiny.py'))
     assert dumped.optim_wrapper.type == expected
+    _assert_finite_training(out, tmp_path / 'amp' / 'iter_2.pth', steps=2)
+
+
+@pytest.mark.slow
+def test_amp_trains_the_detection_quickstart_on_cpu(tmp_path):
+    # its RoI layers are SparseRoIAlign, whose sparse products have no
+    # bfloat16 kernel: under --amp's autocast they must stay in float32
+    config = tiny_config(tmp_path, DET_CONFIG, DET_OVERRIDES)
+    out = _train(config, tmp_path / 'amp', '--amp', '--cfg-options',
+                 'train_dataloader.batch_size=4',
+                 'default_hooks.logger.interval=1')
+    _assert_finite_training(out, tmp_path / 'amp' / 'epoch_1.pth', steps=2)
+
+
+def _assert_finite_training(log: str, checkpoint, steps: int) -> None:
+    """The training ``log`` reports ``steps`` finite losses, and the weights
+    saved in ``checkpoint`` are finite."""
     losses = [
-        float(part.split(':')[1]) for line in out.splitlines()
-        if 'Iter(train)' in line for part in line.split('  ')
+        float(part.split(':')[1]) for line in log.splitlines()
+        if 'train)' in line for part in line.split('  ')
         if part.startswith('loss:')
     ]
-    assert len(losses) == 2
+    assert len(losses) == steps
     assert all(torch.isfinite(torch.tensor(losses)))
-    weights = torch.load(tmp_path / 'amp' / 'iter_2.pth')['state_dict']
+    weights = torch.load(checkpoint)['state_dict']
     assert all(torch.isfinite(v).all() for v in weights.values()
                if v.is_floating_point())

@@ -167,9 +167,14 @@ class SparseRoIAlign(RoIAlign):
                 or input.device.type != 'cpu' or not torch.is_grad_enabled()
                 or not input.requires_grad):
             return super().forward(input, rois)
-        return _SparseRoIAlign.apply(input, rois, self.output_size,
-                                     self.spatial_scale, self.sampling_ratio,
-                                     self.aligned)
+        # PyTorch's sparse products have no 16-bit CPU kernels: under
+        # autocast (``--amp``) the product runs in float32, and the output
+        # is given in the input's dtype, as mmcv's kernel gives it
+        with torch.autocast('cpu', enabled=False):
+            out = _SparseRoIAlign.apply(input.float(), rois.float(),
+                                        self.output_size, self.spatial_scale,
+                                        self.sampling_ratio, self.aligned)
+        return out.to(input.dtype)
 
 
 # mmdet's RoI extractors build their layer as getattr(mmcv.ops, type)
