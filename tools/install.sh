@@ -5,6 +5,10 @@
 # Environment knobs:
 #   PYTHON        interpreter that creates the venv (default: python3)
 #   TORCH_SPEC    torch requirement when no torch is available (default: torch==2.13.0)
+#   TORCH_INDEX_URL  extra index that torch itself comes from (default: PyTorch's
+#                 CPU index when no NVIDIA GPU is visible and FORCE_CUDA is not 1,
+#                 none otherwise; set it empty for pip's own choice). PyPI's Linux
+#                 torch wheels are CUDA builds of several GB.
 #   FORCE_CUDA    1/0 to force building mmcv's CUDA ops on/off (default: auto)
 set -euo pipefail
 
@@ -36,6 +40,18 @@ pip -U pip 'setuptools>=77,<81' wheel ninja
 if "$py" -c 'import torch' >/dev/null 2>&1; then
   log "keeping installed torch $("$py" -c 'import torch; print(torch.__version__)')"
 else
+  if [ -z "${TORCH_INDEX_URL+set}" ]; then
+    TORCH_INDEX_URL=
+    if [ "${FORCE_CUDA:-}" != 1 ] && ! nvidia-smi -L >/dev/null 2>&1; then
+      TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+    fi
+  fi
+  if [ -n "$TORCH_INDEX_URL" ]; then
+    # torch alone from that index (pip prefers its +cpu build), then its
+    # dependencies from the indexes pip is configured with
+    log "installing $torch_spec from $TORCH_INDEX_URL"
+    pip --no-deps --extra-index-url "$TORCH_INDEX_URL" "$torch_spec"
+  fi
   log "installing $torch_spec"
   pip "$torch_spec"
 fi
