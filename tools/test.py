@@ -20,11 +20,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
-        '--out', help='dump predictions to this pickle file (detection)')
+        '--out', help='dump the predictions to this .pkl file')
     parser.add_argument(
         '--show-dir',
-        help='save images with predictions drawn into this directory '
-        '(relative to the work dir)')
+        help='save images with predictions drawn into this directory, '
+        'relative to the work dir (mmdet writes into '
+        'WORK_DIR/TIMESTAMP/SHOW_DIR, mmseg into '
+        'WORK_DIR/SHOW_DIR/vis_data/vis_image)')
     parser.add_argument(
         '--show', action='store_true', help='show predictions in a window')
     parser.add_argument(

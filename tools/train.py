@@ -22,7 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='mixed precision: fp16 on a GPU, bfloat16 on the CPU')
+        help='mixed precision: fp16 on a GPU, bfloat16 on the CPU (but '
+        'float32 on a CPU without native bfloat16 if the config\'s '
+        'CPUAmpOptimWrapper has native_only=True, as the log then says)')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',
