@@ -97,9 +97,11 @@ def task(request, models):
 
 
 def _folder(path, images: str) -> str:
-    """Two images, a grayscale one, a corrupt one, a dangling link and a
-    text file."""
-    os.makedirs(path)
+    """Two images, a grayscale one, a corrupt one, a dangling link, a text
+    file and a subfolder with an image (not searched)."""
+    os.makedirs(osp.join(path, 'more'))
+    os.symlink(
+        osp.join(images, '000003.png'), osp.join(path, 'more', 'inner.png'))
     for name in GOOD[:2]:
         os.symlink(osp.join(images, name + '.png'), osp.join(path,
                                                              name + '.png'))
@@ -147,17 +149,46 @@ def test_folder_with_bad_entries(task, tmp_path, capsys):
             in captured.err)
     assert f'skipped {folder}/notes.txt: not an image or video file' in (
         captured.err)
-    assert '3 done, 2 failed, 1 skipped\n' in captured.out
+    assert (f'skipped {folder}/more: a folder (subfolders are not searched)'
+            in captured.err)
+    assert '3 done, 2 failed, 2 skipped\n' in captured.out
     assert f'failed {folder}/broken.png' in captured.out
 
 
-def test_video(task, tmp_path):
-    video = str(tmp_path / 'clip.avi')
-    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*'MJPG'), 5,
+def _video(path: str, images: str) -> str:
+    """A 3-frame, 5 fps Motion-JPEG video of the generated images."""
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'MJPG'), 5,
                              (64, 64))
     for name in GOOD[:2] + ('000003', ):
-        writer.write(cv2.imread(osp.join(task.images, name + '.png')))
+        writer.write(cv2.imread(osp.join(images, name + '.png')))
     writer.release()
+    return path
+
+
+class _StoppingPredictor:
+    """``predictor`` until its ``stop_at``-th call, which raises ``error``."""
+
+    def __init__(self, predictor, error: BaseException,
+                 stop_at: int = 2) -> None:
+        self.predictor, self.error, self.stop_at = predictor, error, stop_at
+        self.calls = 0
+
+    def __call__(self, name, image):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise self.error
+        return self.predictor(name, image)
+
+
+def _outputs(out_dir: str) -> list:
+    """Every file under ``out_dir`` (hidden temporary ones included)."""
+    return sorted(
+        osp.relpath(osp.join(folder, name), out_dir)
+        for folder, _, names in os.walk(out_dir) for name in names)
+
+
+def test_video(task, tmp_path):
+    video = _video(str(tmp_path / 'clip.avi'), task.images)
     out_dir = str(tmp_path / 'out')
     summary = run_inference(task.predictor, [video], out_dir)
     assert summary.done == [video] and not summary.failed
@@ -176,6 +207,68 @@ def test_video(task, tmp_path):
     assert all(frame['predictions'] for frame in record['frames'])
 
 
+def test_video_failing_midway_leaves_nothing(task, tmp_path):
+    video = _video(str(tmp_path / 'clip.avi'), task.images)
+    predictor = _StoppingPredictor(task.predictor,
+                                   RuntimeError('out of memory'))
+    out_dir = str(tmp_path / 'out')
+    summary = run_inference(predictor, [video], out_dir)
+    assert summary.failed == [(video, 'RuntimeError: out of memory')]
+    assert predictor.calls == 2
+    assert _outputs(out_dir) == []
+
+
+def test_interrupted_video_leaves_nothing(task, tmp_path):
+    video = _video(str(tmp_path / 'clip.avi'), task.images)
+    predictor = _StoppingPredictor(task.predictor, KeyboardInterrupt())
+    out_dir = str(tmp_path / 'out')
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(predictor, [video], out_dir)
+    assert predictor.calls == 2
+    assert _outputs(out_dir) == []
+
+
+def test_failed_json_write_leaves_nothing(task, tmp_path, monkeypatch):
+    replace = os.replace
+
+    def full_disk(src: str, dst: str) -> None:
+        """``os.replace``, failing for the JSON files."""
+        if dst.endswith('.json'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', full_disk)
+    inputs = [
+        osp.join(task.images, '000001.png'),
+        _video(str(tmp_path / 'clip.avi'), task.images)
+    ]
+    out_dir = str(tmp_path / 'out')
+    summary = run_inference(task.predictor, inputs, out_dir)
+    assert summary.failed == [
+        (path, 'OSError: [Errno 28] No space left on device')
+        for path in inputs
+    ]
+    assert _outputs(out_dir) == []
+
+
+def test_empty_folder_and_subfolders_are_skipped(tmp_path, capsys):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    nested = tmp_path / 'nested'
+    (nested / 'inner').mkdir(parents=True)
+    (nested / 'inner' / 'photo.png').write_bytes(b'')
+    summary = run_inference(None, [str(empty), str(nested)],
+                            str(tmp_path / 'out'))  # nothing to predict on
+    no_files = 'a folder holding no image or video file'
+    assert summary.skipped == [
+        (str(empty), no_files),
+        (str(nested / 'inner'), 'a folder (subfolders are not searched)'),
+        (str(nested), no_files)
+    ]
+    assert not summary.done and not summary.failed
+    assert f'skipped {empty}: {no_files}\n' in capsys.readouterr().err
+
+
 def test_nothing_done_exits_non_zero(task, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(infer_tool, 'build_predictor',
                         lambda *args, **kwargs: task.predictor)
@@ -190,7 +283,8 @@ def test_nothing_done_exits_non_zero(task, tmp_path, capsys, monkeypatch):
     assert status == 1
     captured = capsys.readouterr()
     assert f'failed {missing}: no such file or directory' in captured.err
-    assert '0 done, 1 failed, 0 skipped\n' in captured.out
+    assert '0 done, 1 failed, 1 skipped\n' in captured.out
+    assert f'skipped {empty}: a folder holding no image' in captured.out
 
 
 def test_file_without_read_permission(task, tmp_path, monkeypatch):

@@ -12,8 +12,10 @@ present). Usable directly or as ``mim run agent_mm infer``::
         --out-dir results
 
 A missing, unreadable or corrupt input is reported on one line with the
-reason and the others still run; folder entries that are not images or videos
-are skipped. The exit status is 0 if at least one input was done, 1 if none
+reason and the others still run; folder entries that are not images or videos,
+subfolders (not searched) and folders holding no image or video are skipped
+and reported. An input that fails or is interrupted leaves no partial output.
+The exit status is 0 if at least one input was done, 1 if none
 was (every input failed, or there was nothing to run on).
 """
 import argparse

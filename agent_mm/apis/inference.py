@@ -8,8 +8,9 @@ the visualizer. This module adds what a batch over user files needs:
 * every input is read here, so a missing, unreadable or corrupt file is
   reported by name with the reason, and the rest of the batch still runs;
   grayscale and RGBA images are converted to 3 channels;
-* a folder stands for its image and video files (not its subfolders); other
-  entries are skipped and reported;
+* a folder stands for its image and video files; its other entries,
+  subfolders included (they are not searched), are skipped and reported, and
+  so is a folder holding no image or video file;
 * a video is read frame by frame with ``cv2.VideoCapture`` and written back
   annotated (Motion-JPEG in an ``.avi``, which needs no extra codec);
 * checkpoints whose weight names do not match the model are refused, as
@@ -18,10 +19,14 @@ the visualizer. This module adds what a batch over user files needs:
 Outputs in ``out_dir``: ``vis/<name>.png`` (or ``vis/<name>.avi``), the input
 with its predictions drawn, and ``preds/<name>.json``, the predictions; a
 name taken by an earlier input of the batch gets a ``_1``, ``_2``... suffix.
+Each output is written to a hidden temporary file in its folder and renamed
+into place once complete (the JSON first, then the picture or video): an
+input that fails or is interrupted midway leaves no partial file.
 """
 import json
 import os
 import os.path as osp
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import (BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple,
@@ -36,6 +41,7 @@ from pycocotools import mask as mask_utils
 from rich.console import Console
 from rich.progress import Progress
 
+from ..engine.checkpoint_hook import temporary_path
 from ..engine.checkpoint_match import mismatch_message, model_state_dict
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif',
@@ -326,28 +332,43 @@ def has_extension(path: str, extensions: Tuple[str, ...]) -> bool:
     return osp.splitext(path)[1].lower() in extensions
 
 
+def folder_files(folder: str, summary: Summary) -> List[str]:
+    """The image and video files of a folder (sorted).
+
+    Its other entries, subfolders included (they are not searched), are
+    skipped in ``summary``, and so is the folder if it holds no image or
+    video file.
+
+    Raises:
+        OSError: The folder cannot be listed.
+    """
+    files = []
+    for entry in sorted(os.listdir(folder)):
+        entry = osp.join(folder, entry)
+        if osp.isdir(entry):
+            summary.skip(entry, 'a folder (subfolders are not searched)')
+        elif has_extension(entry, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+            files.append(entry)
+        else:
+            summary.skip(entry, 'not an image or video file')
+    if not files:
+        summary.skip(folder, 'a folder holding no image or video file')
+    return files
+
+
 def expand_inputs(paths: List[str], summary: Summary) -> List[str]:
     """The files to run on: each path, or the image and video files of a
-    folder (sorted). Other folder entries are skipped and unreadable folders
-    failed in ``summary``."""
+    folder (see :func:`folder_files`). Unreadable folders are failed in
+    ``summary``."""
     files = []
     for path in paths:
         if not osp.isdir(path):
             files.append(path)
             continue
         try:
-            entries = sorted(os.listdir(path))
+            files += folder_files(path, summary)
         except OSError as err:
             summary.fail(path, os_reason(err))
-            continue
-        for entry in entries:
-            entry = osp.join(path, entry)
-            if osp.isdir(entry):
-                continue
-            if has_extension(entry, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
-                files.append(entry)
-            else:
-                summary.skip(entry, 'not an image or video file')
     return files
 
 
@@ -368,10 +389,46 @@ class OutputNames:
         return name
 
 
+@contextmanager
+def written_in_place(path: str) -> Iterator[str]:
+    """A temporary path in ``path``'s folder to write ``path`` to.
+
+    The file there is renamed to ``path`` when the block ends, and deleted
+    if the block raises (``KeyboardInterrupt`` included; the exception goes
+    on). The name keeps the extension (``.<name>.tmp.avi``), by which OpenCV
+    chooses its writer. Renaming makes the output whole or absent, not
+    durable (no flush to the disk, which would slow a batch of many
+    images).
+    """
+    stem, extension = osp.splitext(path)
+    tmp_path = temporary_path(stem) + extension
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
+
+
 def write_json(path: str, record: dict) -> None:
-    """``record`` as JSON in ``path``."""
-    with open(path, 'w') as f:
+    """``record`` as JSON in ``path`` (:func:`written_in_place`)."""
+    with written_in_place(path) as tmp_path, open(tmp_path, 'w') as f:
         json.dump(record, f)
+
+
+def video_writer(path: str, fps: float, width: int,
+                 height: int) -> cv2.VideoWriter:
+    """A Motion-JPEG writer of ``path`` (an ``.avi``).
+
+    Raises:
+        OSError: OpenCV cannot write it.
+    """
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'MJPG'), fps,
+                             (width, height))
+    if not writer.isOpened():
+        raise OSError(f'OpenCV cannot write {path}')
+    return writer
 
 
 class BatchRunner:
@@ -405,63 +462,77 @@ class BatchRunner:
             self.run_image(path)
 
     def run_image(self, path: str) -> None:
-        """``vis/<name>.png`` and ``preds/<name>.json`` of an image."""
+        """``vis/<name>.png`` and ``preds/<name>.json`` of an image; neither
+        if writing fails."""
         image = read_image(path)
         records, drawn = self.predictor(osp.basename(path), image)
         name = self.names(path)
         picture = osp.join(self.vis_dir, name + '.png')
-        if not cv2.imwrite(picture, drawn):
-            raise OSError(f'OpenCV cannot write {picture}')
-        height, width = image.shape[:2]
-        write_json(
-            osp.join(self.preds_dir, name + '.json'),
-            dict(input=path, height=height, width=width,
-                 predictions=records))
+        with written_in_place(picture) as tmp_picture:
+            if not cv2.imwrite(tmp_picture, drawn):
+                raise OSError(f'OpenCV cannot write {picture}')
+            height, width = image.shape[:2]
+            write_json(
+                osp.join(self.preds_dir, name + '.json'),
+                dict(input=path, height=height, width=width,
+                     predictions=records))
 
     def run_video(self, path: str) -> None:
         """``vis/<name>.avi`` and ``preds/<name>.json`` (predictions per
-        frame) of a video."""
+        frame) of a video; neither if a frame or writing fails."""
         capture = open_video(path)
         fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         name = self.names(path)
         task = self.progress.add_task(
             osp.basename(path), total=count if count > 0 else None)
+        video = osp.join(self.vis_dir, name + '.avi')
+        try:
+            with written_in_place(video) as tmp_video:
+                frames, height, width = self.write_video(
+                    path, capture, tmp_video, fps, task)
+                write_json(
+                    osp.join(self.preds_dir, name + '.json'),
+                    dict(input=path, height=height, width=width, fps=fps,
+                         frames=frames))
+        finally:
+            capture.release()
+            self.progress.remove_task(task)
+
+    def write_video(self, path: str, capture: cv2.VideoCapture, video: str,
+                    fps: float, task: int) -> Tuple[List[dict], int, int]:
+        """Write the frames of ``capture``, annotated, to ``video``.
+
+        Args:
+            path: The input, as the predictor names it.
+            capture: From :func:`open_video`.
+            video: The Motion-JPEG ``.avi`` file to write.
+            fps: Frames per second of ``video``.
+            task: The progress task advanced at each frame.
+
+        Returns:
+            tuple: The predictions of each frame (``frame``, ``predictions``),
+            the frames' height and width.
+
+        Raises:
+            InputError: No frame could be decoded.
+        """
         writer, frames = None, []
         try:
             for index, frame in enumerate(video_frames(capture)):
                 records, drawn = self.predictor(osp.basename(path), frame)
                 if writer is None:
                     height, width = frame.shape[:2]
-                    writer = self.video_writer(name, fps, width, height)
+                    writer = video_writer(video, fps, width, height)
                 writer.write(drawn)
                 frames.append(dict(frame=index, predictions=records))
                 self.progress.advance(task)
         finally:
-            capture.release()
             if writer is not None:
                 writer.release()
-            self.progress.remove_task(task)
         if not frames:
             raise InputError('no frame could be decoded')
-        write_json(
-            osp.join(self.preds_dir, name + '.json'),
-            dict(input=path, height=height, width=width, fps=fps,
-                 frames=frames))
-
-    def video_writer(self, name: str, fps: float, width: int,
-                     height: int) -> cv2.VideoWriter:
-        """A Motion-JPEG ``vis/<name>.avi`` writer.
-
-        Raises:
-            OSError: OpenCV cannot write it.
-        """
-        path = osp.join(self.vis_dir, name + '.avi')
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'MJPG'), fps,
-                                 (width, height))
-        if not writer.isOpened():
-            raise OSError(f'OpenCV cannot write {path}')
-        return writer
+        return frames, height, width
 
 
 def run_inference(predictor: Predictor,
