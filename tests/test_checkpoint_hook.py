@@ -1,7 +1,9 @@
 """AtomicCheckpointHook and the ``--resume`` fallback: checkpoints survive a
 save that fails or is killed midway, with ``max_keep_ckpts=1`` too."""
 import glob
+import logging
 import os.path as osp
+import shutil
 import subprocess
 import sys
 import time
@@ -15,10 +17,12 @@ import torch
 from checkpoint_faults import halfway_put
 from mmengine.config import Config
 from mmengine.fileio import LocalBackend
+from mmengine.logging import MMLogger
 from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS
 from mmengine.runner import Runner
 from mmengine.testing.runner_test_case import ToyDataset, ToyMetric, ToyModel
 from test_train_tools import QUICKSTART_SEG, _train, _write_config
+from tiny_configs import DET_CONFIG, DET_OVERRIDES, tiny_config
 
 import agent_mm  # noqa: F401  (registers the hook)
 from agent_mm.engine import AtomicCheckpointHook
@@ -160,12 +164,33 @@ def _truncate(path) -> None:
     Path(path).write_bytes(data[:len(data) // 2])
 
 
+def _collect(logger: logging.Logger, level: int) -> list:
+    """The messages (a list that grows) that ``logger`` logs from ``level``
+    on."""
+    messages = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    return messages
+
+
 @pytest.fixture
-def warned(monkeypatch):
-    """The warnings that the resume fallback logs."""
-    logged = []
-    monkeypatch.setattr('agent_mm.engine.resume.warn', logged.append)
-    return logged
+def current_logger() -> MMLogger:
+    """A new current mmengine logger, which the resume fallback logs to."""
+    return MMLogger.get_instance(f'resume_{uuid4().hex}')
+
+
+@pytest.fixture
+def warned(current_logger):
+    """The warnings that the resume fallback logs (through the real logger,
+    so that a wrong call of it fails)."""
+    return _collect(current_logger, logging.WARNING)
+
+
+@pytest.fixture
+def logged(current_logger):
+    """All that the resume fallback logs, information too."""
+    return _collect(current_logger, logging.INFO)
 
 
 @pytest.mark.parametrize('broken', ['missing', 'truncated'])
@@ -189,6 +214,29 @@ def test_resume_falls_back_to_newest_complete_checkpoint(
     assert newest in warned[2]
 
 
+@pytest.mark.parametrize('record', ['missing', 'empty'])
+@pytest.mark.parametrize('newer', ['none', 'truncated'])
+def test_resume_without_recorded_checkpoint_takes_newest_complete(
+        tmp_path, warned, record, newer):
+    # e.g. checkpoints copied into a new work dir, or mmengine's hook
+    _save(tmp_path / 'epoch_2.pth', 2)
+    complete = _save(tmp_path / 'epoch_3.pth', 3)
+    if newer == 'truncated':
+        _truncate(_save(tmp_path / 'epoch_4.pth', 4))
+    if record == 'empty':
+        (tmp_path / 'last_checkpoint').write_text('\n')
+
+    assert find_resume_checkpoint(str(tmp_path)) == complete
+    if newer == 'truncated':
+        skipped = warned.pop(0)
+        assert 'epoch_4.pth' in skipped and 'truncated' in skipped
+    reason = 'does not exist' if record == 'missing' else 'is empty'
+    assert warned == [
+        f'Resuming from {complete}, the newest complete checkpoint, as '
+        f'{tmp_path / "last_checkpoint"} {reason}.'
+    ]
+
+
 def test_resume_uses_the_recorded_checkpoint(tmp_path, warned):
     recorded = _save(tmp_path / 'iter_2.pth', 2)
     _save(tmp_path / 'iter_4.pth', 4)  # newer, but not the recorded one
@@ -198,11 +246,19 @@ def test_resume_uses_the_recorded_checkpoint(tmp_path, warned):
 
 
 def test_resume_starts_from_scratch_without_complete_checkpoint(
-        tmp_path, warned):
+        tmp_path, warned, logged):
     assert find_resume_checkpoint(str(tmp_path)) is None
-    assert warned == []  # nothing was saved: as mmengine
+    assert warned == []  # nothing was saved: as mmengine, but said
+    assert logged == [
+        f'No checkpoint in {tmp_path} to resume from: training starts from '
+        'scratch.'
+    ]
 
     _truncate(_save(tmp_path / 'epoch_1.pth', 1))
+    assert find_resume_checkpoint(str(tmp_path)) is None
+    assert 'epoch_1.pth' in warned[0] and 'truncated' in warned[0]
+    assert 'from scratch' in warned[-1] and 'does not exist' in warned[-1]
+
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
     assert find_resume_checkpoint(str(tmp_path)) is None
     assert 'from scratch' in warned[-1]
@@ -226,6 +282,27 @@ def test_train_tool_resumes_from_the_fallback(tmp_path, monkeypatch, warned,
     else:
         assert (cfg.resume, cfg.load_from) == (False, None)
         assert 'from scratch' in warned[-1]
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_copied_into_new_work_dir(tmp_path):
+    config = tiny_config(tmp_path, DET_CONFIG, DET_OVERRIDES)  # 1 epoch
+    _train(config, tmp_path / 'first')
+    work_dir = tmp_path / 'copy'
+    work_dir.mkdir()
+    copied = shutil.copy(tmp_path / 'first' / 'epoch_1.pth', work_dir)
+    saved = Path(copied).read_bytes()
+
+    out = _train(config, work_dir, '--resume', '--cfg-options',
+                 'train_cfg.max_epochs=2')
+    assert (f'WARNING - Resuming from {copied}, the newest complete '
+            f'checkpoint, as {work_dir / "last_checkpoint"} does not '
+            'exist.') in out
+    assert 'resumed epoch: 1, iter: 2' in out
+    assert 'Epoch(train) [1]' not in out and 'Epoch(train) [2]' in out
+    assert Path(copied).read_bytes() == saved  # not trained again
+    assert _meta(work_dir / 'epoch_2.pth')['epoch'] == 2
+    assert _recorded(work_dir) == str(work_dir / 'epoch_2.pth')
 
 
 # the paper's configs are checked in test_configs.py, with their recipes

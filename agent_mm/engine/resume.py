@@ -2,14 +2,17 @@
 
 mmengine resumes from the file named in ``<work_dir>/last_checkpoint``. When
 that file is missing or truncated (e.g. a run killed while saving with
-mmengine's ``CheckpointHook``), :func:`find_resume_checkpoint` falls back to
-the newest complete ``epoch_N.pth`` / ``iter_N.pth`` instead of failing.
+mmengine's ``CheckpointHook``), or when there is no ``last_checkpoint`` (e.g.
+checkpoints copied into a new work dir), :func:`find_resume_checkpoint` falls
+back to the newest complete ``epoch_N.pth`` / ``iter_N.pth`` instead of
+failing or starting from scratch.
 """
+import logging
 import os
 import os.path as osp
 import re
 import zipfile
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from mmengine.logging import print_log
 
@@ -46,45 +49,72 @@ def numbered_checkpoints(folders: Iterable[str]) -> List[str]:
 
 def warn(message: str) -> None:
     """Log ``message`` as a warning of the current mmengine logger."""
-    print_log(message, logger='current', level='WARNING')
+    print_log(message, logger='current', level=logging.WARNING)
+
+
+def inform(message: str) -> None:
+    """Log ``message`` as information of the current mmengine logger."""
+    print_log(message, logger='current', level=logging.INFO)
+
+
+def recorded_checkpoint(record: str) -> Tuple[Optional[str], str]:
+    """The checkpoint that a ``last_checkpoint`` file names.
+
+    Args:
+        record: The path of the ``last_checkpoint`` file.
+
+    Returns:
+        The absolute path of the named checkpoint (``None`` if ``record`` is
+        missing or empty), and why another checkpoint is resumed from if
+        that one is not.
+    """
+    if not osp.isfile(record):
+        return None, f'{record} does not exist'
+    with open(record) as f:
+        recorded = f.read().strip()
+    if not recorded:
+        return None, f'{record} is empty'
+    return osp.abspath(recorded), (f'the one {record} names is missing or '
+                                   'incomplete')
 
 
 def find_resume_checkpoint(work_dir: str) -> Optional[str]:
     """The checkpoint to resume the run in ``work_dir`` from.
 
     That is the file named in ``<work_dir>/last_checkpoint`` if it is
-    complete; otherwise the newest complete ``epoch_N.pth`` / ``iter_N.pth``
-    (by N) in the work dir or next to the named file. Each skipped file is
-    logged as a warning with the reason, and so is the fallback.
+    complete; otherwise (the file is missing, truncated or not named because
+    ``last_checkpoint`` is missing or empty) the newest complete
+    ``epoch_N.pth`` / ``iter_N.pth`` (by N) in the work dir or next to the
+    named file. Each skipped file is logged as a warning with the reason, and
+    so is the fallback.
 
     Args:
         work_dir: The work dir of the run.
 
     Returns:
-        The checkpoint path, or ``None`` to start from scratch: when there is
-        no ``last_checkpoint`` (nothing was saved, as for mmengine) or no
-        complete checkpoint (with a warning).
+        The checkpoint path, or ``None`` to start from scratch (logged): when
+        there is no checkpoint at all (nothing was saved) or no complete one
+        (with a warning).
     """
     record = osp.join(work_dir, LAST_CHECKPOINT)
-    if not osp.isfile(record):
-        return None
-    with open(record) as f:
-        recorded = f.read().strip()
-    if recorded:
-        recorded = osp.abspath(recorded)
+    recorded, why = recorded_checkpoint(record)
+    if recorded is None:
+        candidates = numbered_checkpoints((work_dir, ))
+    else:
         candidates = [recorded, *numbered_checkpoints(
             (work_dir, osp.dirname(recorded)))]
-    else:
-        warn(f'{record} is empty.')
-        candidates = numbered_checkpoints((work_dir, ))
+    if not candidates and not osp.isfile(record):
+        inform(f'No checkpoint in {work_dir} to resume from: training '
+               'starts from scratch.')
+        return None
     for path in dict.fromkeys(candidates):
         problem = checkpoint_problem(path)
         if problem is None:
             if path != recorded:
                 warn(f'Resuming from {path}, the newest complete '
-                     'checkpoint.')
+                     f'checkpoint, as {why}.')
             return path
         warn(f'Skipping checkpoint {path}: {problem}.')
-    warn(f'No complete checkpoint in {work_dir}: training starts from '
-         'scratch.')
+    warn(f'No complete checkpoint in {work_dir} ({why}): training starts '
+         'from scratch.')
     return None
