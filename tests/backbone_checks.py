@@ -105,6 +105,39 @@ def assert_bias_cache_settings_reach_every_attention(
     for settings in ((1, 1), (1, 2)):
         for cached, uncached in zip(features[settings], features[0, 1]):
             torch.testing.assert_close(cached, uncached)
+    assert_bias_caches_share_the_backbones_budget(build, img,
+                                                  features[0, 1])
+
+
+def assert_bias_caches_share_the_backbones_budget(build, img: torch.Tensor,
+                                                  expected) -> None:
+    """``build(bias_cache_max_mb=m)`` gives all agent attentions one budget
+    of ``m`` MiB: with room for part of the maps, the first attentions'
+    are cached, the others' not, and the features are unchanged."""
+    sizes = []
+    for max_mb in (None, 0.):
+        module = build(bias_cache_max_mb=max_mb,
+                       bias_cache_admit_after=1).eval()
+        attns = [m for m in module.modules() if isinstance(m, AgentAttention)]
+        with torch.no_grad():
+            module(img)
+        assert len({id(m.bias_cache.budget) for m in attns}) == 1
+        sizes.append([m.bias_cache.nbytes for m in attns])
+    unbounded, nothing = sizes
+    assert all(unbounded) and not any(nothing)
+    half = sum(unbounded) // 2
+    torch.manual_seed(0)
+    module = build(bias_cache_max_mb=half / 2**20,
+                   bias_cache_admit_after=1).eval()
+    attns = [m for m in module.modules() if isinstance(m, AgentAttention)]
+    with torch.no_grad():
+        features = module(img)
+    held = [m.bias_cache.nbytes for m in attns]
+    assert 0 < sum(held) <= half
+    assert held[0] == unbounded[0] and held[-1] == 0
+    assert attns[0].bias_cache.budget.held == sum(held)
+    for out, ref in zip(features, expected):
+        torch.testing.assert_close(out, ref)
 
 
 def assert_frozen(module: nn.Module, frozen_prefixes, trainable_prefixes):

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from agent_mm.models.bias_cache import SIGHTINGS_KEPT, BiasCache
+from agent_mm.models.bias_cache import SIGHTINGS_KEPT, BiasCache, CacheBudget
 
 
 class _Builder:
@@ -67,6 +67,64 @@ def test_sightings_of_other_source_values_do_not_count():
     cache.get((8, 8), 'v1', build, sources=[torch.zeros(3)])
     cache.get((8, 8), 'v1', build, sources=[torch.ones(3)])
     assert not cache and cache.pending_shapes == [(8, 8)]
+
+
+def _maps_of(nbytes):
+    """A builder of one float32 map of ``nbytes`` bytes."""
+    return lambda: (torch.zeros(nbytes // 4), )
+
+
+def test_caches_sharing_a_budget_hold_at_most_its_bytes():
+    budget = CacheBudget(max_bytes=1000)
+    first, second = (BiasCache(2, admit_after=1, budget=budget)
+                     for _ in range(2))
+    first.get((8, 8), 'v1', _maps_of(600))
+    assert budget.held == 600
+    # does not fit beside the first cache's maps: built, returned, not kept
+    maps = second.get((8, 8), 'v1', _maps_of(600))
+    assert maps[0].numel() == 150 and not second and budget.held == 600
+    second.get((4, 4), 'v1', _maps_of(400))
+    assert second.shapes == [(4, 4)] and budget.held == 1000
+
+
+def test_a_shape_too_large_for_the_budget_is_not_admitted_again():
+    cache, build = BiasCache(2, budget=CacheBudget(max_bytes=8)), _Builder()
+    for _ in range(4):  # admitted at the second sighting, then never
+        cache.get((8, 8), 'v1', build)
+    assert not cache and build.calls == 4 and cache.pending_shapes == []
+    cache.clear()  # as train() does: admitted again
+    for _ in range(2):
+        cache.get((8, 8), 'v1', lambda: (torch.zeros(2), ))
+    assert cache.shapes == [(8, 8)]
+
+
+def test_dropped_maps_give_their_bytes_back_to_the_budget():
+    budget = CacheBudget(max_bytes=10_000)
+    cache = BiasCache(2, admit_after=1, budget=budget)
+    for shape in [(8, 8), (6, 10), (5, 7)]:  # the first one evicted
+        cache.get(shape, 'v1', _maps_of(400))
+    assert budget.held == 800 == cache.nbytes
+    cache.get((8, 8), 'v2', _maps_of(400))  # another version
+    assert budget.held == 400 == cache.nbytes
+    cache.clear()
+    assert budget.held == 0
+
+
+def test_copies_of_caches_share_a_copy_of_their_budget_holding_nothing():
+    budget = CacheBudget(max_bytes=1000)
+    caches = [BiasCache(2, admit_after=1, budget=budget) for _ in range(2)]
+    caches[0].get((8, 8), 'v1', _maps_of(600))
+    copies = copy.deepcopy(caches)
+    assert copies[0].budget is copies[1].budget is not budget
+    assert copies[0].budget.max_bytes == 1000
+    assert copies[0].budget.held == 0 and budget.held == 600
+    copies[1].get((8, 8), 'v1', _maps_of(600))
+    assert copies[1].shapes == [(8, 8)]
+
+
+def test_budget_in_mib():
+    assert CacheBudget.of_mb(1.5).max_bytes == 3 * 2**19
+    assert CacheBudget.of_mb(None).max_bytes is None
 
 
 def test_size_zero_caches_nothing():

@@ -17,7 +17,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from ..ops.shared_bias_attention import shared_bias_attention
-from .bias_cache import ADMIT_AFTER, BiasCache
+from .bias_cache import ADMIT_AFTER, BiasCache, CacheBudget
 from .bias_maps import (agent_grid_matrix, pool_tokens, separable_bias,
                         weights_like)
 from .checks import check_agent_attention
@@ -71,6 +71,9 @@ class AgentAttention(BaseModule):
             bias maps are cached (default 2: shapes that repeat, as the
             crops of sliding-window inference; a keep-ratio test pipeline
             seldom repeats one); 1 caches every shape at once.
+        bias_cache_budget: The bytes the cache may hold, shared with other
+            attentions (a backbone's ``bias_cache_max_mb``); None for no
+            bound.
         qk_scale: Factor of the dot products; ``None`` for ``d ** -0.5``
             (as mmdet's and mmseg's Swin take it).
         init_cfg: mmengine initialisation config.
@@ -98,6 +101,7 @@ class AgentAttention(BaseModule):
                  attn_impl: str = 'fast',
                  bias_cache_size: int = BIAS_CACHE_SIZE,
                  bias_cache_admit_after: int = ADMIT_AFTER,
+                 bias_cache_budget: Optional[CacheBudget] = None,
                  qk_scale: Optional[float] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
@@ -114,7 +118,8 @@ class AgentAttention(BaseModule):
         self.fused_qkv = fused_qkv
         self.attn_impl = attn_impl
         self.attn_drop_rate = attn_drop
-        self.bias_cache = BiasCache(bias_cache_size, bias_cache_admit_after)
+        self.bias_cache = BiasCache(bias_cache_size, bias_cache_admit_after,
+                                    bias_cache_budget)
         self.fold_biases = True
 
         if fused_qkv:

@@ -65,7 +65,8 @@ class AgentPVT(AgentBackbone):
             embeddings), ``attn_drop_rate``, ``drop_path_rate``,
             ``act_cfg``, ``out_indices``, ``frozen_stages``, ``with_cp``,
             ``attn_impl``, ``bias_cache_size``, ``bias_cache_admit_after``,
-            ``convert_weights``, ``pretrained``, ``init_cfg``; see
+            ``bias_cache_max_mb``, ``convert_weights``, ``pretrained``,
+            ``init_cfg``; see
             :class:`AgentBackbone`.
     """
     _common = dict(

@@ -136,7 +136,8 @@ class AgentSwinTransformer(AgentBackbone):
             ``drop_path_rate``, ``norm_cfg``, ``act_cfg``, ``out_indices``,
             ``frozen_stages``, ``with_cp``, ``attn_impl``,
             ``bias_cache_size``, ``bias_cache_admit_after``,
-            ``convert_weights``, ``pretrained``, ``init_cfg``; see
+            ``bias_cache_max_mb``, ``convert_weights``, ``pretrained``,
+            ``init_cfg``; see
             :class:`AgentBackbone`.
     """
     arch_zoo = {

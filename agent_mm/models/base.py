@@ -11,17 +11,22 @@ from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import Tensor
 
 from .agent_attention import BIAS_CACHE_SIZE, AgentAttention
-from .bias_cache import ADMIT_AFTER
+from .bias_cache import ADMIT_AFTER, CacheBudget
 from .checkpoint import load_backbone_checkpoint
 from .checks import (check_backbone_settings, check_bool, check_input,
-                     check_int_range, check_norm_and_act_cfgs,
-                     check_out_indices, check_qk_scale, check_stage_lists,
-                     to_size_pair)
+                     check_int_range, check_non_negative,
+                     check_norm_and_act_cfgs, check_out_indices,
+                     check_qk_scale, check_stage_lists, to_size_pair)
 from .layers import freeze, linear_drop_path_rates, residual_sum
 from .transformer import (NUM_STAGES, PATCH_SIZES, PRETRAIN_IMG_SIZE,
                           TransformerBlock, learned_pos_embed, pretrain_grid,
                           resized_pos_embed)
 
+# MiB that a backbone's bias caches hold together at most, by default:
+# every benchmarked model and size fits whole (Agent-PVT-S at 1536², the
+# largest, takes 3.0 GiB), and a large model's caches stay a few GiB on a
+# GPU (two 800x1344 shapes take 8.4 GiB for Agent-PVT-L unbounded)
+BIAS_CACHE_MAX_MB = 4096
 # Short arch names, as in mmpretrain's arch_zoo.
 ARCH_ALIASES = dict(t='tiny', s='small', m='medium', l='large', b='base')
 
@@ -111,6 +116,11 @@ class AgentBackbone(BaseModule):
             keeps in eval mode (0: none); see :class:`AgentAttention`.
         bias_cache_admit_after: Forward of an input shape from which its
             bias maps are cached (1: the first); see :class:`AgentAttention`.
+        bias_cache_max_mb: MiB that the bias caches of all agent attentions
+            hold together at most (None: no bound). Maps that do not fit are
+            built at every forward; the first blocks' fit first. One input
+            shape at 800×1344 takes about 0.6 GiB for Agent-PVT-T, 0.9 for
+            Agent-Swin-T and 4.2 for Agent-PVT-L.
         convert_weights: mmdet's flag for checkpoints in the original Swin /
             PVT layout; the layout is recognised from the checkpoint's keys
             either way (see :func:`load_backbone_checkpoint`).
@@ -143,6 +153,7 @@ class AgentBackbone(BaseModule):
                  attn_impl: str = 'fast',
                  bias_cache_size: int = BIAS_CACHE_SIZE,
                  bias_cache_admit_after: int = ADMIT_AFTER,
+                 bias_cache_max_mb: Optional[float] = BIAS_CACHE_MAX_MB,
                  convert_weights: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
@@ -162,6 +173,13 @@ class AgentBackbone(BaseModule):
         check_qk_scale(name, qk_scale)
         check_norm_and_act_cfgs(name, norm_cfg, act_cfg)
         check_bool(name, 'convert_weights', convert_weights)
+        if bias_cache_max_mb is not None:
+            check_non_negative(
+                name,
+                'bias_cache_max_mb',
+                bias_cache_max_mb,
+                fix='Give the MiB the bias caches may hold (0 keeps none), '
+                'or None for no bound.')
         self.patch_sizes = self._check_patch_sizes(patch_sizes)
         self.pretrain_img_size = to_size_pair(
             name,
@@ -192,7 +210,8 @@ class AgentBackbone(BaseModule):
         self.agent_cfg = dict(
             attn_impl=attn_impl,
             bias_cache_size=bias_cache_size,
-            bias_cache_admit_after=bias_cache_admit_after)
+            bias_cache_admit_after=bias_cache_admit_after,
+            bias_cache_budget=CacheBudget.of_mb(bias_cache_max_mb))
 
     def _check_patch_sizes(self,
                            patch_sizes: Sequence[int]) -> Tuple[int, ...]:

@@ -1,7 +1,7 @@
 """The eval-time cache of agent attention's bias maps."""
 import threading
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -15,6 +15,54 @@ Shape = Tuple[int, int]
 ADMIT_AFTER = 2
 # shapes seen but not yet admitted that are remembered (shapes only)
 SIGHTINGS_KEPT = 64
+
+
+class CacheBudget:
+    """The bytes that the bias caches sharing it may hold together (a
+    backbone's ``bias_cache_max_mb``).
+
+    Thread-safe; a copy (``deepcopy`` or pickle of a model, which copies
+    the caches sharing it together) starts with nothing held.
+
+    Args:
+        max_bytes: The bound; None for none.
+    """
+
+    def __init__(self, max_bytes: Optional[int] = None):
+        self.max_bytes = max_bytes
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_mb(cls, max_mb: Optional[float]) -> 'CacheBudget':
+        """A budget of ``max_mb`` MiB (None: unbounded)."""
+        return cls(None if max_mb is None else int(max_mb * 2**20))
+
+    def __getstate__(self) -> dict:
+        return dict(max_bytes=self.max_bytes)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def held(self) -> int:
+        """The bytes held by the caches sharing the budget."""
+        with self._lock:
+            return self._held
+
+    def reserve(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` more if the bound allows it; whether it did."""
+        with self._lock:
+            if (self.max_bytes is not None
+                    and self._held + nbytes > self.max_bytes):
+                return False
+            self._held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """Hold ``nbytes`` fewer."""
+        with self._lock:
+            self._held -= nbytes
 
 
 class BiasCache:
@@ -40,6 +88,12 @@ class BiasCache:
     the :data:`SIGHTINGS_KEPT` most recently seen grids not yet admitted; a
     grid dropped from the cache must be seen ``admit_after`` times again.
 
+    The memory is bounded by a :class:`CacheBudget` that caches may share
+    (all those of a backbone): an admitted grid whose maps do not fit in
+    what the budget has left is not kept, and is not admitted again until
+    the cache is cleared (``train()``, new parameter values), so that a
+    large model holds the maps of its first blocks rather than thrashing.
+
     Threads may share the cache (concurrent inference with one model): its
     records change under a lock, and maps are built outside it. A pickled
     or deep-copied cache (``torch.save`` of a model, an EMA copy) starts
@@ -49,14 +103,22 @@ class BiasCache:
         max_shapes: Grids kept at most; 0 disables the cache.
         admit_after: Sighting of a grid from which its maps are kept; 1
             keeps them at once.
+        budget: The bytes this cache may hold, shared with other caches;
+            None for an unbounded budget of its own.
     """
 
-    def __init__(self, max_shapes: int, admit_after: int = ADMIT_AFTER):
+    def __init__(self,
+                 max_shapes: int,
+                 admit_after: int = ADMIT_AFTER,
+                 budget: Optional[CacheBudget] = None):
         self.max_shapes = max_shapes
         self.admit_after = admit_after
+        self.budget = budget or CacheBudget()
         self._lock = threading.Lock()
         self._entries: 'OrderedDict[Shape, Maps]' = OrderedDict()
         self._sightings: 'OrderedDict[Shape, int]' = OrderedDict()
+        # grids admitted whose maps did not fit in the budget
+        self._too_large: Set[Shape] = set()
         # what the entries and sightings were built from, and how often
         # that changed
         self._version: Optional[tuple] = None
@@ -64,7 +126,10 @@ class BiasCache:
         self._generation = 0
 
     def __getstate__(self) -> dict:
-        return dict(max_shapes=self.max_shapes, admit_after=self.admit_after)
+        return dict(
+            max_shapes=self.max_shapes,
+            admit_after=self.admit_after,
+            budget=self.budget)
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -90,7 +155,7 @@ class BiasCache:
             if maps is not None:
                 self._entries.move_to_end(shape)
                 return maps
-            admitted = self._admits(shape)
+            admitted = shape not in self._too_large and self._admits(shape)
             generation = self._generation
         if not admitted:
             return once()
@@ -98,11 +163,26 @@ class BiasCache:
             maps = compute()
         with self._lock:
             if self._generation == generation:  # not dropped meanwhile
-                self._entries.pop(shape, None)  # or stored by another thread
-                while len(self._entries) >= self.max_shapes:
-                    self._entries.popitem(last=False)
-                self._entries[shape] = maps
+                self._store(shape, maps)
         return maps
+
+    def _store(self, shape: Shape, maps: Maps) -> None:
+        """Keep ``maps`` as the most recently used entry if the budget has
+        room for them once the least recently used entries beyond
+        ``max_shapes - 1`` are dropped (the lock held)."""
+        self._drop(shape)  # stored meanwhile by another thread
+        while len(self._entries) >= self.max_shapes:
+            self._drop(next(iter(self._entries)))
+        if self.budget.reserve(_nbytes(maps)):
+            self._entries[shape] = maps
+        else:
+            self._too_large.add(shape)
+
+    def _drop(self, shape: Shape) -> None:
+        """Forget the entry of ``shape``, if any (the lock held)."""
+        maps = self._entries.pop(shape, None)
+        if maps is not None:
+            self.budget.release(_nbytes(maps))
 
     def _forget_unless_built_from(self, version: tuple,
                                   sources: Sequence[Tensor]) -> None:
@@ -149,8 +229,7 @@ class BiasCache:
     def nbytes(self) -> int:
         """Memory held by the cached maps."""
         with self._lock:
-            return sum(t.numel() * t.element_size()
-                       for maps in self._entries.values() for t in maps)
+            return sum(_nbytes(maps) for maps in self._entries.values())
 
     def clear(self) -> None:
         """Drop every cached map and every sighting."""
@@ -160,8 +239,10 @@ class BiasCache:
 
     def _forget(self) -> None:
         """Drop every entry and sighting (the lock held)."""
-        self._entries.clear()
+        for shape in list(self._entries):
+            self._drop(shape)
         self._sightings.clear()
+        self._too_large.clear()
         self._generation += 1
 
     def __len__(self) -> int:
@@ -173,3 +254,8 @@ def _equal(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> bool:
     the same order."""
     return len(tensors) == len(others) and all(
         torch.equal(a, b) for a, b in zip(tensors, others))
+
+
+def _nbytes(maps: Maps) -> int:
+    """Memory of the tensors of ``maps``."""
+    return sum(t.numel() * t.element_size() for t in maps)

@@ -77,6 +77,12 @@ def check_positive(owner: str, name: str, value: Any, fix: str) -> None:
         raise _setting_error(owner, name, value, 'a finite number > 0', fix)
 
 
+def check_non_negative(owner: str, name: str, value: Any, fix: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a finite number >= 0."""
+    if not (_is_real(value) and 0 <= value < math.inf):
+        raise _setting_error(owner, name, value, 'a finite number >= 0', fix)
+
+
 def check_finite(owner: str, name: str, value: Any, fix: str) -> None:
     """Raise a ``ValueError`` unless ``value`` is a finite number."""
     if not (_is_real(value) and math.isfinite(value)):
