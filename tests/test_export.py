@@ -13,6 +13,7 @@ import torch
 from mmengine.config import Config
 
 from agent_mm.deploy import build_export_model, check_onnx, export_onnx
+from agent_mm.deploy import onnx as deploy_onnx
 from agent_mm.models import AgentAttention
 from agent_mm.models.bias_maps import pooling_matrix
 from agent_mm.models.traced_agent_attention import traced_agent_attention
@@ -135,7 +136,8 @@ def _tool():
 def test_tool_exports_the_quickstart_segmentor(dynamic, tmp_path, capsys):
     config = osp.join(REPO, 'configs', 'quickstart',
                       'fpn_agent-pvt-t_shapes.py')
-    out = str(tmp_path / 'fpn.onnx')
+    # the tool creates the missing directory
+    out = str(tmp_path / 'new' / 'fpn.onnx')
     args = [config, '--shape', '128', '128', '--out', out, '--repeats', '2']
     with pytest.warns(UserWarning, match='No checkpoint given'):
         status = _tool().main(args + ['--dynamic'] * dynamic)
@@ -146,6 +148,10 @@ def test_tool_exports_the_quickstart_segmentor(dynamic, tmp_path, capsys):
     # at 128x128, and with dynamic sizes at a larger size too
     assert printed.count(' ok\n') == 1 + dynamic
     assert 'ORT/eager' in printed
+    # the file only, no temporary left beside it
+    assert sorted(p.name for p in (tmp_path / 'new').iterdir()) == [
+        'fpn.onnx'
+    ]
 
 
 @needs_deploy
@@ -155,3 +161,93 @@ def test_tool_reports_a_graph_that_cannot_run_at_a_size(tmp_path, capsys):
     assert not _tool().report(model, path, torch.randn(1, 32, 9, 7), 0)
     assert 'input 1x32x9x7: FAILED, ONNX Runtime cannot run the graph' in (
         capsys.readouterr().out)
+
+
+SEGMENTOR = osp.join(REPO, 'configs', 'quickstart',
+                     'fpn_agent-pvt-t_shapes.py')
+
+
+def _no_export(*args, **kwargs):
+    raise AssertionError('went on to build or export')
+
+
+def test_a_missing_checkpoint_is_an_error_before_the_model_is_built(
+        monkeypatch):
+    monkeypatch.setattr(deploy_onnx, 'init_default_scope', _no_export)
+    with pytest.raises(FileNotFoundError, match="'missing.pth' not found"):
+        build_export_model(Config.fromfile(SEGMENTOR), 'missing.pth')
+
+
+@pytest.fixture
+def tool_without_export(monkeypatch):
+    """The tool, failing the test if it builds a model or exports."""
+    tool = _tool()
+    monkeypatch.setattr(tool, 'build_export_model', _no_export)
+    monkeypatch.setattr(tool, 'export_onnx', _no_export)
+    return tool
+
+
+def test_tool_stops_on_a_missing_checkpoint(tool_without_export, tmp_path,
+                                            capsys):
+    checkpoint, out = str(tmp_path / 'x.pth'), tmp_path / 'x.onnx'
+    with pytest.raises(SystemExit) as exit_:
+        tool_without_export.main(
+            [SEGMENTOR, checkpoint, '--shape', '64', '64', '--out',
+             str(out)])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert f'checkpoint {checkpoint!r} not found' in error
+    assert 'omit the checkpoint' in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('out', ['file/x.onnx', 'dir', 'dir/'])
+def test_tool_stops_on_an_unusable_out(out, tool_without_export, tmp_path,
+                                       capsys):
+    (tmp_path / 'file').write_text('not a directory')
+    (tmp_path / 'dir').mkdir()
+    path = str(tmp_path / out)
+    with pytest.raises(SystemExit) as exit_:
+        tool_without_export.main(
+            [SEGMENTOR, '--shape', '64', '64', '--out', path])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert '--out: ' in error and repr(path) in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['dir', 'file']
+    assert not any((tmp_path / 'dir').iterdir())
+
+
+@needs_deploy
+def test_a_failed_save_leaves_no_partial_file(monkeypatch, tmp_path):
+    def save(self, destination, **kwargs):
+        with open(destination, 'wb') as file:
+            file.write(b'partial')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, 'save', save)
+    path = tmp_path / 'attn.onnx'
+    path.write_bytes(b'earlier export')
+    with pytest.raises(OSError, match='disk full'):
+        export_onnx(_attention(), torch.randn(1, 32, 8, 8), str(path))
+    # the earlier file is untouched and no temporary is left
+    assert path.read_bytes() == b'earlier export'
+    assert [p.name for p in tmp_path.iterdir()] == ['attn.onnx']
+
+
+@needs_deploy
+def test_the_compared_session_does_not_spin(monkeypatch, tmp_path, capsys):
+    model, path = _attention(), str(tmp_path / 'attn.onnx')
+    export_onnx(model, torch.randn(1, 32, 8, 8), path)
+    sessions = []
+
+    def recorded(*args, **kwargs):
+        sessions.append(ort_session(*args, **kwargs))
+        return sessions[-1]
+
+    ort_session = deploy_onnx.ort_session
+    monkeypatch.setattr(deploy_onnx, 'ort_session', recorded)
+    assert _tool().report(model, path, torch.randn(1, 32, 8, 8), 2)
+    assert 'ORT/eager' in capsys.readouterr().out
+    options = sessions[0].get_session_options()
+    assert options.get_session_config_entry(
+        'session.intra_op.allow_spinning') == '0'

@@ -11,8 +11,11 @@ The exporter is PyTorch's dynamo-based one (``torch.export`` then
 is traced (:mod:`agent_mm.models.traced_agent_attention`). Needs the
 ``deploy`` extra: ``pip install -e '.[deploy]'``.
 """
+import os
 import os.path as osp
+import shutil
 import statistics
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,6 +28,7 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
+from mmengine.utils import mkdir_or_exist
 from torch import Tensor
 
 from agent_mm.utils.timing import interleaved_times
@@ -34,6 +38,8 @@ DEPLOY_EXTRA = "pip install -e '.[deploy]'"
 TOLERANCE = 1e-4
 # a graph with dynamic sizes is also checked at its size plus these (H, W)
 DYNAMIC_CHECK_OFFSET = (32, 64)
+# ONNX Runtime's session setting for busy-waiting of its threads between runs
+ORT_SPINNING = 'session.intra_op.allow_spinning'
 
 
 class OrtRunError(RuntimeError):
@@ -103,31 +109,75 @@ def _whole_factor(upsample: nn.Module) -> bool:
             and factor.is_integer())
 
 
+def check_checkpoint(checkpoint: str) -> None:
+    """Raise a ``FileNotFoundError`` naming ``checkpoint`` and the fix if it
+    is not a file (URLs are not downloaded)."""
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(
+            f'checkpoint {checkpoint!r} not found (URLs are not downloaded); '
+            'give an existing file, or omit the checkpoint to export '
+            'randomly initialised weights')
+
+
+def check_output(path: str) -> None:
+    """Make sure the ONNX file ``path`` can be written, before exporting.
+
+    Its directory is created if missing (like mmengine's ``work_dir``).
+
+    Args:
+        path: The ONNX file to write (an existing file is replaced).
+
+    Raises:
+        OSError: ``path`` is a directory, or its directory cannot be created
+            or written to; the message names ``path``.
+    """
+    if not osp.basename(path) or osp.isdir(path):
+        raise IsADirectoryError(
+            f'output {path!r} is not a file name; give one such as '
+            f'{osp.join(path, "model.onnx")!r}')
+    parent = osp.dirname(osp.abspath(path))
+    if osp.exists(parent) and not osp.isdir(parent):
+        raise NotADirectoryError(
+            f'output {path!r}: {parent!r} is not a directory; give a path in '
+            'a directory')
+    try:
+        mkdir_or_exist(parent)
+        # what save_whole needs: a directory of its own beside path
+        os.rmdir(tempfile.mkdtemp(prefix='.onnx-export-', dir=parent))
+    except OSError as err:
+        raise type(err)(
+            f'cannot write the output {path!r} in {parent!r} '
+            f'({err.strerror or err}); give a path in a writable '
+            'directory') from err
+
+
 def build_export_model(config: Config,
                        checkpoint: Optional[str] = None) -> nn.Module:
     """The part of ``config``'s model to export, in eval mode on the CPU.
 
     The model is built in the config's ``default_scope``; nothing is
-    downloaded (``init_cfg`` is not applied). Without a checkpoint, or when
-    the file does not exist, the weights stay random, with a warning.
-    SyncBN layers become BN, and mmseg's upsampling layers
-    :class:`TracedUpsample`.
+    downloaded (``init_cfg`` is not applied). Without a checkpoint the
+    weights stay random, with a warning. SyncBN layers become BN, and
+    mmseg's upsampling layers :class:`TracedUpsample`.
 
     Args:
         config: An mmdet or mmseg config (``custom_imports`` already done).
-        checkpoint: A checkpoint of the whole model (strictly loaded).
+        checkpoint: A checkpoint file of the whole model (strictly loaded).
 
     Returns:
         :class:`SegmentorLogits` for an mmseg config, else the backbone.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is given but is not a file (raised
+            before the model is built).
     """
+    if checkpoint:
+        check_checkpoint(checkpoint)
     scope = config.get('default_scope', 'mmdet')
     init_default_scope(scope)
     model = revert_sync_batchnorm(MODELS.build(config.model))
-    if checkpoint and osp.isfile(checkpoint):
+    if checkpoint:
         load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
-    elif checkpoint:
-        warnings.warn(f'Checkpoint {checkpoint!r} not found (URLs are not '
-                      'downloaded): exporting randomly initialised weights.')
     else:
         warnings.warn('No checkpoint given: exporting randomly initialised '
                       'weights.')
@@ -176,6 +226,9 @@ def export_onnx(model: nn.Module,
                 dynamic: bool = False) -> List[str]:
     """Export ``model`` on ``inputs`` to the ONNX file ``path``.
 
+    ``path`` is checked first (:func:`check_output`), and written only
+    whole: see :func:`save_whole`.
+
     Args:
         model: The module in eval mode, one image batch in.
         inputs: Example input ``(B, 3, H, W)``.
@@ -184,8 +237,12 @@ def export_onnx(model: nn.Module,
 
     Returns:
         The names of the graph's outputs.
+
+    Raises:
+        OSError: ``path`` cannot be written (raised before exporting).
     """
     require_deploy_extra()
+    check_output(path)
     names = output_names(model, inputs)
     dims = torch.export.Dim.DYNAMIC
     shapes = ({2: dims, 3: dims}, ) if dynamic else None
@@ -201,8 +258,25 @@ def export_onnx(model: nn.Module,
         output_names=names,
         dynamo=True,
         external_data=False)
-    onnx_program.save(path)
+    save_whole(onnx_program, path)
     return names
+
+
+def save_whole(onnx_program, path: str) -> None:
+    """Save a ``torch.onnx.ONNXProgram`` to ``path`` so that a failure leaves
+    no partial file: it is written in a temporary directory beside ``path``
+    (same file system), then renamed into place, with its external data file
+    ``<name>.data`` if it has one (a model over 2 GB), the graph last."""
+    parent = osp.dirname(osp.abspath(path))
+    staging = tempfile.mkdtemp(prefix='.onnx-export-', dir=parent)
+    try:
+        onnx_program.save(osp.join(staging, osp.basename(path)))
+        graph_last = sorted(
+            os.listdir(staging), key=lambda name: name == osp.basename(path))
+        for name in graph_last:
+            os.replace(osp.join(staging, name), osp.join(parent, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass
@@ -236,11 +310,19 @@ class Check:
 
 def ort_session(path: str, threads: Optional[int] = None):
     """An ONNX Runtime CPU session of the file ``path`` running on
-    ``threads`` threads (default: PyTorch's number of threads)."""
+    ``threads`` threads (default: PyTorch's number of threads).
+
+    Its threads sleep as soon as a run ends (:data:`ORT_SPINNING` is
+    ``'0'``): by default they keep spinning for a while after each run, and
+    on a machine with few cores they take them from the PyTorch call that
+    :func:`check_onnx` times next, which made PyTorch look slower than it
+    is alone.
+    """
     require_deploy_extra()
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.add_session_config_entry(ORT_SPINNING, '0')
     return onnxruntime.InferenceSession(
         path, options, providers=['CPUExecutionProvider'])
 

@@ -10,8 +10,11 @@ not part of it) and returns the backbone's feature maps ``out0``...
 the weights are random (a warning says so); nothing is downloaded. ONNX
 Runtime must give PyTorch's outputs within 1e-4 (with ``--dynamic`` also at
 a second, larger size); the latency of both on the same input is printed.
-Needs the deploy extra: ``pip install -e '.[deploy]'``. Exit status: 0 if
-the outputs agree, 1 if not.
+The directory of ``--out`` is created if missing; the file is written only
+whole. Needs the deploy extra: ``pip install -e '.[deploy]'``. Exit status:
+0 if the outputs agree, 1 if not, 2 if an argument is unusable (e.g. a
+CHECKPOINT that is not a file, or an ``--out`` that cannot be written),
+which is reported before anything is built or exported.
 """
 import argparse
 import os.path as osp
@@ -23,14 +26,14 @@ from mmengine.config import Config, DictAction
 import agent_mm  # noqa: F401  (registers the backbones)
 from agent_mm.deploy import (OrtRunError, build_export_model, check_onnx,
                              check_shapes, export_onnx, require_deploy_extra)
-from agent_mm.deploy.onnx import TOLERANCE
+from agent_mm.deploy.onnx import TOLERANCE, check_checkpoint, check_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Export to ONNX and check it in ONNX Runtime',
         epilog='Exit status: 0 if ONNX Runtime agrees with PyTorch, 1 if '
-        'not.')
+        'not, 2 if an argument is unusable.')
     parser.add_argument('config', help='mmdet or mmseg config file')
     parser.add_argument(
         'checkpoint',
@@ -48,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action='store_true',
         help='height and width as dynamic dimensions of the graph')
     parser.add_argument(
-        '--out', help='ONNX file (default: the config name with .onnx)')
+        '--out',
+        help='ONNX file (default: the config name with .onnx); its '
+        'directory is created if missing')
     parser.add_argument(
         '--repeats',
         type=int,
@@ -64,7 +69,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs='+',
         action=DictAction,
         help='override config settings, e.g. model.backbone.arch=small')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.out:
+        args.out = osp.splitext(osp.basename(args.config))[0] + '.onnx'
+    check_paths(parser, args)
+    return args
+
+
+def check_paths(parser: argparse.ArgumentParser,
+                args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` (status 2) if the checkpoint is not a
+    file or the ONNX file cannot be written, before the export's work."""
+    if args.checkpoint:
+        try:
+            check_checkpoint(args.checkpoint)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+    try:
+        check_output(args.out)
+    except OSError as err:
+        parser.error(f'--out: {err}')
 
 
 def main(argv=None) -> int:
@@ -76,7 +100,7 @@ def main(argv=None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    out = args.out or osp.splitext(osp.basename(args.config))[0] + '.onnx'
+    out = args.out
     model = build_export_model(cfg, args.checkpoint)
     example = torch.randn(1, 3, *args.shape)
     names = export_onnx(model, example, out, dynamic=args.dynamic)
