@@ -141,13 +141,16 @@ def assert_bias_caches_share_the_backbones_budget(build, img: torch.Tensor,
 
 
 def assert_frozen(module: nn.Module, frozen_prefixes, trainable_prefixes):
-    """Frozen parts have no grad and stay in eval mode after ``train()``."""
-    module.train()
-    for name, param in module.named_parameters():
-        if name.startswith(tuple(frozen_prefixes)):
-            assert not param.requires_grad, name
-        elif name.startswith(tuple(trainable_prefixes)):
-            assert param.requires_grad, name
+    """Frozen parts have no grad from construction on (as a
+    ``DistributedDataParallel`` wrapper built before ``train()`` must see
+    them) and after ``train()``, and stay in eval mode."""
+    for _ in range(2):  # as built, then after train()
+        for name, param in module.named_parameters():
+            if name.startswith(tuple(frozen_prefixes)):
+                assert not param.requires_grad, name
+            elif name.startswith(tuple(trainable_prefixes)):
+                assert param.requires_grad, name
+        module.train()
     for name, sub in module.named_modules():
         if name and name.startswith(tuple(frozen_prefixes)):
             assert not sub.training, name

@@ -86,10 +86,10 @@ def test_with_cp_gives_same_outputs_and_gradients():
 
 
 def test_frozen_stages():
-    model = AgentPVT(depths=[1, 1, 1, 1], frozen_stages=2)
-    assert_frozen(model, ['patch_embed1', 'pos_embed1', 'block1',
-                          'patch_embed2', 'pos_embed2', 'block2'],
-                  ['patch_embed3', 'block3', 'block4'])
+    model = AgentPVT(depths=[1, 1, 1, 1], frozen_stages=2, drop_rate=0.5)
+    assert_frozen(model, ['patch_embed1', 'pos_embed1', 'pos_drop1', 'block1',
+                          'patch_embed2', 'pos_embed2', 'pos_drop2', 'block2'],
+                  ['patch_embed3', 'pos_drop3', 'block3', 'block4'])
     outs = model(torch.randn(1, 3, 64, 64))
     sum(o.sum() for o in outs).backward()
     assert model.block1[0].attn.q.weight.grad is None

@@ -138,7 +138,7 @@ def test_frozen_stages():
         depths=[1, 1, 1, 1],
         num_heads=[1, 2, 2, 4],
         frozen_stages=1)
-    assert_frozen(model, ['patch_embed', 'layers.0', 'norm0'],
+    assert_frozen(model, ['patch_embed', 'pos_drop', 'layers.0', 'norm0'],
                   ['layers.1', 'layers.2', 'norm1', 'norm3'])
 
 

@@ -128,6 +128,7 @@ class AgentPVT(AgentBackbone):
         self.embed_dims = list(settings['embed_dims'])
         self.depths = list(settings['depths'])
         self._build_stages(use_abs_pos_embed, norm_after_stage)
+        self.freeze_stages()
 
     def _build_stages(self, use_abs_pos_embed: bool,
                       norm_after_stage: bool) -> None:
@@ -214,11 +215,12 @@ class AgentPVT(AgentBackbone):
             **self.mixer_cfg)
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
-        modules = [self.patch_embed1] if self.frozen_stages >= 0 else []
+        modules = ([self.patch_embed1, self.pos_drop1]
+                   if self.frozen_stages >= 0 else [])
         for i in range(1, self.frozen_stages + 1):
             modules += [
                 getattr(self, f'{part}{i}')
-                for part in ('patch_embed', 'block', 'norm')
+                for part in ('patch_embed', 'pos_drop', 'block', 'norm')
             ]
         return modules
 

@@ -213,6 +213,7 @@ class AgentSwinTransformer(AgentBackbone):
         for i in self.out_indices:
             self.add_module(f'norm{i}', build_norm(norm_cfg,
                                                    self.num_features[i]))
+        self.freeze_stages()
 
     def _check_swin_settings(self, window_size: Any, mlp_ratio: Any,
                              strides: Any, patch_norm: Any,
@@ -246,7 +247,8 @@ class AgentSwinTransformer(AgentBackbone):
             **self.mixer_cfg)
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
-        modules = [self.patch_embed] if self.frozen_stages >= 0 else []
+        modules = ([self.patch_embed, self.pos_drop]
+                   if self.frozen_stages >= 0 else [])
         for i in range(self.frozen_stages):
             modules += [self.layers[i], getattr(self, f'norm{i}', None)]
         return modules

@@ -297,10 +297,18 @@ class AgentBackbone(BaseModule):
         """Loose parameters that ``frozen_stages`` freezes (per backbone)."""
         return []
 
+    def freeze_stages(self) -> None:
+        """Freeze the ``frozen_stages`` (eval mode, no gradients). Called
+        once the stages are built, so that a wrapper built before the first
+        ``train()`` (e.g. ``DistributedDataParallel``, which mmengine wraps
+        the model in first) sees their parameters without gradients, and
+        again by every ``train()``."""
+        freeze(self.frozen_modules(), self.frozen_params())
+
     def train(self, mode: bool = True) -> 'AgentBackbone':
         """Set the train mode, keeping frozen stages in eval mode."""
         super().train(mode)
-        freeze(self.frozen_modules(), self.frozen_params())
+        self.freeze_stages()
         return self
 
     def init_weights(self) -> None:
