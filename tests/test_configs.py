@@ -331,12 +331,15 @@ def test_model_fits_its_config(config):
                         if isinstance(index, list) else channels[index])
             assert head.in_channels == expected
 
-    # every no-decay key is a parameter's; the parameters NO_DECAY names get
-    # no weight decay (none outside the paper), the others the optimiser's
+    # every no-decay key is a parameter's (the absolute position embedding's
+    # where the backbone has one); the parameters NO_DECAY names get no
+    # weight decay (none outside the paper), the others the optimiser's
     names = [name for name, _ in model.named_parameters()]
     paramwise = cfg.optim_wrapper.get('paramwise_cfg', {})
     for key in paramwise.get('custom_keys', {}):
-        assert any(key in name for name in names), key
+        optional = (key == 'absolute_pos_embed'
+                    and not cfg.model.backbone.get('use_abs_pos_embed'))
+        assert optional or any(key in name for name in names), key
     optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
     weight_decay = {
         id(param): group['weight_decay']
@@ -460,3 +463,18 @@ def test_quickstarts_train_in_float32_by_one_override():
     det = Config.fromfile(quickstart / 'mask-rcnn_agent-pvt-t_fpn_shapes.py')
     det.merge_from_dict({'custom_hooks.0.dtype': 'float32'})
     assert HOOKS.build(det.custom_hooks[0]).dtype is None
+
+
+@pytest.mark.parametrize('config', [
+    'agent_swin/mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco.py',
+    'agent_swin/upernet_agent-swin-t_8xb2-160k_ade20k-512x512.py'
+])
+def test_swin_recipes_do_not_decay_an_absolute_position_embedding(config):
+    cfg = _load(config)
+    cfg.model.backbone.use_abs_pos_embed = True
+    model = build_model(cfg)
+    optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    embedding = model.backbone.absolute_pos_embed
+    decay, = (group['weight_decay'] for group in optimizer.param_groups
+              if any(param is embedding for param in group['params']))
+    assert decay == 0
