@@ -2,11 +2,13 @@
 bfloat16, the heads (and mmcv's float32-only CPU ops) get float32."""
 import os.path as osp
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
+from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import init_default_scope
 from tiny_configs import (DET_CONFIG, DET_OVERRIDES, REPO, SEG_CONFIG,
                           SEG_OVERRIDES, tiny_config)
@@ -15,7 +17,8 @@ import agent_mm  # noqa: F401  (registers the hook)
 from agent_mm.engine import optim_wrapper
 from agent_mm.engine.feature_autocast import (FeatureAutocastHook,
                                               autocast_features,
-                                              autocast_method)
+                                              autocast_method, scales_loss)
+from agent_mm.engine.optim_wrapper import CPUAmpOptimWrapper
 
 sys.path.insert(0, osp.join(REPO, 'tools'))
 import test as test_tool  # noqa: E402
@@ -170,3 +173,16 @@ def test_float32_hook_leaves_features_in_float32(monkeypatch):
     FeatureAutocastHook(dtype='float32').before_train(_Runner(model))
     model(torch.randn(3, 4))
     assert seen[0][1] == torch.float32
+
+
+def test_float16_training_needs_an_optim_wrapper_that_scales_the_loss():
+    model = nn.Linear(2, 2)
+    plain = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaling, bfloat16 = (CPUAmpOptimWrapper(
+        dtype=dtype, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+                         for dtype in ('float16', 'bfloat16'))
+    assert scales_loss(scaling) and scales_loss(OptimWrapperDict(a=scaling))
+    assert not scales_loss(plain) and not scales_loss(bfloat16)
+    hook = FeatureAutocastHook(dtype='float16')
+    with pytest.raises(ValueError, match='does not scale the loss'):
+        hook.before_train(SimpleNamespace(optim_wrapper=plain, model=model))

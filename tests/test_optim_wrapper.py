@@ -80,3 +80,41 @@ def test_float32_turns_autocast_off_without_a_log(monkeypatch, native):
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="got 'float64'"):
         _wrapper(dtype='float64')
+
+
+def _tiny_step(dtype: str, loss_factor: float):
+    """The wrapper's backward of a linear layer's loss scaled by
+    ``loss_factor``: the weight's gradient divided by the loss scale (1
+    unless float16), and the wrapper."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    wrapper = CPUAmpOptimWrapper(
+        dtype=dtype, optimizer=torch.optim.SGD(model.parameters(), lr=1.))
+    with wrapper.optim_context(model):
+        loss = model(torch.randn(16, 8)).float().square().mean()
+    wrapper.backward(loss * loss_factor)
+    return model.weight.grad / wrapper.loss_scaler.get_scale(), wrapper
+
+
+def test_float16_scales_the_loss_so_small_gradients_survive():
+    expected, _ = _tiny_step('float32', 1e-7)
+    grad, wrapper = _tiny_step('float16', 1e-7)
+    assert wrapper.loss_scaler.get_scale() > 1
+    # unscaled, most of these gradients are below float16's subnormals
+    assert (expected.abs() < 2**-24).float().mean() > 0.5
+    torch.testing.assert_close(grad, expected, rtol=2e-2, atol=1e-11)
+    wrapper.step()  # unscales, steps and updates the scale
+    assert wrapper.loss_scaler.get_scale() > 1
+
+
+@pytest.mark.parametrize('dtype, scaled', [('float16', True),
+                                           ('bfloat16', False),
+                                           ('float32', False)])
+def test_the_loss_scale_is_saved_and_loaded_in_float16(dtype, scaled):
+    _, wrapper = _tiny_step(dtype, 1.)
+    state = wrapper.state_dict()
+    assert ('loss_scaler' in state) is scaled
+    _, other = _tiny_step(dtype, 1.)
+    other.loss_scaler.update(new_scale=2.) if scaled else None
+    other.load_state_dict(state)
+    assert other.loss_scaler.state_dict() == wrapper.loss_scaler.state_dict()

@@ -130,6 +130,14 @@ class FeatureAutocastHook(Hook):
         autocast_heads(model, self.heads, self.dtype, self.device_type)
 
     def before_train(self, runner) -> None:
+        if self.dtype == torch.float16 and not scales_loss(
+                runner.optim_wrapper):
+            raise ValueError(
+                'FeatureAutocastHook trains in float16 but the optim '
+                'wrapper does not scale the loss, so small gradients would '
+                "underflow to zero. Use dtype='bfloat16', or an optim "
+                "wrapper that scales it (CPUAmpOptimWrapper with "
+                "dtype='float16' on the CPU, AmpOptimWrapper on a GPU).")
         self._apply(runner)
 
     def before_val(self, runner) -> None:
@@ -137,3 +145,18 @@ class FeatureAutocastHook(Hook):
 
     def before_test(self, runner) -> None:
         self._apply(runner)
+
+
+def scales_loss(optim_wrapper) -> bool:
+    """Whether ``optim_wrapper`` (mmengine's, or a dict of them) scales the
+    loss before backward, as float16 training needs: an enabled
+    ``loss_scaler`` (mmengine's ``AmpOptimWrapper``,
+    :class:`~.optim_wrapper.CPUAmpOptimWrapper` in float16)."""
+    wrappers = (optim_wrapper.values()
+                if hasattr(optim_wrapper, 'values') else [optim_wrapper])
+    for wrapper in wrappers:
+        scaler = getattr(wrapper, 'loss_scaler', None)
+        enabled = getattr(scaler, 'is_enabled', lambda: True)
+        if scaler is None or not enabled():
+            return False
+    return True

@@ -63,7 +63,10 @@ class CPUAmpOptimWrapper(OptimWrapper):
 
     mmengine's ``AmpOptimWrapper`` requires a GPU/NPU/MLU/MUSA device. On the
     CPU, bfloat16 has float32's exponent range, so no gradient scaling is
-    needed; parameters and optimizer state stay in float32.
+    needed; float16 has not (small gradients would underflow to zero), so
+    its loss is scaled dynamically (``torch.amp.GradScaler``, in
+    :attr:`loss_scaler`, saved with the optimizer state). Parameters and
+    optimizer state stay in float32.
 
     Args:
         dtype: ``'bfloat16'`` (default), ``'float16'``, or ``'float32'``
@@ -81,6 +84,37 @@ class CPUAmpOptimWrapper(OptimWrapper):
                                         'CPUAmpOptimWrapper')
         super().__init__(**kwargs)
         self.cast_dtype = cast_dtype
+        self.loss_scaler = torch.amp.GradScaler(
+            'cpu', enabled=cast_dtype == torch.float16)
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """Backward of the (scaled, in float16) loss."""
+        super().backward(self.loss_scaler.scale(loss), **kwargs)
+
+    def step(self, **kwargs) -> None:
+        """Gradient clipping on the unscaled gradients, then a step unless
+        they overflowed (float16), and the scale's update."""
+        if self.clip_grad_kwargs:
+            self.loss_scaler.unscale_(self.optimizer)
+            self._clip_grad()
+        self.loss_scaler.step(self.optimizer, **kwargs)
+        self.loss_scaler.update()
+
+    def state_dict(self) -> dict:
+        """The optimizer's state, and the loss scale in float16."""
+        state = super().state_dict()
+        if self.loss_scaler.is_enabled():
+            state['loss_scaler'] = self.loss_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """:meth:`state_dict`'s inverse (a saved loss scale is read only in
+        float16)."""
+        state_dict = dict(state_dict)
+        scaler_state = state_dict.pop('loss_scaler', None)
+        if scaler_state is not None and self.loss_scaler.is_enabled():
+            self.loss_scaler.load_state_dict(scaler_state)
+        super().load_state_dict(state_dict)
 
     @contextmanager
     def optim_context(self, model: nn.Module):
