@@ -309,7 +309,8 @@ Agent-PVT-T forward: 400 ms at 1024×1024, 1700 ms at 2048×2048, ratio 4.25
 |---|---:|---:|---|
 | Agent-PVT-T eval 1024²: fast / reference forward time | 0.400 | ≤ 0.5 \
 | yes |
-| Agent-PVT-T eval 1024²: fast / reference peak memory | 0.333 | ≤ 1.0 \
+| Agent-PVT-T eval 1024²: fast / reference peak memory of a warm call \
+(the fast path's bias cache, held between calls, apart) | 0.333 | ≤ 1.0 \
 | yes |
 | Agent-PVT-T train 512² (fwd+bwd): fast / reference time | 1.250 | ≤ 1.0 \
 | NO |
@@ -330,9 +331,9 @@ Agent-PVT-T forward: 400 ms at 1024×1024, 1700 ms at 2048×2048, ratio 4.25
 
 ## Checks
 
-- FLOPs outside attention and resizing, Agent-PVT-T 1024×1024: \
+- Same network (FLOPs outside attention and resizing), Agent-PVT-T 1024×1024: \
 fast 41.00 G, reference 40.00 G (+2.50%, ok)
-- FLOPs outside attention and resizing, Agent-Swin-T 512×512: \
+- Same network (FLOPs outside attention and resizing), Agent-Swin-T 512×512: \
 fast 30.00 G, reference 28.00 G (+7.14%, OUTSIDE ±5%)
 - Skipped (eval, --max-tokens): PVT-S (mmdet) at 2048×2048
 - Outputs Agent-PVT-T fast vs reference: max |Δ| = 5.48e-06

@@ -39,8 +39,14 @@ fault in again. Their system time is part of the call's wall time, and it
 moves with the machine more than the computation does.
 
 FLOPs come from mmengine's ``FlopAnalyzer`` (one multiply-add = one flop)
-with handles for ``scaled_dot_product_attention`` and ``baddbmm``; they are
-counted on a cold model, so the fast path's bias computation is included.
+with handles for ``scaled_dot_product_attention`` and ``baddbmm``. The
+analyzer traces the model with ``torch.jit.trace``, and while a graph is
+traced agent attention takes its traced path
+(:mod:`~agent_mm.models.traced_agent_attention`) in every variant: the
+counts are the network's arithmetic, the same for the fast and reference
+paths, and they include the bias maps' resizing (about 2 % of
+Agent-PVT-T's), which a warm fast forward reads from its cache instead, so
+a roofline share computed from them is that much too high.
 """
 import copy
 import os
@@ -68,9 +74,8 @@ FLOP_FIELDS = ('flops', 'layer_flops', 'unsupported_ops')
 MATMUL_SIZE = 2048
 # the key of that product among the models' steps
 MATMUL = 'matmul'
-# ops where the two attention paths differ: the reference resizes biases
-# with interpolation and attends with matmuls, the fast path resizes with
-# matrix products (matmul, bmm) and attends with SDPA
+# ops of agent attention's bias resizing and attention products; the other
+# ops (projections, MLPs, convolutions, norms) are the network around it
 PATH_SPECIFIC_OPS = ('upsample_bilinear2d', 'matmul', 'bmm',
                      'scaled_dot_product_attention')
 

@@ -150,7 +150,7 @@ def check_lines(results: dict) -> List[str]:
     lines = []
     for check in results['flop_checks']:
         lines.append(
-            f"- FLOPs outside attention and resizing, "
+            f"- Same network (FLOPs outside attention and resizing), "
             f"{MODELS[check['model']].label} "
             f"{size_text(check['size'])}: fast {check['fast_gflops']:.2f} G, "
             f"reference {check['reference_gflops']:.2f} G "

@@ -196,7 +196,9 @@ TARGETS = (
            'Agent-PVT-T eval 1024²: fast / reference forward time', 0.5,
            RowRatio('eval', 'median_ms', FAST, REFERENCE, S1024)),
     Target('pvt_t_eval_mem_fast_over_ref',
-           'Agent-PVT-T eval 1024²: fast / reference peak memory', 1.0,
+           'Agent-PVT-T eval 1024²: fast / reference peak memory of a '
+           'warm call (the fast path\'s bias cache, held between calls, '
+           'apart)', 1.0,
            RowRatio('eval', 'peak_mb', FAST, REFERENCE, S1024)),
     Target('pvt_t_train_time_fast_over_ref',
            'Agent-PVT-T train 512² (fwd+bwd): fast / reference time', 1.0,
@@ -238,11 +240,11 @@ def target_ratios(eval_rows: Rows,
 
 
 def flop_checks(eval_rows: Rows, tolerance: float = 0.05) -> List[dict]:
-    """Compare the FLOPs of the fast and reference paths.
-
-    Only the FLOPs outside attention and bias resizing, where the paths
-    differ by design: the rest of the network must count the same
-    (attention counting is covered by the unit tests).
+    """Compare the FLOPs of each fast model and its reference twin outside
+    attention and bias resizing: whether the two were built as the same
+    network. (Both are counted on the traced path of agent attention, see
+    :mod:`.measure`, so this does not compare the two attention paths;
+    attention counting is covered by the unit tests.)
 
     Args:
         eval_rows: Rows of the eval measurements.
