@@ -345,6 +345,23 @@ def test_init_cfg_without_type_loads_the_checkpoint(tmp_path, name):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+def test_a_pretrained_entry_of_an_init_cfg_list_loads_the_checkpoint(
+        tmp_path, name):
+    source = tiny(name)
+    path = str(tmp_path / 'weights.pth')
+    # the authors' layout, which mmengine's own loader does not read
+    torch.save(dict(model=source.state_dict()), path)
+    torch.manual_seed(1)
+    # the other entries first, then the checkpoint over them
+    constant = dict(type='Constant', layer='Linear', val=0.5, bias=0.)
+    model = tiny(name, init_cfg=[constant,
+                                 dict(type='Pretrained', checkpoint=path)])
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize('backbone, alias, arch', [
     (AgentPVT, 't', 'tiny'),
     (AgentPVT, 's', 'small'),

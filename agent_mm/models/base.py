@@ -312,9 +312,15 @@ class AgentBackbone(BaseModule):
         return self
 
     def init_weights(self) -> None:
-        """Random init, or a checkpoint via ``init_cfg``."""
-        checkpoint = _pretrained_checkpoint(self.init_cfg)
+        """Random init, or a checkpoint via ``init_cfg``: a ``Pretrained``
+        dict, or a list holding one, whose other entries mmengine applies
+        first."""
+        checkpoint, others = _split_pretrained(self.init_cfg)
         if checkpoint is not None:
+            if others:
+                init_cfg, self.init_cfg = self.init_cfg, others
+                super().init_weights()
+                self.init_cfg = init_cfg
             load_backbone_checkpoint(self, checkpoint)
             self._is_init = True
             return
@@ -325,13 +331,26 @@ class AgentBackbone(BaseModule):
         super().init_weights()
 
 
-def _pretrained_checkpoint(init_cfg: Any) -> Optional[str]:
-    """The checkpoint of a ``Pretrained`` ``init_cfg``, also of one without
-    ``type`` (as mmdet's Swin / PVT configs give), else None."""
-    if (isinstance(init_cfg, dict) and 'checkpoint' in init_cfg
-            and init_cfg.get('type', 'Pretrained') == 'Pretrained'):
-        return init_cfg['checkpoint']
-    return None
+def _is_pretrained(init_cfg: Any) -> bool:
+    """Whether ``init_cfg`` is a ``Pretrained`` dict, also one without
+    ``type`` (as mmdet's Swin / PVT configs give)."""
+    return (isinstance(init_cfg, dict) and 'checkpoint' in init_cfg
+            and init_cfg.get('type', 'Pretrained') == 'Pretrained')
+
+
+def _split_pretrained(init_cfg: Any) -> Tuple[Optional[str], list]:
+    """The checkpoint of ``init_cfg``'s ``Pretrained`` entry (None without
+    one) and its other entries (a list)."""
+    entries = init_cfg if isinstance(init_cfg, list) else [init_cfg]
+    pretrained = [cfg for cfg in entries if _is_pretrained(cfg)]
+    if not pretrained:
+        return None, []
+    if len(pretrained) > 1:
+        raise ValueError(
+            f'init_cfg holds {len(pretrained)} Pretrained entries; give one '
+            'checkpoint.')
+    others = [cfg for cfg in entries if not _is_pretrained(cfg)]
+    return pretrained[0]['checkpoint'], others
 
 
 def _pretrained_to_init_cfg(pretrained: Optional[str],
