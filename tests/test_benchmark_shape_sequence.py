@@ -2,6 +2,7 @@
 shape_sequence.py)."""
 import pytest
 
+from agent_mm.benchmark import shape_sequence
 from agent_mm.benchmark.shape_sequence import (MAPS_BUILT, PAD, TEST_SCALE,
                                                coco_like_shapes,
                                                keep_ratio_shape,
@@ -58,3 +59,25 @@ def test_a_lower_precision_adds_the_variant_with_maps_built():
     table = report(results, [(64, 96)], 64, 'bfloat16')
     assert table.startswith('bfloat16.')
     assert table.count('\n| ') == 1 + len(results)
+
+
+def test_the_variants_order_rotates_from_shape_to_shape(monkeypatch):
+    timed = []
+
+    def recorded(step, device):
+        timed.append(step)
+        return shape_sequence.Call(0.1, 0)
+
+    monkeypatch.setattr(shape_sequence, 'measured_call', recorded)
+    monkeypatch.setattr(shape_sequence, 'eval_step',
+                        lambda model, inputs: lambda: (model, inputs.shape))
+    shapes = [(64, 96), (96, 64), (64, 64)]
+    measure_variants(first_size=64, shapes=shapes)
+    count = len(variants('float32'))
+    sequence = [step() for step in timed[:count * len(shapes)]]
+    firsts = [sequence[i * count][0] for i in range(len(shapes))]
+    assert len(set(map(id, firsts))) == len(shapes)
+    for i, shape in enumerate(shapes):  # every variant once at each shape
+        at_shape = sequence[i * count:(i + 1) * count]
+        assert all(s[1][2:] == shape for s in at_shape)
+        assert len(set(id(s[0]) for s in at_shape)) == count

@@ -14,8 +14,9 @@ Agent-PVT-T (fresh model, eval, no autograd):
   and the cache's memory after it;
 - a shape seen twice before: time of a call that the cache serves.
 
-The variants' calls are interleaved shape by shape, so load from other
-processes hits all of them. Before they are timed at a shape, a copy of
+The variants' calls are interleaved shape by shape, in an order that
+rotates from shape to shape, so load from other processes hits all of
+them. Before they are timed at a shape, a copy of
 each (its bias cache empty) runs once at it: what the first call at a shape
 prepares for the whole process (oneDNN's kernels for new bfloat16 product
 shapes, the resizing weights cached per size) is then ready for all, and no
@@ -125,15 +126,19 @@ def measure_variants(first_size: int = 1024,
         model.train().eval()  # a new sequence: the caches start empty
     # copies for the warm-up: their own bias caches, emptied at each shape
     warm_ups = [copy.deepcopy(model) for model in models.values()]
-    for shape in shapes:
+    names = list(models)
+    for index, shape in enumerate(shapes):
         inputs = torch.randn(1, 3, *shape)
         log(f'sequence shape {shape[0]}x{shape[1]}')
         for model in warm_ups:
             eval_step(model, inputs)()
             model.train().eval()
-        for name, model in models.items():
+        # the variants' order rotates from shape to shape, so that none is
+        # always timed after the same one
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
             sequence_calls[name].append(
-                measured_call(eval_step(model, inputs), device))
+                measured_call(eval_step(models[name], inputs), device))
     for name, model in models.items():
         calls = sequence_calls[name]
         results[name]['sequence_s'] = sum(call.seconds for call in calls)
