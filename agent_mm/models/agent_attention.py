@@ -158,6 +158,10 @@ class AgentAttention(BaseModule):
 
     # ------------------------------------------------------------------
     # position biases
+    def bias_params(self) -> List[nn.Parameter]:
+        """The six bias parameters, in :data:`BIAS_NAMES` order."""
+        return [getattr(self, name) for name in BIAS_NAMES]
+
     def bias_sources(self) -> Tuple[Sources, Sources]:
         """The sources of the agent→token and token→agent biases: for each,
         the 7×7 map per agent, the row and the column maps, all as
@@ -199,7 +203,7 @@ class AgentAttention(BaseModule):
                 hw_shape, self._maps_version(),
                 lambda: self._build_biases(hw_shape),
                 lambda: self._biases_for_once(hw_shape),
-                [getattr(self, name) for name in BIAS_NAMES])
+                self.bias_params())
         return self._build_biases(hw_shape)
 
     def _biases_for_once(self, hw_shape: Tuple[int, int]) -> Biases:
@@ -272,7 +276,7 @@ class AgentAttention(BaseModule):
         bump) and the dtype the maps are computed in (that of autocast, if
         on), so that a float32 forward never reads maps rounded to a lower
         precision, nor a bfloat16 one casts float32 maps at every call."""
-        params = [getattr(self, name) for name in BIAS_NAMES]
+        params = self.bias_params()
         return (params[0].device, params[0].dtype, compute_dtype(params[0]),
                 tuple((p.data_ptr(), p._version) for p in params))
 

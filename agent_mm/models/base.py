@@ -319,8 +319,10 @@ class AgentBackbone(BaseModule):
         if checkpoint is not None:
             if others:
                 init_cfg, self.init_cfg = self.init_cfg, others
-                super().init_weights()
-                self.init_cfg = init_cfg
+                try:
+                    super().init_weights()
+                finally:
+                    self.init_cfg = init_cfg
             load_backbone_checkpoint(self, checkpoint)
             self._is_init = True
             return
