@@ -272,6 +272,7 @@ allocator returned to the kernel and that faults in again; its system \
 time is part of the call.
 FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, \
 attention (SDPA/matmul) included.
+MB: 2^20 bytes (MiB).
 Roofline %: the GEMM roofline (the FLOPs at the rate of a 2048³ torch.mm \
 in the row's precision, timed in the same rounds as the models) over the \
 forward time; that rate, GFLOP/s: float32 628.

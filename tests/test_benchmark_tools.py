@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.run import Settings
-from agent_mm.benchmark.targets import target_ratios
+from agent_mm.benchmark.targets import TARGETS, target_ratios
 from agent_mm.models import AgentAttention
 from agent_mm.utils.flops import flop_analyzer
 
@@ -182,6 +182,18 @@ def test_command_line_settings_carry_every_option():
     assert settings.dtypes == ['float32']
     assert settings.models == list(MODELS)
     assert isinstance(settings, Settings)
+
+
+def test_default_sizes_measure_every_targets_size():
+    """A run with the default sizes reads every target that names a size
+    (none left at n/a for want of its input size)."""
+    args = load_tool('benchmark_backbones').parse_args([])
+    measured = {'eval': set(args.sizes), 'train': set(args.train_sizes)}
+    for target in TARGETS:
+        size = getattr(target.value, 'size', None)
+        if size is not None:
+            mode = getattr(target.value, 'mode', 'eval')
+            assert tuple(size) in measured[mode], target.key
 
 
 TINY_SEG_CONFIG = """

@@ -221,7 +221,8 @@ def header_lines(meta: dict) -> List[str]:
         'that the C allocator returned to the kernel and that faults in '
         'again; its system time is part of the call.',
         'FLOPs: mmengine FlopAnalyzer, one multiply-add = one flop, '
-        'attention (SDPA/matmul) included.'
+        'attention (SDPA/matmul) included.',
+        'MB: 2^20 bytes (MiB).'
     ]
 
 

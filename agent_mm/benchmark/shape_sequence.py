@@ -160,7 +160,8 @@ def report(results: Dict[str, dict],
     lines = [
         f'{dtype}. First forward at {first_size}x{first_size}; sequence of '
         f'{len(shapes)} distinct shapes: '
-        + ', '.join(f'{h}x{w}' for h, w in shapes) + '.', '',
+        + ', '.join(f'{h}x{w}' for h, w in shapes) + '. MB: 2^20 bytes.',
+        '',
         '| Variant | first forward peak (MB) | x reference | held after '
         'it (MB) | held after sequence (MB) | sequence time (s) | '
         f'x reference | faulted in over the sequence (MB) | repeat of '

@@ -34,7 +34,9 @@ from agent_mm.benchmark.report import save_json, write_report
 from agent_mm.benchmark.run import Settings, run
 from agent_mm.benchmark.targets import TARGET_SCALING
 
-DEFAULT_SIZES = ('512', '1024', '1536', '2048', '800x1333')
+# 800x1344: a COCO test image (resized to 1333x800) as mmdet's pipeline
+# hands it to the backbone, padded to 32; the Agent-Swin-T target's size
+DEFAULT_SIZES = ('512', '1024', '1536', '2048', '800x1344')
 
 
 def parse_limit(text: str) -> Tuple[str, int]:
