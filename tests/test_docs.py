@@ -24,6 +24,36 @@ def _relative_links(path: Path):
             yield target.split('#')[0]
 
 
+def _heading_anchors(path: Path) -> set:
+    """The anchors GitHub gives the headings of a markdown file (lower
+    case, punctuation dropped, spaces as hyphens, ``-1``, ``-2``... on
+    repeats), code blocks skipped."""
+    anchors, seen, in_code = set(), {}, False
+    for line in path.read_text().splitlines():
+        if line.startswith('```'):
+            in_code = not in_code
+        heading = None if in_code else re.match(r'#+ (.*)', line)
+        if heading:
+            slug = re.sub(r'[^\w\- ]', '', heading.group(1).strip().lower())
+            slug = slug.replace(' ', '-')
+            repeat = seen.get(slug, 0)
+            seen[slug] = repeat + 1
+            anchors.add(f'{slug}-{repeat}' if repeat else slug)
+    return anchors
+
+
+def _anchored_links(path: Path):
+    """``(target file, anchor)`` of the links into a markdown file's
+    heading, the file's own headings included."""
+    for target in LINK.findall(path.read_text()):
+        if re.match(r'[a-z]+:', target) or '#' not in target:
+            continue
+        name, anchor = target.split('#', 1)
+        linked = path.parent / name if name else path
+        if linked.suffix == '.md' and linked.exists():
+            yield linked, anchor
+
+
 @pytest.mark.parametrize(
     'path', MARKDOWN, ids=[str(p.relative_to(REPO)) for p in MARKDOWN])
 def test_relative_links_resolve(path):
@@ -32,6 +62,16 @@ def test_relative_links_resolve(path):
         if not (path.parent / target).exists()
     ]
     assert not missing, f'{path.relative_to(REPO)} links to missing files'
+
+
+@pytest.mark.parametrize(
+    'path', MARKDOWN, ids=[str(p.relative_to(REPO)) for p in MARKDOWN])
+def test_links_to_headings_resolve(path):
+    broken = [
+        f'{linked.name}#{anchor}' for linked, anchor in _anchored_links(path)
+        if anchor not in _heading_anchors(linked)
+    ]
+    assert not broken, f'{path.relative_to(REPO)} links to missing headings'
 
 
 def test_readme_is_short():
