@@ -314,6 +314,14 @@ def test_pvt_patch_sizes_set_the_strides():
         model(torch.randn(1, 3, 15, 32))
 
 
+def test_pvt_patch_sizes_without_strides_keep_mmdets_strides():
+    # mmdet's PVT takes strides (4, 2, 2, 2) when none are given, so these
+    # patches would overlap there: an error, not another network
+    with pytest.raises(ValueError, match='strides') as error:
+        tiny('pvt', patch_sizes=[7, 3, 3, 3])
+    assert 'give the same strides' in str(error.value)
+
+
 def test_swin_patch_size_and_patch_norm():
     model = tiny('swin', patch_size=2, patch_norm=False)
     outs = _outputs(model, torch.randn(1, 3, 32, 48))

@@ -49,8 +49,9 @@ class AgentPVT(AgentBackbone):
         attn_type: One letter per stage, 'A' agent attention, 'B' PVT
             spatial-reduction attention.
         num_stages: Must be 4.
-        patch_sizes: Patch side (and stride) of each stage's embedding.
-        strides: Must equal ``patch_sizes`` (None: equal).
+        patch_sizes: Patch side of each stage's embedding.
+        strides: Must equal ``patch_sizes`` (None: mmdet's default, ``(4,
+            2, 2, 2)``).
         paddings: Must be zeros.
         use_abs_pos_embed: Learned position embeddings ``pos_embed{i}``,
             sized for ``pretrain_img_size`` and resized to the input, with
@@ -167,9 +168,11 @@ class AgentPVT(AgentBackbone):
         name = 'AgentPVT'
         check_supported(name, 'num_stages', num_stages, NUM_STAGES,
                         'Agent-PVT has four stages.')
-        if strides is not None:
-            check_supported(name, 'strides', strides, self.patch_sizes,
-                            NON_OVERLAPPING)
+        check_supported(
+            name, 'strides', PATCH_SIZES if strides is None else strides,
+            self.patch_sizes,
+            NON_OVERLAPPING + ' As in mmdet, strides not given are '
+            f'{PATCH_SIZES}: with other patch_sizes, give the same strides.')
         check_supported(name, 'paddings', paddings, (0, ) * NUM_STAGES,
                         NON_OVERLAPPING)
         for flag, value in (('use_abs_pos_embed', use_abs_pos_embed),
