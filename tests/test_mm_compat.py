@@ -314,6 +314,14 @@ def test_pvt_patch_sizes_set_the_strides():
         model(torch.randn(1, 3, 15, 32))
 
 
+def test_pvt_num_heads_without_embed_dims_have_64_channels_per_head():
+    # mmdet's PVT: embed_dims defaults to 64 channels per head
+    model = AgentPVT(num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1])
+    assert model.embed_dims == [64, 128, 256, 512]
+    assert [out.shape[1] for out in model(torch.randn(1, 3, 64, 64))
+            ] == [64, 128, 256, 512]
+
+
 def test_pvt_patch_sizes_without_strides_keep_mmdets_strides():
     # mmdet's PVT takes strides (4, 2, 2, 2) when none are given, so these
     # patches would overlap there: an error, not another network

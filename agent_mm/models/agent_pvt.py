@@ -18,6 +18,8 @@ from .workspace import reuses_memory
 # LayerNorm of the blocks, as released (the patch embeddings and the
 # spatial reductions keep 1e-5)
 BLOCK_NORM = dict(type='LN', eps=1e-6)
+# mmdet's PVT: an int ``embed_dims`` (its default) is channels per head
+MMDET_HEAD_DIMS = 64
 NON_OVERLAPPING = ('Agent-PVT embeds non-overlapping, unpadded patches (PVT '
                    'v1); overlapping ones (PVT v2) are not supported.')
 
@@ -42,9 +44,14 @@ class AgentPVT(AgentBackbone):
             :attr:`arch_zoo` entries.
         embed_dims: Channels of each stage (4 entries), or, as in mmdet, one
             int: the channels per head (stage ``i`` has ``embed_dims *
-            num_heads[i]``).
+            num_heads[i]``). Not given: the arch's, or with ``num_heads``
+            given, 64 per head (mmdet's default).
         depths, num_heads, mlp_ratios, sr_ratios, agent_num,
         agent_shapes: Per-stage overrides of the arch (4 entries each).
+            ``sr_ratios`` reduce the keys of the PVT-attention ('B')
+            stages only: agent attention reads every token (as released).
+            ``depths`` not given are the arch's (tiny by default; mmdet's
+            PVT defaults to PVT-Small's depths, which its configs set).
         num_layers: mmdet's name for ``depths``.
         attn_type: One letter per stage, 'A' agent attention, 'B' PVT
             spatial-reduction attention.
@@ -106,6 +113,8 @@ class AgentPVT(AgentBackbone):
                  norm_after_stage: bool = False,
                  use_conv_ffn: bool = False,
                  **kwargs: Any):
+        if embed_dims is None and num_heads is not None:
+            embed_dims = MMDET_HEAD_DIMS
         head_dims = embed_dims if isinstance(embed_dims,
                                              numbers.Integral) else None
         overrides = dict(

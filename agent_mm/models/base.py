@@ -97,7 +97,10 @@ class AgentBackbone(BaseModule):
             (and resized to the input's).
         in_channels: Image channels.
         out_indices: Stages whose outputs are returned.
-        qkv_bias: Bias in the attention projections.
+        qkv_bias: Bias in the query, key and value projections. The output
+            projection keeps its bias, as in the released models and
+            mmdet's Swin (mmdet's PVT, on ``nn.MultiheadAttention``, drops
+            it too).
         qk_scale: Factor of the dot products of every attention; None for
             ``head_dims ** -0.5``.
         drop_rate: Dropout in the MLPs and after the attention projections.
