@@ -38,7 +38,9 @@ def test_outputs_equal_those_saved_before_the_redesign(saved, name,
         with torch.no_grad():
             actual = model(image)
         assert len(actual) == len(outputs)
-        # float32 rounding of another kernel order (e.g. SDPA's fused
-        # kernel against its math path) moves values by a few ulps
+        # float32 rounding of another kernel order (SDPA's fused kernel
+        # against its math path) or of another CPU (MKL and oneDNN run other
+        # code on AMD and Intel CPUs) moves values by up to ~15 ulps of 1:
+        # torch's float32 tolerances
         for out, ref in zip(actual, outputs):
-            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out, ref, rtol=1.3e-6, atol=1e-5)
