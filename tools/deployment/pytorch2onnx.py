@@ -100,16 +100,15 @@ def main(argv=None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    out = args.out
     model = build_export_model(cfg, args.checkpoint)
     example = torch.randn(1, 3, *args.shape)
-    names = export_onnx(model, example, out, dynamic=args.dynamic)
-    print(f'{out}: {type(model).__name__} -> {", ".join(names)}; dynamo '
+    names = export_onnx(model, example, args.out, dynamic=args.dynamic)
+    print(f'{args.out}: {type(model).__name__} -> {", ".join(names)}; dynamo '
           f'exporter (torch.export), dynamic H, W: '
           f'{"yes" if args.dynamic else "no"}')
     sizes = check_shapes(args.shape, args.dynamic)
     passed = [
-        report(model, out,
+        report(model, args.out,
                example if i == 0 else torch.randn(1, 3, *size),
                args.repeats if i == 0 else 0)
         for i, size in enumerate(sizes)
