@@ -348,3 +348,29 @@ def test_maps_cached_in_inference_mode_serve_a_frozen_module_with_autograd():
     assert module.bias_cache.shapes == [(8, 8)]
     torch.testing.assert_close(
         _input_grad(module, x, (8, 8)), _input_grad(uncached, x, (8, 8)))
+
+
+def test_bfloat16_inference_by_blocks_is_as_close_to_float32_as_fused(
+        monkeypatch):
+    from agent_mm.models import agent_attention
+    module, _ = _pair(False)
+    x = torch.randn(2, 8 * 8, 32)
+    blocked = []
+
+    def spy(*args):
+        blocked.append(args)
+        return attend_by_blocks(*args)
+
+    attend_by_blocks = agent_attention.blocked_attention
+    monkeypatch.setattr(agent_attention, 'blocked_attention', spy)
+    outs = {}
+    for prefer in (True, False):
+        monkeypatch.setattr(agent_attention, 'prefers_blocks',
+                            lambda *args, prefer=prefer, **kwargs: prefer)
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+            outs[prefer] = module(x, (8, 8)).float()
+    with torch.no_grad():
+        expected = module(x, (8, 8))
+    assert len(blocked) == 2  # the agents' attention, then the tokens'
+    for out in outs.values():
+        torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)

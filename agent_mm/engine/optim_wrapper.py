@@ -8,6 +8,8 @@ from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
+from ..utils.cpu_features import cpu_supports
+
 CPU_AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
 # the dtype name that turns autocast off (e.g. ``--cfg-options
 # optim_wrapper.dtype=float32`` on a config that trains in bfloat16)
@@ -25,9 +27,7 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` in hardware (bfloat16:
     AVX512-BF16 or AMX; float16: AMX-FP16). Elsewhere autocast to it
     emulates the products and is slower than float32."""
-    return any(
-        getattr(torch.cpu, probe, lambda: False)()
-        for probe in NATIVE_PROBES.get(dtype, ()))
+    return any(map(cpu_supports, NATIVE_PROBES.get(dtype, ())))
 
 
 def cpu_autocast_dtype(name: str, native_only: bool,

@@ -16,6 +16,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 
+from ..ops.blocked_attention import blocked_attention, prefers_blocks
 from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache, CacheBudget
 from .bias_maps import (agent_grid_matrix, pool_tokens, separable_bias,
@@ -335,7 +336,12 @@ class AgentAttention(BaseModule):
     def _fused_attention(self, query: Tensor, key: Tensor, value: Tensor,
                          bias: Tensor, dropout: float) -> Tensor:
         """``softmax(scale * q kᵀ + bias) v`` by the fused kernel
-        (:func:`~.layers.biased_attention`)."""
+        (:func:`~.layers.biased_attention`), or by blocks of explicit
+        products where those are faster (bfloat16 inference on a CPU
+        without AMX, :func:`~agent_mm.ops.blocked_attention.
+        prefers_blocks`)."""
+        if prefers_blocks(query, key, value, bias, dropout=dropout):
+            return blocked_attention(query, key, value, bias, self.scale)
         return biased_attention(query, key, value, bias, self.scale, dropout)
 
     def fast_attention(self, query: Tensor, key: Tensor, value: Tensor,

@@ -1,0 +1,107 @@
+"""Softmax attention with a bias shared by the batch, by blocks of explicit
+products: the CPU inference kernel for bfloat16 where PyTorch's fused
+kernel gains nothing from it.
+
+PyTorch's fused CPU attention kernel multiplies its bfloat16 tiles with
+oneDNN's AMX micro-kernels where the CPU has AMX. On a CPU with AVX512-BF16
+and no AMX (an AMD EPYC of the Zen 4 family, for one) its bfloat16 tiles
+ran hardly faster than float32 ones (Agent-PVT-T at 1024²: 364 against
+389 ms of fused attention per forward), while a large bfloat16 ``bmm`` ran
+at 2.3 times float32's rate. There each attention is computed as
+``baddbmm`` (the scaled logits plus the bias), ``softmax`` and ``bmm``, over
+blocks of heads and query rows whose logits stay within
+:data:`BLOCK_BYTES`, so that they stay in the caches and are reused from
+the allocator's heap (a full-size map would be fresh pages at every call).
+Side by side in bfloat16 on that CPU, a forward took 0.80-0.83 of the
+fused kernel's time for Agent-PVT-T at 1024² and 0.92-0.97 for
+Agent-Swin-T at 800×1344 (docs/benchmark/precision.md). With AMX the fused
+kernel was 1.3-2.5 times faster than explicit products, and in float32 it
+is faster on every CPU measured: there it stays (:func:`prefers_blocks`).
+
+The logits are rounded to bfloat16 before the softmax, as in any attention
+built from bfloat16 products (mmdet's Swin under autocast, say); the
+softmax itself accumulates in float32.
+"""
+import functools
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from ..utils.cpu_features import cpu_supports
+
+# a block's logits take at most this many bytes, unless a single query row,
+# or a single head of few queries over many keys, is larger
+BLOCK_BYTES = 4 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_lacks_amx_for_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 with AVX512-BF16 but has no AMX
+    tiles."""
+    return (cpu_supports('_is_avx512_bf16_supported')
+            and not cpu_supports('_is_amx_tile_supported'))
+
+
+def prefers_blocks(query: Tensor, *others: Tensor, dropout: float) -> bool:
+    """Whether :func:`blocked_attention` beats the fused kernel for an
+    attention on ``query`` and ``others`` (keys, values, bias): bfloat16 on a
+    CPU with AVX512-BF16 and no AMX, without dropout, autograd or a graph
+    being traced (the blocks write into slices of the output)."""
+    tensors = (query, ) + others
+    records_graph = torch.is_grad_enabled() and any(t.requires_grad
+                                                    for t in tensors)
+    return (query.device.type == 'cpu' and query.dtype == torch.bfloat16
+            and not dropout and not records_graph
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and cpu_lacks_amx_for_bfloat16())
+
+
+def logit_blocks(heads: int, queries: int, keys: int,
+                 element_size: int) -> List[Tuple[slice, slice]]:
+    """``(heads, rows)`` slices that cover the ``heads × queries × keys``
+    logits in blocks of at most :data:`BLOCK_BYTES`: whole heads, several
+    at a time while they fit; rows of one head when a head does not fit and
+    has more queries than keys. An attention of few queries over many keys
+    (the agents reading every token) is never split by rows: every block
+    would re-read all the keys and values."""
+    row_bytes = keys * element_size
+    head_bytes = queries * row_bytes
+    if head_bytes <= BLOCK_BYTES or queries <= keys:
+        step = max(1, BLOCK_BYTES // head_bytes)
+        return [(slice(head, head + step), slice(None))
+                for head in range(0, heads, step)]
+    rows = max(1, BLOCK_BYTES // row_bytes)
+    return [(slice(head, head + 1), slice(start, start + rows))
+            for head in range(heads) for start in range(0, queries, rows)]
+
+
+def blocked_attention(query: Tensor, key: Tensor, value: Tensor,
+                      bias: Tensor, scale: float) -> Tensor:
+    """``softmax(scale * q kᵀ + bias) v`` for ``(B, heads, *, d)`` inputs and
+    a ``(heads, L, S)`` bias shared by the batch, block by block
+    (:func:`logit_blocks`); no autograd.
+
+    Raises:
+        ValueError: ``bias`` is not ``(heads, L, S)`` for ``query`` and
+            ``key``.
+    """
+    batch, heads, queries, _ = query.shape
+    keys = key.shape[2]
+    if tuple(bias.shape) != (heads, queries, keys):
+        raise ValueError(f'bias must have shape (heads, L, S) = '
+                         f'{(heads, queries, keys)}, got {tuple(bias.shape)}')
+    bias = bias.to(query.dtype)
+    out = query.new_empty(batch, heads, queries, value.shape[-1])
+    blocks = logit_blocks(heads, queries, keys, query.element_size())
+    for image in range(batch):
+        keys_t = key[image].transpose(1, 2)
+        for head, rows in blocks:
+            logits = torch.baddbmm(bias[head, rows],
+                                   query[image, head, rows],
+                                   keys_t[head],
+                                   alpha=scale)
+            torch.bmm(logits.softmax(-1), value[image, head],
+                      out=out[image, head, rows])
+    return out

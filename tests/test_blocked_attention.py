@@ -1,0 +1,137 @@
+"""Blocked attention: blocks that cover the logits within their budget, the
+exact attention from them, and the choice of it over the fused kernel only
+where it pays (bfloat16 inference on a CPU without AMX)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agent_mm.ops import blocked_attention as op_module
+from agent_mm.ops.blocked_attention import (blocked_attention, logit_blocks,
+                                            prefers_blocks)
+
+
+def _covered(blocks, heads, queries):
+    """How many blocks cover each (head, query row)."""
+    counts = torch.zeros(heads, queries, dtype=torch.long)
+    for head, rows in blocks:
+        counts[head, rows] += 1
+    return counts
+
+
+@pytest.mark.parametrize(
+    'heads, queries, keys',
+    [
+        (5, 400, 30),  # many queries: rows of one head
+        (3, 8, 900),  # few queries over many keys: one head a block
+        (12, 5, 20),  # a head fits: several heads a block
+        (2, 700, 600),  # one row of one head exceeds the budget
+    ])
+def test_blocks_cover_every_logit_once_within_the_budget(
+        monkeypatch, heads, queries, keys):
+    monkeypatch.setattr(op_module, 'BLOCK_BYTES', 1000)
+    blocks = logit_blocks(heads, queries, keys, element_size=2)
+    assert bool((_covered(blocks, heads, queries) == 1).all())
+    # beyond the budget: one row, or one head of few queries
+    largest = 2 * keys * (queries if queries <= keys else 1)
+    for head, rows in blocks:
+        size = len(range(heads)[head]) * len(range(queries)[rows]) * 2 * keys
+        assert size <= max(1000, largest)
+    assert len(blocks) > 1
+
+
+def test_few_queries_over_many_keys_are_never_split_by_rows():
+    blocks = logit_blocks(3, 81, 67200, element_size=2)
+    assert [rows for _, rows in blocks] == [slice(None)] * 3
+
+
+def test_heads_that_fit_share_a_block():
+    # 196 x 4200 x 2 bytes = 1.6 MB a head: two heads in 4 MB
+    blocks = logit_blocks(12, 196, 4200, element_size=2)
+    assert [head for head, _ in blocks] == [
+        slice(start, start + 2) for start in range(0, 12, 2)
+    ]
+
+
+def _inputs(batch, heads, queries, keys, dims=8, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(batch, heads, n, dims, generator=gen)
+                         for n in (queries, keys, keys))
+    bias = torch.randn(heads, queries, keys, generator=gen)
+    return tuple(t.to(dtype) for t in (query, key, value, bias))
+
+
+def _reference(query, key, value, bias, scale):
+    weights = (scale * query @ key.transpose(-2, -1) + bias).softmax(-1)
+    return weights @ value
+
+
+@pytest.mark.parametrize('queries, keys', [(300, 9), (9, 300)])
+def test_blocked_attention_is_the_attention(monkeypatch, queries, keys):
+    # a small budget makes several blocks of heads and rows
+    monkeypatch.setattr(op_module, 'BLOCK_BYTES', 4 * 9 * 40)
+    query, key, value, bias = _inputs(2, 3, queries, keys)
+    assert len(logit_blocks(3, queries, keys, 4)) >= 3
+    out = blocked_attention(query, key, value, bias, 0.3)
+    expected = _reference(query, key, value, bias, 0.3)
+    torch.testing.assert_close(out, expected)
+
+
+def test_blocked_attention_in_bfloat16_is_close_to_float32():
+    query, key, value, bias = _inputs(1, 2, 500, 49, dims=32)
+    expected = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias.unsqueeze(0))
+    out = blocked_attention(*(t.bfloat16() for t in (query, key, value, bias)),
+                            32**-0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_a_bias_of_the_wrong_shape_is_named():
+    query, key, value, bias = _inputs(1, 2, 6, 4)
+    with pytest.raises(ValueError, match=r'\(heads, L, S\) = \(2, 6, 4\)'):
+        blocked_attention(query, key, value, bias.transpose(1, 2), 1.)
+
+
+@pytest.fixture
+def cpu_without_amx(monkeypatch):
+    monkeypatch.setattr(op_module, 'cpu_lacks_amx_for_bfloat16', lambda: True)
+
+
+def test_blocks_are_preferred_for_bfloat16_inference_without_amx(
+        cpu_without_amx):
+    query, key = _inputs(1, 2, 6, 4, dtype=torch.bfloat16)[:2]
+    assert prefers_blocks(query, key, dropout=0.)
+    with torch.no_grad():
+        assert prefers_blocks(query, key.requires_grad_(), dropout=0.)
+
+
+@pytest.mark.parametrize('case', ['float32', 'dropout', 'autograd', 'amx'])
+def test_the_fused_kernel_is_kept_elsewhere(monkeypatch, cpu_without_amx,
+                                            case):
+    dtype = torch.float32 if case == 'float32' else torch.bfloat16
+    query, key = _inputs(1, 2, 6, 4, dtype=dtype)[:2]
+    if case == 'autograd':
+        key.requires_grad_()
+    if case == 'amx':
+        monkeypatch.setattr(op_module, 'cpu_lacks_amx_for_bfloat16',
+                            lambda: False)
+    dropout = 0.1 if case == 'dropout' else 0.
+    assert not prefers_blocks(query, key, dropout=dropout)
+
+
+@pytest.mark.parametrize('probes, lacks', [
+    ({'_is_avx512_bf16_supported': True}, True),
+    ({'_is_avx512_bf16_supported': True, '_is_amx_tile_supported': True},
+     False),
+    ({}, False),
+])
+def test_amx_probe(monkeypatch, probes, lacks):
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        monkeypatch.setattr(
+            torch.cpu, name, lambda value=probes.get(name, False): value,
+            raising=False)
+    op_module.cpu_lacks_amx_for_bfloat16.cache_clear()
+    try:
+        assert op_module.cpu_lacks_amx_for_bfloat16() is lacks
+    finally:
+        op_module.cpu_lacks_amx_for_bfloat16.cache_clear()
