@@ -237,3 +237,29 @@ def test_get_flops_on_tiny_segmentor(tmp_path, capsys):
     # matrix products), a large share of this tiny model's FLOPs
     assert fast['flops'] == pytest.approx(ref['flops'], rel=0.1)
     assert 'FLOPs:' in capsys.readouterr().out
+
+
+def test_blocked_attention_tool_prints_a_row_per_model_and_size(
+        monkeypatch, capsys):
+    from agent_mm.ops import blocked_attention
+    monkeypatch.setattr(blocked_attention, 'cpu_lacks_amx_for_bfloat16',
+                        lambda: True)
+    calls = []
+    attend = blocked_attention.blocked_attention
+
+    def counted(*args):
+        calls.append(args)
+        return attend(*args)
+
+    monkeypatch.setattr('agent_mm.models.agent_attention.blocked_attention',
+                        counted)
+    tool = load_tool('benchmark_blocked_attention')
+    tool.main(['--models', 'agent_pvt_t', 'agent_swin_t', '--sizes', '64',
+               '64x96', '--repeats', '1', '--threads', '1'])
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| Agent-')]
+    assert [row.split(' | ')[:2] for row in rows] == [
+        ['| Agent-PVT-T', '64×64'], ['| Agent-PVT-T', '64×96'],
+        ['| Agent-Swin-T', '64×64'], ['| Agent-Swin-T', '64×96']]
+    assert all(float(row.split(' | ')[5]) > 0 for row in rows)
+    assert calls  # the blocked column ran the blocks

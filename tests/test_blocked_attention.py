@@ -135,3 +135,13 @@ def test_amx_probe(monkeypatch, probes, lacks):
         assert op_module.cpu_lacks_amx_for_bfloat16() is lacks
     finally:
         op_module.cpu_lacks_amx_for_bfloat16.cache_clear()
+
+
+def test_fused_kernel_only_holds_the_choice_to_fused_within_it(
+        cpu_without_amx):
+    query, key = _inputs(1, 2, 6, 4, dtype=torch.bfloat16)[:2]
+    with op_module.fused_kernel_only():
+        with op_module.fused_kernel_only():
+            assert not prefers_blocks(query, key, dropout=0.)
+        assert not prefers_blocks(query, key, dropout=0.)
+    assert prefers_blocks(query, key, dropout=0.)

@@ -4,7 +4,9 @@ computed by several kernels, side by side.
 The fast path hands both attentions to PyTorch's fused kernel
 (``scaled_dot_product_attention`` with the bias as a dense mask). Here the
 same problems are also computed by the explicit products (``baddbmm``,
-softmax, ``bmm``) and, for a problem with few queries over many keys (the
+softmax, ``bmm``), by those products over blocks of heads and rows
+(:func:`agent_mm.ops.blocked_attention.blocked_attention`, what the fast
+path calls in bfloat16 on a CPU without AMX) and, for a problem with few queries over many keys (the
 agents reading every token), by the fused kernel over chunks of the keys
 run as extra heads, whose outputs are combined by their log-sum-exp (as
 split-key decoding kernels do). Each kernel is checked against the fused
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from ..models.agent_attention import AgentAttention
 from ..models.layers import biased_attention
+from ..ops.blocked_attention import blocked_attention
 from ..utils.timing import interleaved_times
 from .profile import CPU, attention_flops
 
@@ -122,7 +125,7 @@ def key_split_attention(query: Tensor, key: Tensor, value: Tensor,
     return (out * weights.unsqueeze(-1).to(out.dtype)).sum(1).unsqueeze(0)
 
 
-# the fast path's call
+# the fast path's call (but for bfloat16 on a CPU without AMX: 'blocked')
 FUSED = Kernel(biased_attention, lambda bias: bias)
 
 
@@ -131,7 +134,8 @@ def kernels_for(problem: Problem, device: torch.device) -> Dict[str, Kernel]:
     CPU, for keys that split evenly and outnumber the queries."""
     kernels = {
         'fused': FUSED,
-        'explicit': Kernel(explicit_attention, lambda bias: bias)
+        'explicit': Kernel(explicit_attention, lambda bias: bias),
+        'blocked': Kernel(blocked_attention, lambda bias: bias),
     }
     if (device.type == 'cpu' and problem.keys % KEY_CHUNKS == 0
             and problem.keys > problem.queries):

@@ -17,13 +17,16 @@ fused kernel's time for Agent-PVT-T at 1024² and 0.92-0.97 for
 Agent-Swin-T at 800×1344 (docs/benchmark/precision.md). With AMX the fused
 kernel was 1.3-2.5 times faster than explicit products, and in float32 it
 is faster on every CPU measured: there it stays (:func:`prefers_blocks`).
+:func:`fused_kernel_only` holds every attention to the fused kernel, to
+compare the two (tools/analysis_tools/benchmark_blocked_attention.py).
 
 The logits are rounded to bfloat16 before the softmax, as in any attention
 built from bfloat16 products (mmdet's Swin under autocast, say); the
 softmax itself accumulates in float32.
 """
+import contextlib
 import functools
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +37,9 @@ from ..utils.cpu_features import cpu_supports
 # or a single head of few queries over many keys, is larger
 BLOCK_BYTES = 4 * 2**20
 
+# set by :func:`fused_kernel_only`
+_held_to_fused = False
+
 
 @functools.lru_cache(maxsize=None)
 def cpu_lacks_amx_for_bfloat16() -> bool:
@@ -43,16 +49,29 @@ def cpu_lacks_amx_for_bfloat16() -> bool:
             and not cpu_supports('_is_amx_tile_supported'))
 
 
+@contextlib.contextmanager
+def fused_kernel_only() -> Iterator[None]:
+    """Within the context, :func:`prefers_blocks` answers no: every
+    attention runs the fused kernel."""
+    global _held_to_fused
+    before, _held_to_fused = _held_to_fused, True
+    try:
+        yield
+    finally:
+        _held_to_fused = before
+
+
 def prefers_blocks(query: Tensor, *others: Tensor, dropout: float) -> bool:
     """Whether :func:`blocked_attention` beats the fused kernel for an
     attention on ``query`` and ``others`` (keys, values, bias): bfloat16 on a
     CPU with AVX512-BF16 and no AMX, without dropout, autograd or a graph
-    being traced (the blocks write into slices of the output)."""
+    being traced (the blocks write into slices of the output), outside
+    :func:`fused_kernel_only`."""
     tensors = (query, ) + others
     records_graph = torch.is_grad_enabled() and any(t.requires_grad
                                                     for t in tensors)
     return (query.device.type == 'cpu' and query.dtype == torch.bfloat16
-            and not dropout and not records_graph
+            and not dropout and not records_graph and not _held_to_fused
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
             and cpu_lacks_amx_for_bfloat16())

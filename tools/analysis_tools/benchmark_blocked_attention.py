@@ -1,0 +1,89 @@
+"""Agent attention by blocks of explicit products against PyTorch's fused
+kernel only, for backbones' eval forwards: the two are timed round-robin
+(:func:`agent_mm.utils.timing.interleaved_times`), and the median times,
+their ratio and the largest output difference are printed.
+
+The blocks run only where :func:`agent_mm.ops.blocked_attention.
+prefers_blocks` chooses them (bfloat16 on a CPU with AVX512-BF16 and no
+AMX); elsewhere both columns time the fused kernel.
+
+Example::
+
+    python tools/analysis_tools/benchmark_blocked_attention.py \
+        --models agent_pvt_t agent_swin_t --sizes 1024 800x1344
+"""
+import argparse
+import statistics
+from typing import Callable
+
+import torch
+
+from agent_mm.benchmark.cli import add_host_options, parse_size
+from agent_mm.benchmark.models import DTYPES, MODELS, in_precision, size_text
+from agent_mm.ops.blocked_attention import (cpu_lacks_amx_for_bfloat16,
+                                            fused_kernel_only)
+from agent_mm.utils.timing import Step, eval_step, interleaved_times
+
+CPU = torch.device('cpu')
+
+
+def held_to_fused(step: Step) -> Step:
+    """``step`` run within :func:`fused_kernel_only`."""
+
+    def run() -> None:
+        with fused_kernel_only():
+            step()
+
+    return run
+
+
+def outputs_of(model: Callable, x: torch.Tensor) -> list:
+    """``model(x)``'s outputs in float32, without autograd."""
+    with torch.no_grad():
+        return [out.float() for out in model(x)]
+
+
+def compare(key: str, size, dtype: str, repeats: int) -> str:
+    """One line: both kernels' median forward times, their ratio and the
+    largest difference of their outputs."""
+    model = in_precision(MODELS[key].build().eval(), dtype, CPU)
+    x = torch.randn(1, 3, *size)
+    blocked = eval_step(model, x)
+    steps = {'fused': held_to_fused(blocked), 'blocked': blocked}
+    times = interleaved_times(steps, 1, repeats, CPU)
+    fused_ms, blocked_ms = (1000 * statistics.median(times[name])
+                            for name in ('fused', 'blocked'))
+    with fused_kernel_only():
+        expected = outputs_of(model, x)
+    error = max(
+        float((a - b).abs().max())
+        for a, b in zip(outputs_of(model, x), expected))
+    return (f'| {MODELS[key].label} | {size_text(size)} | {dtype} '
+            f'| {fused_ms:.0f} | {blocked_ms:.0f} '
+            f'| {blocked_ms / fused_ms:.3f} | {error:.1e} |')
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument(
+        '--models', nargs='+', default=['agent_pvt_t', 'agent_swin_t'],
+        choices=[key for key in MODELS if key.startswith('agent_')])
+    parser.add_argument('--sizes', nargs='+', type=parse_size,
+                        default=[(1024, 1024), (800, 1344)])
+    parser.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
+    parser.add_argument('--repeats', type=int, default=5)
+    add_host_options(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    print(f'{args.threads} threads, torch {torch.__version__}; this CPU has '
+          f'AVX512-BF16 without AMX: {cpu_lacks_amx_for_bfloat16()}\n')
+    print('| Model | Input | Dtype | Fused ms | Blocked ms | Blocked / fused '
+          '| Max diff |\n|---|---|---|---:|---:|---:|---:|')
+    for key in args.models:
+        for size in args.sizes:
+            print(compare(key, size, args.dtype, args.repeats), flush=True)
+
+
+if __name__ == '__main__':
+    main()
