@@ -6,11 +6,11 @@ The fast path hands both attentions to PyTorch's fused kernel
 same problems are also computed by the explicit products (``baddbmm``,
 softmax, ``bmm``), by those products over blocks of heads and rows
 (:func:`agent_mm.ops.blocked_attention.blocked_attention`, what the fast
-path calls in bfloat16 on a CPU without AMX) and, for a problem with few queries over many keys (the
-agents reading every token), by the fused kernel over chunks of the keys
-run as extra heads, whose outputs are combined by their log-sum-exp (as
-split-key decoding kernels do). Each kernel is checked against the fused
-one and timed round-robin with the others
+path calls in bfloat16 on a CPU without AMX) and, for a problem with few
+queries over many keys (the agents reading every token), by the fused kernel
+over chunks of the keys run as extra heads, whose outputs are combined by
+their log-sum-exp (as split-key decoding kernels do). Each kernel is checked
+against the fused one and timed round-robin with the others
 (:func:`agent_mm.utils.timing.interleaved_times`).
 """
 import functools
