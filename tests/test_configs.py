@@ -108,13 +108,13 @@ RECIPES = {
         'AdamW', 1e-4, 0.05, 0.1),
     'mask-rcnn_agent-swin-s_fpn_ms-crop-3x_coco': Recipe(
         'AdamW', 1e-4, 0.05, 0.1),
-    'cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco': Recipe(
+    'cascade-mask-rcnn_agent-swin-t_fpn_4conv1fc-giou_ms-crop-1x_coco': Recipe(
         'AdamW', 1e-4, 0.05, 0.1),
-    'cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-3x_coco': Recipe(
+    'cascade-mask-rcnn_agent-swin-t_fpn_4conv1fc-giou_ms-crop-3x_coco': Recipe(
         'AdamW', 1e-4, 0.05, 0.1),
-    'cascade-mask-rcnn_agent-swin-s_fpn_ms-crop-3x_coco': Recipe(
+    'cascade-mask-rcnn_agent-swin-s_fpn_4conv1fc-giou_ms-crop-3x_coco': Recipe(
         'AdamW', 1e-4, 0.05, 0.1),
-    'cascade-mask-rcnn_agent-swin-b_fpn_ms-crop-3x_coco': Recipe(
+    'cascade-mask-rcnn_agent-swin-b_fpn_4conv1fc-giou_ms-crop-3x_coco': Recipe(
         'AdamW', 1e-4, 0.05, 0.4),
     'upernet_agent-swin-t_8xb2-160k_ade20k-512x512': Recipe(
         'AdamW', 6e-5, 0.01, 0.3),

@@ -1,5 +1,5 @@
 _base_ = [
-    './cascade-mask-rcnn_agent-swin-t_fpn_ms-crop-1x_coco.py',
+    './cascade-mask-rcnn_agent-swin-t_fpn_4conv1fc-giou_ms-crop-1x_coco.py',
     './_base_/schedule_3x.py'
 ]
 
