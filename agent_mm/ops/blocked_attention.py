@@ -12,11 +12,12 @@ at 2.3 times float32's rate. There each attention is computed as
 blocks of heads and query rows whose logits stay within
 :data:`BLOCK_BYTES`, so that they stay in the caches and are reused from
 the allocator's heap (a full-size map would be fresh pages at every call).
-Side by side in bfloat16 on that CPU, a forward took 0.80-0.83 of the
-fused kernel's time for Agent-PVT-T at 1024² and 0.92-0.97 for
-Agent-Swin-T at 800×1344 (docs/benchmark/precision.md). With AMX the fused
-kernel was 1.3-2.5 times faster than explicit products, and in float32 it
-is faster on every CPU measured: there it stays (:func:`prefers_blocks`).
+Side by side in bfloat16 on that CPU, a forward took 0.82-0.84 of the
+fused kernel's time for Agent-PVT-T (1024², 800×1344) and 0.93-0.96 for
+Agent-Swin-T (docs/benchmark/precision.md). With AMX the fused kernel was
+1.3-2.5 times faster than explicit products over whole maps (blocks were
+not measured there), and in float32 it is faster on every CPU measured:
+there it stays (:func:`prefers_blocks`).
 :func:`fused_kernel_only` holds every attention to the fused kernel, to
 compare the two (tools/analysis_tools/benchmark_blocked_attention.py).
 
