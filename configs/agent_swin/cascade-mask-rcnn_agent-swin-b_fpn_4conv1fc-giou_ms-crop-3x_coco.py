@@ -1,4 +1,5 @@
-_base_ = './cascade-mask-rcnn_agent-swin-t_fpn_4conv1fc-giou_ms-crop-3x_coco.py'
+_base_ = (
+    './cascade-mask-rcnn_agent-swin-t_fpn_4conv1fc-giou_ms-crop-3x_coco.py')
 
 checkpoint_file = 'data/agent_swin_b_max_acc.pth'
 model = dict(
