@@ -1,55 +1,33 @@
-"""Blocked attention: blocks that cover the logits within their budget, the
-exact attention from them, and the choice of it over the fused kernel only
+"""Blocked attention: blocks of rows that cover the logits within their
+budget, the exact attention from them, and the choice of it over the fused kernel only
 where it pays (bfloat16 inference on a CPU without AMX)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from agent_mm.ops import blocked_attention as op_module
-from agent_mm.ops.blocked_attention import (blocked_attention, logit_blocks,
-                                            prefers_blocks)
-
-
-def _covered(blocks, heads, queries):
-    """How many blocks cover each (head, query row)."""
-    counts = torch.zeros(heads, queries, dtype=torch.long)
-    for head, rows in blocks:
-        counts[head, rows] += 1
-    return counts
+from agent_mm.ops.blocked_attention import (blocked_attention,
+                                            prefers_blocks, row_blocks)
 
 
 @pytest.mark.parametrize(
-    'heads, queries, keys',
+    'queries, keys, expected',
     [
-        (5, 400, 30),  # many queries: rows of one head
-        (3, 8, 900),  # few queries over many keys: one head a block
-        (12, 5, 20),  # a head fits: several heads a block
-        (2, 700, 600),  # one row of one head exceeds the budget
+        (400, 30, 25),  # many queries: blocks of 16 rows (1000 // 60)
+        (700, 600, 700),  # a row exceeds the budget: one row a block
+        (8, 900, 1),  # few queries over many keys: never split
     ])
-def test_blocks_cover_every_logit_once_within_the_budget(
-        monkeypatch, heads, queries, keys):
+def test_row_blocks_cover_every_row_once_within_the_budget(
+        monkeypatch, queries, keys, expected):
     monkeypatch.setattr(op_module, 'BLOCK_BYTES', 1000)
-    blocks = logit_blocks(heads, queries, keys, element_size=2)
-    assert bool((_covered(blocks, heads, queries) == 1).all())
-    # beyond the budget: one row, or one head of few queries
-    largest = 2 * keys * (queries if queries <= keys else 1)
-    for head, rows in blocks:
-        size = len(range(heads)[head]) * len(range(queries)[rows]) * 2 * keys
-        assert size <= max(1000, largest)
-    assert len(blocks) > 1
-
-
-def test_few_queries_over_many_keys_are_never_split_by_rows():
-    blocks = logit_blocks(3, 81, 67200, element_size=2)
-    assert [rows for _, rows in blocks] == [slice(None)] * 3
-
-
-def test_heads_that_fit_share_a_block():
-    # 196 x 4200 x 2 bytes = 1.6 MB a head: two heads in 4 MB
-    blocks = logit_blocks(12, 196, 4200, element_size=2)
-    assert [head for head, _ in blocks] == [
-        slice(start, start + 2) for start in range(0, 12, 2)
-    ]
+    blocks = row_blocks(queries, keys, element_size=2)
+    covered = torch.zeros(queries, dtype=torch.long)
+    for rows in blocks:
+        covered[rows] += 1
+        if len(blocks) > 1:
+            assert len(range(queries)[rows]) * keys * 2 <= max(1000, keys * 2)
+    assert bool((covered == 1).all())
+    assert len(blocks) == expected
 
 
 def _inputs(batch, heads, queries, keys, dims=8, dtype=torch.float32):
@@ -67,13 +45,23 @@ def _reference(query, key, value, bias, scale):
 
 @pytest.mark.parametrize('queries, keys', [(300, 9), (9, 300)])
 def test_blocked_attention_is_the_attention(monkeypatch, queries, keys):
-    # a small budget makes several blocks of heads and rows
+    # a small budget makes several blocks of rows
     monkeypatch.setattr(op_module, 'BLOCK_BYTES', 4 * 9 * 40)
     query, key, value, bias = _inputs(2, 3, queries, keys)
-    assert len(logit_blocks(3, queries, keys, 4)) >= 3
     out = blocked_attention(query, key, value, bias, 0.3)
     expected = _reference(query, key, value, bias, 0.3)
     torch.testing.assert_close(out, expected)
+
+
+def test_blocked_attention_reads_heads_split_from_channels():
+    # (B, N, heads * d) tokens viewed as (B, heads, N, d), as the model
+    # splits its projections
+    query, key, value, bias = _inputs(2, 3, 50, 7)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2)
+             for t in (query, key, value)]
+    assert not views[0].is_contiguous()
+    out = blocked_attention(*views, bias, 0.3)
+    torch.testing.assert_close(out, _reference(query, key, value, bias, 0.3))
 
 
 def test_blocked_attention_in_bfloat16_is_close_to_float32():
