@@ -1,13 +1,13 @@
 """Blocked attention: blocks of rows that cover the logits within their
-budget, the exact attention from them, and the choice of it over the fused kernel only
-where it pays (bfloat16 inference on a CPU without AMX)."""
+budget, the exact attention from them, and the choice of it over the fused
+kernel only where it pays (bfloat16 inference on a CPU without AMX)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from agent_mm.ops import blocked_attention as op_module
-from agent_mm.ops.blocked_attention import (blocked_attention,
-                                            prefers_blocks, row_blocks)
+from agent_mm.ops.blocked_attention import (blocked_attention, prefers_blocks,
+                                            row_blocks)
 
 
 @pytest.mark.parametrize(
