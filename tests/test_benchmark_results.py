@@ -355,6 +355,16 @@ def test_header_names_the_untimed_round_where_the_run_had_one():
     assert markdown(results) == expected
 
 
+def test_header_says_a_run_without_untimed_calls_times_cold_calls():
+    results = fake_results()
+    results['meta'] = dict(results['meta'], warmup=0)
+    text = markdown(results)
+    assert ('each right after 0 untimed call(s) of the same model (so the '
+            'first timed calls of a fast model also build its bias maps'
+            in text)
+    assert 'also build its bias maps' not in markdown(fake_results())
+
+
 def test_markdown_leaves_out_sections_not_measured():
     results = dict(fake_results(), train=[])
     del results['scaling']

@@ -203,6 +203,12 @@ def precision_text(dtypes: Sequence[str]) -> str:
     return text
 
 
+# said of a run without untimed calls
+COLD_CALLS = (' (so the first timed calls of a fast model also build its '
+              'bias maps, which its cache keeps from the second forward of '
+              'a shape on)')
+
+
 def header_lines(meta: dict) -> List[str]:
     """Title and how the run measured (from the results' ``meta``)."""
     return [
@@ -213,7 +219,7 @@ def header_lines(meta: dict) -> List[str]:
         + ('after an untimed round of every model, '
            if meta.get('untimed_round') else '') +
         f"each right after {meta['warmup']} untimed call(s) of the same "
-        'model; load average '
+        'model' + ('' if meta['warmup'] else COLD_CALLS) + '; load average '
         f"{meta['load_avg_start']:.1f} at start, {meta['load_avg_end']:.1f} "
         'at end.', f"Peak memory: {meta['memory_method']}",
         'Faults: memory the kernel mapped into the process during a timed '

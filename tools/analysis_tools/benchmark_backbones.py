@@ -76,7 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         '--warmup',
         type=int,
         default=1,
-        help='untimed calls of a model right before each timed one')
+        help='untimed calls of a model right before each timed one; with '
+        '0, a fast model\'s first timed calls also build its bias maps')
     parser.add_argument(
         '--models',
         nargs='+',
