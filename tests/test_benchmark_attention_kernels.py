@@ -6,6 +6,7 @@ import torch
 from agent_mm.benchmark.attention_kernels import (FUSED, KEY_CHUNKS, Problem,
                                                   compare_kernels, kernels_for,
                                                   model_problems,
+                                                  problem_as_run,
                                                   problem_inputs)
 from agent_mm.models import AgentPVT
 
@@ -62,3 +63,14 @@ def test_compare_kernels_reports_each_kernel_against_the_fused_one():
         assert row['ms'] > 0
         assert row['gflops'] == pytest.approx(problem.flops / row['ms'] / 1e6)
         assert row['max_diff'] < 1e-5
+
+
+@pytest.mark.parametrize('dtype, keys', [(torch.bfloat16, 96),
+                                         (torch.float32, 81)])
+def test_problems_are_run_with_the_fast_paths_padded_agents(dtype, keys):
+    # the fast path pads agents as keys to a multiple of 16 in bfloat16 on
+    # the CPU
+    tokens_from_agents = Problem('tokens <- agents', 3, 400, 81, 32)
+    agents_from_tokens = Problem('agents <- tokens', 3, 81, 400, 32)
+    assert problem_as_run(tokens_from_agents, dtype, CPU).keys == keys
+    assert problem_as_run(agents_from_tokens, dtype, CPU) == agents_from_tokens

@@ -24,16 +24,19 @@ from torch import Tensor
 
 from ..models.agent_attention import AgentAttention
 from ..models.layers import biased_attention
+from ..models.padded_agents import padded_agent_count
 from ..ops.blocked_attention import blocked_attention
 from ..utils.timing import interleaved_times
 from .profile import CPU, attention_flops
 
 KEY_CHUNKS = 8
+# the two attentions of agent attention
+AGENTS_FROM_TOKENS, TOKENS_FROM_AGENTS = 'agents <- tokens', 'tokens <- agents'
 
 
 class Problem(NamedTuple):
     """One attention ``softmax(scale * q kᵀ + bias) v`` of batch 1."""
-    side: str  # 'agents <- tokens' or 'tokens <- agents'
+    side: str  # AGENTS_FROM_TOKENS or TOKENS_FROM_AGENTS
     heads: int
     queries: int
     keys: int
@@ -56,8 +59,8 @@ def model_problems(model: nn.Module, inputs: Tensor) -> List[Problem]:
         tokens = args[0].shape[1]
         agents = math.prod(module.agent_shape)
         shape = (module.num_heads, module.head_dims)
-        for side, queries, keys in (('agents <- tokens', agents, tokens),
-                                    ('tokens <- agents', tokens, agents)):
+        for side, queries, keys in ((AGENTS_FROM_TOKENS, agents, tokens),
+                                    (TOKENS_FROM_AGENTS, tokens, agents)):
             problem = Problem(side, shape[0], queries, keys, shape[1])
             if problem not in problems:
                 problems.append(problem)
@@ -73,6 +76,17 @@ def model_problems(model: nn.Module, inputs: Tensor) -> List[Problem]:
         for hook in hooks:
             hook.remove()
     return problems
+
+
+def problem_as_run(problem: Problem, dtype: torch.dtype,
+                   device: torch.device) -> Problem:
+    """``problem`` with the key count the fast path gives the kernel in
+    ``dtype`` on ``device``: agents as keys are padded there
+    (:func:`~agent_mm.models.padded_agents.padded_agent_count`)."""
+    if problem.side != TOKENS_FROM_AGENTS:
+        return problem
+    return problem._replace(
+        keys=padded_agent_count(problem.keys, dtype, device))
 
 
 class Kernel(NamedTuple):

@@ -17,7 +17,8 @@ import torch
 from agent_mm.benchmark.attention_kernels import (TABLE_HEADER,
                                                   compare_kernels,
                                                   markdown_rows,
-                                                  model_problems)
+                                                  model_problems,
+                                                  problem_as_run)
 from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
                                     check_dtype_option, parse_size)
 from agent_mm.benchmark.measure import MATMUL_SIZE
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     rates = []
     for name in args.dtypes:
         dtype = getattr(torch, name)
-        for problem in problems:
+        for problem in (problem_as_run(p, dtype, CPU) for p in problems):
             lines += markdown_rows(
                 problem, name,
                 compare_kernels(problem, dtype, args.repeats, CPU))
