@@ -12,8 +12,8 @@ at 2.3 times float32's rate. There each attention is computed as
 head at a time, over blocks of query rows whose logits stay within
 :data:`BLOCK_BYTES`, so that they stay in the caches and are reused from
 the allocator's heap (a full-size map would be fresh pages at every call).
-Side by side in bfloat16 on that CPU, a forward took 0.82-0.84 of the
-fused kernel's time for Agent-PVT-T (1024², 800×1344) and 0.93-0.96 for
+Side by side in bfloat16 on that CPU, a forward took 0.77-0.84 of the
+fused kernel's time for Agent-PVT-T (1024², 800×1344) and 0.91-0.96 for
 Agent-Swin-T (docs/benchmark/precision.md). With AMX the fused kernel was
 1.3-2.5 times faster than explicit products over whole maps (blocks were
 not measured there), and in float32 it is faster on every CPU measured:
