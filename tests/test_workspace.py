@@ -71,16 +71,16 @@ def _recorded_biases(monkeypatch, model, x, **settings):
         for name, value in settings.items():
             setattr(module.bias_cache, name, value)
     maps = []
-    fused = AgentAttention._fused_attention
+    attend = AgentAttention._attend_with_bias
 
     def record(self, query, key, value, bias, dropout):
         maps.append(bias)
-        return fused(self, query, key, value, bias, dropout)
+        return attend(self, query, key, value, bias, dropout)
 
-    monkeypatch.setattr(AgentAttention, '_fused_attention', record)
+    monkeypatch.setattr(AgentAttention, '_attend_with_bias', record)
     with torch.no_grad():
         outs = model(x)
-    monkeypatch.setattr(AgentAttention, '_fused_attention', fused)
+    monkeypatch.setattr(AgentAttention, '_attend_with_bias', attend)
     return outs, maps
 
 

@@ -333,8 +333,8 @@ class AgentAttention(BaseModule):
         return x.reshape(batch, tokens, self.num_heads,
                          self.head_dims).transpose(1, 2)
 
-    def _fused_attention(self, query: Tensor, key: Tensor, value: Tensor,
-                         bias: Tensor, dropout: float) -> Tensor:
+    def _attend_with_bias(self, query: Tensor, key: Tensor, value: Tensor,
+                          bias: Tensor, dropout: float) -> Tensor:
         """``softmax(scale * q kᵀ + bias) v`` by the fused kernel
         (:func:`~.layers.biased_attention`), or by blocks of explicit
         products where those are faster (bfloat16 inference on a CPU
@@ -371,12 +371,12 @@ class AgentAttention(BaseModule):
                                          biases.queries, biases.agent_grid,
                                          self.scale)
         agent_bias, token_bias = biases
-        agent_value = self._fused_attention(agents, key, value, agent_bias,
-                                            dropout)
+        agent_value = self._attend_with_bias(agents, key, value, agent_bias,
+                                             dropout)
         keys = token_bias.shape[-1]
-        return self._fused_attention(query, pad_agents(agents, keys),
-                                     pad_agents(agent_value, keys),
-                                     token_bias, dropout)
+        return self._attend_with_bias(query, pad_agents(agents, keys),
+                                      pad_agents(agent_value, keys),
+                                      token_bias, dropout)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
