@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..utils.cpu_features import cpu_supports
+from .shared_bias_attention import checked_bias
 
 # a block's logits take at most this many bytes, unless a single query row,
 # or a whole head of few queries over many keys, is larger
@@ -107,10 +108,7 @@ def blocked_attention(query: Tensor, key: Tensor, value: Tensor,
     """
     batch, heads, queries, _ = query.shape
     keys = key.shape[2]
-    if tuple(bias.shape) != (heads, queries, keys):
-        raise ValueError(f'bias must have shape (heads, L, S) = '
-                         f'{(heads, queries, keys)}, got {tuple(bias.shape)}')
-    bias = bias.to(query.dtype)
+    bias = checked_bias(bias, query, key)
     out = query.new_empty(batch, heads, queries, value.shape[-1])
     blocks = row_blocks(queries, keys, query.element_size())
     for image in range(batch):

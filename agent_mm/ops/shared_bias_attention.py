@@ -104,7 +104,7 @@ def sum_over_batch(x: Tensor, out: Tensor) -> None:
         out.add_(item)
 
 
-def _checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
+def checked_bias(bias: Tensor, query: Tensor, key: Tensor) -> Tensor:
     """``bias`` in the query's dtype if it is ``(heads, L, S)`` for
     ``query`` and ``key``, else a ``ValueError`` naming the expected shape
     (a wrong shape could broadcast silently)."""
@@ -128,7 +128,7 @@ def keeps_bias(query: Tensor, key: Tensor) -> bool:
 def _attend_and_save(ctx, query: Tensor, key: Tensor, value: Tensor,
                      scale: float, bias: Tensor, *kept: Tensor) -> Tensor:
     """The forward of both autograd functions: attend with ``bias``
-    (:func:`_checked_bias`) and save the inputs, the output, the
+    (:func:`checked_bias`) and save the inputs, the output, the
     log-sum-exp and ``kept`` (the bias, or its sources) for the backward
     pass."""
     out, lse = _attend_with_lse(query, key, value, bias, scale)
@@ -147,7 +147,7 @@ class _KeptBiasAttention(torch.autograd.Function):
                 bias: Tensor) -> Tensor:
         # kept in the query's dtype: cast once, not again in backward
         ctx.bias_dtype = bias.dtype
-        bias = _checked_bias(bias, query, key)
+        bias = checked_bias(bias, query, key)
         return _attend_and_save(ctx, query, key, value, scale, bias, bias)
 
     @staticmethod
@@ -174,7 +174,7 @@ class _SharedBiasAttention(torch.autograd.Function):
         ctx.autocast = autocast_state(query.device.type)
         return _attend_and_save(
             ctx, query, key, value, scale,
-            _checked_bias(make_bias(*sources), query, key), *sources)
+            checked_bias(make_bias(*sources), query, key), *sources)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
