@@ -8,7 +8,7 @@ from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from ..utils.cpu_features import cpu_supports
+from ..utils.cpu_features import AMX_FP16, AMX_TILE, AVX512_BF16, cpu_supports
 
 CPU_AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
 # the dtype name that turns autocast off (e.g. ``--cfg-options
@@ -18,8 +18,8 @@ FLOAT32 = 'float32'
 # the private torch.cpu probes that tell whether products of a dtype run in
 # hardware (absent in older torch: then the answer is no)
 NATIVE_PROBES = {
-    torch.bfloat16: ('_is_avx512_bf16_supported', '_is_amx_tile_supported'),
-    torch.float16: ('_is_amx_fp16_supported', ),
+    torch.bfloat16: (AVX512_BF16, AMX_TILE),
+    torch.float16: (AMX_FP16, ),
 }
 
 

@@ -32,7 +32,7 @@ from typing import Iterator, List
 import torch
 from torch import Tensor
 
-from ..utils.cpu_features import cpu_supports
+from ..utils.cpu_features import AMX_TILE, AVX512_BF16, cpu_supports
 from .shared_bias_attention import checked_bias
 
 # a block's logits take at most this many bytes, unless a single query row,
@@ -47,8 +47,7 @@ _held_to_fused = False
 def cpu_lacks_amx_for_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 with AVX512-BF16 but has no AMX
     tiles."""
-    return (cpu_supports('_is_avx512_bf16_supported')
-            and not cpu_supports('_is_amx_tile_supported'))
+    return cpu_supports(AVX512_BF16) and not cpu_supports(AMX_TILE)
 
 
 @contextlib.contextmanager
