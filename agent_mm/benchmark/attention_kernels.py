@@ -4,7 +4,7 @@ computed by several kernels, side by side.
 The fast path hands both attentions to PyTorch's fused kernel
 (``scaled_dot_product_attention`` with the bias as a dense mask). Here the
 same problems are also computed by the explicit products (``baddbmm``,
-softmax, ``bmm``), by those products over blocks of heads and rows
+softmax, ``bmm``), by those products one head and block of rows at a time
 (:func:`agent_mm.ops.blocked_attention.blocked_attention`, what the fast
 path calls in bfloat16 on a CPU without AMX) and, for a problem with few
 queries over many keys (the agents reading every token), by the fused kernel
