@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from agent_mm.benchmark.cli import add_host_options, parse_size
-from agent_mm.benchmark.models import DTYPES, MODELS, in_precision, size_text
+from agent_mm.benchmark.models import (DTYPES, MODELS, Size, in_precision,
+                                       size_text)
 from agent_mm.ops.blocked_attention import (cpu_lacks_amx_for_bfloat16,
                                             fused_kernel_only)
 from agent_mm.utils.timing import Step, eval_step, interleaved_times
@@ -43,7 +44,7 @@ def outputs_of(model: Callable, x: torch.Tensor) -> list:
         return [out.float() for out in model(x)]
 
 
-def compare(key: str, size, dtype: str, repeats: int) -> str:
+def compare(key: str, size: Size, dtype: str, repeats: int) -> str:
     """One line: both kernels' median forward times, their ratio and the
     largest difference of their outputs."""
     model = in_precision(MODELS[key].build().eval(), dtype, CPU)
