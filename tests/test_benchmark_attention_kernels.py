@@ -68,8 +68,7 @@ def test_compare_kernels_reports_each_kernel_against_the_fused_one():
 @pytest.mark.parametrize('dtype, keys', [(torch.bfloat16, 96),
                                          (torch.float32, 81)])
 def test_problems_are_run_with_the_fast_paths_padded_agents(dtype, keys):
-    # the fast path pads agents as keys to a multiple of 16 in bfloat16 on
-    # the CPU
+    # the fast path pads 81 agents as keys to 96 in bfloat16 on any CPU
     tokens_from_agents = Problem('tokens <- agents', 3, 400, 81, 32)
     agents_from_tokens = Problem('agents <- tokens', 3, 81, 400, 32)
     assert problem_as_run(tokens_from_agents, dtype, CPU).keys == keys

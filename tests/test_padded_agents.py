@@ -3,25 +3,46 @@ padded maps of either build, and an attention unchanged by the padding."""
 import pytest
 import torch
 
-from agent_mm.models import AgentAttention
+from agent_mm.models import AgentAttention, padded_agents
 from agent_mm.models.bias_maps import separable_bias
 from agent_mm.models.layers import biased_attention
 from agent_mm.models.padded_agents import (PADDED_AGENT_BIAS, pad_agents,
                                            padded_agent_count)
 
 
-@pytest.mark.parametrize('agents, dtype, device, count', [
-    (81, torch.bfloat16, 'cpu', 96),
-    (196, torch.bfloat16, 'cpu', 208),
-    (144, torch.bfloat16, 'cpu', 144),
-    (1, torch.bfloat16, 'cpu', 16),
-    (81, torch.float32, 'cpu', 81),
-    (81, torch.float16, 'cpu', 81),
-    (81, torch.bfloat16, 'cuda', 81),
+@pytest.fixture(params=[False, True], ids=['amx', 'blocks'])
+def blocks_cpu(request, monkeypatch) -> bool:
+    """Whether this CPU is taken to run the blocked kernel (no AMX)."""
+    monkeypatch.setattr(padded_agents, 'cpu_lacks_amx_for_bfloat16',
+                        lambda: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize('agents, fused_count, blocks_count', [
+    (81, 96, 96),
+    (144, 144, 160),
+    (196, 208, 196),
+    (784, 784, 800),
+    (9, 16, 9),
+    (16, 16, 32),
+    (32, 32, 32),
+    (1, 16, 1),
 ])
-def test_pads_to_a_multiple_of_16_in_bfloat16_on_the_cpu(
-        agents, dtype, device, count):
-    assert padded_agent_count(agents, dtype, torch.device(device)) == count
+def test_pads_for_the_kernel_of_this_cpu_in_bfloat16(agents, fused_count,
+                                                      blocks_count,
+                                                      blocks_cpu):
+    count = padded_agent_count(agents, torch.bfloat16, torch.device('cpu'))
+    assert count == (blocks_count if blocks_cpu else fused_count)
+
+
+@pytest.mark.parametrize('dtype, device', [
+    (torch.float32, 'cpu'),
+    (torch.float16, 'cpu'),
+    (torch.bfloat16, 'cuda'),
+])
+def test_pads_only_in_bfloat16_on_the_cpu(dtype, device, blocks_cpu):
+    for agents in (81, 144, 196):
+        assert padded_agent_count(agents, dtype, torch.device(device)) == agents
 
 
 def test_pad_agents_appends_zero_rows():
@@ -82,20 +103,21 @@ def _forward(attn: AgentAttention, x: torch.Tensor, hw, dtype):
 
 
 def test_eval_pads_the_token_map_in_bfloat16_only():
-    attn = AgentAttention(32, 2, pretrain_grid=(14, 14), agent_num=9,
-                          agent_shape=(3, 3)).eval()
+    # 25 agents are padded to 32 on any CPU
+    attn = AgentAttention(32, 2, pretrain_grid=(14, 14), agent_num=25,
+                          agent_shape=(5, 5)).eval()
     hw = (10, 13)
     x = torch.randn(2, 130, 32)
     reference = _forward(attn, x, hw, torch.float32)
     _forward(attn, x, hw, torch.float32)
-    assert attn.bias_cache.maps(hw)[1].shape == (2, 130, 9)
+    assert attn.bias_cache.maps(hw)[1].shape == (2, 130, 25)
 
     first = _forward(attn, x, hw, torch.bfloat16)  # maps built for once
     cached = _forward(attn, x, hw, torch.bfloat16)
     agent_map, token_map = attn.bias_cache.maps(hw)
-    assert agent_map.shape == (2, 9, 130)
-    assert token_map.shape == (2, 130, 16)
-    assert attn.key_agents() == 9  # outside autocast
+    assert agent_map.shape == (2, 25, 130)
+    assert token_map.shape == (2, 130, 32)
+    assert attn.key_agents() == 25  # outside autocast
     # the same padding whether the maps are cached or not
     assert torch.equal(first, cached)
     torch.testing.assert_close(cached.float(), reference, atol=3e-2,
