@@ -28,9 +28,8 @@ def blocks_cpu(request, monkeypatch) -> bool:
     (32, 32, 32),
     (1, 16, 1),
 ])
-def test_pads_for_the_kernel_of_this_cpu_in_bfloat16(agents, fused_count,
-                                                      blocks_count,
-                                                      blocks_cpu):
+def test_pads_for_the_kernel_of_this_cpu_in_bfloat16(
+        agents, fused_count, blocks_count, blocks_cpu):
     count = padded_agent_count(agents, torch.bfloat16, torch.device('cpu'))
     assert count == (blocks_count if blocks_cpu else fused_count)
 
@@ -42,7 +41,8 @@ def test_pads_for_the_kernel_of_this_cpu_in_bfloat16(agents, fused_count,
 ])
 def test_pads_only_in_bfloat16_on_the_cpu(dtype, device, blocks_cpu):
     for agents in (81, 144, 196):
-        assert padded_agent_count(agents, dtype, torch.device(device)) == agents
+        count = padded_agent_count(agents, dtype, torch.device(device))
+        assert count == agents
 
 
 def test_pad_agents_appends_zero_rows():
