@@ -214,6 +214,11 @@ def _accumulate(grad: Optional[Tensor], part: slice, left: Tensor,
             _as_batch_of_matrices(left), _as_batch_of_matrices(right))
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if its dtype is narrower (itself if not)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _blockwise_grads(
         scale: float, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
         lse: Tensor, bias: Tensor, grad_out: Tensor,
@@ -231,11 +236,15 @@ def _blockwise_grads(
                                                         (key, need_key),
                                                         (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
-    row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
-    # in the logits' dtype: a float32 lse would make every block's
-    # subtraction cast the block to float32 and back (under autocast); the
-    # rounding is that of the logits themselves
-    lse = lse.to(query.dtype)
+    # the row sums and the log-sum-exp in float32: a row's weights are its
+    # logits minus its log-sum-exp, and its logit gradients are dO vᵀ minus
+    # its row sum, so either rounded to bfloat16 would shift the whole row
+    # by a share of the larger term (in bfloat16 training this doubled the
+    # error of the bias gradients against float32). A block takes the
+    # float32 row in place and stays in its own dtype.
+    row_dot = (_at_least_float32(grad_out) *
+               _at_least_float32(out)).sum(dim=-1, keepdim=True)
+    lse = _at_least_float32(lse)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
         block_key, block_value = key[:, :, cols], value[:, :, cols]
