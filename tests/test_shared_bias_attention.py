@@ -275,7 +275,6 @@ def test_rejects_bias_of_wrong_shape(bias_shape):
         _with_bias(query, key, value, torch.zeros(bias_shape), 1.)
 
 
-
 def test_bfloat16_bias_gradients_of_agent_attention_are_close_to_float32():
     # Agent-PVT's first stage at 256² (4096 tokens, 144 agents) as built:
     # the backward's row sums and log-sum-exp in float32 kept the relative
