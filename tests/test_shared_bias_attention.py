@@ -301,3 +301,22 @@ def test_bfloat16_bias_gradients_of_agent_attention_are_close_to_float32():
         float((g - e).norm() / e.norm()) for g, e in zip(got, expected))
     assert agent_to_token < 0.018
     assert token_to_agent < 0.09
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_unfused_weights_sum_to_one_in_half_precision(monkeypatch, dtype):
+    # the path of GPUs (and of unequal head sizes): log-sum-exps of about
+    # 15, rounded to bfloat16 in steps of 1/16, made rows of weights sum to
+    # 0.97-1.03; the attention of values all one must be one
+    monkeypatch.setattr(op_module, '_FLASH_CPU', None)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 200, 16, generator=gen) * 3
+    key = torch.randn(2, 3, 50, 16, generator=gen) * 3
+    bias = torch.randn(3, 200, 50, generator=gen) * 2
+    ones = torch.ones(2, 3, 50, 16)
+    out = op_module.shared_bias_attention(
+        *(x.to(dtype) for x in (query, key, ones)), 0.25, _identity,
+        bias.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), torch.ones_like(out.float()),
+                               atol=2**-7, rtol=0)
