@@ -39,6 +39,16 @@ _FLASH_CPU = getattr(torch.ops.aten,
                      '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
+def _at_least_float32_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or ``dtype`` if it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if its dtype is narrower (itself if not)."""
+    return x.to(_at_least_float32_dtype(x.dtype))
+
+
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
     """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``."""
     return torch.matmul(query * scale, key.transpose(-2, -1)).add_(bias)
@@ -60,7 +70,8 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
     # weights sums to 1 only within that rounding (1-2 % for log-sum-exps
     # of 5-10 in bfloat16): normalise by the sum and correct the
     # log-sum-exp, in float32
-    total = weights.sum(dim=-1, dtype=torch.float32)
+    total = weights.sum(dim=-1,
+                        dtype=_at_least_float32_dtype(weights.dtype))
     out = torch.matmul(weights, value).div_(total.unsqueeze(-1))
     return out, _at_least_float32(lse) + total.log()
 
@@ -218,11 +229,6 @@ def _accumulate(grad: Optional[Tensor], part: slice, left: Tensor,
         # a view (not reshape): the sum must land in ``grad``
         target.view(-1, *target.shape[-2:]).baddbmm_(
             _as_batch_of_matrices(left), _as_batch_of_matrices(right))
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """``x`` in float32 if its dtype is narrower (itself if not)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _blockwise_grads(
