@@ -67,9 +67,9 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
     lse = torch.logsumexp(logits, dim=-1)
     weights = logits.sub_(lse.unsqueeze(-1)).exp_()
     # in bfloat16 or float16 the log-sum-exp is rounded, so a row of
-    # weights sums to 1 only within that rounding (1-2 % for log-sum-exps
-    # of 5-10 in bfloat16): normalise by the sum and correct the
-    # log-sum-exp, in float32
+    # weights sums to 1 only within that rounding (up to 3 % for
+    # log-sum-exps of 8-16 in bfloat16): normalise by the sum and correct
+    # the log-sum-exp, in float32
     total = weights.sum(dim=-1,
                         dtype=_at_least_float32_dtype(weights.dtype))
     out = torch.matmul(weights, value).div_(total.unsqueeze(-1))
