@@ -320,3 +320,20 @@ def test_unfused_weights_sum_to_one_in_half_precision(monkeypatch, dtype):
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), torch.ones_like(out.float()),
                                atol=2**-7, rtol=0)
+
+
+def test_logits_are_rounded_once_in_bfloat16():
+    # the backward's logits (and those of the unfused forward): the scaled
+    # product plus the bias, rounded to bfloat16 once; scaling the query,
+    # then adding the bias to a rounded product left a third of them off
+    # by a rounding step
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 200, 16, generator=gen).bfloat16()
+    key = torch.randn(2, 3, 50, 16, generator=gen).bfloat16()
+    bias = (torch.randn(3, 200, 50, generator=gen) * 2).bfloat16()
+    exact = (query.double() @ key.double().transpose(-2, -1) * 0.3 +
+             bias.double())
+    logits = op_module._logits(query, key, bias, 0.3)
+    assert logits.dtype == torch.bfloat16
+    rounded_once = (logits == exact.bfloat16()).double().mean()
+    assert rounded_once > 0.999

@@ -50,8 +50,14 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``."""
-    return torch.matmul(query * scale, key.transpose(-2, -1)).add_(bias)
+    """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``, rounded to the
+    query's dtype once (the product, scaled and plus the bias, within the
+    matrix product)."""
+    out = query.new_empty(*query.shape[:3], key.shape[2])
+    for image in range(query.shape[0]):
+        torch.baddbmm(bias, query[image], key[image].transpose(-2, -1),
+                      alpha=scale, out=out[image])
+    return out
 
 
 def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
