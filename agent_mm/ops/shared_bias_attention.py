@@ -50,14 +50,8 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``, rounded to the
-    query's dtype once (the product, scaled and plus the bias, within the
-    matrix product)."""
-    out = query.new_empty(*query.shape[:3], key.shape[2])
-    for image in range(query.shape[0]):
-        torch.baddbmm(bias, query[image], key[image].transpose(-2, -1),
-                      alpha=scale, out=out[image])
-    return out
+    """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``."""
+    return torch.matmul(query * scale, key.transpose(-2, -1)).add_(bias)
 
 
 def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
@@ -254,15 +248,8 @@ def _blockwise_grads(
                                                         (key, need_key),
                                                         (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
-    # the row sums and the log-sum-exp in float32: a row's weights are its
-    # logits minus its log-sum-exp, and its logit gradients are dO vᵀ minus
-    # its row sum, so either rounded to bfloat16 would shift the whole row
-    # by a share of the larger term (in bfloat16 training this doubled the
-    # error of the bias gradients against float32). A block takes the
-    # float32 row in place and stays in its own dtype.
-    row_dot = (_at_least_float32(grad_out) *
-               _at_least_float32(out)).sum(dim=-1, keepdim=True)
-    lse = _at_least_float32(lse)
+    row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
+    lse = lse.to(query.dtype)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
         block_key, block_value = key[:, :, cols], value[:, :, cols]
