@@ -39,16 +39,6 @@ _FLASH_CPU = getattr(torch.ops.aten,
                      '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
-def _at_least_float32_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or ``dtype`` if it is wider."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """``x`` in float32 if its dtype is narrower (itself if not)."""
-    return x.to(_at_least_float32_dtype(x.dtype))
-
-
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
     """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``."""
     return torch.matmul(query * scale, key.transpose(-2, -1)).add_(bias)
@@ -71,9 +61,10 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
     # log-sum-exps of 8-16 in bfloat16): normalise by the sum and correct
     # the log-sum-exp, in float32
     total = weights.sum(dim=-1,
-                        dtype=_at_least_float32_dtype(weights.dtype))
+                        dtype=torch.promote_types(weights.dtype,
+                                                  torch.float32))
     out = torch.matmul(weights, value).div_(total.unsqueeze(-1))
-    return out, _at_least_float32(lse) + total.log()
+    return out, lse.to(total.dtype) + total.log()
 
 
 def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
@@ -249,6 +240,9 @@ def _blockwise_grads(
                                                         (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
     row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
+    # in the logits' dtype: a float32 lse would make every block's
+    # subtraction cast the block to float32 and back (under autocast); the
+    # rounding is that of the logits themselves
     lse = lse.to(query.dtype)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
