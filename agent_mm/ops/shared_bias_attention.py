@@ -39,6 +39,9 @@ _FLASH_CPU = getattr(torch.ops.aten,
                      '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
     """``scale * q kᵀ + bias`` of shape ``(B, heads, L, S)``."""
     return torch.matmul(query * scale, key.transpose(-2, -1)).add_(bias)
@@ -47,24 +50,57 @@ def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
 def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
                      scale: float) -> Tuple[Tensor, Tensor]:
     """The attention output and the log-sum-exp ``(B, heads, L)`` of each
-    row of logits; through the fused kernel on the CPU (it needs one head
-    size for queries, keys and values)."""
+    row of logits (float32 for half-precision inputs); through the fused
+    kernel on the CPU (it needs one head size for queries, keys and
+    values)."""
     if (query.device.type == 'cpu' and _FLASH_CPU is not None
             and value.shape[-1] == query.shape[-1]):
         return _FLASH_CPU(
             query, key, value, attn_mask=bias.unsqueeze(0), scale=scale)
-    logits = _logits(query, key, bias, scale)
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = logits.sub_(lse.unsqueeze(-1)).exp_()
-    # in bfloat16 or float16 the log-sum-exp is rounded, so a row of
-    # weights sums to 1 only within that rounding (up to 3 % for
-    # log-sum-exps of 8-16 in bfloat16): normalise by the sum and correct
-    # the log-sum-exp, in float32
-    total = weights.sum(dim=-1,
-                        dtype=torch.promote_types(weights.dtype,
-                                                  torch.float32))
+    if query.dtype not in HALF_DTYPES:
+        logits = _logits(query, key, bias, scale)
+        lse = torch.logsumexp(logits, dim=-1)
+        weights = logits.sub_(lse.unsqueeze(-1)).exp_()
+        return torch.matmul(weights, value), lse
+    # the rows' peaks from logits rounded to the inputs' dtype (within a
+    # 256th of their size), then the weights relative to them, as the
+    # backward pass rebuilds them (:func:`_weights`), summed in float32
+    peak = _logits(query, key, bias, scale).amax(dim=-1).float()
+    weights = _weights(query, key, bias, scale, peak)
+    total = weights.sum(dim=-1, dtype=torch.float32)
     out = torch.matmul(weights, value).div_(total.unsqueeze(-1))
-    return out, lse.to(total.dtype) + total.log()
+    return out, peak + total.log()
+
+
+def _weights(query: Tensor, key: Tensor, bias: Tensor, scale: float,
+             lse: Tensor) -> Tensor:
+    """The attention weights ``exp(scale * q kᵀ + bias - lse)`` in the
+    inputs' dtype, for a float32 (or wider) ``lse`` of shape
+    ``(B, heads, L)``.
+
+    In bfloat16 or float16 ``lse`` is subtracted within the product, which
+    accumulates in float32 and rounds once: two more columns of the query
+    carry ``-lse / scale`` (its rounded part and the rest, to about 2^-16
+    of its size) against two columns of ones of the key. So only logits
+    minus ``lse`` are rounded, small for every weight that counts, however
+    large the logits themselves: trained logits reach thousands (2320 in
+    the segmentation quick-start's last stage, where bfloat16 steps by
+    16), and weights rebuilt from rounded logits were off from the forward
+    pass's by factors up to millions, and so were the gradients.
+    """
+    if query.dtype not in HALF_DTYPES:
+        return _logits(query, key, bias, scale).sub_(lse[..., None]).exp_()
+    shift = lse.float().div(-scale).unsqueeze(-1)
+    high = shift.to(query.dtype)
+    wide_query = torch.cat([query, high, (shift - high).to(query.dtype)],
+                           dim=-1)
+    wide_key = torch.cat([key, key.new_ones(*key.shape[:-1], 2)], dim=-1)
+    shifted = query.new_empty(*query.shape[:3], key.shape[2])
+    for image in range(query.shape[0]):
+        torch.baddbmm(bias, wide_query[image],
+                      wide_key[image].transpose(-2, -1), alpha=scale,
+                      out=shifted[image])
+    return shifted.exp_()
 
 
 def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
@@ -239,16 +275,16 @@ def _blockwise_grads(
                                                         (key, need_key),
                                                         (value, need_value)))
     grad_bias = torch.empty_like(bias) if need_bias else None
-    row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
-    # in the logits' dtype: a float32 lse would make every block's
-    # subtraction cast the block to float32 and back (under autocast); the
-    # rounding is that of the logits themselves
-    lse = lse.to(query.dtype)
+    # the row sums in float32: rounded, they would shift a whole row of
+    # logit gradients; a block takes its float32 rows in place
+    compute = torch.promote_types(query.dtype, torch.float32)
+    row_dot = (grad_out.to(compute) * out.to(compute)).sum(
+        dim=-1, keepdim=True)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
         block_key, block_value = key[:, :, cols], value[:, :, cols]
-        weights = _logits(block_query, block_key, bias[:, rows, cols],
-                          scale).sub_(lse[:, :, rows, None]).exp_()
+        weights = _weights(block_query, block_key, bias[:, rows, cols],
+                           scale, lse[:, :, rows])
         _accumulate(grad_value, cols, weights.transpose(-2, -1), block_grad)
         # gradient of the logits, w * (g - rowsum(w * g)) with g = dO vᵀ;
         # the row sums equal rowsum(dO * out)
