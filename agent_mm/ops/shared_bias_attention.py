@@ -64,43 +64,56 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
         return torch.matmul(weights, value), lse
     # the rows' peaks from logits rounded to the inputs' dtype (within a
     # 256th of their size), then the weights relative to them, as the
-    # backward pass rebuilds them (:func:`_weights`), summed in float32
+    # backward pass rebuilds them (:func:`_weight_blocks`), summed in float32
     peak = _logits(query, key, bias, scale).amax(dim=-1).float()
-    weights = _weights(query, key, bias, scale, peak)
+    whole = slice(None)
+    weights = _weight_blocks(query, key, bias, scale, peak)(whole, whole)
     total = weights.sum(dim=-1, dtype=torch.float32)
     out = torch.matmul(weights, value).div_(total.unsqueeze(-1))
     return out, peak + total.log()
 
 
-def _weights(query: Tensor, key: Tensor, bias: Tensor, scale: float,
-             lse: Tensor) -> Tensor:
-    """The attention weights ``exp(scale * q kᵀ + bias - lse)`` in the
-    inputs' dtype, for a float32 (or wider) ``lse`` of shape
-    ``(B, heads, L)``.
+WeightFn = Callable[[slice, slice], Tensor]
+
+
+def _weight_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
+                   lse: Tensor) -> WeightFn:
+    """A function of ``(rows, cols)`` giving that block of the attention
+    weights ``exp(scale * q kᵀ + bias - lse)`` in the inputs' dtype, for a
+    float32 (or wider) ``lse`` of shape ``(B, heads, L)``.
 
     In bfloat16 or float16 ``lse`` is subtracted within the product, which
     accumulates in float32 and rounds once: two more columns of the query
     carry ``-lse / scale`` (its rounded part and the rest, to about 2^-16
-    of its size) against two columns of ones of the key. So only logits
-    minus ``lse`` are rounded, small for every weight that counts, however
-    large the logits themselves: trained logits reach thousands (2320 in
-    the segmentation quick-start's last stage, where bfloat16 steps by
-    16), and weights rebuilt from rounded logits were off from the forward
-    pass's by factors up to millions, and so were the gradients.
+    of its size) against two columns of ones of the key, added once for
+    all blocks. So only logits minus ``lse`` are rounded, small for every
+    weight that counts, however large the logits themselves: trained
+    logits reach thousands (2320 in the segmentation quick-start's last
+    stage, where bfloat16 steps by 16), and weights rebuilt from rounded
+    logits were off from the forward pass's by factors up to millions, and
+    so were the gradients.
     """
     if query.dtype not in HALF_DTYPES:
-        return _logits(query, key, bias, scale).sub_(lse[..., None]).exp_()
+        return lambda rows, cols: _logits(
+            query[:, :, rows], key[:, :, cols], bias[:, rows, cols],
+            scale).sub_(lse[:, :, rows, None]).exp_()
     shift = lse.float().div(-scale).unsqueeze(-1)
     high = shift.to(query.dtype)
     wide_query = torch.cat([query, high, (shift - high).to(query.dtype)],
                            dim=-1)
     wide_key = torch.cat([key, key.new_ones(*key.shape[:-1], 2)], dim=-1)
-    shifted = query.new_empty(*query.shape[:3], key.shape[2])
-    for image in range(query.shape[0]):
-        torch.baddbmm(bias, wide_query[image],
-                      wide_key[image].transpose(-2, -1), alpha=scale,
-                      out=shifted[image])
-    return shifted.exp_()
+
+    def block(rows: slice, cols: slice) -> Tensor:
+        block_query, block_key = wide_query[:, :, rows], wide_key[:, :, cols]
+        shifted = block_query.new_empty(*block_query.shape[:3],
+                                        block_key.shape[2])
+        for image in range(shifted.shape[0]):
+            torch.baddbmm(bias[:, rows, cols], block_query[image],
+                          block_key[image].transpose(-2, -1), alpha=scale,
+                          out=shifted[image])
+        return shifted.exp_()
+
+    return block
 
 
 def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
@@ -280,11 +293,11 @@ def _blockwise_grads(
     compute = torch.promote_types(query.dtype, torch.float32)
     row_dot = (grad_out.to(compute) * out.to(compute)).sum(
         dim=-1, keepdim=True)
+    weight_block = _weight_blocks(query, key, bias, scale, lse)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
         block_key, block_value = key[:, :, cols], value[:, :, cols]
-        weights = _weights(block_query, block_key, bias[:, rows, cols],
-                           scale, lse[:, :, rows])
+        weights = weight_block(rows, cols)
         _accumulate(grad_value, cols, weights.transpose(-2, -1), block_grad)
         # gradient of the logits, w * (g - rowsum(w * g)) with g = dO vᵀ;
         # the row sums equal rowsum(dO * out)
