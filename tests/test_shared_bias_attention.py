@@ -294,31 +294,35 @@ def test_unfused_weights_sum_to_one_in_half_precision(monkeypatch, dtype):
                                atol=2**-7, rtol=0)
 
 
-def _large_logit_inputs(dtype):
+def _large_logit_inputs(dtype, bias_offset=0.):
     """Queries and keys along one shared direction: logits of about 1000,
     each row spread over about 35, as trained agent attention can reach
-    (the segmentation quick-start's last stage reached 2320)."""
+    (the segmentation quick-start's last stage reached 2320), plus
+    ``bias_offset`` in every logit through the bias."""
     gen = torch.Generator().manual_seed(0)
     shared = torch.randn(64, generator=gen)
     shared = shared / shared.norm() * 40
     query = 5 * shared + 0.3 * torch.randn(2, 2, 16, 64, generator=gen)
     key = shared + 0.3 * torch.randn(2, 2, 49, 64, generator=gen)
     value = torch.randn(2, 2, 49, 64, generator=gen)
-    bias = 0.1 * torch.randn(2, 16, 49, generator=gen)
+    bias = 0.1 * torch.randn(2, 16, 49, generator=gen) + bias_offset
     return [x.to(dtype).requires_grad_() for x in (query, key, value, bias)]
 
 
+# 9000 more in every logit puts -lse / scale (8 × 10000) beyond float16's
+# 65504: the weights were inf or nan
+@pytest.mark.parametrize('bias_offset', [0., 9000.])
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_half_precision_gradients_hold_for_large_logits(
-        monkeypatch, dtype, fused):
+        monkeypatch, dtype, fused, bias_offset):
     # the backward rebuilt the weights from logits rounded to bfloat16
     # (steps of 4 at 1000, or 1/2 in float16): they disagreed with the
     # forward's by up to e² and the gradients of the value and the bias were
     # off by 48 % and 290 % (14-20 % in float16)
     if not fused:
         monkeypatch.setattr(op_module, '_FLASH_CPU', None)
-    inputs = _large_logit_inputs(dtype)
+    inputs = _large_logit_inputs(dtype, bias_offset)
     exact = [x.detach().double().requires_grad_() for x in inputs]
     grad_out = torch.randn(2, 2, 16, 64,
                            generator=torch.Generator().manual_seed(1))
@@ -335,6 +339,29 @@ def test_half_precision_gradients_hold_for_large_logits(
     # products (the rows' shared direction cancels), the least exact in
     # half precision: up to 25 % in bfloat16, against 2.4-50 before
     assert query_error < 0.5 and key_error < 0.5
+
+
+@pytest.mark.parametrize('bias_offset', [0., 9000.])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_rebuilt_weights_sum_to_one_whatever_the_logits(dtype, bias_offset):
+    # the weights the backward pass rebuilds from the exact log-sum-exp of
+    # logits of about 1000 and 10000: each row sums to 1 within the
+    # rounding of its weights (2^-8 in bfloat16). With -lse / scale carried
+    # by two bfloat16 columns, the rows summed to 0.983-1.029 at 10000; in
+    # float16 beyond 8188 they overflowed
+    query, key, _, bias = (x.detach()
+                           for x in _large_logit_inputs(dtype, bias_offset))
+    scale = 64**-0.5
+    logits = query.double() @ key.double().transpose(-2, -1) * scale
+    lse = torch.logsumexp(logits + bias.double(), dim=-1)
+    whole = slice(None)
+    weights = op_module._weight_blocks(query, key, bias, scale,
+                                       lse.float())(whole, whole)
+    assert weights.dtype == dtype
+    row_sums = weights.double().sum(dim=-1)
+    tolerance = 2**-8 if dtype == torch.bfloat16 else 2**-10
+    torch.testing.assert_close(
+        row_sums, torch.ones_like(row_sums), atol=tolerance, rtol=0)
 
 
 def test_bfloat16_bias_gradients_of_agent_attention_are_close_to_float32():

@@ -20,6 +20,7 @@ what the call already holds, and the backward pass skips rebuilding it
 as in the paper's detection configs at batch 2) is rebuilt in backward
 from its small sources.
 """
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -40,6 +41,12 @@ _FLASH_CPU = getattr(torch.ops.aten,
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# The shift's columns of :func:`_shifted_blocks`: as many as carry it to
+# float32's precision in bfloat16 (3 × 8 bits), each within this size
+# (float16 holds at most 65504).
+SHIFT_PARTS = 3
+_SHIFT_LIMIT = 2.0**14
 
 
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -63,45 +70,62 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
         weights = logits.sub_(lse.unsqueeze(-1)).exp_()
         return torch.matmul(weights, value), lse
     # the rows' peaks from logits rounded to the inputs' dtype (within a
-    # 256th of their size), then the weights relative to them, as the
-    # backward pass rebuilds them (:func:`_weight_blocks`), summed in float32
-    peak = _logits(query, key, bias, scale).amax(dim=-1).float()
+    # 256th of their size), corrected by the largest logit less them
+    # (rounded near zero: to a 256th of that), then the weights relative
+    # to them, as the backward pass rebuilds them (:func:`_weight_blocks`),
+    # summed in float32
     whole = slice(None)
+    peak = _logits(query, key, bias, scale).amax(dim=-1).float()
+    peak += _shifted_blocks(query, key, bias, scale,
+                            peak)(whole, whole).amax(dim=-1)
     weights = _weight_blocks(query, key, bias, scale, peak)(whole, whole)
     total = weights.sum(dim=-1, dtype=torch.float32)
     out = torch.matmul(weights, value).div_(total.unsqueeze(-1))
     return out, peak + total.log()
 
 
-WeightFn = Callable[[slice, slice], Tensor]
+BlockFn = Callable[[slice, slice], Tensor]
 
 
 def _weight_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
-                   lse: Tensor) -> WeightFn:
+                   lse: Tensor) -> BlockFn:
     """A function of ``(rows, cols)`` giving that block of the attention
     weights ``exp(scale * q kᵀ + bias - lse)`` in the inputs' dtype, for a
-    float32 (or wider) ``lse`` of shape ``(B, heads, L)``.
+    float32 (or wider) ``lse`` of shape ``(B, heads, L)``: the exponential
+    of :func:`_shifted_blocks`."""
+    shifted_block = _shifted_blocks(query, key, bias, scale, lse)
+    return lambda rows, cols: shifted_block(rows, cols).exp_()
 
-    In bfloat16 or float16 ``lse`` is subtracted within the product, which
-    accumulates in float32 and rounds once: two more columns of the query
-    carry ``-lse / scale`` (its rounded part and the rest, to about 2^-16
-    of its size) against two columns of ones of the key, added once for
-    all blocks. So only logits minus ``lse`` are rounded, small for every
-    weight that counts, however large the logits themselves: trained
-    logits reach thousands (2320 in the segmentation quick-start's last
-    stage, where bfloat16 steps by 16), and weights rebuilt from rounded
-    logits were off from the forward pass's by factors up to millions, and
-    so were the gradients.
+
+def _shifted_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
+                    shift: Tensor) -> BlockFn:
+    """A function of ``(rows, cols)`` giving that block of the logits less
+    a float32 (or wider) ``shift`` of shape ``(B, heads, L)``,
+    ``scale * q kᵀ + bias - shift``, in the inputs' dtype.
+
+    In bfloat16 or float16 ``shift`` is subtracted within the product,
+    which accumulates in float32 and rounds once: :data:`SHIFT_PARTS` more
+    columns of the query carry ``-shift / scale`` (its rounding, the
+    rounding of the rest, ...: to about 2^-24 of its size in bfloat16)
+    against as many columns of ones of the key (both scaled by a power of
+    two, :func:`_shift_unit`, where float16 would overflow), added once for
+    all blocks. So only logits less ``shift`` are rounded, small near each
+    row's log-sum-exp or peak, however large the logits themselves:
+    trained logits reach thousands (2320 in the segmentation quick-start's
+    last stage, where bfloat16 steps by 16), and weights rebuilt from
+    rounded logits were off from the forward pass's by factors up to
+    millions, and so were the gradients.
     """
     if query.dtype not in HALF_DTYPES:
         return lambda rows, cols: _logits(
             query[:, :, rows], key[:, :, cols], bias[:, rows, cols],
-            scale).sub_(lse[:, :, rows, None]).exp_()
-    shift = lse.float().div(-scale).unsqueeze(-1)
-    high = shift.to(query.dtype)
-    wide_query = torch.cat([query, high, (shift - high).to(query.dtype)],
-                           dim=-1)
-    wide_key = torch.cat([key, key.new_ones(*key.shape[:-1], 2)], dim=-1)
+            scale).sub_(shift[:, :, rows, None])
+    unit = _shift_unit(shift, scale)
+    columns = _split(shift.float().div(-scale * unit).unsqueeze(-1),
+                     query.dtype)
+    wide_query = torch.cat([query, *columns], dim=-1)
+    wide_key = torch.cat(
+        [key, key.new_full((*key.shape[:-1], len(columns)), unit)], dim=-1)
 
     def block(rows: slice, cols: slice) -> Tensor:
         block_query, block_key = wide_query[:, :, rows], wide_key[:, :, cols]
@@ -111,9 +135,33 @@ def _weight_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
             torch.baddbmm(bias[:, rows, cols], block_query[image],
                           block_key[image].transpose(-2, -1), alpha=scale,
                           out=shifted[image])
-        return shifted.exp_()
+        return shifted
 
     return block
+
+
+def _split(x: Tensor, dtype: torch.dtype) -> List[Tensor]:
+    """``x`` as :data:`SHIFT_PARTS` tensors of ``dtype`` whose float32 sum
+    is ``x`` to as many times the dtype's precision: its rounding, the
+    rounding of the rest, and so on."""
+    pieces = []
+    for _ in range(SHIFT_PARTS):
+        piece = x.to(dtype)
+        pieces.append(piece)
+        x = x - piece
+    return pieces
+
+
+def _shift_unit(shift: Tensor, scale: float) -> float:
+    """The power of two that the key's columns of :func:`_shifted_blocks`
+    hold, so that the query's columns, ``-shift / (scale * unit)``, stay
+    within :data:`_SHIFT_LIMIT`: 1 for logits below 2^14 times ``scale``
+    (2048 at 64 channels); beyond, float16 would overflow (bfloat16 has
+    float32's range). Exact: powers of two only move exponents."""
+    largest = float(shift.abs().max()) / scale if shift.numel() else 0.
+    if not largest > _SHIFT_LIMIT or math.isinf(largest):
+        return 1.
+    return 2.0**math.ceil(math.log2(largest / _SHIFT_LIMIT))
 
 
 def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
