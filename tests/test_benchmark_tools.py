@@ -239,11 +239,16 @@ def test_get_flops_on_tiny_segmentor(tmp_path, capsys):
     assert 'FLOPs:' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('lacks_amx, dtype', [(True, 'bfloat16'),
+                                              (False, 'bfloat16'),
+                                              (False, 'float32')])
 def test_blocked_attention_tool_prints_a_row_per_model_and_size(
-        monkeypatch, capsys):
+        monkeypatch, capsys, lacks_amx, dtype):
+    # the blocked column runs the blocks also on a CPU whose models would
+    # not choose them
     from agent_mm.ops import blocked_attention
     monkeypatch.setattr(blocked_attention, 'cpu_lacks_amx_for_bfloat16',
-                        lambda: True)
+                        lambda: lacks_amx)
     calls = []
     attend = blocked_attention.blocked_attention
 
@@ -255,7 +260,7 @@ def test_blocked_attention_tool_prints_a_row_per_model_and_size(
                         counted)
     tool = load_tool('benchmark_blocked_attention')
     tool.main(['--models', 'agent_pvt_t', 'agent_swin_t', '--sizes', '64',
-               '64x96', '--repeats', '1', '--threads', '1'])
+               '64x96', '--repeats', '1', '--threads', '1', '--dtype', dtype])
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith('| Agent-')]
     assert [row.split(' | ')[:2] for row in rows] == [

@@ -133,3 +133,22 @@ def test_fused_kernel_only_holds_the_choice_to_fused_within_it(
             assert not prefers_blocks(query, key, dropout=0.)
         assert not prefers_blocks(query, key, dropout=0.)
     assert prefers_blocks(query, key, dropout=0.)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('lacks_amx', [True, False])
+def test_blocks_only_chooses_the_blocks_in_any_precision_on_any_cpu(
+        monkeypatch, dtype, lacks_amx):
+    monkeypatch.setattr(op_module, 'cpu_lacks_amx_for_bfloat16',
+                        lambda: lacks_amx)
+    query, key = _inputs(1, 2, 6, 4, dtype=dtype)[:2]
+    with op_module.blocks_only():
+        assert prefers_blocks(query, key, dropout=0.)
+        # but never where they cannot run
+        assert not prefers_blocks(query, key, dropout=0.1)
+        assert not prefers_blocks(query, key.requires_grad_(), dropout=0.)
+        with op_module.fused_kernel_only():
+            assert not prefers_blocks(query, key.detach(), dropout=0.)
+        assert prefers_blocks(query, key.detach(), dropout=0.)
+    assert prefers_blocks(query, key.detach(), dropout=0.) is (
+        lacks_amx and dtype == torch.bfloat16)

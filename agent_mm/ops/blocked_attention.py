@@ -18,7 +18,8 @@ Agent-Swin-T (docs/benchmark/precision.md). With AMX the fused kernel was
 1.3-2.5 times faster than explicit products over whole maps (blocks were
 not measured there), and in float32 it is faster on every CPU measured:
 there it stays (:func:`prefers_blocks`).
-:func:`fused_kernel_only` holds every attention to the fused kernel, to
+:func:`fused_kernel_only` holds every attention to the fused kernel and
+:func:`blocks_only` to the blocks (in any precision, on any CPU), to
 compare the two (tools/analysis_tools/benchmark_blocked_attention.py).
 
 The logits are rounded to bfloat16 before the softmax, as in any attention
@@ -27,7 +28,7 @@ softmax itself accumulates in float32.
 """
 import contextlib
 import functools
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -39,8 +40,11 @@ from .shared_bias_attention import checked_bias
 # or a whole head of few queries over many keys, is larger
 BLOCK_BYTES = 4 * 2**20
 
-# set by :func:`fused_kernel_only`
-_held_to_fused = False
+_FUSED = 'fused'
+_BLOCKS = 'blocks'
+# the kernel every attention is held to (:func:`fused_kernel_only`,
+# :func:`blocks_only`), or None for :func:`prefers_blocks`'s own choice
+_held_to: Optional[str] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,31 +55,47 @@ def cpu_lacks_amx_for_bfloat16() -> bool:
 
 
 @contextlib.contextmanager
-def fused_kernel_only() -> Iterator[None]:
-    """Within the context, :func:`prefers_blocks` answers no: every
-    attention runs the fused kernel."""
-    global _held_to_fused
-    before, _held_to_fused = _held_to_fused, True
+def _held(kernel: str) -> Iterator[None]:
+    """Within the context, :func:`prefers_blocks` chooses ``kernel``
+    wherever the blocks can run."""
+    global _held_to
+    before, _held_to = _held_to, kernel
     try:
         yield
     finally:
-        _held_to_fused = before
+        _held_to = before
+
+
+def fused_kernel_only() -> contextlib.AbstractContextManager:
+    """A context within which every attention runs the fused kernel."""
+    return _held(_FUSED)
+
+
+def blocks_only() -> contextlib.AbstractContextManager:
+    """A context within which every attention that the blocks can compute
+    (CPU inference without dropout, not traced) runs them, in any
+    precision and on any CPU: to measure them where they are not chosen."""
+    return _held(_BLOCKS)
 
 
 def prefers_blocks(query: Tensor, *others: Tensor, dropout: float) -> bool:
     """Whether :func:`blocked_attention` beats the fused kernel for an
     attention on ``query`` and ``others`` (keys, values, bias): bfloat16 on a
     CPU with AVX512-BF16 and no AMX, without dropout, autograd or a graph
-    being traced (the blocks write into slices of the output), outside
-    :func:`fused_kernel_only`."""
+    being traced (the blocks write into slices of the output); within
+    :func:`fused_kernel_only` never, within :func:`blocks_only` in any
+    precision."""
     tensors = (query, ) + others
     records_graph = torch.is_grad_enabled() and any(t.requires_grad
                                                     for t in tensors)
-    return (query.device.type == 'cpu' and query.dtype == torch.bfloat16
-            and not dropout and not records_graph and not _held_to_fused
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and cpu_lacks_amx_for_bfloat16())
+    can_run = (query.device.type == 'cpu' and not dropout
+               and not records_graph and not torch.jit.is_tracing()
+               and not torch.compiler.is_compiling())
+    if not can_run:
+        return False
+    if _held_to is not None:
+        return _held_to == _BLOCKS
+    return query.dtype == torch.bfloat16 and cpu_lacks_amx_for_bfloat16()
 
 
 def row_blocks(queries: int, keys: int,

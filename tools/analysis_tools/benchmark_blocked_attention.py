@@ -3,9 +3,11 @@ kernel only, for backbones' eval forwards: the two are timed round-robin
 (:func:`agent_mm.utils.timing.interleaved_times`), and the median times,
 their ratio and the largest output difference are printed.
 
-The blocks run only where :func:`agent_mm.ops.blocked_attention.
-prefers_blocks` chooses them (bfloat16 on a CPU with AVX512-BF16 and no
-AMX); elsewhere both columns time the fused kernel.
+The blocked column holds every attention to the blocks
+(:func:`agent_mm.ops.blocked_attention.blocks_only`), in any precision and
+on any CPU, also where the model would not choose them by itself (it
+chooses them in bfloat16 on a CPU with AVX512-BF16 and no AMX): on a CPU
+with AMX, or in float32, the table says whether they would pay there.
 
 Example::
 
@@ -21,18 +23,19 @@ import torch
 from agent_mm.benchmark.cli import add_host_options, parse_size
 from agent_mm.benchmark.models import (DTYPES, MODELS, Size, in_precision,
                                        size_text)
-from agent_mm.ops.blocked_attention import (cpu_lacks_amx_for_bfloat16,
+from agent_mm.ops.blocked_attention import (blocks_only,
+                                            cpu_lacks_amx_for_bfloat16,
                                             fused_kernel_only)
 from agent_mm.utils.timing import Step, eval_step, interleaved_times
 
 CPU = torch.device('cpu')
 
 
-def held_to_fused(step: Step) -> Step:
-    """``step`` run within :func:`fused_kernel_only`."""
+def held_to(kernel_only: Callable, step: Step) -> Step:
+    """``step`` run within the context ``kernel_only()``."""
 
     def run() -> None:
-        with fused_kernel_only():
+        with kernel_only():
             step()
 
     return run
@@ -49,8 +52,11 @@ def compare(key: str, size: Size, dtype: str, repeats: int) -> str:
     largest difference of their outputs."""
     model = in_precision(MODELS[key].build().eval(), dtype, CPU)
     x = torch.randn(1, 3, *size)
-    blocked = eval_step(model, x)
-    steps = {'fused': held_to_fused(blocked), 'blocked': blocked}
+    forward = eval_step(model, x)
+    steps = {
+        'fused': held_to(fused_kernel_only, forward),
+        'blocked': held_to(blocks_only, forward)
+    }
     times = interleaved_times(steps, 1, repeats, CPU)
     fused_ms, blocked_ms = (1000 * statistics.median(times[name])
                             for name in ('fused', 'blocked'))
@@ -78,7 +84,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(f'{args.threads} threads, torch {torch.__version__}; this CPU has '
-          f'AVX512-BF16 without AMX: {cpu_lacks_amx_for_bfloat16()}\n')
+          f'AVX512-BF16 without AMX (models choose the blocks in bfloat16): '
+          f'{cpu_lacks_amx_for_bfloat16()}\n')
     print('| Model | Input | Dtype | Fused ms | Blocked ms | Blocked / fused '
           '| Max diff |\n|---|---|---|---:|---:|---:|---:|')
     for key in args.models:
