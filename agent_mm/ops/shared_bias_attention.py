@@ -40,13 +40,13 @@ _FLASH_CPU = getattr(torch.ops.aten,
                      '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-# The shift's columns of :func:`_shifted_blocks`: as many as carry it to
-# float32's precision in bfloat16 (3 × 8 bits), each within this size
-# (float16 holds at most 65504).
-SHIFT_PARTS = 3
-_SHIFT_LIMIT = 2.0**14
+# The columns that carry float32 terms into a half-precision product
+# (:func:`_widened`): as many as reach float32's precision in bfloat16
+# (3 × 8 bits), each within this size (float16 holds at most 65504).
+_TERM_COLUMNS = 3
+_COLUMN_LIMIT = 2.0**14
 
 
 def _logits(query: Tensor, key: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -64,7 +64,7 @@ def _attend_with_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
             and value.shape[-1] == query.shape[-1]):
         return _FLASH_CPU(
             query, key, value, attn_mask=bias.unsqueeze(0), scale=scale)
-    if query.dtype not in HALF_DTYPES:
+    if query.dtype not in _HALF_DTYPES:
         logits = _logits(query, key, bias, scale)
         lse = torch.logsumexp(logits, dim=-1)
         weights = logits.sub_(lse.unsqueeze(-1)).exp_()
@@ -104,28 +104,21 @@ def _shifted_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
     ``scale * q kᵀ + bias - shift``, in the inputs' dtype.
 
     In bfloat16 or float16 ``shift`` is subtracted within the product,
-    which accumulates in float32 and rounds once: :data:`SHIFT_PARTS` more
-    columns of the query carry ``-shift / scale`` (its rounding, the
-    rounding of the rest, ...: to about 2^-24 of its size in bfloat16)
-    against as many columns of ones of the key (both scaled by a power of
-    two, :func:`_shift_unit`, where float16 would overflow), added once for
-    all blocks. So only logits less ``shift`` are rounded, small near each
-    row's log-sum-exp or peak, however large the logits themselves:
-    trained logits reach thousands (2320 in the segmentation quick-start's
-    last stage, where bfloat16 steps by 16), and weights rebuilt from
-    rounded logits were off from the forward pass's by factors up to
-    millions, and so were the gradients.
+    which accumulates in float32 and rounds once: more columns of the query
+    carry ``-shift / scale`` against as many of the key (:func:`_widened`),
+    added once for all blocks. So only logits less ``shift`` are rounded,
+    small near each row's log-sum-exp or peak, however large the logits
+    themselves: trained logits reach thousands (2320 in the segmentation
+    quick-start's last stage, where bfloat16 steps by 16), and weights
+    rebuilt from rounded logits were off from the forward pass's by
+    factors up to millions, and so were the gradients.
     """
-    if query.dtype not in HALF_DTYPES:
+    if query.dtype not in _HALF_DTYPES:
         return lambda rows, cols: _logits(
             query[:, :, rows], key[:, :, cols], bias[:, rows, cols],
             scale).sub_(shift[:, :, rows, None])
-    unit = _shift_unit(shift, scale)
-    columns = _split(shift.float().div(-scale * unit).unsqueeze(-1),
-                     query.dtype)
-    wide_query = torch.cat([query, *columns], dim=-1)
-    wide_key = torch.cat(
-        [key, key.new_full((*key.shape[:-1], len(columns)), unit)], dim=-1)
+    wide_query, wide_key = _widened(query, key,
+                                    shift.float().div(-scale).unsqueeze(-1))
 
     def block(rows: slice, cols: slice) -> Tensor:
         block_query, block_key = wide_query[:, :, rows], wide_key[:, :, cols]
@@ -140,28 +133,37 @@ def _shifted_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
     return block
 
 
-def _split(x: Tensor, dtype: torch.dtype) -> List[Tensor]:
-    """``x`` as :data:`SHIFT_PARTS` tensors of ``dtype`` whose float32 sum
-    is ``x`` to as many times the dtype's precision: its rounding, the
-    rounding of the rest, and so on."""
-    pieces = []
-    for _ in range(SHIFT_PARTS):
-        piece = x.to(dtype)
-        pieces.append(piece)
-        x = x - piece
-    return pieces
+def _widened(left: Tensor, right: Tensor,
+             terms: Tensor) -> Tuple[Tensor, Tensor]:
+    """``left`` ``(B, heads, L, k)`` and ``right`` ``(B, heads, S, k)`` in
+    half precision, each with :data:`_TERM_COLUMNS` more columns, such that
+    ``left' right'ᵀ = left rightᵀ + terms`` for float32 ``terms``
+    ``(B, heads, L, 1)``: a product accumulating in float32 adds them before
+    it rounds, once.
+
+    ``left``'s columns are the rounding of ``terms``, the rounding of the
+    rest, and so on (about 2^-24 of their size in bfloat16); ``right``'s
+    hold ones, or a power of two where float16 would overflow
+    (:func:`_column_unit`): powers of two only move exponents.
+    """
+    unit = _column_unit(terms)
+    columns, rest = [], terms / unit
+    for _ in range(_TERM_COLUMNS):
+        columns.append(rest.to(left.dtype))
+        rest = rest - columns[-1]
+    units = right.new_full((*right.shape[:-1], _TERM_COLUMNS), unit)
+    return (torch.cat([left, *columns], dim=-1),
+            torch.cat([right, units], dim=-1))
 
 
-def _shift_unit(shift: Tensor, scale: float) -> float:
-    """The power of two that the key's columns of :func:`_shifted_blocks`
-    hold, so that the query's columns, ``-shift / (scale * unit)``, stay
-    within :data:`_SHIFT_LIMIT`: 1 for logits below 2^14 times ``scale``
-    (2048 at 64 channels); beyond, float16 would overflow (bfloat16 has
-    float32's range). Exact: powers of two only move exponents."""
-    largest = float(shift.abs().max()) / scale if shift.numel() else 0.
-    if not largest > _SHIFT_LIMIT or math.isinf(largest):
+def _column_unit(terms: Tensor) -> float:
+    """1, or the power of two that brings the largest of ``terms`` within
+    :data:`_COLUMN_LIMIT` (float16 holds at most 65504; bfloat16 has
+    float32's range)."""
+    largest = float(terms.abs().max()) if terms.numel() else 0.
+    if not largest > _COLUMN_LIMIT or math.isinf(largest):
         return 1.
-    return 2.0**math.ceil(math.log2(largest / _SHIFT_LIMIT))
+    return 2.0**math.ceil(math.log2(largest / _COLUMN_LIMIT))
 
 
 def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
@@ -319,6 +321,30 @@ def _accumulate(grad: Optional[Tensor], part: slice, left: Tensor,
             _as_batch_of_matrices(left), _as_batch_of_matrices(right))
 
 
+def _centred_grad_blocks(grad_out: Tensor, value: Tensor,
+                         row_dot: Tensor) -> BlockFn:
+    """A function of ``(rows, cols)`` giving that block of ``dO vᵀ -
+    row_dot``, whose product with the weights is the gradient of the
+    logits, ``w * (g - rowsum(w * g))`` with ``g = dO vᵀ``; the row sums
+    equal ``rowsum(dO * out)``, float32 ``row_dot`` ``(B, heads, L, 1)``.
+
+    In half precision ``row_dot`` is subtracted within the product
+    (:func:`_widened`): subtracted from a rounded product, it was taken
+    through a float32 copy of each block and rounded twice.
+    """
+    if grad_out.dtype in _HALF_DTYPES:
+        grad_out, value = _widened(grad_out, value, -row_dot)
+        row_dot = None
+
+    def block(rows: slice, cols: slice) -> Tensor:
+        product = torch.matmul(grad_out[:, :, rows],
+                               value[:, :, cols].transpose(-2, -1))
+        return product if row_dot is None else product.sub_(
+            row_dot[:, :, rows])
+
+    return block
+
+
 def _blockwise_grads(
         scale: float, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
         lse: Tensor, bias: Tensor, grad_out: Tensor,
@@ -342,15 +368,13 @@ def _blockwise_grads(
     row_dot = (grad_out.to(compute) * out.to(compute)).sum(
         dim=-1, keepdim=True)
     weight_block = _weight_blocks(query, key, bias, scale, lse)
+    centred_block = _centred_grad_blocks(grad_out, value, row_dot)
     for rows, cols in backward_blocks(query, key):
         block_query, block_grad = query[:, :, rows], grad_out[:, :, rows]
-        block_key, block_value = key[:, :, cols], value[:, :, cols]
+        block_key = key[:, :, cols]
         weights = weight_block(rows, cols)
         _accumulate(grad_value, cols, weights.transpose(-2, -1), block_grad)
-        # gradient of the logits, w * (g - rowsum(w * g)) with g = dO vᵀ;
-        # the row sums equal rowsum(dO * out)
-        grad_logits = torch.matmul(block_grad, block_value.transpose(
-            -2, -1)).sub_(row_dot[:, :, rows]).mul_(weights)
+        grad_logits = centred_block(rows, cols).mul_(weights)
         del weights
         if grad_bias is not None:
             sum_over_batch(grad_logits, grad_bias[:, rows, cols])
