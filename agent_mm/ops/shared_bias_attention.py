@@ -20,7 +20,6 @@ what the call already holds, and the backward pass skips rebuilding it
 as in the paper's detection configs at batch 2) is rebuilt in backward
 from its small sources.
 """
-import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -151,19 +150,20 @@ def _widened(left: Tensor, right: Tensor,
     for _ in range(_TERM_COLUMNS):
         columns.append(rest.to(left.dtype))
         rest = rest - columns[-1]
-    units = right.new_full((*right.shape[:-1], _TERM_COLUMNS), unit)
+    units = unit.to(right.dtype).expand(*right.shape[:-1], _TERM_COLUMNS)
     return (torch.cat([left, *columns], dim=-1),
             torch.cat([right, units], dim=-1))
 
 
-def _column_unit(terms: Tensor) -> float:
+def _column_unit(terms: Tensor) -> Tensor:
     """1, or the power of two that brings the largest of ``terms`` within
     :data:`_COLUMN_LIMIT` (float16 holds at most 65504; bfloat16 has
-    float32's range)."""
-    largest = float(terms.abs().max()) if terms.numel() else 0.
-    if not largest > _COLUMN_LIMIT or math.isinf(largest):
-        return 1.
-    return 2.0**math.ceil(math.log2(largest / _COLUMN_LIMIT))
+    float32's range), as a float32 scalar tensor: a GPU need not wait for
+    it."""
+    if not terms.numel():
+        return terms.new_ones((), dtype=torch.float32)
+    ratio = terms.abs().amax().float() / _COLUMN_LIMIT
+    return torch.exp2(torch.ceil(torch.log2(ratio.clamp(min=1.))))
 
 
 def backward_blocks(query: Tensor, key: Tensor) -> List[Tuple[slice, slice]]:
