@@ -321,6 +321,13 @@ def _accumulate(grad: Optional[Tensor], part: slice, left: Tensor,
             _as_batch_of_matrices(left), _as_batch_of_matrices(right))
 
 
+def _product_blocks(left: Tensor, right: Tensor) -> BlockFn:
+    """A function of ``(rows, cols)`` giving that block of ``left rightᵀ``
+    for ``(B, heads, *, k)`` operands."""
+    return lambda rows, cols: torch.matmul(left[:, :, rows],
+                                           right[:, :, cols].transpose(-2, -1))
+
+
 def _centred_grad_blocks(grad_out: Tensor, value: Tensor,
                          row_dot: Tensor) -> BlockFn:
     """A function of ``(rows, cols)`` giving that block of ``dO vᵀ -
@@ -333,16 +340,10 @@ def _centred_grad_blocks(grad_out: Tensor, value: Tensor,
     through a float32 copy of each block and rounded twice.
     """
     if grad_out.dtype in _HALF_DTYPES:
-        grad_out, value = _widened(grad_out, value, -row_dot)
-        row_dot = None
-
-    def block(rows: slice, cols: slice) -> Tensor:
-        product = torch.matmul(grad_out[:, :, rows],
-                               value[:, :, cols].transpose(-2, -1))
-        return product if row_dot is None else product.sub_(
-            row_dot[:, :, rows])
-
-    return block
+        return _product_blocks(*_widened(grad_out, value, -row_dot))
+    product_block = _product_blocks(grad_out, value)
+    return lambda rows, cols: product_block(rows, cols).sub_(
+        row_dot[:, :, rows])
 
 
 def _blockwise_grads(
