@@ -1,5 +1,7 @@
 """AgentAttention: fidelity to the spec, fast vs reference path, bias cache."""
+import contextlib
 import copy
+import random
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from agent_mm.models import AgentAttention
 from agent_mm.models.agent_attention import BIAS_CACHE_SIZE, BIAS_NAMES
 from agent_mm.models.bias_cache import ADMIT_AFTER
 from agent_mm.models.bias_maps import interpolation_matrix, pooling_matrix
+from agent_mm.ops.blocked_attention import blocks_only
 
 
 def _pair(fused_qkv,
@@ -80,6 +83,100 @@ def test_fast_and_reference_paths_have_equal_gradients():
         assert grad is not None, name
         torch.testing.assert_close(
             grad, grads[1][1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def _random_settings(rng: random.Random) -> tuple:
+    """Settings of a random agent attention, token grid and batch: 1-4
+    heads of 8-32 channels, 2²-7² bias agents, agent grids square or not,
+    token grids from 1×1 up to 40×40."""
+    heads = rng.choice([1, 2, 3, 4])
+    side = rng.choice([2, 3, 4, 5, 7])
+    agent_shape = rng.choice([(side, side),
+                              (rng.randint(2, 9), rng.randint(2, 9))])
+    settings = dict(
+        dim=heads * rng.choice([8, 16, 24, 32]),
+        num_heads=heads,
+        agent_num=side * side,
+        agent_shape=agent_shape,
+        ref_size=(rng.randint(3, 20), rng.randint(3, 20)),
+        fused_qkv=rng.random() < 0.5)
+    hw = (rng.randint(1, 40), rng.randint(1, 40))
+    return settings, hw, rng.choice([1, 2, 3])
+
+
+def _call(module, x, hw):
+    """``module`` on ``x`` laid out as ``hw``: ours takes the grid as a
+    tuple, the spec reference as two arguments."""
+    if isinstance(module, AgentAttention):
+        return module(x, hw)
+    return module(x, *hw)
+
+
+def _run(module, x, hw, dtype, training, context):
+    """The output and the gradients (of ``x`` and every parameter, by
+    name) of one call, under autocast to ``dtype`` (None: float32)."""
+    module.train(training)
+    module.zero_grad()
+    x = x.clone().requires_grad_(training)
+    autocast = (torch.autocast('cpu', dtype)
+                if dtype else contextlib.nullcontext())
+    with autocast, context:
+        if not training:
+            with torch.no_grad():
+                # the third call reads the maps the bias cache admitted
+                outs = [_call(module, x, hw) for _ in range(3)]
+            return outs[-1], {}
+        out = _call(module, x, hw)
+        (out.float()**2).sum().backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return out, dict(grads, x=x.grad)
+
+
+def _errors(result, truth) -> tuple:
+    """Error of an output and largest error of the gradients, each relative
+    to the true one's norm (gradients: at least a thousandth of the largest
+    true gradient's, as a bias whose softmax cancels it has none)."""
+    out, grads = result
+    true_out, true_grads = truth
+    out_error = ((out.float() - true_out).norm() / true_out.norm()).item()
+    largest = max((g.norm().item() for g in true_grads.values()), default=0)
+    grad_error = 0.
+    for name, true in true_grads.items():
+        scale = max(true.norm().item(), 1e-3 * largest)
+        grad_error = max(grad_error,
+                         ((grads[name].float() - true).norm() / scale).item())
+    return out_error, grad_error
+
+
+@pytest.mark.parametrize('training', [False, True])
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16, torch.float16])
+def test_fast_path_matches_the_spec_over_random_settings(dtype, training):
+    """Over random heads, agent grids and token grids (1-wide ones
+    included), the fast path gives the spec reference's output and
+    gradients: in float32 to float32's rounding, under autocast no further
+    from the float32 truth than the reference under the same autocast
+    (inference: by the kernel the model chooses and by the blocks)."""
+    rng = random.Random(f'{dtype}-{training}')
+    for case in range(8):
+        settings, hw, batch = _random_settings(rng)
+        module, reference = _pair(**settings)
+        x = torch.randn(batch, hw[0] * hw[1], settings['dim'],
+                        generator=torch.Generator().manual_seed(case))
+        truth = _run(reference, x, hw, None, training,
+                     contextlib.nullcontext())
+        truth = (truth[0].float(), {n: g.float() for n, g in truth[1].items()})
+        context = (blocks_only() if not training and case % 2 else
+                   contextlib.nullcontext())
+        fast = _errors(_run(module, x, hw, dtype, training, context), truth)
+        if dtype is None:
+            bound = (1e-5, 1e-4)
+        else:
+            spec = _errors(
+                _run(reference, x, hw, dtype, training,
+                     contextlib.nullcontext()), truth)
+            bound = (max(2 * spec[0], 1e-2), max(2 * spec[1], 1e-1))
+        assert fast[0] <= bound[0], (settings, hw, batch, fast, bound)
+        assert fast[1] <= bound[1], (settings, hw, batch, fast, bound)
 
 
 @pytest.mark.parametrize('attn_impl, stores_maps', [('fast', False),
