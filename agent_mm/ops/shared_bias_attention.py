@@ -123,10 +123,14 @@ def _shifted_blocks(query: Tensor, key: Tensor, bias: Tensor, scale: float,
         block_query, block_key = wide_query[:, :, rows], wide_key[:, :, cols]
         shifted = block_query.new_empty(*block_query.shape[:3],
                                         block_key.shape[2])
-        for image in range(shifted.shape[0]):
-            torch.baddbmm(bias[:, rows, cols], block_query[image],
-                          block_key[image].transpose(-2, -1), alpha=scale,
-                          out=shifted[image])
+        # the bias for every image, then one product over images and heads
+        # (a product per image was 4-6 % of a bfloat16 training step at
+        # batch 8, in operations more than in arithmetic)
+        shifted.copy_(bias[:, rows, cols])
+        _as_batch_of_matrices(shifted).baddbmm_(
+            _as_batch_of_matrices(block_query),
+            _as_batch_of_matrices(block_key).transpose(-2, -1),
+            alpha=scale)
         return shifted
 
     return block
