@@ -287,6 +287,22 @@ def test_nothing_done_exits_non_zero(task, tmp_path, capsys, monkeypatch):
     assert f'skipped {empty}: a folder holding no image' in captured.out
 
 
+def test_freed_memory_is_kept_before_the_model_is_built(task, tmp_path,
+                                                        monkeypatch):
+    calls = []
+    monkeypatch.setattr(infer_tool, 'keep_freed_memory',
+                        lambda: calls.append('kept'))
+    monkeypatch.setattr(
+        infer_tool, 'build_predictor',
+        lambda *args, **kwargs: calls.append('built') or task.predictor)
+    infer_tool.main([
+        task.config, task.checkpoint,
+        str(tmp_path / 'missing.png'), '--out-dir',
+        str(tmp_path / 'out')
+    ])
+    assert calls == ['kept', 'built']
+
+
 def test_file_without_read_permission(task, tmp_path, monkeypatch):
     locked = tmp_path / 'locked.png'
     locked.write_bytes(b'')

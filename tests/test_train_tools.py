@@ -2,6 +2,7 @@
 import os.path as osp
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,6 +128,16 @@ def test_test_tool_turns_on_visualisation(tmp_path):
         test_tool.build_config(
             test_tool.parse_args([QUICKSTART_DET, 'ckpt.pth', '--out',
                                   'preds.json']))
+
+
+def test_test_tool_keeps_freed_memory_before_testing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(test_tool, 'keep_freed_memory',
+                        lambda: calls.append('kept'))
+    runner = SimpleNamespace(test=lambda: calls.append('tested') or {})
+    monkeypatch.setattr(test_tool, 'build_runner', lambda cfg: runner)
+    test_tool.main([QUICKSTART_DET, 'ckpt.pth', '--work-dir', str(tmp_path)])
+    assert calls == ['kept', 'tested']
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import sys
 from mmengine.config import Config, DictAction
 
 from agent_mm.apis import build_predictor, run_inference
+from agent_mm.utils import keep_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Run the batch; return the exit status."""
+    """Run the batch; return the exit status. Freed memory stays in the
+    process for the next inputs (:func:`keep_freed_memory`)."""
     args = parse_args(argv)
+    keep_freed_memory()
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

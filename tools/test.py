@@ -12,6 +12,7 @@ from mmengine.config import Config
 
 from agent_mm.engine.runtime import (add_common_args, build_runner,
                                      has_accelerator, load_config)
+from agent_mm.utils import keep_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,8 +93,11 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> dict:
-    """Run the test loop; returns its metrics."""
-    return build_runner(build_config(parse_args(argv))).test()
+    """Run the test loop; returns its metrics. Freed memory stays in the
+    process for the next batches (:func:`keep_freed_memory`)."""
+    cfg = build_config(parse_args(argv))
+    keep_freed_memory()
+    return build_runner(cfg).test()
 
 
 if __name__ == '__main__':

@@ -1,0 +1,70 @@
+"""glibc's heap keeping freed memory (agent_mm/utils/allocator.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agent_mm.utils import allocator
+
+glibc_only = pytest.mark.skipif(
+    allocator.glibc_mallopt() is None, reason='mallopt is glibc only')
+
+# allocates and frees a 64 MB tensor (above glibc's 32 MB mmap limit) five
+# times after two warm-ups; prints whether the setting was applied and the
+# minor page faults of the five
+FAULTS_SCRIPT = '''
+import resource, sys, torch
+from agent_mm.utils.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == 'keep' else None
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    torch.ones(16 * 2**20)
+before = faults()
+for _ in range(5):
+    torch.ones(16 * 2**20)
+print(applied, faults() - before)
+'''
+PAGES_OF_64_MB = 64 * 2**20 // os.sysconf('SC_PAGE_SIZE')
+
+
+def allocation_faults(mode: str, tunables: str = None):
+    env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    if tunables is not None:
+        env['GLIBC_TUNABLES'] = tunables
+    result = subprocess.run([sys.executable, '-c', FAULTS_SCRIPT, mode],
+                            capture_output=True, text=True, env=env,
+                            timeout=300, check=True)
+    applied, faults = result.stdout.split()
+    return applied, int(faults)
+
+
+@glibc_only
+def test_freed_memory_is_reused_without_page_faults():
+    _, released = allocation_faults('default')
+    applied, kept = allocation_faults('keep')
+    assert released > 4 * PAGES_OF_64_MB  # each allocation mapped afresh
+    assert applied == 'True'
+    assert kept < PAGES_OF_64_MB / 10
+
+
+@glibc_only
+def test_malloc_tunables_of_the_user_are_left_alone():
+    applied, faults = allocation_faults(
+        'keep', tunables='glibc.malloc.trim_threshold=131072')
+    assert applied == 'False'
+    assert faults > 4 * PAGES_OF_64_MB
+
+
+def test_thresholds_are_set_only_where_mallopt_exists(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, 'glibc_mallopt', lambda: None)
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setattr(allocator, 'glibc_mallopt',
+                        lambda: lambda *args: calls.append(args) or 1)
+    assert allocator.keep_freed_memory() is True
+    assert calls == [(allocator.M_MMAP_MAX, 0),
+                     (allocator.M_TRIM_THRESHOLD,
+                      allocator.TRIM_THRESHOLD_MAX)]
