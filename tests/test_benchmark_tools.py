@@ -271,3 +271,34 @@ def test_blocked_attention_tool_prints_a_row_per_model_and_size(
     assert calls  # the blocked column ran the blocks
     assert all(float(row.split(' | ')[6].rstrip(' |')) > 0.01
                for row in rows)
+
+
+def test_freed_memory_tool_alternates_processes_and_reports_ratios(capsys):
+    tool = load_tool('benchmark_freed_memory')
+    tool.main(['--models', 'agent_pvt_t', '--size', '64', '--pairs', '1',
+               '--warmup', '1', '--repeats', '1', '--threads', '1'])
+    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| agent_')]
+    assert [row[0] for row in rows] == ['| agent_pvt_t']
+    as_it_comes, kept, ratio = (float(cell) for cell in rows[0][1:4])
+    assert ratio == pytest.approx(kept / as_it_comes, abs=0.01)
+
+
+def test_freed_memory_report_takes_the_medians_over_pairs():
+    tool = load_tool('benchmark_freed_memory')
+    args = tool.parse_args(['--models', 'agent_pvt_t', '--pairs', '3'])
+    runs = {'agent_pvt_t': {
+        tool.AS_IT_COMES: [dict(ms=ms, faults=9000) for ms in (100, 300, 120)],
+        tool.KEPT: [dict(ms=ms, faults=3) for ms in (90, 60, 400)]}}
+    row = tool.report(args, runs).splitlines()[-1]
+    assert row == '| agent_pvt_t | 120 | 90 | 0.75 | 9000 | 3 |'
+
+
+def test_freed_memory_child_refuses_to_measure_what_it_cannot_keep(
+        monkeypatch):
+    tool = load_tool('benchmark_freed_memory')
+    monkeypatch.setattr(tool, 'keep_freed_memory', lambda: False)
+    args = tool.parse_args(['--child', tool.KEPT, '--size', '32'])
+    args.model = 'agent_pvt_t'
+    with pytest.raises(SystemExit, match='cannot be kept'):
+        tool.measure_in_this_process(args)

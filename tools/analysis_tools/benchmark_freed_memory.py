@@ -1,0 +1,143 @@
+"""Eval forward times with glibc's allocator as it comes against freed
+memory kept in the process (:func:`agent_mm.utils.keep_freed_memory`, what
+``tools/test.py`` and ``tools/infer.py`` do).
+
+The setting holds for a whole process, so each measurement is a child
+process of its own; the two settings alternate, model by model, pair after
+pair. Each child prints the median time and minor page faults of its
+forwards; the report gives, per model, the medians over the pairs and the
+ratio kept / as it comes.
+
+Example::
+
+    python tools/analysis_tools/benchmark_freed_memory.py \
+        --models agent_pvt_t agent_pvt_t_ref --size 1024 --pairs 3
+    python tools/analysis_tools/benchmark_freed_memory.py \
+        --models agent_swin_t swin_t --size 800x1344 --dtype bfloat16
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from agent_mm.benchmark.cli import add_host_options, parse_size
+from agent_mm.benchmark.models import (DTYPES, FLOAT32, MODELS, in_precision,
+                                       size_text)
+from agent_mm.utils import keep_freed_memory
+from agent_mm.utils.timing import eval_step
+
+AS_IT_COMES, KEPT = 'as it comes', 'kept'
+CPU = torch.device('cpu')
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_in_this_process(args: argparse.Namespace) -> Dict[str, float]:
+    """Median forward milliseconds and minor faults of ``args.child``."""
+    if args.child == KEPT and not keep_freed_memory():
+        raise SystemExit('freed memory cannot be kept here: the C library '
+                         'is not glibc, or GLIBC_TUNABLES tunes malloc')
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = MODELS[args.model].build()
+    model.eval()  # mmdet's Swin returns None from eval()
+    model = in_precision(model, args.dtype, CPU)
+    step = eval_step(model, torch.randn(1, 3, *args.size))
+    for _ in range(args.warmup):
+        step()
+    times, faults = [], []
+    for _ in range(args.repeats):
+        before, start = minor_faults(), time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        faults.append(minor_faults() - before)
+    return dict(ms=1000 * statistics.median(times),
+                faults=statistics.median(faults))
+
+
+def child_command(args: argparse.Namespace, model: str,
+                  setting: str) -> List[str]:
+    return [
+        sys.executable, __file__, '--child', setting, '--models', model,
+        '--size', 'x'.join(map(str, args.size)), '--dtype', args.dtype,
+        '--warmup', str(args.warmup), '--repeats', str(args.repeats),
+        '--threads', str(args.threads), '--seed', str(args.seed)
+    ]
+
+
+def run_child(args: argparse.Namespace, model: str,
+              setting: str) -> Dict[str, float]:
+    # glibc's own tunables would override (or be overridden by) the setting
+    env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    result = subprocess.run(child_command(args, model, setting),
+                            capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise RuntimeError(f'{model} ({setting}) failed:\n'
+                           f'{result.stderr[-2000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(args: argparse.Namespace,
+           runs: Dict[str, Dict[str, List[Dict[str, float]]]]) -> str:
+    lines = [
+        f'{size_text(args.size)}, {args.dtype}, {args.threads} threads, '
+        f'batch 1; per process {args.warmup} untimed and {args.repeats} timed '
+        f'forwards (median); medians over {args.pairs} pair(s) of '
+        'processes, the settings alternating', '',
+        '| Model | ms, as it comes | ms, kept | kept / as it comes '
+        '| faults a forward, as it comes | faults, kept |',
+        '|---|---:|---:|---:|---:|---:|'
+    ]
+    for model, by_setting in runs.items():
+        ms, faults = ({
+            setting: statistics.median(run[key] for run in by_setting[setting])
+            for setting in (AS_IT_COMES, KEPT)
+        } for key in ('ms', 'faults'))
+        lines.append(f'| {model} | {ms[AS_IT_COMES]:.0f} | {ms[KEPT]:.0f} | '
+                     f'{ms[KEPT] / ms[AS_IT_COMES]:.2f} | '
+                     f'{faults[AS_IT_COMES]:.0f} | {faults[KEPT]:.0f} |')
+    return '\n'.join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=['agent_pvt_t'],
+                        choices=MODELS)
+    parser.add_argument('--size', type=parse_size, default=(1024, 1024),
+                        help='input size, N or HxW (default: 1024)')
+    parser.add_argument('--dtype', default=FLOAT32, choices=list(DTYPES))
+    parser.add_argument('--pairs', type=int, default=3,
+                        help='processes per model and setting')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--child', choices=[AS_IT_COMES, KEPT],
+                        help=argparse.SUPPRESS)
+    add_host_options(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        args.model, = args.models
+        print(json.dumps(measure_in_this_process(args)))
+        return
+    runs = {model: {AS_IT_COMES: [], KEPT: []} for model in args.models}
+    for _ in range(args.pairs):
+        for model in args.models:
+            for setting in (AS_IT_COMES, KEPT):
+                runs[model][setting].append(run_child(args, model, setting))
+    print(report(args, runs))
+
+
+if __name__ == '__main__':
+    main()
