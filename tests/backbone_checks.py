@@ -62,25 +62,48 @@ def assert_every_parameter_gets_gradient(module: nn.Module,
         assert param.grad.abs().sum() > 0, f'{name} has a zero gradient'
 
 
-def assert_checkpointing_is_transparent(build, img: torch.Tensor):
-    """``with_cp=True`` gives the same outputs and gradients."""
+def _trained_twice(build, img: torch.Tensor, option: str):
+    """Outputs, input gradient and parameter gradients of one training
+    forward and backward (of the outputs' sum of squares) of
+    ``build(option=False)`` and of ``build(option=True)``, built alike."""
     results = []
-    for with_cp in (False, True):
+    for value in (False, True):
         torch.manual_seed(0)
-        module = build(with_cp=with_cp)
+        module = build(**{option: value})
         module.init_weights()
         module.train()
         x = img.clone().requires_grad_()
         outs = module(x)
-        sum(out.sum() for out in outs).backward()
+        sum(out.square().sum() for out in outs).backward()
         results.append((outs, x.grad,
                         {n: p.grad for n, p in module.named_parameters()}))
-    (outs_a, grad_a, params_a), (outs_b, grad_b, params_b) = results
-    for a, b in zip(outs_a, outs_b):
-        torch.testing.assert_close(a, b)
+    return results
+
+
+def _assert_same_gradients(results):
+    (_, grad_a, params_a), (_, grad_b, params_b) = results
     torch.testing.assert_close(grad_a, grad_b)
     for name, grad in params_a.items():
         torch.testing.assert_close(grad, params_b[name], msg=name)
+
+
+def assert_checkpointing_is_transparent(build, img: torch.Tensor):
+    """``with_cp=True`` gives the same outputs and gradients."""
+    results = _trained_twice(build, img, 'with_cp')
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b)
+    _assert_same_gradients(results)
+
+
+def assert_channels_last_outputs_are_the_same_maps(build, img: torch.Tensor):
+    """``channels_last_outputs=True`` gives the same maps in channels-last
+    memory (the default: contiguous NCHW), and the same gradients."""
+    results = _trained_twice(build, img, 'channels_last_outputs')
+    for nchw, channels_last in zip(results[0][0], results[1][0]):
+        assert nchw.is_contiguous() and not channels_last.is_contiguous()
+        assert channels_last.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(nchw, channels_last, rtol=0, atol=0)
+    _assert_same_gradients(results)
 
 
 def assert_bias_cache_settings_reach_every_attention(

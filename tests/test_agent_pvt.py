@@ -2,6 +2,7 @@
 import pytest
 import torch
 from backbone_checks import (assert_bias_cache_settings_reach_every_attention,
+                             assert_channels_last_outputs_are_the_same_maps,
                              assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
                              assert_frozen,
@@ -74,6 +75,12 @@ def test_gradients_reach_every_parameter():
 
 def test_bias_cache_settings_reach_every_attention():
     assert_bias_cache_settings_reach_every_attention(
+        lambda **kwargs: AgentPVT(depths=[1, 1, 1, 1], **kwargs),
+        torch.randn(1, 3, 64, 64))
+
+
+def test_channels_last_outputs_are_the_same_maps():
+    assert_channels_last_outputs_are_the_same_maps(
         lambda **kwargs: AgentPVT(depths=[1, 1, 1, 1], **kwargs),
         torch.randn(1, 3, 64, 64))
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from backbone_checks import (assert_bias_cache_settings_reach_every_attention,
+                             assert_channels_last_outputs_are_the_same_maps,
                              assert_checkpointing_is_transparent,
                              assert_every_parameter_gets_gradient,
                              assert_frozen,
@@ -119,6 +120,13 @@ def test_bias_cache_settings_reach_every_attention():
             num_heads=[1, 2, 2, 4],
             attn_type='AABB',
             **kwargs), torch.randn(1, 3, 64, 64))
+
+
+def test_channels_last_outputs_are_the_same_maps():
+    assert_channels_last_outputs_are_the_same_maps(
+        lambda **kwargs: AgentSwinTransformer(
+            embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
+            attn_type='AABB', **kwargs), torch.randn(2, 3, 64, 96))
 
 
 def test_with_cp_gives_same_outputs_and_gradients():

@@ -435,6 +435,7 @@ REFUSED_BY_BOTH = [
     ('act_cfg', dict(type='NoSuchActivation'), 'Building it failed'),
     ('act_cfg', dict(inplace=True), 'type'),
     ('convert_weights', 'yes', 'Give a bool'),
+    ('channels_last_outputs', 1, 'Give a bool'),
 ]
 
 

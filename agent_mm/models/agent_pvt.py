@@ -9,7 +9,7 @@ from torch import Tensor
 from .base import AgentBackbone
 from .checks import (check_alias, check_bool, check_int_range,
                      check_stage_heads, check_supported)
-from .layers import tokens_to_map, tokens_to_nchw
+from .layers import tokens_to_map
 from .sr_attention import SpatialReductionAttention
 from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
                           build_norm)
@@ -72,9 +72,9 @@ class AgentPVT(AgentBackbone):
             ``qk_scale``, ``drop_rate`` (also after the position
             embeddings), ``attn_drop_rate``, ``drop_path_rate``,
             ``act_cfg``, ``out_indices``, ``frozen_stages``, ``with_cp``,
-            ``attn_impl``, ``bias_cache_size``, ``bias_cache_admit_after``,
-            ``bias_cache_max_mb``, ``convert_weights``, ``pretrained``,
-            ``init_cfg``; see
+            ``channels_last_outputs``, ``attn_impl``, ``bias_cache_size``,
+            ``bias_cache_admit_after``, ``bias_cache_max_mb``,
+            ``convert_weights``, ``pretrained``, ``init_cfg``; see
             :class:`AgentBackbone`.
     """
     _common = dict(
@@ -257,6 +257,6 @@ class AgentPVT(AgentBackbone):
             if norm is not None:
                 x = norm(x)
             if i in self.out_indices:
-                outs.append(tokens_to_nchw(x, hw_shape))
+                outs.append(self.stage_output(x, hw_shape))
             x = tokens_to_map(x, hw_shape)
         return tuple(outs)

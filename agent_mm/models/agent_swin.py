@@ -13,7 +13,6 @@ from torch import Tensor
 from .base import AgentBackbone
 from .checks import (check_bool, check_int_range, check_positive,
                      check_stage_heads, check_supported)
-from .layers import tokens_to_nchw
 from .transformer import (LAYER_NORM, NUM_STAGES, PATCH_SIZES, PatchEmbed,
                           build_norm, optional_norm)
 from .window_attention import ShiftWindowAttention
@@ -134,8 +133,8 @@ class AgentSwinTransformer(AgentBackbone):
         kwargs: ``pretrain_img_size``, ``in_channels``, ``qkv_bias``,
             ``qk_scale``, ``drop_rate``, ``attn_drop_rate``,
             ``drop_path_rate``, ``norm_cfg``, ``act_cfg``, ``out_indices``,
-            ``frozen_stages``, ``with_cp``, ``attn_impl``,
-            ``bias_cache_size``, ``bias_cache_admit_after``,
+            ``frozen_stages``, ``with_cp``, ``channels_last_outputs``,
+            ``attn_impl``, ``bias_cache_size``, ``bias_cache_admit_after``,
             ``bias_cache_max_mb``, ``convert_weights``, ``pretrained``,
             ``init_cfg``; see
             :class:`AgentBackbone`.
@@ -267,7 +266,7 @@ class AgentSwinTransformer(AgentBackbone):
             x = stage(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(x)
-                outs.append(tokens_to_nchw(out, hw_shape))
+                outs.append(self.stage_output(out, hw_shape))
             if stage.downsample is not None:
                 x, hw_shape = stage.downsample(x, hw_shape)
         return tuple(outs)
