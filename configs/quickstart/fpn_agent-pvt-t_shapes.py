@@ -23,6 +23,10 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         # agent grids sized for small inputs (token grids 32, 16, 8, 4)
         agent_shapes=[(12, 12), (16, 16), (7, 7), (7, 7)],
+        # the stage outputs as channels-last views: the neck's and head's
+        # convolutions run in that layout (a training step in 0.92-0.94 of
+        # the time on an AMD EPYC, float32 and bfloat16)
+        channels_last_outputs=True,
         init_cfg=None),
     neck=dict(in_channels=[64, 128, 320, 512], out_channels=128),
     decode_head=dict(
