@@ -17,12 +17,11 @@ Example::
 """
 import argparse
 import json
+import mmap
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List
 
 import torch
@@ -31,14 +30,11 @@ from agent_mm.benchmark.cli import add_host_options, parse_size
 from agent_mm.benchmark.models import (DTYPES, FLOAT32, MODELS, in_precision,
                                        size_text)
 from agent_mm.utils import keep_freed_memory
-from agent_mm.utils.timing import eval_step
+from agent_mm.utils.allocator import TUNABLES_ENV
+from agent_mm.utils.timing import eval_step, measured_call
 
 AS_IT_COMES, KEPT = 'as it comes', 'kept'
 CPU = torch.device('cpu')
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure_in_this_process(args: argparse.Namespace) -> Dict[str, float]:
@@ -54,14 +50,10 @@ def measure_in_this_process(args: argparse.Namespace) -> Dict[str, float]:
     step = eval_step(model, torch.randn(1, 3, *args.size))
     for _ in range(args.warmup):
         step()
-    times, faults = [], []
-    for _ in range(args.repeats):
-        before, start = minor_faults(), time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-        faults.append(minor_faults() - before)
-    return dict(ms=1000 * statistics.median(times),
-                faults=statistics.median(faults))
+    calls = [measured_call(step, CPU) for _ in range(args.repeats)]
+    return dict(ms=1000 * statistics.median(c.seconds for c in calls),
+                faults=statistics.median(c.faulted_bytes // mmap.PAGESIZE
+                                         for c in calls))
 
 
 def child_command(args: argparse.Namespace, model: str,
@@ -77,7 +69,7 @@ def child_command(args: argparse.Namespace, model: str,
 def run_child(args: argparse.Namespace, model: str,
               setting: str) -> Dict[str, float]:
     # glibc's own tunables would override (or be overridden by) the setting
-    env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    env = {k: v for k, v in os.environ.items() if k != TUNABLES_ENV}
     result = subprocess.run(child_command(args, model, setting),
                             capture_output=True, text=True, env=env)
     if result.returncode:
