@@ -12,19 +12,23 @@ glibc_only = pytest.mark.skipif(
 
 # allocates and frees a 64 MB tensor (above glibc's 32 MB mmap limit) five
 # times after two warm-ups; prints whether the setting was applied and the
-# minor page faults of the five
+# median of the five allocations' minor page faults (the median: a stray
+# allocation of the interpreter's can leave one block where the heap cannot
+# reuse it)
 FAULTS_SCRIPT = '''
-import resource, sys, torch
+import resource, statistics, sys, torch
 from agent_mm.utils.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == 'keep' else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(2):
     torch.ones(16 * 2**20)
-before = faults()
+counts = []
 for _ in range(5):
+    before = faults()
     torch.ones(16 * 2**20)
-print(applied, faults() - before)
+    counts.append(faults() - before)
+print(applied, statistics.median(counts))
 '''
 PAGES_OF_64_MB = 64 * 2**20 // os.sysconf('SC_PAGE_SIZE')
 
@@ -44,7 +48,7 @@ def allocation_faults(mode: str, tunables: str = None):
 def test_freed_memory_is_reused_without_page_faults():
     _, released = allocation_faults('default')
     applied, kept = allocation_faults('keep')
-    assert released > 4 * PAGES_OF_64_MB  # each allocation mapped afresh
+    assert released > 0.9 * PAGES_OF_64_MB  # each allocation mapped afresh
     assert applied == 'True'
     assert kept < PAGES_OF_64_MB / 10
 
@@ -54,7 +58,7 @@ def test_malloc_tunables_of_the_user_are_left_alone():
     applied, faults = allocation_faults(
         'keep', tunables='glibc.malloc.trim_threshold=131072')
     assert applied == 'False'
-    assert faults > 4 * PAGES_OF_64_MB
+    assert faults > 0.9 * PAGES_OF_64_MB
 
 
 def test_thresholds_are_set_only_where_mallopt_exists(monkeypatch):
