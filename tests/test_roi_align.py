@@ -107,3 +107,17 @@ def test_mmdet_roi_extractor_builds_it_by_name():
         featmap_strides=[8, 16])
     assert all(isinstance(layer, SparseRoIAlign)
                for layer in extractor.roi_layers)
+
+
+@pytest.mark.parametrize('grad', [True, False])
+def test_channels_last_features_give_the_nchw_result(grad):
+    # mmcv's kernels read channels-last memory as if it were NCHW; the
+    # sparse path reads any layout, the fallback is given an NCHW copy
+    features, rois = _inputs()
+    layer = SparseRoIAlign(**SETTINGS[0])
+    channels_last = features.detach().to(
+        memory_format=torch.channels_last).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(channels_last, rois)
+        expected = RoIAlign(**SETTINGS[0])(features.detach(), rois)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -159,14 +159,16 @@ class SparseRoIAlign(RoIAlign):
     Use it in an mmdet config as ``roi_layer=dict(type='SparseRoIAlign',
     ...)`` once ``agent_mm.det`` is imported (mmdet's RoI extractors look
     their layer up in ``mmcv.ops``). Max pooling, torchvision's kernel, GPU
-    tensors and calls without gradients run mmcv's RoIAlign unchanged.
+    tensors and calls without gradients run mmcv's RoIAlign, given NCHW
+    features: channels-last ones (a backbone's ``channels_last_outputs``
+    through an FPN), which mmcv's kernels would read as NCHW, are copied.
     """
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         if (self.pool_mode != 'avg' or self.use_torchvision
                 or input.device.type != 'cpu' or not torch.is_grad_enabled()
                 or not input.requires_grad):
-            return super().forward(input, rois)
+            return super().forward(input.contiguous(), rois)
         # PyTorch's sparse products have no 16-bit CPU kernels: under
         # autocast (``--amp``) the product runs in float32, and the output
         # is given in the input's dtype, as mmcv's kernel gives it

@@ -123,7 +123,8 @@ class AgentBackbone(BaseModule):
             segmentation quick-start's training step: 0.92-0.94 of its
             time). Leave it off before mmcv's C++ ops, such as the RoIAlign
             of mmdet's two-stage heads, which read channels-last input
-            wrongly.
+            wrongly (``SparseRoIAlign`` of :mod:`agent_mm.det` takes
+            either layout).
         attn_impl: ``'fast'`` or ``'reference'`` agent attention.
         bias_cache_size: Input shapes whose bias maps each agent attention
             keeps in eval mode (0: none); see :class:`AgentAttention`.
