@@ -66,6 +66,16 @@ def yacs_cfgnode():
     return _CfgNode
 
 
+@pytest.fixture
+def log_messages(monkeypatch):
+    """The messages that backbone checkpoint loading logs."""
+    import agent_mm.models.checkpoint as checkpoint_module
+    messages = []
+    monkeypatch.setattr(checkpoint_module, 'print_log',
+                        lambda msg, **kwargs: messages.append(msg))
+    return messages
+
+
 @pytest.fixture(params=['dense', 'separable'])
 def bias_build(request, monkeypatch):
     """Runs a test with every bias map built by one dense product, then by

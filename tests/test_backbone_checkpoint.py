@@ -48,14 +48,6 @@ def _downstream_layout(state_dict):
             'meta': {'mmdet_version': '2.25.0', 'epoch': 12}}
 
 
-@pytest.fixture
-def log_messages(monkeypatch):
-    messages = []
-    monkeypatch.setattr(checkpoint_module, 'print_log',
-                        lambda msg, **kwargs: messages.append(msg))
-    return messages
-
-
 CASES = [
     (lambda: AgentPVT(**SMALL_PVT), 512),
     (lambda: AgentSwinTransformer(**SMALL_SWIN), 128),
@@ -220,74 +212,6 @@ def test_plain_imagenet_checkpoint_loads_shared_weights(tmp_path,
     num_agent_modules = len({k.rsplit('.attn.', 1)[0] for k in agent_keys})
     assert f'of {num_agent_modules} agent attention modules' in listed[0]
     assert 'an_bias' in listed[0] and 'dwc.weight' in listed[0]
-
-
-def _openmmlab_swin(scope, **settings):
-    """mmseg's or mmdet's own SwinTransformer, random weights."""
-    if scope == 'mmseg':
-        from mmseg.models.backbones import SwinTransformer
-    else:
-        from mmdet.models.backbones import SwinTransformer
-    torch.manual_seed(2)
-    model = SwinTransformer(**settings, drop_path_rate=0.)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(std=0.2)
-    model.eval()  # their train() returns None
-    return model
-
-
-# mmseg's pre-converted ImageNet files are a bare state dict; models trained
-# with mmdet / mmseg keep the backbone under "backbone." in "state_dict".
-OPENMMLAB_LAYOUTS = {
-    'mmseg': lambda weights: weights,
-    'mmdet': lambda weights: {'state_dict': {
-        f'backbone.{k}': v for k, v in weights.items()}},
-}
-
-
-@pytest.mark.parametrize('scope', ['mmseg', 'mmdet'])
-def test_openmmlab_swin_checkpoint_gives_that_swins_features(
-        tmp_path, log_messages, scope):
-    settings = dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4])
-    reference = _openmmlab_swin(scope, **settings)
-    path = str(tmp_path / f'{scope}_swin.pth')
-    torch.save(OPENMMLAB_LAYOUTS[scope](reference.state_dict()), path)
-
-    model = AgentSwinTransformer(**settings, attn_type='BBBB', init_cfg=dict(
-        type='Pretrained', checkpoint=path))
-    model.init_weights()
-    model.eval()
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        outs, expected = model(img), reference(img)
-    for out, ref in zip(outs, expected, strict=True):
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    assert any("OpenMMLab's layout" in m for m in log_messages)
-    assert any(f'Loaded {len(model.state_dict())}/' in m
-               for m in log_messages)
-
-
-def test_openmmlab_swin_checkpoint_loads_shared_weights_of_agent_swin(
-        tmp_path, log_messages):
-    reference = _openmmlab_swin('mmseg', **{
-        k: v for k, v in SMALL_SWIN.items() if k != 'attn_type'})
-    path = str(tmp_path / 'mmseg_swin.pth')
-    torch.save(reference.state_dict(), path)
-
-    model = AgentSwinTransformer(**SMALL_SWIN, init_cfg=dict(
-        type='Pretrained', checkpoint=path))
-    model.init_weights()
-    weights, own = reference.state_dict(), model.state_dict()
-    for key, original in [
-        ('stages.3.blocks.1.ffn.layers.0.0.weight',
-         'layers.3.blocks.1.mlp.fc1.weight'),
-        ('stages.0.blocks.0.attn.w_msa.qkv.bias',
-         'layers.0.blocks.0.attn.qkv.bias'),
-        ('patch_embed.projection.weight', 'patch_embed.proj.weight'),
-    ]:
-        assert torch.equal(own[original], weights[key]), original
-    assert any('agent-only parameters' in m for m in log_messages)
 
 
 def test_plain_checkpoint_of_an_unrelated_model_is_still_an_error(tmp_path):

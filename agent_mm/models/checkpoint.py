@@ -14,8 +14,9 @@ those of the agent backbones wherever the two models share a layer, so every
 shared weight is loaded, the plain model's own extras (spatial reduction and
 window position bias of blocks that are agent attention here, PVT's class
 token) are skipped, and the agent-only parameters are listed in the log.
-Swin weights in OpenMMLab's layout (mmseg's pre-converted ImageNet files,
-mmdet / mmseg Swin models) are converted back to the original layout first.
+Swin and PVT weights in OpenMMLab's layout (mmseg's pre-converted Swin files,
+models trained with mmdet / mmseg) are converted to the original layout first
+(:mod:`.openmmlab_layouts`).
 """
 import re
 from collections import OrderedDict
@@ -25,6 +26,8 @@ import torch.nn as nn
 from mmengine.logging import MMLogger, print_log
 from mmengine.runner import CheckpointLoader
 from torch import Tensor
+
+from .openmmlab_layouts import to_original_layout
 
 # Keys of released checkpoints that no backbone uses, skipped when loading:
 # the ImageNet classifier and the norm before it, and the shift masks that
@@ -38,20 +41,6 @@ PLAIN_ONLY_KEYS = (r'cls_token', r'.+\.attn\.(sr|norm)\..+',
 AGENT_ONLY_KEYS = r'(.+\.attn)\.((an|na|ah|aw|ha|wa)_bias|dwc\..+)'
 # Unexpected keys listed in an error message, at most.
 MAX_KEYS_SHOWN = 10
-# OpenMMLab's Swin (mmdet, mmseg) against the original layout: renamed
-# layers (patterns and their original names) and, in patch merging, the four
-# 2x2 neighbours' channels interleaved in nn.Unfold's order instead of
-# concatenated as x0, x1, x2, x3.
-OPENMMLAB_SWIN_KEY = r'stages\.\d+\.blocks\.\d+\..+'
-OPENMMLAB_SWIN_RENAMES = ((r'^stages\.', 'layers.'),
-                          (r'\.attn\.w_msa\.', '.attn.'),
-                          (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
-                          (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
-                          (r'^patch_embed\.projection\.', 'patch_embed.proj.'))
-OPENMMLAB_MERGING_KEY = r'stages\.\d+\.downsample\.(reduction|norm)\..+'
-# Unfold's neighbour order is (0, 0), (0, 1), (1, 0), (1, 1); the original
-# concatenates (0, 0), (1, 0), (0, 1), (1, 1): the middle two swap.
-UNFOLD_TO_CONCAT = [0, 2, 1, 3]
 
 
 def _strip_prefix(state_dict: Mapping[str, Tensor],
@@ -86,33 +75,6 @@ def extract_backbone_state_dict(checkpoint: Mapping) -> Dict[str, Tensor]:
                 for k, v in state_dict.items() if k.startswith('backbone.')
             }, 'backbone.')
     return state_dict
-
-
-def merging_channels_in_concat_order(value: Tensor) -> Tensor:
-    """A patch-merging weight or norm parameter whose last dimension (4C)
-    is in nn.Unfold's order (channel-major) in the original's (neighbour
-    blocks of C, concatenated)."""
-    by_neighbour = value.unflatten(-1, (-1, 4)).transpose(-1, -2)
-    return by_neighbour[..., UNFOLD_TO_CONCAT, :].flatten(-2)
-
-
-def from_openmmlab_swin_layout(
-        state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """The original Swin layout of a state dict in OpenMMLab's (mmdet /
-    mmseg ``SwinTransformer``, mmseg's pre-converted ImageNet files)."""
-    converted = OrderedDict()
-    for key, value in state_dict.items():
-        if re.fullmatch(OPENMMLAB_MERGING_KEY, key):
-            value = merging_channels_in_concat_order(value)
-        for pattern, original in OPENMMLAB_SWIN_RENAMES:
-            key = re.sub(pattern, original, key)
-        converted[key] = value
-    return converted
-
-
-def in_openmmlab_swin_layout(state_dict: Mapping[str, Tensor]) -> bool:
-    """Whether ``state_dict`` holds Swin blocks in OpenMMLab's layout."""
-    return any(re.fullmatch(OPENMMLAB_SWIN_KEY, key) for key in state_dict)
 
 
 def check_shapes(module: nn.Module, state_dict: Mapping[str, Tensor],
@@ -212,12 +174,11 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
     logger = MMLogger.get_current_instance()
     checkpoint = CheckpointLoader.load_checkpoint(
         filename, map_location='cpu', logger=logger)
-    state_dict = extract_backbone_state_dict(checkpoint)
-    if in_openmmlab_swin_layout(state_dict):
-        print_log(
-            f'{filename}: Swin weights in OpenMMLab\'s layout (mmdet / mmseg),'
-            ' converted to the original layout', logger='current')
-        state_dict = from_openmmlab_swin_layout(state_dict)
+    state_dict, layout = to_original_layout(
+        extract_backbone_state_dict(checkpoint))
+    if layout:
+        print_log(f'{filename}: weights in {layout} layout, converted to the '
+                  'original layout', logger='current')
     state_dict = drop_class_token(module, state_dict)
     source = f'Checkpoint {filename!r}'
     check_shapes(module, state_dict, source)
