@@ -1,5 +1,5 @@
-"""Checks and tiny backbones shared by the AgentPVT, AgentSwinTransformer
-and settings tests."""
+"""Checks, tiny backbones and checkpoint layouts shared by the AgentPVT,
+AgentSwinTransformer, settings and checkpoint tests."""
 import re
 import warnings
 
@@ -213,3 +213,22 @@ def quantized_dynamically(module: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         return torch.ao.quantization.quantize_dynamic(module, {nn.Linear})
+
+
+def random_weights(model: nn.Module, seed: int = 1,
+                   std: float = 1.0) -> nn.Module:
+    """``model`` with every parameter drawn from N(0, std²), seeded."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=std)
+    return model
+
+
+def downstream_layout(state_dict):
+    """``state_dict`` as the backbone of a detector checkpoint of mmdet."""
+    weights = {f'backbone.{k}': v for k, v in state_dict.items()}
+    weights['neck.lateral_convs.0.conv.weight'] = torch.zeros(256, 64, 1, 1)
+    weights['rpn_head.rpn_conv.weight'] = torch.zeros(256, 256, 3, 3)
+    return {'state_dict': weights,
+            'meta': {'mmdet_version': '2.25.0', 'epoch': 12}}

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+from backbone_checks import downstream_layout, random_weights
 
 import agent_mm.models.checkpoint as checkpoint_module
 from agent_mm.models import (AgentPVT, AgentSwinTransformer,
@@ -14,12 +15,7 @@ SMALL_SWIN = dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
 
 
 def _source(build):
-    torch.manual_seed(1)
-    model = build()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_()
-    return model
+    return random_weights(build())
 
 
 def _imagenet_layout(state_dict, yacs_cfgnode, num_features):
@@ -40,14 +36,6 @@ def _imagenet_layout(state_dict, yacs_cfgnode, num_features):
     }
 
 
-def _downstream_layout(state_dict):
-    weights = {f'backbone.{k}': v for k, v in state_dict.items()}
-    weights['neck.lateral_convs.0.conv.weight'] = torch.zeros(256, 64, 1, 1)
-    weights['rpn_head.rpn_conv.weight'] = torch.zeros(256, 256, 3, 3)
-    return {'state_dict': weights,
-            'meta': {'mmdet_version': '2.25.0', 'epoch': 12}}
-
-
 CASES = [
     (lambda: AgentPVT(**SMALL_PVT), 512),
     (lambda: AgentSwinTransformer(**SMALL_SWIN), 128),
@@ -64,7 +52,7 @@ def test_released_layouts_load_every_backbone_key(tmp_path, yacs_cfgnode,
     if layout == 'imagenet':
         saved = _imagenet_layout(state_dict, yacs_cfgnode, num_features)
     else:
-        saved = _downstream_layout(state_dict)
+        saved = downstream_layout(state_dict)
     path = str(tmp_path / f'{layout}.pth')
     with yacs_cfgnode.importable():
         torch.save(saved, path)

@@ -2,6 +2,7 @@
 backbones as the original weights would."""
 import pytest
 import torch
+from backbone_checks import downstream_layout, random_weights
 
 from agent_mm.models import AgentPVT, AgentSwinTransformer
 from agent_mm.models.openmmlab_layouts import to_original_layout
@@ -18,11 +19,8 @@ def _openmmlab_backbone(name, **settings):
         from mmdet.models.backbones import SwinTransformer as backbone
     else:
         from mmdet.models.backbones import PyramidVisionTransformer as backbone
-    torch.manual_seed(2)
-    model = backbone(**settings, drop_path_rate=0.)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(std=0.2)
+    model = random_weights(backbone(**settings, drop_path_rate=0.), seed=2,
+                           std=0.2)
     model.eval()  # their train() returns None
     return model
 
@@ -33,14 +31,10 @@ def _bare(weights):
     return weights
 
 
-def _downstream(weights):
-    return {'state_dict': {f'backbone.{k}': v for k, v in weights.items()}}
-
-
 @pytest.mark.parametrize('name, agent_backbone, settings, layout', [
     ('mmseg_swin', AgentSwinTransformer, SWIN, _bare),
-    ('mmdet_swin', AgentSwinTransformer, SWIN, _downstream),
-    ('mmdet_pvt', AgentPVT, PVT, _downstream),
+    ('mmdet_swin', AgentSwinTransformer, SWIN, downstream_layout),
+    ('mmdet_pvt', AgentPVT, PVT, downstream_layout),
 ])
 def test_weights_give_that_backbones_features(tmp_path, log_messages, name,
                                               agent_backbone, settings,

@@ -72,6 +72,7 @@ def pvt_block_weights(stage: int, block: int, name: str,
     for openmmlab, original in PVT_BLOCK_RENAMES:
         if name.startswith(openmmlab):
             name = original + name[len(openmmlab):]
+            break
     if value.dim() == 4 and name.startswith('mlp.'):
         value = value.flatten(1)  # 1x1 convolution -> linear
     return {prefix + name: value}
@@ -83,17 +84,15 @@ def pvt_from_openmmlab(
     has_pos_embed = any(re.fullmatch(PVT_POS_EMBED, k) for k in state_dict)
     converted = OrderedDict()
     for key, value in state_dict.items():
-        patch_embed = re.fullmatch(PVT_PATCH_EMBED, key)
-        pos_embed = re.fullmatch(PVT_POS_EMBED, key)
-        block = re.fullmatch(PVT_BLOCK, key)
-        if patch_embed:
-            stage, layer, name = patch_embed.groups()
+        # the position embedding first: its key also has a block's form
+        if match := re.fullmatch(PVT_POS_EMBED, key):
+            converted[f'pos_embed{int(match[1]) + 1}'] = value
+        elif match := re.fullmatch(PVT_PATCH_EMBED, key):
+            stage, layer, name = match.groups()
             layer = 'proj' if layer == 'projection' else layer
             converted[f'patch_embed{int(stage) + 1}.{layer}.{name}'] = value
-        elif pos_embed:
-            converted[f'pos_embed{int(pos_embed[1]) + 1}'] = value
-        elif block:
-            stage, index, name = block.groups()
+        elif match := re.fullmatch(PVT_BLOCK, key):
+            stage, index, name = match.groups()
             converted.update(
                 pvt_block_weights(
                     int(stage),
@@ -108,9 +107,8 @@ def to_original_layout(
 ) -> Tuple[Mapping[str, Tensor], Optional[str]]:
     """``state_dict`` in the original layout, and the name of the
     OpenMMLab layout it was converted from (None if it was not)."""
-    keys = list(state_dict)
-    if any(re.fullmatch(SWIN_KEY, key) for key in keys):
+    if any(re.fullmatch(SWIN_KEY, key) for key in state_dict):
         return swin_from_openmmlab(state_dict), "mmdet / mmseg's Swin"
-    if any(re.fullmatch(PVT_KEY, key) for key in keys):
+    if any(re.fullmatch(PVT_KEY, key) for key in state_dict):
         return pvt_from_openmmlab(state_dict), "mmdet's PVT"
     return state_dict, None
