@@ -8,10 +8,11 @@ import torch
 from agent_mm.models import bias_maps
 from agent_mm.models.bias_maps import (batched_matmul, builds_by_product,
                                        interpolation_matrix, left_matmul,
-                                       on_agent_grid, pool_tokens,
-                                       pooling_matrix, resize,
-                                       resize_by_matmul, resize_tokens,
-                                       separable_bias, to_agent_grid)
+                                       linear_weights, on_agent_grid,
+                                       pool_tokens, pooling_matrix, resize,
+                                       resize_by_matmul, resize_rows_into,
+                                       resize_tokens, row_runs, separable_bias,
+                                       to_agent_grid)
 from agent_mm.models.layers import map_to_tokens, tokens_to_map
 
 
@@ -92,6 +93,87 @@ def test_on_agent_grid_resizes_each_tokens_agent_map():
     per_token = source.permute(0, 2, 3, 1).reshape(90, 1, 4, 4)
     expected = resize(per_token, (7, 9)).reshape(3, 5, 6, 63)
     torch.testing.assert_close(mapped, expected, atol=1e-5, rtol=1e-5)
+
+
+# up (the models' 7 rows to token grids), down, equal, from a single row
+@pytest.mark.parametrize('size_in, size_out', [(7, 50), (7, 200), (14, 9),
+                                               (7, 7), (2, 9), (1, 5)])
+def test_resize_rows_into_is_linear_resizing_plus_the_row_term(
+        size_in, size_out):
+    runs, fractions = row_runs(size_in, size_out)
+    # consecutive runs covering every output row once
+    assert [run[1] for run in runs] == [0] + [run[2] for run in runs[:-1]]
+    assert runs[-1][2] == size_out and fractions.shape == (size_out, )
+    src = torch.randn(3, size_in, 4, 5, dtype=torch.float64)
+    row_term = torch.randn(3, size_out, 1, 5, dtype=torch.float64)
+    out = torch.full((3, size_out, 4, 5), float('nan'), dtype=torch.float64)
+    assert resize_rows_into(out, src, row_term) is out
+    expected = torch.einsum('yi,bixa->byxa', linear_weights(size_in, size_out),
+                            src) + row_term
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def _count_calls(monkeypatch, module, name):
+    """The calls of ``module.name`` made while the test runs (a list that
+    grows by one per call)."""
+    calls, function = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('into_out', [False, True])
+def test_a_token_major_map_without_autograd_is_built_by_rows(
+        dtype, into_out, monkeypatch):
+    monkeypatch.setattr(bias_maps, 'builds_by_product', lambda *args: False)
+    by_rows = _count_calls(monkeypatch, bias_maps, 'resize_rows_into')
+    sources = [
+        torch.randn(2, 16, 7, 7, dtype=dtype, requires_grad=True),
+        torch.randn(2, 16, 14, 1, dtype=dtype, requires_grad=True),
+        torch.randn(2, 16, 1, 14, dtype=dtype, requires_grad=True)
+    ]
+    grids = (25, 42), (12, 12)
+    with torch.no_grad():
+        products = separable_bias(*sources, *grids, True)
+        assert not by_rows
+        out = torch.empty_like(products) if into_out else None
+        bias = separable_bias(
+            *sources, *grids, True, out=out, differentiable=False)
+    assert len(by_rows) == 1 and bias.is_contiguous()
+    if into_out:
+        assert bias.data_ptr() == out.data_ptr()
+    # the same values to the rounding of float32 (the resizing weights'
+    # precision); a float32 map sums its terms in float32
+    torch.testing.assert_close(bias, products, atol=2e-6, rtol=1e-5)
+    literal = literal_bias(*sources, *grids)
+    atol = 1e-6 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(bias, literal, atol=atol, rtol=1e-5)
+
+
+def test_maps_that_autograd_records_or_in_bfloat16_keep_the_products(
+        monkeypatch):
+    monkeypatch.setattr(bias_maps, 'builds_by_product', lambda *args: False)
+    by_rows = _count_calls(monkeypatch, bias_maps, 'resize_rows_into')
+    sources = [
+        torch.randn(2, 16, 7, 7, requires_grad=True),
+        torch.randn(2, 16, 14, 1),
+        torch.randn(2, 16, 1, 14)
+    ]
+    grids = (25, 42), (12, 12)
+    # gradients enabled for a trained source: recorded, whatever is asked
+    bias = separable_bias(*sources, *grids, True, differentiable=False)
+    assert bias.requires_grad
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        separable_bias(*sources, *grids, True, differentiable=False)
+    # agent-major maps are one product per agent in any case
+    with torch.no_grad():
+        separable_bias(*sources, *grids, False, differentiable=False)
+    assert not by_rows
 
 
 def literal_bias(full, rows, cols, hw, agent_shape):

@@ -202,7 +202,7 @@ class AgentAttention(BaseModule):
         if frozen:
             return self.bias_cache.get(
                 hw_shape, self._maps_version(),
-                lambda: self._build_biases(hw_shape),
+                lambda: self._build_biases(hw_shape, frozen=True),
                 lambda: self._biases_for_once(hw_shape),
                 self.bias_params())
         return self._build_biases(hw_shape)
@@ -215,7 +215,7 @@ class AgentAttention(BaseModule):
                 math.prod(self.agent_shape), self.head_dims, self.agent_num,
                 compute_dtype(self.an_bias), self.an_bias.device):
             return self.folded_biases(hw_shape)
-        return self._build_biases(hw_shape, for_once=True)
+        return self._build_biases(hw_shape, frozen=True, for_once=True)
 
     def folded_biases(self, hw_shape: Tuple[int, int]) -> FoldedBias:
         """Both biases as low-rank factors
@@ -234,10 +234,12 @@ class AgentAttention(BaseModule):
 
     def _build_biases(self,
                       hw_shape: Tuple[int, int],
+                      frozen: bool = False,
                       for_once: bool = False) -> Tuple[Tensor, Tensor]:
         """Both maps, the token→agent one with :meth:`key_agents` agents;
-        with ``for_once``, written into the buffers of the open workspace
-        (:mod:`.workspace`), if any."""
+        ``frozen`` ones (for inference, see :meth:`biases`) by the fastest
+        build without autograd, and with ``for_once`` written into the
+        buffers of the open workspace (:mod:`.workspace`), if any."""
         maps = []
         for token_major, sources in zip((False, True), self.bias_sources()):
             agents = (self.key_agents()
@@ -246,7 +248,10 @@ class AgentAttention(BaseModule):
                    if for_once else None)
             maps.append(
                 self.bias_builder(hw_shape, token_major)(
-                    *sources, out=out, agent_count=agents))
+                    *sources,
+                    out=out,
+                    agent_count=agents,
+                    differentiable=not frozen))
         return tuple(maps)
 
     def key_agents(self) -> int:
