@@ -470,9 +470,9 @@ def _token_major_by_rows(full: Tensor, rows: Tensor, cols: Tensor,
     (:func:`resize_rows_into`): the full source resized along the width,
     with the column term added to each of its ``f_h`` rows (the resizing
     weights of a token row sum to 1), resized along the height, plus the
-    row term. At Agent-PVT-T's stage 1 and 3 maps (1024² and 800×1216
-    inputs, float32) the build took 0.83 of the product's time, inside a
-    forward that builds them 0.94-0.95 (docs/benchmark)."""
+    row term. Agent-PVT-T's maps for a 1024² or 800×1216 input (float32)
+    took 0.76-0.85 of the time built this way, and a forward that builds
+    them 0.95-0.99; Agent-Swin-T's at 800×1344, 0.95 (docs/benchmark)."""
     heads, full_h, full_w, agents = full.shape
     along_width = torch.einsum(
         'xj,eija->eixa', interpolation_weights(full_w, width, full), full)
