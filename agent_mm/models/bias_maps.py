@@ -116,7 +116,7 @@ def bilinear_weights(shape_in: Tuple[int, int],
     return (rows[:, None, :, None] * cols[None, :, None, :]).flatten(2)
 
 
-@functools.lru_cache(maxsize=128)
+@cached_weights
 def row_runs(size_in: int,
              size_out: int) -> Tuple[Tuple[Tuple[int, int, int], ...], Tensor]:
     """:func:`linear_weights` as runs of output rows that read the same two
