@@ -438,16 +438,10 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     more than a pass over the map, while 16-bit products (or any under
     autocast) are cheap beside the memory they write.
     """
-    heads, full_h, full_w, agents = full.shape
+    heads, full_h, _, agents = full.shape
     fold_rows = dtype.itemsize < 4
     row_weights = interpolation_weights(rows.shape[1], height, full)
-    right = [
-        torch.einsum('xj,eija->eixa',
-                     interpolation_weights(full_w, width, full), full),
-        torch.einsum('xj,eja->exa',
-                     interpolation_weights(cols.shape[1], width, full),
-                     cols).unsqueeze(1)
-    ]
+    right = list(_along_width(full, cols, width))
     left = [
         interpolation_weights(full_h, height, full),
         full.new_ones(height, 1)
@@ -462,6 +456,19 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     return bias.reshape(heads, height * width, agents)
 
 
+def _along_width(full: Tensor, cols: Tensor,
+                 width: int) -> Tuple[Tensor, Tensor]:
+    """The full source ``(heads, f_h, f_w, n)`` and the column source
+    ``(heads, r_w, n)`` resized to the token grid's ``width``: ``(heads,
+    f_h, W, n)`` and ``(heads, 1, W, n)``."""
+    full_w = full.shape[2]
+    return (torch.einsum('xj,eija->eixa',
+                         interpolation_weights(full_w, width, full), full),
+            torch.einsum('xj,eja->exa',
+                         interpolation_weights(cols.shape[1], width, full),
+                         cols).unsqueeze(1))
+
+
 def _token_major_by_rows(full: Tensor, rows: Tensor, cols: Tensor,
                          height: int, width: int, dtype: torch.dtype,
                          out: Optional[Tensor]) -> Tensor:
@@ -473,19 +480,16 @@ def _token_major_by_rows(full: Tensor, rows: Tensor, cols: Tensor,
     row term. Agent-PVT-T's maps for a 1024² or 800×1216 input (float32)
     took 0.76-0.85 of the time built this way, and a forward that builds
     them 0.95-0.99; Agent-Swin-T's at 800×1344, 0.95 (docs/benchmark)."""
-    heads, full_h, full_w, agents = full.shape
-    along_width = torch.einsum(
-        'xj,eija->eixa', interpolation_weights(full_w, width, full), full)
-    along_width += torch.einsum(
-        'xj,eja->exa', interpolation_weights(cols.shape[1], width, full),
-        cols).unsqueeze(1)
+    heads, _, _, agents = full.shape
+    full_term, col_term = _along_width(full, cols, width)
     row_term = torch.einsum(
         'yi,eia->eya', interpolation_weights(rows.shape[1], height, full),
         rows)
     bias = (full.new_empty(heads, height * width, agents, dtype=dtype)
             if out is None else out)
     resize_rows_into(
-        bias.view(heads, height, width, agents), along_width.to(dtype),
+        bias.view(heads, height, width, agents),
+        full_term.add_(col_term).to(dtype),
         row_term.to(dtype).unsqueeze(2))
     return bias
 
