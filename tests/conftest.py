@@ -88,6 +88,24 @@ def bias_build(request, monkeypatch):
 
 
 @pytest.fixture
+def maps_by_rows(monkeypatch):
+    """The calls of ``bias_maps.resize_rows_into`` made while the test runs
+    (the calls still compute), with every bias map built separably, never
+    by one dense product (maps of small test sizes would be)."""
+    from agent_mm.models import bias_maps
+    monkeypatch.setattr(bias_maps, 'builds_by_product', lambda *args: False)
+    calls = []
+    resize_rows_into = bias_maps.resize_rows_into
+
+    def spy(*args):
+        calls.append(args)
+        return resize_rows_into(*args)
+
+    monkeypatch.setattr(bias_maps, 'resize_rows_into', spy)
+    return calls
+
+
+@pytest.fixture
 def sdpa_masks(monkeypatch):
     """The ``attn_mask`` of every ``scaled_dot_product_attention`` call made
     while the test runs, in order (the calls still compute)."""

@@ -449,27 +449,20 @@ def test_maps_cached_in_inference_mode_serve_a_frozen_module_with_autograd():
 
 @pytest.mark.parametrize('cache_size', [0, BIAS_CACHE_SIZE])
 def test_inference_maps_are_built_by_rows_and_training_maps_by_products(
-        cache_size, monkeypatch):
-    from agent_mm.models import bias_maps
-    monkeypatch.setattr(bias_maps, 'builds_by_product', lambda *args: False)
-    by_rows = []
-    resize_rows_into = bias_maps.resize_rows_into
-    monkeypatch.setattr(
-        bias_maps, 'resize_rows_into',
-        lambda *args: by_rows.append(args) or resize_rows_into(*args))
+        cache_size, maps_by_rows):
     module, reference = _pair(
         False, bias_cache_size=cache_size, bias_cache_admit_after=1)
     x = torch.randn(2, 8 * 8, 32)
     with torch.no_grad():
         out = module(x, (8, 8))
     # the token-major map of the forward (cached or not)
-    assert len(by_rows) == 1
+    assert len(maps_by_rows) == 1
     torch.testing.assert_close(out, reference(x, 8, 8))
     module.train()
     module(x, (8, 8)).sum().backward()  # maps built in forward and backward
     module.eval()
     module(x, (8, 8))  # eval with autograd on the trained biases
-    assert len(by_rows) == 1
+    assert len(maps_by_rows) == 1
 
 
 def test_bfloat16_inference_by_blocks_is_as_close_to_float32_as_fused(

@@ -273,6 +273,29 @@ def test_blocked_attention_tool_prints_a_row_per_model_and_size(
                for row in rows)
 
 
+def test_bias_map_tool_compares_the_builds_of_every_attention(
+        maps_by_rows, capsys):
+    # (maps this small are one dense product unless built separably)
+    tool = load_tool('benchmark_bias_maps')
+    model = MODELS['agent_pvt_t'].build().eval()
+    grids = tool.attention_grids(model, torch.randn(1, 3, 64, 96))
+    # PVT-T: two blocks a stage, token grids of strides 4 to 32
+    assert [grid for _, grid in grids] == [(16, 24)] * 2 + [(8, 12)] * 2 + [
+        (4, 6)] * 2 + [(2, 3)] * 2
+    tool.main(['--models', 'agent_pvt_t', 'agent_swin_t', '--sizes', '64',
+               '64x96', '--repeats', '1', '--threads', '1'])
+    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| Agent-')]
+    assert [row[:2] for row in rows] == [
+        ['| Agent-PVT-T', '64×64'], ['| Agent-PVT-T', '64×96'],
+        ['| Agent-Swin-T', '64×64'], ['| Agent-Swin-T', '64×96']]
+    assert all(float(row[2]) > 0 and float(row[5]) > 0 for row in rows)
+    # the model's build wrote its token-major maps by rows, and the two
+    # builds agree
+    assert maps_by_rows
+    assert all(float(row[8].rstrip(' |')) < 1e-5 for row in rows)
+
+
 def test_freed_memory_tool_alternates_processes_and_reports_ratios(capsys):
     tool = load_tool('benchmark_freed_memory')
     tool.main(['--models', 'agent_pvt_t', '--size', '64', '--pairs', '1',

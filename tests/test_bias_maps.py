@@ -113,25 +113,10 @@ def test_resize_rows_into_is_linear_resizing_plus_the_row_term(
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
-def _count_calls(monkeypatch, module, name):
-    """The calls of ``module.name`` made while the test runs (a list that
-    grows by one per call)."""
-    calls, function = [], getattr(module, name)
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return function(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('into_out', [False, True])
 def test_a_token_major_map_without_autograd_is_built_by_rows(
-        dtype, into_out, monkeypatch):
-    monkeypatch.setattr(bias_maps, 'builds_by_product', lambda *args: False)
-    by_rows = _count_calls(monkeypatch, bias_maps, 'resize_rows_into')
+        dtype, into_out, maps_by_rows):
     sources = [
         torch.randn(2, 16, 7, 7, dtype=dtype, requires_grad=True),
         torch.randn(2, 16, 14, 1, dtype=dtype, requires_grad=True),
@@ -140,11 +125,11 @@ def test_a_token_major_map_without_autograd_is_built_by_rows(
     grids = (25, 42), (12, 12)
     with torch.no_grad():
         products = separable_bias(*sources, *grids, True)
-        assert not by_rows
+        assert not maps_by_rows
         out = torch.empty_like(products) if into_out else None
         bias = separable_bias(
             *sources, *grids, True, out=out, differentiable=False)
-    assert len(by_rows) == 1 and bias.is_contiguous()
+    assert len(maps_by_rows) == 1 and bias.is_contiguous()
     if into_out:
         assert bias.data_ptr() == out.data_ptr()
     # the same values to the rounding of float32 (the resizing weights'
@@ -156,9 +141,7 @@ def test_a_token_major_map_without_autograd_is_built_by_rows(
 
 
 def test_maps_that_autograd_records_or_in_bfloat16_keep_the_products(
-        monkeypatch):
-    monkeypatch.setattr(bias_maps, 'builds_by_product', lambda *args: False)
-    by_rows = _count_calls(monkeypatch, bias_maps, 'resize_rows_into')
+        maps_by_rows):
     sources = [
         torch.randn(2, 16, 7, 7, requires_grad=True),
         torch.randn(2, 16, 14, 1),
@@ -173,7 +156,7 @@ def test_maps_that_autograd_records_or_in_bfloat16_keep_the_products(
     # agent-major maps are one product per agent in any case
     with torch.no_grad():
         separable_bias(*sources, *grids, False, differentiable=False)
-    assert not by_rows
+    assert not maps_by_rows
 
 
 def literal_bias(full, rows, cols, hw, agent_shape):

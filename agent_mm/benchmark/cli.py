@@ -3,6 +3,7 @@
 (precisions, threads, seed)."""
 import argparse
 import os
+from typing import Iterable, Sequence
 
 from .models import DTYPES, FLOAT32, Size, check_dtypes
 
@@ -37,6 +38,22 @@ def add_dtype_option(parser: argparse.ArgumentParser) -> None:
         help='precisions, one or several of ' + ', '.join(DTYPES) +
         ' (default: float32); the others run the forward under '
         'torch.autocast with float32 parameters')
+
+
+def add_agent_model_options(parser: argparse.ArgumentParser,
+                            choices: Iterable[str], sizes: Sequence[Size],
+                            repeats: int) -> None:
+    """Add ``--models`` (keys of ``choices``; default Agent-PVT-T and
+    Agent-Swin-T), ``--sizes`` (default ``sizes``) and ``--repeats``
+    (default ``repeats``) to ``parser``."""
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        default=['agent_pvt_t', 'agent_swin_t'],
+        choices=list(choices))
+    parser.add_argument(
+        '--sizes', nargs='+', type=parse_size, default=list(sizes))
+    parser.add_argument('--repeats', type=int, default=repeats)
 
 
 def add_host_options(parser: argparse.ArgumentParser) -> None:

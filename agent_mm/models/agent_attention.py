@@ -202,10 +202,10 @@ class AgentAttention(BaseModule):
         if frozen:
             return self.bias_cache.get(
                 hw_shape, self._maps_version(),
-                lambda: self._build_biases(hw_shape, frozen=True),
+                lambda: self.build_biases(hw_shape, frozen=True),
                 lambda: self._biases_for_once(hw_shape),
                 self.bias_params())
-        return self._build_biases(hw_shape)
+        return self.build_biases(hw_shape)
 
     def _biases_for_once(self, hw_shape: Tuple[int, int]) -> Biases:
         """The biases of a forward whose maps are not cached: folded where
@@ -215,7 +215,7 @@ class AgentAttention(BaseModule):
                 math.prod(self.agent_shape), self.head_dims, self.agent_num,
                 compute_dtype(self.an_bias), self.an_bias.device):
             return self.folded_biases(hw_shape)
-        return self._build_biases(hw_shape, frozen=True, for_once=True)
+        return self.build_biases(hw_shape, frozen=True, for_once=True)
 
     def folded_biases(self, hw_shape: Tuple[int, int]) -> FoldedBias:
         """Both biases as low-rank factors
@@ -232,10 +232,10 @@ class AgentAttention(BaseModule):
             agent_grid_matrix, side, *self.agent_shape, like=queries)
         return FoldedBias(grid, keys.transpose(1, 2), queries)
 
-    def _build_biases(self,
-                      hw_shape: Tuple[int, int],
-                      frozen: bool = False,
-                      for_once: bool = False) -> Tuple[Tensor, Tensor]:
+    def build_biases(self,
+                     hw_shape: Tuple[int, int],
+                     frozen: bool = False,
+                     for_once: bool = False) -> Tuple[Tensor, Tensor]:
         """Both maps, the token→agent one with :meth:`key_agents` agents;
         ``frozen`` ones (for inference, see :meth:`biases`) by the fastest
         build without autograd, and with ``for_once`` written into the

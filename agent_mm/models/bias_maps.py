@@ -477,9 +477,10 @@ def _token_major_by_rows(full: Tensor, rows: Tensor, cols: Tensor,
     (:func:`resize_rows_into`): the full source resized along the width,
     with the column term added to each of its ``f_h`` rows (the resizing
     weights of a token row sum to 1), resized along the height, plus the
-    row term. Agent-PVT-T's maps for a 1024² or 800×1216 input (float32)
-    took 0.76-0.85 of the time built this way, and a forward that builds
-    them 0.95-0.99; Agent-Swin-T's at 800×1344, 0.95 (docs/benchmark)."""
+    row term. All maps of an uncached Agent-PVT-T or Agent-Swin-T forward
+    at 800×1216 to 1024² (float32) took 0.77-0.90 of the products' time
+    built this way, 1.4-4.5 % of the forward saved
+    (``tools/analysis_tools/benchmark_bias_maps.py``, docs/benchmark)."""
     heads, _, _, agents = full.shape
     full_term, col_term = _along_width(full, cols, width)
     row_term = torch.einsum(

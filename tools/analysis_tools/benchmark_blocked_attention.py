@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from agent_mm.benchmark.cli import add_host_options, parse_size
+from agent_mm.benchmark.cli import add_agent_model_options, add_host_options
 from agent_mm.benchmark.models import (DTYPES, MODELS, Size, in_precision,
                                        size_text)
 from agent_mm.ops.blocked_attention import (blocks_only,
@@ -73,13 +73,10 @@ def compare(key: str, size: Size, dtype: str, repeats: int) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument(
-        '--models', nargs='+', default=['agent_pvt_t', 'agent_swin_t'],
-        choices=[key for key in MODELS if key.startswith('agent_')])
-    parser.add_argument('--sizes', nargs='+', type=parse_size,
-                        default=[(1024, 1024), (800, 1344)])
+    add_agent_model_options(
+        parser, [key for key in MODELS if key.startswith('agent_')],
+        [(1024, 1024), (800, 1344)], 5)
     parser.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
-    parser.add_argument('--repeats', type=int, default=5)
     add_host_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
