@@ -18,6 +18,8 @@
   rate, bytes at the copy bandwidth, both measured in the same run);
 - :mod:`~agent_mm.benchmark.ops_alone`: every op of a forward timed in it
   and re-run alone (``profile_backbones.py --alone``);
-- :mod:`~agent_mm.benchmark.cli`: command-line pieces shared by the two
+- :mod:`~agent_mm.benchmark.attention_calls`: the agent attentions a
+  forward calls, with their token grids;
+- :mod:`~agent_mm.benchmark.cli`: command-line pieces shared by the
   tools.
 """

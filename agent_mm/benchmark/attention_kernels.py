@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..models.agent_attention import AgentAttention
 from ..models.layers import biased_attention
 from ..models.padded_agents import padded_agent_count
 from ..ops.blocked_attention import blocked_attention
 from ..utils.timing import interleaved_times
+from .attention_calls import attention_calls
 from .profile import CPU, attention_flops
 
 KEY_CHUNKS = 8
@@ -51,12 +51,11 @@ class Problem(NamedTuple):
 
 
 def model_problems(model: nn.Module, inputs: Tensor) -> List[Problem]:
-    """The distinct attentions of ``model``'s :class:`AgentAttention`
+    """The distinct attentions of ``model``'s agent attention
     modules in a forward of ``inputs`` (batch 1), in the order met."""
     problems: List[Problem] = []
-
-    def record(module: AgentAttention, args: tuple) -> None:
-        tokens = args[0].shape[1]
+    for module, hw_shape in attention_calls(model, inputs[:1]):
+        tokens = math.prod(hw_shape)
         agents = math.prod(module.agent_shape)
         shape = (module.num_heads, module.head_dims)
         for side, queries, keys in ((AGENTS_FROM_TOKENS, agents, tokens),
@@ -64,17 +63,6 @@ def model_problems(model: nn.Module, inputs: Tensor) -> List[Problem]:
             problem = Problem(side, shape[0], queries, keys, shape[1])
             if problem not in problems:
                 problems.append(problem)
-
-    hooks = [
-        module.register_forward_pre_hook(record)
-        for module in model.modules() if isinstance(module, AgentAttention)
-    ]
-    try:
-        with torch.no_grad():
-            model(inputs[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
     return problems
 
 

@@ -16,51 +16,27 @@ Example::
 """
 import argparse
 import statistics
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
-import torch.nn as nn
 
+from agent_mm.benchmark.attention_calls import AttentionCalls, attention_calls
 from agent_mm.benchmark.cli import add_agent_model_options, add_host_options
 from agent_mm.benchmark.models import MODELS, Size, reference_twin, size_text
-from agent_mm.models import AgentAttention
 from agent_mm.models.workspace import reuses_memory
 from agent_mm.utils.timing import Step, eval_step, interleaved_times
 
 CPU = torch.device('cpu')
-Grids = List[Tuple[AgentAttention, Tuple[int, int]]]
 
 
-def attention_grids(model: nn.Module, inputs: torch.Tensor) -> Grids:
-    """Every agent attention that ``model``'s forward of ``inputs`` calls,
-    with the token grid it attends over, in call order."""
-    grids: Grids = []
-
-    def record(module, args, kwargs):
-        hw_shape = kwargs['hw_shape'] if 'hw_shape' in kwargs else args[1]
-        grids.append((module, tuple(hw_shape)))
-
-    handles = [
-        module.register_forward_pre_hook(record, with_kwargs=True)
-        for module in model.modules() if isinstance(module, AgentAttention)
-    ]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grids
-
-
-def map_builds(grids: Grids, frozen: bool) -> Step:
-    """All maps of ``grids`` built into one workspace, without autograd:
+def map_builds(calls: AttentionCalls, frozen: bool) -> Step:
+    """All maps of ``calls`` built into one workspace, without autograd:
     as inference builds them (``frozen``), or as a forward with autograd
     would (by matrix products)."""
 
     @reuses_memory
     def build() -> None:
-        for module, hw_shape in grids:
+        for module, hw_shape in calls:
             module.build_biases(hw_shape, frozen=frozen, for_once=True)
 
     def step() -> None:
@@ -70,12 +46,12 @@ def map_builds(grids: Grids, frozen: bool) -> Step:
     return step
 
 
-def maps_compared(grids: Grids) -> Tuple[float, float]:
+def maps_compared(calls: AttentionCalls) -> Tuple[float, float]:
     """The maps' size in MB, and the largest difference between the two
     builds."""
     size, error = 0, 0.
     with torch.no_grad():
-        for module, hw_shape in grids:
+        for module, hw_shape in calls:
             built = module.build_biases(hw_shape, frozen=True)
             products = module.build_biases(hw_shape)
             for ours, theirs in zip(built, products):
@@ -88,16 +64,16 @@ def compare(key: str, size: Size, repeats: int) -> str:
     """One markdown row for model ``key`` at input ``size``."""
     model = MODELS[key].build(bias_cache_size=0).eval()
     inputs = torch.randn(1, 3, *size)
-    grids = attention_grids(model, inputs)
+    calls = attention_calls(model, inputs)
     steps = {
-        'products': map_builds(grids, frozen=False),
-        'model': map_builds(grids, frozen=True),
+        'products': map_builds(calls, frozen=False),
+        'model': map_builds(calls, frozen=True),
         'forward': eval_step(model, inputs)
     }
     times = interleaved_times(steps, 1, repeats, CPU)
     products, built, forward = (1000 * statistics.median(times[name])
                                 for name in steps)
-    megabytes, error = maps_compared(grids)
+    megabytes, error = maps_compared(calls)
     return (f'| {MODELS[key].label} | {size_text(size)} | {megabytes:.0f} '
             f'| {products:.1f} | {built:.1f} | {built / products:.3f} '
             f'| {forward:.0f} | {(products - built) / forward:.3f} '
