@@ -64,6 +64,20 @@ def test_blocked_attention_reads_heads_split_from_channels():
     torch.testing.assert_close(out, _reference(query, key, value, bias, 0.3))
 
 
+def test_the_heads_merge_without_a_copy_as_the_fused_kernels_do():
+    # queries split from (B, N, heads * d) tokens, as the model splits them
+    query, key, value, bias = _inputs(2, 3, 50, 7)
+    query = query.transpose(1, 2).contiguous().transpose(1, 2)
+    out = blocked_attention(query, key, value, bias, 0.3)
+    fused = F.scaled_dot_product_attention(query, key, value, bias[None])
+    assert out.shape == fused.shape == (2, 3, 50, 8)
+    assert out.stride() == fused.stride()
+    # (B, heads, L, d) laid out as (B, L, heads, d): (B, L, heads * d) is a
+    # view of it
+    merged = out.transpose(1, 2).view(2, 50, 24)
+    assert merged.data_ptr() == out.data_ptr()
+
+
 def test_blocked_attention_in_bfloat16_is_close_to_float32():
     query, key, value, bias = _inputs(1, 2, 500, 49, dims=32)
     expected = F.scaled_dot_product_attention(

@@ -10,8 +10,9 @@ ran hardly faster than float32 ones (Agent-PVT-T at 1024²: 364 against
 at 2.3 times float32's rate. There each attention is computed as
 ``addmm`` (the scaled logits plus the bias), ``softmax`` and ``mm``, one
 head at a time, over blocks of query rows whose logits stay within
-:data:`BLOCK_BYTES`, so that they stay in the caches and are reused from
-the allocator's heap (a full-size map would be fresh pages at every call).
+:data:`BLOCK_BYTES`, so that they stay in the caches, in one buffer reused
+by every block of the call (a full-size map would be fresh pages at every
+call).
 Side by side in bfloat16 on that CPU, a forward took 0.77-0.84 of the
 fused kernel's time for Agent-PVT-T (1024², 800×1344) and 0.91-0.96 for
 Agent-Swin-T (docs/benchmark/precision.md). With AMX the fused kernel was
@@ -119,7 +120,12 @@ def blocked_attention(query: Tensor, key: Tensor, value: Tensor,
 
     Each block is a product of matrices (``addmm``, ``mm``), which read
     the heads' strided views in place, where batched products of several
-    heads copied their operands first.
+    heads copied their operands first. Every block's logits are written
+    into one buffer of the call and turned into weights in place, and each
+    block's rows of the output are written where they belong: the output,
+    ``(B, heads, L, d)``, is laid out as ``(B, L, heads, d)``, as the fused
+    kernel lays out its output for queries split from tokens, so that
+    merging its heads is a view, not a copy.
 
     Raises:
         ValueError: ``bias`` is not ``(heads, L, S)`` for ``query`` and
@@ -128,16 +134,25 @@ def blocked_attention(query: Tensor, key: Tensor, value: Tensor,
     batch, heads, queries, _ = query.shape
     keys = key.shape[2]
     bias = checked_bias(bias, query, key)
-    out = query.new_empty(batch, heads, queries, value.shape[-1])
+    out = query.new_empty(batch, queries, heads,
+                          value.shape[-1]).transpose(1, 2)
     blocks = row_blocks(queries, keys, query.element_size())
+    logits = query.new_empty(_row_count(blocks[0], queries), keys)
     for image in range(batch):
         for head in range(heads):
             keys_t = key[image, head].t()
             for rows in blocks:
-                logits = torch.addmm(bias[head, rows],
-                                     query[image, head, rows],
-                                     keys_t,
-                                     alpha=scale)
-                torch.mm(logits.softmax(-1), value[image, head],
-                         out=out[image, head, rows])
+                block = logits[:_row_count(rows, queries)]
+                torch.addmm(bias[head, rows],
+                            query[image, head, rows],
+                            keys_t,
+                            alpha=scale,
+                            out=block)
+                torch.softmax(block, -1, out=block)
+                torch.mm(block, value[image, head], out=out[image, head, rows])
     return out
+
+
+def _row_count(rows: slice, queries: int) -> int:
+    """The number of rows of ``queries`` that ``rows`` takes."""
+    return len(range(queries)[rows])
