@@ -73,9 +73,8 @@ def test_the_heads_merge_without_a_copy_as_the_fused_kernels_do():
     assert out.shape == fused.shape == (2, 3, 50, 8)
     assert out.stride() == fused.stride()
     # (B, heads, L, d) laid out as (B, L, heads, d): (B, L, heads * d) is a
-    # view of it
-    merged = out.transpose(1, 2).view(2, 50, 24)
-    assert merged.data_ptr() == out.data_ptr()
+    # view of it (``view`` raises where merging would need a copy)
+    out.transpose(1, 2).view(2, 50, 24)
 
 
 def test_blocked_attention_in_bfloat16_is_close_to_float32():

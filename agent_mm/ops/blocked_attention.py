@@ -17,8 +17,10 @@ Side by side in bfloat16 on that CPU, a forward took 0.77-0.84 of the
 fused kernel's time for Agent-PVT-T (1024², 800×1344) and 0.85-0.96 for
 Agent-Swin-T (docs/benchmark/precision.md and README.md). With AMX the
 fused kernel was 1.3-2.5 times faster than explicit products over whole
-maps (blocks were not measured there), and in float32 it is faster on
-every CPU measured, or as fast: there it stays (:func:`prefers_blocks`).
+maps (blocks were not measured there). In float32 a forward with the
+blocks took 0.96-1.11 of the time of one with the fused kernel on that AMD
+EPYC, and none was measured with AMX: there the fused kernel stays
+(:func:`prefers_blocks`).
 :func:`fused_kernel_only` holds every attention to the fused kernel and
 :func:`blocks_only` to the blocks (in any precision, on any CPU), to
 compare the two (tools/analysis_tools/benchmark_blocked_attention.py).
