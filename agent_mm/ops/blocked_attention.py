@@ -139,22 +139,18 @@ def blocked_attention(query: Tensor, key: Tensor, value: Tensor,
     out = query.new_empty(batch, queries, heads,
                           value.shape[-1]).transpose(1, 2)
     blocks = row_blocks(queries, keys, query.element_size())
-    logits = query.new_empty(_row_count(blocks[0], queries), keys)
+    logits = query.new_empty(len(range(queries)[blocks[0]]), keys)
     for image in range(batch):
         for head in range(heads):
             keys_t = key[image, head].t()
             for rows in blocks:
-                block = logits[:_row_count(rows, queries)]
+                block_query = query[image, head, rows]
+                block = logits[:len(block_query)]
                 torch.addmm(bias[head, rows],
-                            query[image, head, rows],
+                            block_query,
                             keys_t,
                             alpha=scale,
                             out=block)
                 torch.softmax(block, -1, out=block)
                 torch.mm(block, value[image, head], out=out[image, head, rows])
     return out
-
-
-def _row_count(rows: slice, queries: int) -> int:
-    """The number of rows of ``queries`` that ``rows`` takes."""
-    return len(range(queries)[rows])
