@@ -324,3 +324,34 @@ def test_freed_memory_child_refuses_to_measure_what_it_cannot_keep(
     args.model = 'agent_pvt_t'
     with pytest.raises(SystemExit, match='cannot be kept'):
         tool.measure_in_this_process(args)
+
+
+def test_freed_memory_child_times_training_steps_of_the_batch(monkeypatch):
+    tool = load_tool('benchmark_freed_memory')
+    made = []
+
+    def train_step(model, inputs):
+        made.append((model.training, tuple(inputs.shape)))
+        return lambda: None
+
+    monkeypatch.setattr(tool, 'train_step', train_step)
+    args = tool.parse_args([
+        '--child', tool.AS_IT_COMES, '--size', '32x48', '--batch', '2',
+        '--train', '--warmup', '0', '--repeats', '1'
+    ])
+    args.model = 'agent_pvt_t'
+    tool.measure_in_this_process(args)
+    assert made == [(True, (2, 3, 32, 48))]
+
+
+def test_freed_memory_children_inherit_batch_and_training():
+    tool = load_tool('benchmark_freed_memory')
+    args = tool.parse_args(['--size', '32', '--batch', '4', '--train'])
+    child = tool.parse_args(
+        tool.child_command(args, 'agent_pvt_t', tool.KEPT)[2:])
+    assert (child.child, child.models) == (tool.KEPT, ['agent_pvt_t'])
+    assert (child.batch, child.train, child.size) == (4, True, (32, 32))
+    assert 'timed training steps' in tool.report(args, {}).splitlines()[0]
+    evaluating = tool.parse_args(['--size', '32'])
+    assert not tool.parse_args(
+        tool.child_command(evaluating, 'agent_pvt_t', tool.KEPT)[2:]).train

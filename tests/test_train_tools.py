@@ -140,6 +140,16 @@ def test_test_tool_keeps_freed_memory_before_testing(tmp_path, monkeypatch):
     assert calls == ['kept', 'tested']
 
 
+def test_train_tool_keeps_freed_memory_before_training(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_tool, 'keep_freed_memory',
+                        lambda: calls.append('kept'))
+    runner = SimpleNamespace(train=lambda: calls.append('trained'))
+    monkeypatch.setattr(train_tool, 'build_runner', lambda cfg: runner)
+    train_tool.main([QUICKSTART_SEG, '--work-dir', str(tmp_path)])
+    assert calls == ['kept', 'trained']
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     config = _write_config(tmp_path)

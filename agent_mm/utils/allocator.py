@@ -7,10 +7,11 @@ activations before the next one allocates them again, so every forward
 faults the same memory back in, a page at a time and zero-filled by the
 kernel: Agent-PVT-T at 1024² faulted 30-40 K pages a forward, the authors'
 code and mmdet's backbones far more (docs/benchmark/README.md, "Freed memory
-kept by the tools"). :func:`keep_freed_memory` turns both off for the rest
+kept by the tools"); a training step frees its activations after the
+backward pass alike. :func:`keep_freed_memory` turns both off for the rest
 of the process, as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:...`` does at
 start-up: the process then holds its peak instead of returning to it after
-every forward, as PyTorch's caching allocator does on GPUs.
+every forward or step, as PyTorch's caching allocator does on GPUs.
 """
 import ctypes
 import os
@@ -45,8 +46,11 @@ def keep_freed_memory() -> bool:
     """Keep freed memory in the process from now on: no block is mapped
     afresh and up to 2 GB of freed memory stay at the top of the heap.
 
-    For inference entry points (``tools/test.py``, ``tools/infer.py``);
-    training steps measured no gain from it (docs/quickstart_tuning.md).
+    The tools call it before they build the model (``tools/train.py``,
+    ``tools/test.py``, ``tools/infer.py``): it gains most where the
+    computation is fast next to the faults (high resolution, half precision,
+    fast CPUs), and cost no time in any measurement (docs/benchmark/README.md,
+    "Freed memory kept in training").
 
     Returns:
         Whether the setting was applied: False where the C library is not

@@ -1,12 +1,14 @@
-"""Eval forward times with glibc's allocator as it comes against freed
-memory kept in the process (:func:`agent_mm.utils.keep_freed_memory`, what
+"""Eval forward (or, with ``--train``, training step) times with glibc's
+allocator as it comes against freed memory kept in the process
+(:func:`agent_mm.utils.keep_freed_memory`, what ``tools/train.py``,
 ``tools/test.py`` and ``tools/infer.py`` do).
 
 The setting holds for a whole process, so each measurement is a child
 process of its own; the two settings alternate, model by model, pair after
 pair. Each child prints the median time and minor page faults of its
-forwards; the report gives, per model, the medians over the pairs and the
-ratio kept / as it comes.
+calls; the report gives, per model, the medians over the pairs and the
+ratio kept / as it comes. A training step is a forward and the backward of
+the sum of the outputs (:func:`agent_mm.utils.timing.train_step`).
 
 Example::
 
@@ -14,6 +16,8 @@ Example::
         --models agent_pvt_t agent_pvt_t_ref --size 1024 --pairs 3
     python tools/analysis_tools/benchmark_freed_memory.py \
         --models agent_swin_t swin_t --size 800x1344 --dtype bfloat16
+    python tools/analysis_tools/benchmark_freed_memory.py \
+        --models agent_pvt_t --size 128 --batch 8 --dtype bfloat16 --train
 """
 import argparse
 import json
@@ -31,23 +35,24 @@ from agent_mm.benchmark.models import (DTYPES, FLOAT32, MODELS, in_precision,
                                        size_text)
 from agent_mm.utils import keep_freed_memory
 from agent_mm.utils.allocator import TUNABLES_ENV
-from agent_mm.utils.timing import eval_step, measured_call
+from agent_mm.utils.timing import eval_step, measured_call, train_step
 
 AS_IT_COMES, KEPT = 'as it comes', 'kept'
 CPU = torch.device('cpu')
 
 
 def measure_in_this_process(args: argparse.Namespace) -> Dict[str, float]:
-    """Median forward milliseconds and minor faults of ``args.child``."""
+    """Median milliseconds and minor faults of ``args.child``'s calls."""
     if args.child == KEPT and not keep_freed_memory():
         raise SystemExit('freed memory cannot be kept here: the C library '
                          'is not glibc, or GLIBC_TUNABLES tunes malloc')
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = MODELS[args.model].build()
-    model.eval()  # mmdet's Swin returns None from eval()
+    model.train(args.train)  # mmdet's Swin returns None from train()
     model = in_precision(model, args.dtype, CPU)
-    step = eval_step(model, torch.randn(1, 3, *args.size))
+    make_step = train_step if args.train else eval_step
+    step = make_step(model, torch.randn(args.batch, 3, *args.size))
     for _ in range(args.warmup):
         step()
     calls = [measured_call(step, CPU) for _ in range(args.repeats)]
@@ -60,10 +65,11 @@ def child_command(args: argparse.Namespace, model: str,
                   setting: str) -> List[str]:
     return [
         sys.executable, __file__, '--child', setting, '--models', model,
-        '--size', 'x'.join(map(str, args.size)), '--dtype', args.dtype,
+        '--size', 'x'.join(map(str, args.size)), '--batch', str(args.batch),
+        '--dtype', args.dtype,
         '--warmup', str(args.warmup), '--repeats', str(args.repeats),
         '--threads', str(args.threads), '--seed', str(args.seed)
-    ]
+    ] + ['--train'] * args.train
 
 
 def run_child(args: argparse.Namespace, model: str,
@@ -80,13 +86,14 @@ def run_child(args: argparse.Namespace, model: str,
 
 def report(args: argparse.Namespace,
            runs: Dict[str, Dict[str, List[Dict[str, float]]]]) -> str:
+    call = 'training step' if args.train else 'forward'
     lines = [
         f'{size_text(args.size)}, {args.dtype}, {args.threads} threads, '
-        f'batch 1; per process {args.warmup} untimed and {args.repeats} timed '
-        f'forwards (median); medians over {args.pairs} pair(s) of '
-        'processes, the settings alternating', '',
+        f'batch {args.batch}; per process {args.warmup} untimed and '
+        f'{args.repeats} timed {call}s (median); medians over {args.pairs} '
+        'pair(s) of processes, the settings alternating', '',
         '| Model | ms, as it comes | ms, kept | kept / as it comes '
-        '| faults a forward, as it comes | faults, kept |',
+        f'| faults a {call}, as it comes | faults, kept |',
         '|---|---:|---:|---:|---:|---:|'
     ]
     for model, by_setting in runs.items():
@@ -106,6 +113,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         choices=MODELS)
     parser.add_argument('--size', type=parse_size, default=(1024, 1024),
                         help='input size, N or HxW (default: 1024)')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument(
+        '--train',
+        action='store_true',
+        help='time training steps (forward and backward) instead of eval '
+        'forwards')
     parser.add_argument('--dtype', default=FLOAT32, choices=list(DTYPES))
     parser.add_argument('--pairs', type=int, default=3,
                         help='processes per model and setting')
