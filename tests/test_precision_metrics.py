@@ -15,7 +15,9 @@ sys.path.insert(0, osp.join(REPO, 'tools'))
 import test as test_tool  # noqa: E402
 import train as train_tool  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# a few minutes on an AVX-512 CPU; several times that on a CPU without
+# native bfloat16 (AVX2 only), where the --amp forwards are emulated
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 # mixed precision may move a metric by at most this (mmseg reports
 # percentages, mmdet fractions)

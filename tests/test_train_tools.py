@@ -89,6 +89,20 @@ def test_amp_keeps_only_the_chosen_wrappers_options(monkeypatch, accelerator,
     assert ('native_only' in cfg.optim_wrapper) is not accelerator
 
 
+@pytest.mark.parametrize('native_only', [True, False])
+def test_cpu_amp_autocasts_where_the_feature_hook_does(monkeypatch,
+                                                       native_only):
+    # without the hook's float32 head outputs, NMS would read bfloat16
+    monkeypatch.setattr(runtime, 'has_accelerator', lambda: False)
+    cfg = train_tool.build_config(
+        train_tool.parse_args([
+            QUICKSTART_DET, '--amp', '--cfg-options',
+            f'custom_hooks.0.native_only={native_only}'
+        ]))
+    assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
+    assert cfg.optim_wrapper.get('native_only', False) is native_only
+
+
 def test_resume_options():
     cfg = train_tool.build_config(
         train_tool.parse_args([QUICKSTART_DET, '--resume']))

@@ -78,7 +78,10 @@ def init_cpu_distributed(cfg: Config) -> None:
 def enable_amp(cfg: Config) -> None:
     """Mixed precision: mmengine's ``AmpOptimWrapper`` (fp16 with dynamic
     loss scaling) on a GPU, :class:`CPUAmpOptimWrapper` (bfloat16) on the
-    CPU; the other wrapper's own options are dropped."""
+    CPU; the other wrapper's own options are dropped. On the CPU the wrapper
+    is ``native_only`` where the config's ``FeatureAutocastHook`` is: a
+    detector's NMS takes float32 only, which the hook's float32 head outputs
+    give, so the two autocast on the same CPUs."""
     if has_accelerator():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
@@ -86,6 +89,10 @@ def enable_amp(cfg: Config) -> None:
     else:
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         cfg.optim_wrapper.pop('loss_scale', None)
+        if any(hook.get('type') == 'FeatureAutocastHook'
+               and hook.get('native_only') for hook in cfg.get(
+                   'custom_hooks', [])):
+            cfg.optim_wrapper.native_only = True
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
