@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action='store_true',
         help='mixed precision: fp16 on a GPU, bfloat16 on the CPU (but '
         'float32 on a CPU without native bfloat16 if the config\'s '
-        'CPUAmpOptimWrapper has native_only=True, as the log then says)')
+        'CPUAmpOptimWrapper or FeatureAutocastHook has native_only=True, as '
+        'the log then says)')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',
