@@ -22,6 +22,9 @@ from agent_mm.utils.timing import Call
 
 CPU = torch.device('cpu')
 TIMING = Timing(warmup=1, repeats=2, device=CPU)
+# the side of the product timed beside eval calls: small, for a CPU that
+# emulates bfloat16 takes minutes for the tool's 2048³
+MATMUL = 32
 
 
 class TinyBackbone(nn.Module):
@@ -141,7 +144,7 @@ def test_timing_interleaves_every_step():
 @pytest.mark.parametrize('train', [False, True])
 def test_measure_rows(train):
     models = dict(one=TinyBackbone(), two=TinyBackbone(attend=True))
-    rows = measure(models, (8, 12), 2, train, TIMING, matmul_size=32)
+    rows = measure(models, (8, 12), 2, train, TIMING, matmul_size=MATMUL)
     assert [row['model'] for row in rows] == ['one', 'two']
     eval_fields = {
         'bias_cache_mb', 'flops', 'layer_flops', 'unsupported_ops',
@@ -170,7 +173,7 @@ def test_measure_rows(train):
 
 def test_eval_rows_of_each_precision_get_that_precisions_product_rate():
     rows = measure(dict(one=TinyBackbone()), (8, 8), 1, False, TIMING,
-                   dtypes=('float32', 'bfloat16'), matmul_size=32)
+                   dtypes=('float32', 'bfloat16'), matmul_size=MATMUL)
     assert [row['dtype'] for row in rows] == ['float32', 'bfloat16']
     # each precision's product is timed on its own: two measured rates
     assert rows[0]['matmul_gflops'] != rows[1]['matmul_gflops']
@@ -185,7 +188,8 @@ def test_matmul_step_and_rate():
 
 
 def test_measure_skips_flops_above_the_peak_limit():
-    rows = measure(dict(one=TinyBackbone()), (8, 8), 1, False, TIMING, -1.0)
+    rows = measure(dict(one=TinyBackbone()), (8, 8), 1, False, TIMING, -1.0,
+                   matmul_size=MATMUL)
     assert (rows[0]['flops'], rows[0]['layer_flops'],
             rows[0]['unsupported_ops']) == (None, None, None)
 

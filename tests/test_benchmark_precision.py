@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_benchmark_measure import TIMING, TinyBackbone
+from test_benchmark_measure import MATMUL, TIMING, TinyBackbone
 from test_benchmark_tools import load_tool
 
 import agent_mm.benchmark.measure as measure_module
@@ -67,12 +67,14 @@ def test_in_precision_autocasts_the_forward_only(dtype):
 @pytest.mark.parametrize('train', [False, True])
 def test_measure_rows_carry_their_dtype(train):
     models = dict(one=TinyBackbone(), two=TinyBackbone(attend=True))
-    rows = measure(models, (8, 8), 1, train, TIMING, dtypes=['bfloat16'])
+    rows = measure(models, (8, 8), 1, train, TIMING, dtypes=['bfloat16'],
+                   matmul_size=MATMUL)
     assert [(row['model'], row['dtype']) for row in rows] == [
         ('one', 'bfloat16'), ('two', 'bfloat16')
     ]
     assert all(row['peak_mb'] > 0 for row in rows)
-    assert measure(models, (8, 8), 1, train, TIMING)[0]['dtype'] == FLOAT32
+    assert measure(models, (8, 8), 1, train, TIMING,
+                   matmul_size=MATMUL)[0]['dtype'] == FLOAT32
 
 
 def test_precision_copies_give_later_precisions_models_of_their_own():
@@ -109,7 +111,7 @@ def test_measure_interleaves_the_precisions_call_by_call(train, monkeypatch):
     monkeypatch.setattr(measure_module, 'in_precision', Recording)
     models = dict(one=TinyBackbone(attend=True))
     rows = measure(models, (8, 8), 1, train, TIMING,
-                   dtypes=['float32', 'bfloat16'])
+                   dtypes=['float32', 'bfloat16'], matmul_size=MATMUL)
     assert [row['dtype'] for row in rows] == ['float32', 'bfloat16']
     # an untimed round, then each step's calls; then its peak memory
     timed = calls[:2 + 4 * TIMING.repeats]
@@ -135,7 +137,7 @@ def test_benchmark_tiny_run_in_two_precisions(tmp_path, monkeypatch):
         '--models', 'agent_pvt_t', 'agent_pvt_t_ref', '--sizes', '32',
         '--train-sizes', '32', '--scaling-sizes', '--repeats', '1',
         '--warmup', '0', '--threads', '1', '--dtype', 'float32', 'bfloat16',
-        '--out-dir',
+        '--matmul-size', str(MATMUL), '--out-dir',
         str(tmp_path)
     ])
     assert results['meta']['dtypes'] == ['float32', 'bfloat16']

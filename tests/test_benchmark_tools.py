@@ -94,7 +94,7 @@ def test_benchmark_tiny_run(tmp_path, capsys):
     results = bench.main([
         '--sizes', '32', '--train-sizes', '32', '--scaling-sizes', '32',
         '64', '--repeats', '1', '--warmup', '0', '--threads', '1',
-        '--out-dir',
+        '--matmul-size', '48', '--out-dir',
         str(tmp_path)
     ])
     table = (tmp_path / 'benchmark.md').read_text()
@@ -106,6 +106,9 @@ def test_benchmark_tiny_run(tmp_path, capsys):
     for mode in ('eval', 'train'):
         assert {row['model'] for row in saved[mode]} == set(MODELS)
     assert all(spec.label in table for spec in MODELS.values())
+    # the roofline's rate is that of the product of the asked size
+    assert saved['meta']['matmul_size'] == 48
+    assert 'the rate of a 48³ torch.mm' in table
     for row in saved['eval']:
         assert row['flops'] > 0 and row['peak_mb'] > 0
         assert len(row['times_ms']) == 1
@@ -173,8 +176,10 @@ def test_max_tokens_names_a_benchmarked_model():
 
 def test_command_line_settings_carry_every_option():
     bench = load_tool('benchmark_backbones')
-    args = bench.parse_args(['--max-tokens', 'pvt_s=64', '--sizes', '64x96'])
+    args = bench.parse_args(['--max-tokens', 'pvt_s=64', '--sizes', '64x96',
+                             '--matmul-size', '512'])
     settings = bench.settings_of(args)
+    assert settings.matmul_size == 512
     assert set(vars(args)) == set(vars(settings)) | {'out_dir'}
     assert settings.max_tokens == {'pvt_s': 64}
     assert settings.sizes == [(64, 96)]

@@ -1,10 +1,11 @@
 """Command-line pieces shared by ``benchmark_backbones.py`` and
 ``profile_backbones.py``: input sizes and the options of how models run
-(precisions, threads, seed)."""
+(precisions, threads, seed, the size of the product for the GEMM rate)."""
 import argparse
 import os
 from typing import Iterable, Sequence
 
+from .measure import MATMUL_SIZE
 from .models import DTYPES, FLOAT32, Size, check_dtypes
 
 
@@ -64,6 +65,18 @@ def add_host_options(parser: argparse.ArgumentParser) -> None:
         default=available_cores(),
         help='torch.set_num_threads (default: all cores, %(default)s)')
     parser.add_argument('--seed', type=int, default=0)
+
+
+def add_matmul_size_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--matmul-size``, the side of the product that gives the GEMM
+    rate (check it is ≥ 1 after parsing)."""
+    parser.add_argument(
+        '--matmul-size',
+        type=int,
+        default=MATMUL_SIZE,
+        help='side of the square torch.mm timed in each precision for the '
+        'GEMM roofline (default: %(default)s; smaller on a CPU that '
+        'emulates bfloat16, where a 2048³ product takes minutes)')
 
 
 def check_dtype_option(parser: argparse.ArgumentParser,

@@ -173,9 +173,10 @@ def span(values: Sequence[float]) -> str:
     return low if low == high else f'{low}–{high}'
 
 
-def roofline_lines(rows: Rows) -> List[str]:
-    """What the eval table's roofline column is, with the product rates
-    the run measured in each precision (none for results without them)."""
+def roofline_lines(rows: Rows, matmul_size: int) -> List[str]:
+    """What the eval table's roofline column is, with the rates of the
+    ``matmul_size``³ product the run measured in each precision (none for
+    results without them)."""
     rates: Dict[str, List[float]] = {}
     for row in rows:
         if row.get('matmul_gflops'):
@@ -186,7 +187,7 @@ def roofline_lines(rows: Rows) -> List[str]:
                        for dtype, values in rates.items())
     return [
         f'Roofline %: the GEMM roofline (the FLOPs at the rate of a '
-        f'{MATMUL_SIZE}³ torch.mm in the row\'s precision, timed in the same '
+        f'{matmul_size}³ torch.mm in the row\'s precision, timed in the same '
         f'rounds as the models) over the forward time; that rate, GFLOP/s: '
         f'{ranges}.'
     ]
@@ -235,7 +236,10 @@ def header_lines(meta: dict) -> List[str]:
 def markdown(results: dict) -> str:
     """The whole report (``benchmark.md``) of a run's results."""
     meta = results['meta']
-    lines = header_lines(meta) + roofline_lines(results['eval']) + [
+    # results of runs before --matmul-size timed the default product
+    rates = roofline_lines(results['eval'],
+                           meta.get('matmul_size', MATMUL_SIZE))
+    lines = header_lines(meta) + rates + [
         '', f"## Inference (eval, no_grad, batch {meta['batch']})", ''
     ]
     lines += eval_table(results['eval'], results['params'])

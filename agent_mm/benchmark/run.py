@@ -17,7 +17,8 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .measure import Timing, log, measure, measure_scaling, output_differences
+from .measure import (MATMUL_SIZE, Timing, log, measure, measure_scaling,
+                      output_differences)
 from .models import (Size, build_models, check_dtypes, parameter_counts,
                      within_limits)
 from .targets import (SCALING_MODEL, flop_checks, precision_ratios, rows_in,
@@ -54,6 +55,8 @@ class Settings:
             :data:`~agent_mm.benchmark.targets.SCALING_MODEL` is timed
             alternately, or none.
         seed: ``torch.manual_seed`` before the models are built.
+        matmul_size: Side of the product timed beside the eval calls for
+            the GEMM roofline.
     """
     models: Sequence[str]
     sizes: Sequence[Size]
@@ -69,6 +72,7 @@ class Settings:
     max_tokens: Dict[str, int]
     scaling_sizes: Sequence[Size]
     seed: int
+    matmul_size: int = MATMUL_SIZE
 
     def timing(self) -> Timing:
         """How calls are timed."""
@@ -99,6 +103,7 @@ def new_results(settings: Settings) -> Results:
             train_batch=settings.train_batch,
             repeats=settings.repeats,
             warmup=settings.warmup,
+            matmul_size=settings.matmul_size,
             # interleaved_calls' first round (see there)
             untimed_round=settings.warmup > 0,
             memory_method=memory_method(torch.device(settings.device)),
@@ -129,7 +134,7 @@ def measure_sizes(models: Dict[str, nn.Module], settings: Settings,
             results[mode] += measure(active, size, batch, mode == 'train',
                                      settings.timing(),
                                      settings.flops_max_peak_mb,
-                                     settings.dtypes)
+                                     settings.dtypes, settings.matmul_size)
             on_update(results)
 
 

@@ -8,8 +8,8 @@ the input size (its two sizes alternating) and the project's target ratios.
 With ``--dtype float32 bfloat16`` every measurement is also made with the
 forward under ``torch.autocast``, the precisions' calls interleaved with the
 models', and the report gives the bf16 / fp32 time. Every eval row also
-gets its share of the GEMM roofline, against a 2048³ product timed in the
-same rounds.
+gets its share of the GEMM roofline, against a ``--matmul-size``³ product
+(2048³ by default) timed in the same rounds.
 How each quantity is measured: :mod:`agent_mm.benchmark.measure`; the
 measuring, the targets and the report live in :mod:`agent_mm.benchmark`,
 this file is the command line.
@@ -28,7 +28,8 @@ from functools import partial
 from typing import Optional, Sequence, Tuple
 
 from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
-                                    check_dtype_option, parse_size)
+                                    add_matmul_size_option, check_dtype_option,
+                                    parse_size)
 from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.report import save_json, write_report
 from agent_mm.benchmark.run import Settings, run
@@ -88,6 +89,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_dtype_option(parser)
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
     add_host_options(parser)
+    add_matmul_size_option(parser)
     parser.add_argument(
         '--flops-max-peak-mb',
         type=float,
@@ -118,8 +120,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help='where benchmark.md/.json/latency_vs_tokens.png go')
     args = parser.parse_args(argv)
     check_dtype_option(parser, args)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error('--repeats must be ≥ 1 and --warmup ≥ 0')
+    if min(args.repeats, args.matmul_size) < 1 or args.warmup < 0:
+        parser.error('--repeats and --matmul-size must be ≥ 1 and --warmup '
+                     '≥ 0')
     scaling = args.scaling_sizes
     if len(scaling) not in (0, 2) or len(set(scaling)) < len(scaling):
         parser.error('--scaling-sizes takes two different sizes (or none to '

@@ -25,7 +25,8 @@ import os.path as osp
 from typing import Optional, Sequence
 
 from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
-                                    check_dtype_option, parse_size)
+                                    add_matmul_size_option, check_dtype_option,
+                                    parse_size)
 from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.profile import (ProfileSettings, run_profiles,
                                         write_profile)
@@ -66,11 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=1,
         help='profiled forwards per model, size and dtype, averaged')
     add_host_options(parser)
-    parser.add_argument(
-        '--matmul-size',
-        type=int,
-        default=2048,
-        help='side of the square matmul timed for the GEMM floor')
+    add_matmul_size_option(parser)
     parser.add_argument(
         '--copy-mb',
         type=int,
