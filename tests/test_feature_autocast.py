@@ -166,6 +166,15 @@ def test_native_only_hook_leaves_features_in_float32_without_native(
     assert seen[0][1] == (torch.bfloat16 if native else torch.float32)
 
 
+def test_a_cuda_hook_does_not_ask_the_cpu(monkeypatch):
+    asked = []
+    monkeypatch.setattr(optim_wrapper, 'cpu_has_native',
+                        lambda dtype: asked.append(dtype) or False)
+    hook = FeatureAutocastHook(device_type='cuda', native_only=True)
+    # native_only concerns the CPU: a GPU hook keeps its dtype
+    assert hook.dtype == torch.bfloat16 and not asked
+
+
 def test_float32_hook_leaves_features_in_float32(monkeypatch):
     monkeypatch.setattr(optim_wrapper, 'cpu_has_native', lambda dtype: True)
     model = _Detector()

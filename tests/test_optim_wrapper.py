@@ -1,5 +1,7 @@
 """CPUAmpOptimWrapper and the native-dtype probe (agent_mm/engine/
 optim_wrapper.py)."""
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -63,6 +65,25 @@ def test_float32_fallback_is_logged(monkeypatch, capsys):
                         lambda msg, **kwargs: logged.append(msg))
     _wrapper(native_only=True)
     assert logged and 'no native bfloat16' in logged[0]
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_emulated_autocast_is_a_warning_that_names_the_fix(
+        monkeypatch, native):
+    _probes(monkeypatch, _is_amx_tile_supported=native)
+    logged = []
+    monkeypatch.setattr(optim_wrapper, 'print_log',
+                        lambda msg, **kwargs: logged.append((msg, kwargs)))
+    wrapper = _wrapper(native_only=False)
+    # it autocasts either way, as asked
+    assert wrapper.cast_dtype == torch.bfloat16
+    if native:
+        assert not logged
+    else:
+        ((message, kwargs), ) = logged
+        assert kwargs['level'] == logging.WARNING
+        assert 'no native bfloat16' in message
+        assert 'emulates' in message and 'native_only=True' in message
 
 
 @pytest.mark.parametrize('native', [True, False])

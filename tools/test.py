@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--amp',
         action='store_true',
         help='mixed precision: the backbone and neck in bfloat16 on the CPU, '
-        'the whole model in fp16 on a GPU')
+        'the whole model in fp16 on a GPU (a CPU without native bfloat16, '
+        'AVX512-BF16 or AMX, emulates it, several times slower than float32: '
+        'the log warns)')
     add_common_args(parser)
     return parser.parse_args(argv)
 

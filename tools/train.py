@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='mixed precision: fp16 on a GPU, bfloat16 on the CPU (but '
         'float32 on a CPU without native bfloat16 if the config\'s '
         'CPUAmpOptimWrapper or FeatureAutocastHook has native_only=True, as '
-        'the log then says)')
+        'the log then says; without it such a CPU emulates bfloat16, several '
+        'times slower, and the log warns)')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',

@@ -16,7 +16,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .optim_wrapper import cpu_autocast_dtype
+from .optim_wrapper import autocast_dtype, cpu_autocast_dtype
 
 
 def _to_float32(features: Any) -> Any:
@@ -102,7 +102,8 @@ class FeatureAutocastHook(Hook):
             AMX), ``'float16'``, or ``'float32'`` (the hook does nothing).
         device_type: The autocast device, ``'cpu'`` or ``'cuda'``.
         native_only: On the CPU, do nothing where the CPU has no native
-            ``dtype`` products (autocast would be slower than float32).
+            ``dtype`` products (autocast would be slower than float32;
+            without ``native_only`` it runs there, with a warning).
         heads: Dotted names of submodules whose ``forward`` also runs under
             autocast, e.g. ``('rpn_head', 'roi_head.bbox_head',
             'roi_head.mask_head')``. Name only modules whose ``forward``
@@ -115,9 +116,10 @@ class FeatureAutocastHook(Hook):
                  device_type: str = 'cpu',
                  native_only: bool = False,
                  heads: Sequence[str] = ()):
-        self.dtype = cpu_autocast_dtype(
-            dtype, native_only and device_type == 'cpu',
-            'FeatureAutocastHook')
+        owner = 'FeatureAutocastHook'
+        self.dtype = (
+            cpu_autocast_dtype(dtype, native_only, owner)
+            if device_type == 'cpu' else autocast_dtype(dtype, owner))
         self.device_type = device_type
         self.heads = tuple(heads)
 
