@@ -54,8 +54,8 @@ def cpu_autocast_dtype(name: str, native_only: bool,
     """:func:`autocast_dtype` on the CPU: None (float32) also when
     ``native_only`` and this CPU lacks ``name`` in hardware (logged once);
     without ``native_only`` such a CPU emulates it, which is logged as a
-    warning (an Agent-PVT-T forward at 224² ran 5.7× as long as in float32
-    on an AVX2-only AMD EPYC).
+    warning (on an AVX2-only AMD EPYC, Agent-PVT-T took 4.9–6.3× the
+    float32 time in eval, 12× in training; docs/benchmark/precision.md).
     """
     dtype = autocast_dtype(name, owner)
     if dtype is None or cpu_has_native(dtype):
