@@ -67,40 +67,63 @@ def _train(config, work_dir, *args):
     return result.stdout + result.stderr
 
 
-def test_cpu_amp_selects_bfloat16_wrapper(tmp_path):
-    args = train_tool.parse_args([QUICKSTART_DET, '--amp'])
-    cfg = train_tool.build_config(args)
-    if torch.cuda.is_available():
-        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
-    else:
-        assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
-        assert 'loss_scale' not in cfg.optim_wrapper
-
-
 @pytest.mark.parametrize('accelerator, wrapper', [
     (True, 'AmpOptimWrapper'), (False, 'CPUAmpOptimWrapper')])
 def test_amp_keeps_only_the_chosen_wrappers_options(monkeypatch, accelerator,
                                                     wrapper):
     # the seg quick-start's CPU wrapper has native_only, mmengine's has not
     monkeypatch.setattr(runtime, 'has_accelerator', lambda: accelerator)
+    float32 = Config.fromfile(QUICKSTART_SEG)
     cfg = train_tool.build_config(
         train_tool.parse_args([QUICKSTART_SEG, '--amp']))
     assert cfg.optim_wrapper.type == wrapper
     assert ('native_only' in cfg.optim_wrapper) is not accelerator
+    assert ('loss_scale' in cfg.optim_wrapper) is accelerator
+    # a segmentor autocasts its whole forward: no hook added
+    assert cfg.get('custom_hooks', []) == float32.get('custom_hooks', [])
 
 
-@pytest.mark.parametrize('native_only', [True, False])
-def test_cpu_amp_autocasts_where_the_feature_hook_does(monkeypatch,
-                                                       native_only):
-    # without the hook's float32 head outputs, NMS would read bfloat16
+def test_cpu_amp_keeps_a_detectors_own_feature_hook(monkeypatch):
+    # its hook (native_only, with heads) already sets the precision; the
+    # whole-model wrapper would hand NMS bfloat16 where the hook declines
+    monkeypatch.setattr(runtime, 'has_accelerator', lambda: False)
+    float32 = Config.fromfile(QUICKSTART_DET)
+    cfg = train_tool.build_config(
+        train_tool.parse_args([QUICKSTART_DET, '--amp']))
+    assert cfg.optim_wrapper == float32.optim_wrapper
+    assert cfg.custom_hooks == float32.custom_hooks
+
+
+def test_cpu_amp_gives_a_detector_without_a_hook_bfloat16_features(
+        monkeypatch):
     monkeypatch.setattr(runtime, 'has_accelerator', lambda: False)
     cfg = train_tool.build_config(
-        train_tool.parse_args([
-            QUICKSTART_DET, '--amp', '--cfg-options',
-            f'custom_hooks.0.native_only={native_only}'
-        ]))
-    assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
-    assert cfg.optim_wrapper.get('native_only', False) is native_only
+        train_tool.parse_args(
+            [QUICKSTART_DET, '--amp', '--cfg-options', 'custom_hooks=[]']))
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
+    assert cfg.custom_hooks == [
+        dict(type='FeatureAutocastHook', dtype='bfloat16')
+    ]
+
+
+def test_amp_on_a_gpu_autocasts_a_detectors_whole_forward(monkeypatch):
+    monkeypatch.setattr(runtime, 'has_accelerator', lambda: True)
+    cfg = train_tool.build_config(
+        train_tool.parse_args([QUICKSTART_DET, '--amp']))
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+
+
+def test_test_tool_amp_overrides_a_detectors_own_feature_hook(monkeypatch):
+    # the config's hook may decline (native_only); --amp asks for bfloat16
+    monkeypatch.setattr(test_tool, 'has_accelerator', lambda: False)
+    float32 = Config.fromfile(QUICKSTART_DET)
+    cfg = test_tool.build_config(
+        test_tool.parse_args([QUICKSTART_DET, 'x.pth', '--amp']))
+    assert cfg.custom_hooks == [
+        *float32.custom_hooks,
+        dict(type='FeatureAutocastHook', dtype='bfloat16')
+    ]
 
 
 def test_resume_options():
@@ -201,10 +224,14 @@ def test_amp_training_on_cpu_stays_finite(tmp_path):
 
 
 @pytest.mark.slow
-def test_amp_trains_the_detection_quickstart_on_cpu(tmp_path):
-    # its RoI layers are SparseRoIAlign, whose sparse products have no
-    # bfloat16 kernel: under --amp's autocast they must stay in float32
-    config = tiny_config(tmp_path, DET_CONFIG, DET_OVERRIDES)
+@pytest.mark.parametrize('own_hook', [True, False])
+def test_amp_trains_a_detector_on_cpu(tmp_path, own_hook):
+    # the quick-start's RoI layers are SparseRoIAlign, whose sparse products
+    # have no bfloat16 kernel, and its RPN calls mmcv's float32-only NMS in
+    # training: with or without the config's FeatureAutocastHook, --amp
+    # must hand them float32
+    overrides = DET_OVERRIDES + ('' if own_hook else 'custom_hooks = []\n')
+    config = tiny_config(tmp_path, DET_CONFIG, overrides)
     out = _train(config, tmp_path / 'amp', '--amp', '--cfg-options',
                  'train_dataloader.batch_size=4',
                  'default_hooks.logger.interval=1')

@@ -10,8 +10,9 @@ import os.path as osp
 
 from mmengine.config import Config
 
-from agent_mm.engine.runtime import (add_common_args, build_runner,
-                                     has_accelerator, load_config)
+from agent_mm.engine.runtime import (add_common_args, add_feature_autocast,
+                                     build_runner, has_accelerator,
+                                     load_config)
 from agent_mm.utils import keep_freed_memory
 
 
@@ -65,14 +66,12 @@ def enable_visualization(cfg: Config, args: argparse.Namespace) -> None:
 def enable_test_amp(cfg: Config) -> None:
     """Mixed-precision inference: on a GPU mmengine's test loop autocasts
     the whole model to fp16; on the CPU :class:`FeatureAutocastHook` runs
-    the backbone and neck in bfloat16 (mmcv's CPU ops need float32)."""
+    the backbone and neck in bfloat16 (mmcv's CPU ops need float32), also
+    where the config's own hook would not."""
     if has_accelerator():
         cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
     else:
-        cfg.custom_hooks = [
-            *cfg.get('custom_hooks', []),
-            dict(type='FeatureAutocastHook', dtype='bfloat16')
-        ]
+        add_feature_autocast(cfg, replace=True)
 
 
 def build_config(args: argparse.Namespace) -> Config:

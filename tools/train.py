@@ -23,11 +23,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='mixed precision: fp16 on a GPU, bfloat16 on the CPU (but '
-        'float32 on a CPU without native bfloat16 if the config\'s '
-        'CPUAmpOptimWrapper or FeatureAutocastHook has native_only=True, as '
-        'the log then says; without it such a CPU emulates bfloat16, several '
-        'times slower, and the log warns)')
+        help='mixed precision: fp16 on a GPU; bfloat16 on the CPU, for a '
+        'detector in its backbone and neck (mmcv\'s CPU NMS and RoIAlign '
+        'take float32; the config\'s FeatureAutocastHook if it has one), '
+        'for other models over the whole forward. Float32 where the '
+        'config\'s hook or CPUAmpOptimWrapper has native_only=True and the '
+        'CPU has no native bfloat16; without it such a CPU emulates '
+        'bfloat16, several times slower, and the log warns')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',

@@ -75,24 +75,46 @@ def init_cpu_distributed(cfg: Config) -> None:
         dist.init_process_group(backend='gloo')
 
 
+FEATURE_AUTOCAST = 'FeatureAutocastHook'
+
+
+def is_detector(cfg: Config) -> bool:
+    """Whether ``cfg`` builds in mmdet's scope (the one :func:`build_runner`
+    defaults to)."""
+    return cfg.get('default_scope', 'mmdet') == 'mmdet'
+
+
+def add_feature_autocast(cfg: Config, replace: bool) -> None:
+    """Run the backbone and neck in bfloat16 on the CPU: add a bfloat16
+    :class:`~.feature_autocast.FeatureAutocastHook` to ``cfg``'s custom
+    hooks, after any the config has (which it overrides) if ``replace``,
+    else only where the config has none."""
+    hooks = cfg.get('custom_hooks', [])
+    if replace or not any(
+            hook.get('type') == FEATURE_AUTOCAST for hook in hooks):
+        cfg.custom_hooks = [
+            *hooks, dict(type=FEATURE_AUTOCAST, dtype='bfloat16')
+        ]
+
+
 def enable_amp(cfg: Config) -> None:
-    """Mixed precision: mmengine's ``AmpOptimWrapper`` (fp16 with dynamic
-    loss scaling) on a GPU, :class:`CPUAmpOptimWrapper` (bfloat16) on the
-    CPU; the other wrapper's own options are dropped. On the CPU the wrapper
-    is ``native_only`` where the config's ``FeatureAutocastHook`` is: a
-    detector's NMS takes float32 only, which the hook's float32 head outputs
-    give, so the two autocast on the same CPUs."""
+    """Mixed-precision training: mmengine's ``AmpOptimWrapper`` (fp16 with
+    dynamic loss scaling) on a GPU, the other wrapper's own options
+    dropped. On the CPU, a detector's backbone and neck run in bfloat16
+    through a ``FeatureAutocastHook`` (the config's own if it has one),
+    since mmcv's CPU NMS and RoIAlign take float32 only and a two-stage
+    detector's RPN calls NMS in training; other models train under
+    :class:`~.optim_wrapper.CPUAmpOptimWrapper` (bfloat16 autocast over
+    the whole forward)."""
     if has_accelerator():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
         cfg.optim_wrapper.pop('native_only', None)
+    elif is_detector(cfg):
+        add_feature_autocast(cfg, replace=False)
     else:
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         cfg.optim_wrapper.pop('loss_scale', None)
-        if any(hook.get('type') == 'FeatureAutocastHook'
-               and hook.get('native_only') for hook in cfg.get(
-                   'custom_hooks', [])):
-            cfg.optim_wrapper.native_only = True
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
