@@ -2,6 +2,7 @@
 and tools/analysis_tools/benchmark_attention_kernels.py)."""
 import pytest
 import torch
+from test_benchmark_tools import load_tool
 
 from agent_mm.benchmark.attention_kernels import (FUSED, KEY_CHUNKS, Problem,
                                                   compare_kernels, kernels_for,
@@ -73,3 +74,13 @@ def test_problems_are_run_with_the_fast_paths_padded_agents(dtype, keys):
     agents_from_tokens = Problem('agents <- tokens', 3, 81, 400, 32)
     assert problem_as_run(tokens_from_agents, dtype, CPU).keys == keys
     assert problem_as_run(agents_from_tokens, dtype, CPU) == agents_from_tokens
+
+
+def test_tool_times_the_product_of_the_asked_size(capsys):
+    tool = load_tool('benchmark_attention_kernels')
+    tool.main(['--size', '64', '--repeats', '1', '--threads', '1',
+               '--matmul-size', '16'])
+    out = capsys.readouterr().out
+    assert 'matmul 16³ GFLOP/s in the same run: float32 ' in out
+    # the table follows, both attentions of the stages
+    assert '| agents <- tokens |' in out and '| tokens <- agents |' in out

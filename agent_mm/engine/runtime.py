@@ -11,6 +11,7 @@ from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from .checkpoint_match import CheckpointMatchHook
+from .feature_autocast import FeatureAutocastHook
 
 
 def has_accelerator() -> bool:
@@ -75,9 +76,6 @@ def init_cpu_distributed(cfg: Config) -> None:
         dist.init_process_group(backend='gloo')
 
 
-FEATURE_AUTOCAST = 'FeatureAutocastHook'
-
-
 def is_detector(cfg: Config) -> bool:
     """Whether ``cfg`` builds in mmdet's scope (the one :func:`build_runner`
     defaults to)."""
@@ -86,15 +84,13 @@ def is_detector(cfg: Config) -> bool:
 
 def add_feature_autocast(cfg: Config, replace: bool) -> None:
     """Run the backbone and neck in bfloat16 on the CPU: add a bfloat16
-    :class:`~.feature_autocast.FeatureAutocastHook` to ``cfg``'s custom
-    hooks, after any the config has (which it overrides) if ``replace``,
-    else only where the config has none."""
+    FeatureAutocastHook to ``cfg``'s custom hooks, after any the config has
+    (which it overrides) if ``replace``, else only where the config has
+    none."""
     hooks = cfg.get('custom_hooks', [])
-    if replace or not any(
-            hook.get('type') == FEATURE_AUTOCAST for hook in hooks):
-        cfg.custom_hooks = [
-            *hooks, dict(type=FEATURE_AUTOCAST, dtype='bfloat16')
-        ]
+    name = FeatureAutocastHook.__name__
+    if replace or not any(hook.get('type') == name for hook in hooks):
+        cfg.custom_hooks = [*hooks, dict(type=name, dtype='bfloat16')]
 
 
 def enable_amp(cfg: Config) -> None:

@@ -2,8 +2,9 @@
 fused kernel (what the fast path calls), by explicit products, and by the
 fused kernel over chunks of the keys, timed round-robin; prints a markdown
 table with each kernel's time, rate, ratio to the fused kernel and largest
-difference from it, and the rate of a 2048³ matmul measured in the same
-run (:mod:`agent_mm.benchmark.attention_kernels`).
+difference from it, and the rate of a ``--matmul-size``³ matmul (2048³
+by default) measured in the same run
+(:mod:`agent_mm.benchmark.attention_kernels`).
 
 Example::
 
@@ -20,8 +21,8 @@ from agent_mm.benchmark.attention_kernels import (TABLE_HEADER,
                                                   model_problems,
                                                   problem_as_run)
 from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
-                                    check_dtype_option, parse_size)
-from agent_mm.benchmark.measure import MATMUL_SIZE
+                                    add_matmul_size_option, check_dtype_option,
+                                    parse_size)
 from agent_mm.benchmark.models import MODELS
 from agent_mm.benchmark.profile import CPU, matmul_rate
 
@@ -36,8 +37,11 @@ def main(argv=None) -> None:
     parser.add_argument('--repeats', type=int, default=5)
     add_dtype_option(parser)
     add_host_options(parser)
+    add_matmul_size_option(parser)
     args = parser.parse_args(argv)
     check_dtype_option(parser, args)
+    if args.matmul_size < 1:
+        parser.error('--matmul-size must be ≥ 1')
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = MODELS[args.model].build().eval()
@@ -50,11 +54,11 @@ def main(argv=None) -> None:
             lines += markdown_rows(
                 problem, name,
                 compare_kernels(problem, dtype, args.repeats, CPU))
-        rate = matmul_rate(dtype, MATMUL_SIZE, CPU)
+        rate = matmul_rate(dtype, args.matmul_size, CPU)
         rates.append(f'{name} {rate / 1e9:.0f}')
     print(f'{args.model} at {args.size[0]}×{args.size[1]}, '
           f'{torch.get_num_threads()} threads, torch {torch.__version__}; '
-          f'matmul {MATMUL_SIZE}³ GFLOP/s in the same run: '
+          f'matmul {args.matmul_size}³ GFLOP/s in the same run: '
           + ', '.join(rates) + '\n')
     print('\n'.join(lines))
 
