@@ -8,16 +8,28 @@ DET_CONFIG = 'mask-rcnn_agent-pvt-t_fpn_shapes.py'
 SEG_CONFIG = 'fpn_agent-pvt-t_shapes.py'
 TINY_DATA = 'dict(num_train=8, num_val=4, img_size=64, seed=1)'
 
-# in-process loaders over the tiny set
-LOADERS = '''
+
+def loaders(val_dataset: str = '') -> str:
+    """Config text of in-process loaders over the tiny set.
+
+    Args:
+        val_dataset (str): More keys of the validation (and test) data set,
+            as ``key=value, ...`` text; e.g. to evaluate on the training
+            images.
+    """
+    val = f', {val_dataset}' if val_dataset else ''
+    return f'''
 train_dataloader = dict(
     num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, generate=generate))
 val_dataloader = dict(
     num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate))
+    dataset=dict(data_root=data_root, generate=generate{val}))
 test_dataloader = val_dataloader
 '''
+
+
+LOADERS = loaders()
 
 DET_OVERRIDES = LOADERS + '''
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
