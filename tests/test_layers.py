@@ -323,6 +323,19 @@ def test_exported_residuals_follow_a_dynamic_token_count(monkeypatch):
         torch.testing.assert_close(program.module()(x), model(x))
 
 
+def test_compiled_residuals_are_one_graph_for_any_token_count(monkeypatch):
+    # torch.compile plans its own buffers: neither the in-place sum (its
+    # dtype check breaks a graph) nor the chunk loop (its length follows the
+    # size) is traced
+    monkeypatch.setattr(layers, 'MLP_CHUNK_BYTES', 4 * 32 * 4)
+    model = _Residuals().eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (10, 37):
+            x = torch.randn(1, tokens, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
 @pytest.mark.parametrize('contiguous', [True, False])
 def test_tokens_to_nchw_is_the_contiguous_map_with_gradients(contiguous):
     tokens = torch.randn(2, 3 * 5, 4, dtype=torch.float64, requires_grad=True)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .fused_linear import (Epilogue, activation_epilogue, fused_linear,
                            fuses_epilogues)
-from .tracing import exporting
+from .tracing import exporting, tracing
 
 
 def biased_attention(query: Tensor,
@@ -154,9 +154,10 @@ def residual_sum(fresh: Tensor, other: Tensor) -> Tensor:
     caller owns (e.g. a branch's output) instead of allocating the sum,
     unless the sum would have another dtype or shape than ``fresh`` (as
     under autocast, where a bfloat16 branch meets a float32 residual) or
-    the graph is traced for export.
+    a graph is traced (for export, or by ``torch.compile``, which plans
+    its own buffers).
     """
-    if (torch.is_grad_enabled() or exporting()
+    if (torch.is_grad_enabled() or tracing()
             or torch.result_type(fresh, other) != fresh.dtype or
             torch.broadcast_shapes(fresh.shape, other.shape) != fresh.shape):
         return fresh + other
@@ -181,8 +182,9 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
     identity, so the sum is accumulated into ``x`` in place, a chunk of
     tokens at a time (:func:`add_mlp_in_chunks`): the full-size hidden
     layer never exists. The caller must own ``x`` (a fresh residual sum). A
-    graph traced for export takes the plain sum (the loop's length depends
-    on the input size).
+    traced graph (export, ``torch.compile``) takes the plain sum: the
+    loop's length depends on the input size, and a compiler plans the
+    buffers itself.
 
     Args:
         x: ``(..., C)`` tokens.
@@ -191,7 +193,7 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
         drop_path: Stochastic depth on the residual branch.
         training: The block's training flag.
     """
-    if (training or torch.is_grad_enabled() or exporting()
+    if (training or torch.is_grad_enabled() or tracing()
             or not runs_in_chunks(norm, mlp, drop_path)):
         return x + drop_path(mlp(norm(x)))
     x = x.contiguous()
