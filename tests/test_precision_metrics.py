@@ -29,7 +29,7 @@ WARMUP = '''
 param_scheduler = [dict(type='LinearLR', start_factor=0.001,
                         by_epoch=False, begin=0, end=20)]
 '''
-# 16 training images, each seen 40 times (segmentation: batches of 8) or 20
+# 16 training images, each seen 30 times (segmentation: batches of 8) or 20
 # times (detection: batches of 4) in 60 and 80 steps; the validation images
 # are not used
 DATA = 'dict(num_train=16, num_val=4, img_size=128, seed=1)'
