@@ -174,6 +174,14 @@ def test_max_tokens_names_a_benchmarked_model():
         bench.parse_args(['--max-tokens', 'resnet=64'])
 
 
+@pytest.mark.parametrize('tool, args', [('benchmark_backbones', []),
+                                        ('profile_backbones', ['pvt_t'])])
+def test_matmul_size_must_be_positive(tool, args, capsys):
+    with pytest.raises(SystemExit):
+        load_tool(tool).parse_args(args + ['--matmul-size', '0'])
+    assert '--matmul-size: must be ≥ 1, got 0' in capsys.readouterr().err
+
+
 def test_command_line_settings_carry_every_option():
     bench = load_tool('benchmark_backbones')
     args = bench.parse_args(['--max-tokens', 'pvt_s=64', '--sizes', '64x96',

@@ -19,6 +19,14 @@ def parse_size(text: str) -> Size:
     return height, width
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be ≥ 1, got {value}')
+    return value
+
+
 def available_cores() -> int:
     """Cores this process may run on."""
     if hasattr(os, 'sched_getaffinity'):
@@ -68,11 +76,11 @@ def add_host_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_matmul_size_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--matmul-size``, the side of the product that gives the GEMM
-    rate (check it is ≥ 1 after parsing)."""
+    """Add ``--matmul-size`` (≥ 1), the side of the product that gives the
+    GEMM rate."""
     parser.add_argument(
         '--matmul-size',
-        type=int,
+        type=positive_int,
         default=MATMUL_SIZE,
         help='side of the square torch.mm timed in each precision for the '
         'GEMM roofline (default: %(default)s; smaller on a CPU that '

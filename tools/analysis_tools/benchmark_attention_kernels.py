@@ -40,8 +40,6 @@ def main(argv=None) -> None:
     add_matmul_size_option(parser)
     args = parser.parse_args(argv)
     check_dtype_option(parser, args)
-    if args.matmul_size < 1:
-        parser.error('--matmul-size must be ≥ 1')
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = MODELS[args.model].build().eval()

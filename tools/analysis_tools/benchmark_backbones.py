@@ -120,9 +120,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help='where benchmark.md/.json/latency_vs_tokens.png go')
     args = parser.parse_args(argv)
     check_dtype_option(parser, args)
-    if min(args.repeats, args.matmul_size) < 1 or args.warmup < 0:
-        parser.error('--repeats and --matmul-size must be ≥ 1 and --warmup '
-                     '≥ 0')
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error('--repeats must be ≥ 1 and --warmup ≥ 0')
     scaling = args.scaling_sizes
     if len(scaling) not in (0, 2) or len(set(scaling)) < len(scaling):
         parser.error('--scaling-sizes takes two different sizes (or none to '
