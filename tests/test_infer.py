@@ -29,28 +29,15 @@ from agent_mm.datasets import (ShapesDetDataset, ShapesSegDataset,
 sys.path.insert(0, osp.join(REPO, 'tools'))
 import infer as infer_tool  # noqa: E402
 
-# one block per stage, few proposals and instances; the quick-start test
-# pipelines at the images' 64 pixels (they resize to 224 / 128)
+# one block per stage, few proposals and instances
 DET_FAST = '''
 model = dict(
     backbone=dict(depths=[1, 1, 1, 1]),
     test_cfg=dict(rpn=dict(nms_pre=50, max_per_img=10),
                   rcnn=dict(max_per_img=5)))
-test_dataloader = dict(dataset=dict(pipeline=[
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(64, 64), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                    'scale_factor'))]))
 '''
 SEG_FAST = '''
 model = dict(backbone=dict(depths=[1, 1, 1, 1]))
-test_dataloader = dict(dataset=dict(pipeline=[
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(64, 64), keep_ratio=True),
-    dict(type='LoadAnnotations'),
-    dict(type='PackSegInputs')]))
 '''
 
 TASKS = {

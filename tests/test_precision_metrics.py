@@ -35,26 +35,19 @@ param_scheduler = [dict(type='LinearLR', start_factor=0.001,
 DATA = 'dict(num_train=16, num_val=4, img_size=128, seed=1)'
 SEG_ITERS, DET_EPOCHS = 60, 20
 
-
-def _seen_at(size: int) -> list:
-    """Options that resize the images to ``size`` x ``size`` (the
-    ``Resize`` step is the third of both quick-start configs' train
-    pipelines and the second of their test pipelines)."""
-    steps = ['train_dataloader.dataset.pipeline.2'] + [
-        f'{split}_dataloader.dataset.pipeline.1' for split in ('val', 'test')
-    ]
-    return [f'{step}.scale=({size},{size})' for step in steps]
-
-
+# the configs resize to 128 (segmentation) and 224 pixels: a step here
+# costs about half
+SEG_SIZE, DET_SIZE = 96, 128
 SEG_OVERRIDES = loaders(
     "data_prefix=dict(img_path='images/train', "
-    "seg_map_path='ann_semseg/train')") + WARMUP + f'''
+    "seg_map_path='ann_semseg/train')", SEG_SIZE) + WARMUP + f'''
+model = dict(data_preprocessor=dict(size=({SEG_SIZE}, {SEG_SIZE})))
 train_cfg = dict(max_iters={SEG_ITERS}, val_interval={SEG_ITERS})
 default_hooks = dict(checkpoint=dict(interval={SEG_ITERS}))
 '''
 DET_OVERRIDES = loaders(
     "ann_file='annotations/instances_train.json', "
-    "data_prefix=dict(img='images/train/')") + WARMUP + f'''
+    "data_prefix=dict(img='images/train/')", DET_SIZE) + WARMUP + f'''
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_train.json')
 test_evaluator = val_evaluator
 train_cfg = dict(max_epochs={DET_EPOCHS}, val_interval={DET_EPOCHS})
@@ -62,40 +55,33 @@ default_hooks = dict(checkpoint=dict(interval={DET_EPOCHS}))
 '''
 FLOWS = {
     # name: (config, overrides, checkpoint, {metric: floor}, options of
-    #        every run, more options of the float32 evaluation)
-    # Smaller images than the configs' (128 and 224 pixels): a step costs
-    # about half.
+    #        the float32 evaluation)
     # Predicting background everywhere scores mIoU 22.6 on these images
     # (background is 90 % of the pixels); 60 steps reach about 38.
     'segmentation': (SEG_CONFIG, SEG_OVERRIDES, f'iter_{SEG_ITERS}.pth',
-                     {'mIoU': 30.0},
-                     _seen_at(96) + ['model.data_preprocessor.size=(96,96)'],
-                     []),
+                     {'mIoU': 30.0}, []),
     # 80 steps reach bbox / segm mAP about 0.17; rounding changes the
     # trajectory with the thread count and CPU. The float32 evaluation
     # turns off the config's own FeatureAutocastHook, which runs in
     # bfloat16 where the CPU has it.
     'detection': (DET_CONFIG, DET_OVERRIDES, f'epoch_{DET_EPOCHS}.pth',
                   {'coco/bbox_mAP': 0.08, 'coco/segm_mAP': 0.08},
-                  _seen_at(128), ['custom_hooks.0.dtype=float32']),
+                  ['--cfg-options', 'custom_hooks.0.dtype=float32']),
 }
 
 
 @pytest.mark.parametrize('flow', sorted(FLOWS))
 def test_bfloat16_evaluation_gives_the_float32_metrics(
         tmp_path, monkeypatch, flow):
-    (base, overrides, checkpoint, floors, options,
-     float32_options) = FLOWS[flow]
+    base, overrides, checkpoint, floors, float32_options = FLOWS[flow]
     # the CPU path of --amp, also where a GPU is present
     monkeypatch.setattr(test_tool, 'has_accelerator', lambda: False)
     config = tiny_config(tmp_path, base, overrides, data=DATA)
     work_dir = str(tmp_path / 'work')
-    train_tool.main([config, '--work-dir', work_dir, '--cfg-options'] +
-                    options)
+    train_tool.main([config, '--work-dir', work_dir])
     args = [config, osp.join(work_dir, checkpoint), '--work-dir', work_dir]
-    float32 = test_tool.main(args + ['--cfg-options'] + options +
-                             float32_options)
-    bfloat16 = test_tool.main(args + ['--amp', '--cfg-options'] + options)
+    float32 = test_tool.main(args + float32_options)
+    bfloat16 = test_tool.main(args + ['--amp'])
     for metric, floor in floors.items():
         assert float32[metric] >= floor, (metric, float32)
         assert abs(bfloat16[metric] - float32[metric]) <= TOLERANCE[metric], (

@@ -9,24 +9,38 @@ SEG_CONFIG = 'fpn_agent-pvt-t_shapes.py'
 TINY_DATA = 'dict(num_train=8, num_val=4, img_size=64, seed=1)'
 
 
-def loaders(val_dataset: str = '') -> str:
-    """Config text of in-process loaders over the tiny set.
+def loaders(val_dataset: str = '', size: int = 64) -> str:
+    """Config text of in-process loaders over the tiny set, whose pipelines
+    fit the images in ``size`` x ``size``.
 
     Args:
         val_dataset (str): More keys of the validation (and test) data set,
             as ``key=value, ...`` text; e.g. to evaluate on the training
             images.
+        size (int): Side of the square that the ``Resize`` steps fit the
+            images in: the generated images' size by default (the configs
+            resize to 224 or 128 pixels, a step of several times the cost).
     """
     val = f', {val_dataset}' if val_dataset else ''
     return f'''
 train_dataloader = dict(
     num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate))
+    dataset=dict(data_root=data_root, generate=generate,
+                 pipeline={_fitted('train', size)}))
 val_dataloader = dict(
     num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, generate=generate{val}))
+    dataset=dict(data_root=data_root, generate=generate{val},
+                 pipeline={_fitted('val', size)}))
 test_dataloader = val_dataloader
 '''
+
+
+def _fitted(split: str, size: int) -> str:
+    """Config text of the base config's ``split`` pipeline with its
+    ``Resize`` steps at ``size`` x ``size``."""
+    return (f'[dict(step, scale=({size}, {size})) '
+            "if step.type == 'Resize' else step "
+            f'for step in _base_.{split}_dataloader.dataset.pipeline]')
 
 
 LOADERS = loaders()
