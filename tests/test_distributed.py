@@ -1,12 +1,12 @@
 """Two CPU processes (gloo) train the quick-start model in lockstep."""
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 import agent_mm  # noqa: F401  (reads mmengine checkpoints safely)
 
@@ -39,14 +39,6 @@ custom_hooks = [dict(type='SaveRankWeightsHook')]
 '''
 
 
-def _free_port() -> int:
-    """A local TCP port free now (a fixed one fails while another run of
-    the suite on the machine holds it)."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_train_and_keep_identical_weights(tmp_path):
     config = tmp_path / 'dist_seg.py'
     config.write_text(
@@ -59,7 +51,8 @@ def test_two_processes_train_and_keep_identical_weights(tmp_path):
         os.environ,
         PATH=osp.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
         PYTHONPATH=TESTS,
-        PORT=str(_free_port()),
+        # a fixed port fails while another run of the suite holds it
+        PORT=str(get_free_port()),
         OMP_NUM_THREADS='1')
     result = subprocess.run(
         ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), str(config), '2',

@@ -6,10 +6,11 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 QUICKSTART = osp.join(REPO, 'configs', 'quickstart')
 DET_CONFIG = 'mask-rcnn_agent-pvt-t_fpn_shapes.py'
 SEG_CONFIG = 'fpn_agent-pvt-t_shapes.py'
-TINY_DATA = 'dict(num_train=8, num_val=4, img_size=64, seed=1)'
+TINY_SIZE = 64  # pixels of the tiny set's square images
+TINY_DATA = f'dict(num_train=8, num_val=4, img_size={TINY_SIZE}, seed=1)'
 
 
-def loaders(val_dataset: str = '', size: int = 64) -> str:
+def loaders(val_dataset: str = '', size: int = TINY_SIZE) -> str:
     """Config text of in-process loaders over the tiny set, whose pipelines
     fit the images in ``size`` x ``size``.
 
@@ -51,8 +52,8 @@ test_evaluator = val_evaluator
 train_cfg = dict(max_epochs=1, val_interval=1)
 '''
 
-SEG_OVERRIDES = LOADERS + '''
-model = dict(data_preprocessor=dict(size=(64, 64)))
+SEG_OVERRIDES = LOADERS + f'''
+model = dict(data_preprocessor=dict(size=({TINY_SIZE}, {TINY_SIZE})))
 train_cfg = dict(max_iters=2, val_interval=2)
 default_hooks = dict(checkpoint=dict(interval=2))
 '''
