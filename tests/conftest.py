@@ -20,13 +20,6 @@ def pytest_configure(config):
         os.environ.setdefault('OMP_NUM_THREADS', str(threads))
 
 
-def pytest_collection_modifyitems(items):
-    """Run the end-to-end tests (marked slow, up to a few minutes each)
-    first: the workers then share out the short ones, instead of one
-    starting a long test near the end while the other idles."""
-    items.sort(key=lambda item: item.get_closest_marker('slow') is None)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     """Keep tests reproducible."""
