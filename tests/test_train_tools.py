@@ -135,6 +135,28 @@ def test_resume_options():
     assert cfg.resume is True and cfg.load_from == 'x.pth'
 
 
+@pytest.mark.parametrize('tool', [train_tool, test_tool])
+def test_cfg_options_can_add_custom_imports(tmp_path, monkeypatch, tool):
+    # Config.fromfile imports the file's custom_imports before the command
+    # line is merged: a module added there must be imported all the same
+    name = f'module_of_{tool.__name__}_options'
+    (tmp_path / f'{name}.py').write_text('')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    tool.build_config(
+        tool.parse_args([
+            QUICKSTART_DET, *(['ckpt.pth'] if tool is test_tool else []),
+            '--cfg-options', f"custom_imports.imports=['agent_mm','{name}']"
+        ]))
+    assert name in sys.modules
+
+
+def test_cfg_options_naming_a_missing_module_fail():
+    options = {'custom_imports.imports': ['agent_mm', 'no_such_module_x']}
+    with pytest.raises(ImportError, match='no_such_module_x'):
+        runtime.config_from_file(QUICKSTART_DET, options)
+
+
 def test_auto_scale_lr_needs_base_batch_size(tmp_path):
     config = tmp_path / 'no_scale.py'
     config.write_text(f'_base_ = {QUICKSTART_DET!r}\n'

@@ -21,9 +21,10 @@ was (every input failed, or there was nothing to run on).
 import argparse
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 from agent_mm.apis import build_predictor, run_inference
+from agent_mm.engine.runtime import config_from_file
 from agent_mm.utils import keep_freed_memory
 
 
@@ -64,9 +65,7 @@ def main(argv=None) -> int:
     process for the next inputs (:func:`keep_freed_memory`)."""
     args = parse_args(argv)
     keep_freed_memory()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = config_from_file(args.config, args.cfg_options)
     predictor = build_predictor(
         cfg, args.checkpoint, device=args.device, score_thr=args.score_thr)
     summary = run_inference(predictor, args.inputs, args.out_dir)

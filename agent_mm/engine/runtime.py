@@ -9,6 +9,7 @@ import torch.distributed as dist
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
+from mmengine.utils import import_modules_from_strings
 
 from .checkpoint_match import CheckpointMatchHook
 from .feature_autocast import FeatureAutocastHook
@@ -134,13 +135,25 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
+def config_from_file(path: str, options: Optional[dict] = None) -> Config:
+    """The config file ``path`` with ``options`` (``--cfg-options``)
+    merged in, and the modules its ``custom_imports`` names imported, those
+    the options add included: ``Config.fromfile`` imports the file's own
+    before any option is merged, and would leave the others out without a
+    word."""
+    cfg = Config.fromfile(path)
+    if options:
+        cfg.merge_from_dict(options)
+        if cfg.get('custom_imports'):
+            import_modules_from_strings(**cfg.custom_imports)
+    return cfg
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """The config file with the shared command-line options applied."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    cfg = Config.fromfile(args.config)
+    cfg = config_from_file(args.config, args.cfg_options)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     if args.partial_load:
         cfg.partial_load = True
     set_work_dir(cfg, args.config, args.work_dir)

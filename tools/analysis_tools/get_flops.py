@@ -29,6 +29,7 @@ from mmengine.config import Config, DictAction
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 
+from agent_mm.engine.runtime import config_from_file
 from agent_mm.utils.flops import flop_analyzer, top_level_flops
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
@@ -58,9 +59,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load_config(path: str, options: Optional[dict]) -> Tuple[Config, str]:
     """The config with overrides and without backbone weights, and its
     codebase scope."""
-    cfg = Config.fromfile(path)
-    if options:
-        cfg.merge_from_dict(options)
+    cfg = config_from_file(path, options)
     scope = cfg.get('default_scope')
     if scope not in DEFAULT_SHAPES:
         raise ValueError(f'{path}: default_scope must be one of '

@@ -21,12 +21,13 @@ import os.path as osp
 import sys
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 import agent_mm  # noqa: F401  (registers the backbones)
 from agent_mm.deploy import (OrtRunError, build_export_model, check_onnx,
                              check_shapes, export_onnx, require_deploy_extra)
 from agent_mm.deploy.onnx import TOLERANCE, check_checkpoint, check_output
+from agent_mm.engine.runtime import config_from_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,9 +98,7 @@ def main(argv=None) -> int:
     require_deploy_extra()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = config_from_file(args.config, args.cfg_options)
     model = build_export_model(cfg, args.checkpoint)
     example = torch.randn(1, 3, *args.shape)
     names = export_onnx(model, example, args.out, dynamic=args.dynamic)
