@@ -290,6 +290,19 @@ def test_freed_memory_is_kept_before_the_model_is_built(task, tmp_path,
     assert calls == ['kept', 'built']
 
 
+def test_cfg_options_reach_the_predictor(task, tmp_path, monkeypatch):
+    configs = []
+    monkeypatch.setattr(
+        infer_tool, 'build_predictor',
+        lambda cfg, *args, **kwargs: configs.append(cfg) or task.predictor)
+    infer_tool.main([
+        task.config, task.checkpoint,
+        str(tmp_path / 'missing.png'), '--out-dir',
+        str(tmp_path / 'out'), '--cfg-options', 'model.backbone.depths=[1,2]'
+    ])
+    assert configs[0].model.backbone.depths == [1, 2]
+
+
 def test_file_without_read_permission(task, tmp_path, monkeypatch):
     locked = tmp_path / 'locked.png'
     locked.write_bytes(b'')

@@ -21,10 +21,8 @@ was (every input failed, or there was nothing to run on).
 import argparse
 import sys
 
-from mmengine.config import DictAction
-
 from agent_mm.apis import build_predictor, run_inference
-from agent_mm.engine.runtime import config_from_file
+from agent_mm.engine.runtime import add_cfg_options, config_from_file
 from agent_mm.utils import keep_freed_memory
 
 
@@ -51,12 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.3,
         help='detection: instances scored below it are not drawn (the JSON '
         'holds them all)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, e.g. model.test_cfg.rcnn.'
-        'max_per_img=20')
+    add_cfg_options(parser, 'model.test_cfg.rcnn.max_per_img=20')
     return parser.parse_args(argv)
 
 

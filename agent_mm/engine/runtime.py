@@ -114,14 +114,20 @@ def enable_amp(cfg: Config) -> None:
         cfg.optim_wrapper.pop('loss_scale', None)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the train and test tools."""
-    parser.add_argument('--work-dir', help='where to save logs and outputs')
+def add_cfg_options(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--cfg-options key=value ...``, read by :func:`config_from_file`;
+    ``example`` is one such setting, for the help text."""
     parser.add_argument(
         '--cfg-options',
         nargs='+',
         action=DictAction,
-        help='override config settings, e.g. train_cfg.max_epochs=2')
+        help=f'override config settings, e.g. {example}')
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the train and test tools."""
+    parser.add_argument('--work-dir', help='where to save logs and outputs')
+    add_cfg_options(parser, 'train_cfg.max_epochs=2')
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],

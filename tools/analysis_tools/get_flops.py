@@ -25,11 +25,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 
-from agent_mm.engine.runtime import config_from_file
+from agent_mm.engine.runtime import add_cfg_options, config_from_file
 from agent_mm.utils.flops import flop_analyzer, top_level_flops
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
@@ -45,11 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         nargs='+',
         help='input HEIGHT [WIDTH]; default 800 1280 (detection) or 512 '
         '2048 (segmentation)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, e.g. model.backbone.arch=small')
+    add_cfg_options(parser, 'model.backbone.arch=small')
     args = parser.parse_args(argv)
     if args.shape is not None and len(args.shape) not in (1, 2):
         parser.error('--shape takes HEIGHT or HEIGHT WIDTH')

@@ -21,13 +21,12 @@ import os.path as osp
 import sys
 
 import torch
-from mmengine.config import DictAction
 
 import agent_mm  # noqa: F401  (registers the backbones)
 from agent_mm.deploy import (OrtRunError, build_export_model, check_onnx,
                              check_shapes, export_onnx, require_deploy_extra)
 from agent_mm.deploy.onnx import TOLERANCE, check_checkpoint, check_output
-from agent_mm.engine.runtime import config_from_file
+from agent_mm.engine.runtime import add_cfg_options, config_from_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,11 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help='threads of both ONNX Runtime and PyTorch (default: '
         "PyTorch's); 1 gives steadier numbers on a busy machine")
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, e.g. model.backbone.arch=small')
+    add_cfg_options(parser, 'model.backbone.arch=small')
     args = parser.parse_args(argv)
     if not args.out:
         args.out = osp.splitext(osp.basename(args.config))[0] + '.onnx'
