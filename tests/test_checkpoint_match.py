@@ -87,10 +87,15 @@ def test_pvt_s_detector_checkpoint_for_pvt_t_config_is_an_error(
     assert '--partial-load' in message
 
 
+# the flag also reaches a match hook the config declares itself
+@pytest.mark.parametrize('own_hook', [False, True])
 def test_partial_load_flag_allows_a_deliberate_partial_load(
-        tiny_det, tmp_path):
+        tiny_det, tmp_path, own_hook):
     ckpt = tmp_path / 'mask-rcnn_agent-pvt-s.pth'
     _detector_checkpoint(tiny_det, ckpt, depths=PVT_S_DEPTHS)
+    if own_hook:
+        with open(tiny_det, 'a') as f:
+            f.write("custom_hooks = [dict(type='CheckpointMatchHook')]\n")
     metrics = test_tool.main([
         tiny_det, str(ckpt), '--work-dir',
         str(tmp_path / 'work'), '--partial-load'

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) train the quick-start model in lockstep."""
+"""Two CPU processes (gloo) train the quick-start model in lockstep, started
+by torchrun (``tools/dist_train.sh``) or as ``srun`` starts them."""
 import os
 import os.path as osp
 import subprocess
@@ -39,7 +40,23 @@ custom_hooks = [dict(type='SaveRankWeightsHook')]
 '''
 
 
-def test_two_processes_train_and_keep_identical_weights(tmp_path):
+def _slurm_processes(config, work_dir, env):
+    """Two ``tools/train.py --launcher slurm`` processes with the variables
+    ``srun`` gives its tasks (one node)."""
+    return [
+        subprocess.Popen(
+            [sys.executable, osp.join(REPO, 'tools', 'train.py'),
+             str(config), '--work-dir', str(work_dir), '--launcher', 'slurm'],
+            env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                     SLURM_NTASKS='2', SLURM_NODELIST='localhost',
+                     MASTER_ADDR='127.0.0.1', MASTER_PORT=env['PORT']),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=config.parent) for rank in (0, 1)
+    ]
+
+
+@pytest.mark.parametrize('launcher', ['pytorch', 'slurm'])
+def test_two_processes_train_and_keep_identical_weights(tmp_path, launcher):
     config = tmp_path / 'dist_seg.py'
     config.write_text(
         CONFIG.format(
@@ -54,11 +71,18 @@ def test_two_processes_train_and_keep_identical_weights(tmp_path):
         # a fixed port fails while another run of the suite holds it
         PORT=str(get_free_port()),
         OMP_NUM_THREADS='1')
-    result = subprocess.run(
-        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), str(config), '2',
-         '--work-dir', str(work_dir)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    if launcher == 'pytorch':
+        result = subprocess.run(
+            ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), str(config),
+             '2', '--work-dir', str(work_dir)],
+            cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    else:
+        processes = _slurm_processes(config, work_dir, env)
+        for process in processes:
+            output = process.communicate(timeout=600)[0]
+            assert process.returncode == 0, output[-4000:]
 
     ranks = [torch.load(work_dir / f'rank{r}.pth') for r in (0, 1)]
     # parameters are all-reduced; BN running statistics stay per process

@@ -1,4 +1,5 @@
 """tools/train.py and tools/test.py: options, resume, mixed precision."""
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -155,6 +156,89 @@ def test_cfg_options_naming_a_missing_module_fail():
     options = {'custom_imports.imports': ['agent_mm', 'no_such_module_x']}
     with pytest.raises(ImportError, match='no_such_module_x'):
         runtime.config_from_file(QUICKSTART_DET, options)
+
+
+SLURM = dict(SLURM_PROCID='3', SLURM_NTASKS='8', SLURM_LOCALID='1',
+             SLURM_NODELIST='node[7-8]')
+MPI = dict(OMPI_COMM_WORLD_RANK='3', OMPI_COMM_WORLD_SIZE='8',
+           OMPI_COMM_WORLD_LOCAL_RANK='1', MASTER_ADDR='10.0.0.1')
+RANKS = dict(RANK='3', WORLD_SIZE='8', LOCAL_RANK='1')
+
+
+def test_launcher_env_from_slurm(monkeypatch):
+    calls = []
+
+    def scontrol(command, **kwargs):
+        calls.append(command)
+        return SimpleNamespace(stdout='node7\nnode8\n')
+
+    monkeypatch.setattr(runtime.subprocess, 'run', scontrol)
+    assert runtime.launcher_env('slurm', SLURM) == dict(
+        RANKS, MASTER_ADDR='node7', MASTER_PORT='29500')
+    assert calls == [['scontrol', 'show', 'hostnames', 'node[7-8]']]
+    # an address and port set by the user are kept, scontrol is not asked
+    assert runtime.launcher_env(
+        'slurm', dict(SLURM, MASTER_ADDR='10.0.0.2', MASTER_PORT='1234')) == (
+            dict(RANKS, MASTER_ADDR='10.0.0.2', MASTER_PORT='1234'))
+    assert len(calls) == 1
+
+
+def test_launcher_env_from_mpi():
+    assert runtime.launcher_env('mpi', MPI) == dict(
+        RANKS, MASTER_ADDR='10.0.0.1', MASTER_PORT='29500')
+
+
+@pytest.mark.parametrize('launcher, environ, message', [
+    ('slurm', dict(SLURM, SLURM_PROCID=None), 'needs SLURM_PROCID in the '
+     'environment: start the processes with srun'),
+    ('mpi', dict(MPI, OMPI_COMM_WORLD_SIZE=None), 'needs '
+     'OMPI_COMM_WORLD_SIZE in the environment: start the processes with '
+     'mpirun'),
+    ('mpi', dict(MPI, MASTER_ADDR=None), 'needs MASTER_ADDR'),
+    ('slurm', SLURM, 'set MASTER_ADDR'),  # no scontrol to expand the list
+])
+def test_launcher_env_names_what_is_missing(monkeypatch, launcher, environ,
+                                            message):
+    def no_scontrol(*args, **kwargs):
+        raise FileNotFoundError(2, 'No such file or directory', 'scontrol')
+
+    monkeypatch.setattr(runtime.subprocess, 'run', no_scontrol)
+    environ = {k: v for k, v in environ.items() if v is not None}
+    with pytest.raises(RuntimeError, match=message):
+        runtime.launcher_env(launcher, environ)
+
+
+@pytest.mark.parametrize('script, arguments', [
+    ('dist_train.sh', 2), ('dist_test.sh', 3), ('slurm_train.sh', 4),
+    ('slurm_test.sh', 4)])
+def test_launch_scripts_print_their_usage_when_arguments_are_missing(
+        script, arguments):
+    result = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', script), *['x'] * (arguments - 1)],
+        capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f'usage: tools/{script} ')
+
+
+@pytest.mark.parametrize('gres, expected', [
+    (None, '--gres=gpu:8'), ('', None), ('gpu:a100:4', '--gres=gpu:a100:4')])
+def test_slurm_script_requests_gpus_unless_gres_is_empty(tmp_path, gres,
+                                                         expected):
+    # a stand-in srun that prints the options it was given
+    srun = tmp_path / 'srun'
+    srun.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    srun.chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}')
+    if gres is not None:
+        env['GRES'] = gres
+    result = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'slurm_train.sh'), 'cpu', 'job',
+         'config.py', 'work'], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split('\n')
+    assert [o for o in options if o.startswith('--gres')] == (
+        [expected] if expected else [])
+    assert '--launcher=slurm' in options
 
 
 def test_auto_scale_lr_needs_base_batch_size(tmp_path):

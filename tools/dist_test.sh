@@ -3,6 +3,10 @@
 # Usage: tools/dist_test.sh CONFIG CHECKPOINT NPROC [test.py options]
 # Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host tools/dist_test.sh ...
 set -euo pipefail
+if [ $# -lt 3 ]; then
+    echo "usage: tools/dist_test.sh CONFIG CHECKPOINT NPROC [test.py options]" >&2
+    exit 2
+fi
 CONFIG=$1
 CHECKPOINT=$2
 NPROC=$3

@@ -3,6 +3,10 @@
 # Usage: tools/dist_train.sh CONFIG NPROC [train.py options]
 # Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host tools/dist_train.sh ...
 set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: tools/dist_train.sh CONFIG NPROC [train.py options]" >&2
+    exit 2
+fi
 CONFIG=$1
 NPROC=$2
 shift 2

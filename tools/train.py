@@ -23,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--amp',
         action='store_true',
-        help='mixed precision: fp16 on a GPU; bfloat16 on the CPU, for a '
+        help='mixed precision: fp16 on a GPU (or the optim_wrapper\'s '
+        'dtype); bfloat16 on the CPU, for a '
         'detector in its backbone and neck (mmcv\'s CPU NMS and RoIAlign '
         'take float32; the config\'s FeatureAutocastHook if it has one), '
         'for other models over the whole forward. Float32 where the '

@@ -1,8 +1,11 @@
-"""Config adjustments shared by ``tools/train.py`` and ``tools/test.py``."""
+"""What the tools share: their config loading and command-line options
+(all of them), and the runner set-up of ``tools/train.py`` and
+``tools/test.py``."""
 import argparse
 import os
 import os.path as osp
-from typing import Any, Optional
+import subprocess
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,15 +69,71 @@ def adapt_to_cpu(cfg: Config) -> None:
             find_unused_parameters=cfg.get('find_unused_parameters', False))
 
 
+DEFAULT_MASTER_PORT = '29500'  # torch.distributed's
+# per launcher: the command that starts the processes, and the variables it
+# gives each of them for torch's RANK, WORLD_SIZE and LOCAL_RANK
+LAUNCHER_RANKS = {
+    'slurm': ('srun', ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')),
+    'mpi': ('mpirun', ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
+                       'OMPI_COMM_WORLD_LOCAL_RANK')),
+}
+
+
+def slurm_master_address(node_list: str) -> str:
+    """The first host of a Slurm node list, as ``scontrol`` expands it."""
+    try:
+        hosts = subprocess.run(['scontrol', 'show', 'hostnames', node_list],
+                               capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise RuntimeError(
+            f'cannot expand SLURM_NODELIST={node_list!r} with scontrol '
+            f'({error}); set MASTER_ADDR to the first node\'s address') from (
+                error)
+    return hosts[0]
+
+
+def launcher_env(launcher: str, environ: Mapping[str, str]) -> Dict[str, str]:
+    """torch.distributed's ``env://`` variables (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) from those Slurm
+    (``srun``) or Open MPI (``mpirun``) give each process, as mmengine's
+    launchers read them; ``MASTER_ADDR`` and ``MASTER_PORT`` are kept where
+    set, and a Slurm job's first node is the master otherwise."""
+    command, names = LAUNCHER_RANKS[launcher]
+    master_from = ()
+    if 'MASTER_ADDR' not in environ and launcher == 'slurm':
+        master_from = ('SLURM_NODELIST', )
+    missing = [name for name in names + master_from if name not in environ]
+    if missing:
+        raise RuntimeError(
+            f'--launcher {launcher} needs {", ".join(missing)} in the '
+            f'environment: start the processes with {command}')
+    if 'MASTER_ADDR' in environ:
+        master = environ['MASTER_ADDR']
+    elif master_from:
+        master = slurm_master_address(environ['SLURM_NODELIST'])
+    else:
+        raise RuntimeError(f'--launcher {launcher} needs MASTER_ADDR, the '
+                           'address of the rank 0 process, in the environment')
+    env = dict(zip(('RANK', 'WORLD_SIZE', 'LOCAL_RANK'),
+                   (environ[name] for name in names)))
+    return dict(env, MASTER_ADDR=master,
+                MASTER_PORT=environ.get('MASTER_PORT', DEFAULT_MASTER_PORT))
+
+
 def init_cpu_distributed(cfg: Config) -> None:
-    """Join the torchrun process group with gloo.
+    """Join the launcher's process group with gloo: torchrun's, or that of
+    the processes ``srun`` or ``mpirun`` started (:func:`launcher_env`).
 
     mmengine's own initialisation calls ``torch.cuda.set_device``, which a
     CPU-only torch does not have; once the group exists, mmengine uses it.
     """
-    if (cfg.get('launcher') == 'pytorch' and not has_accelerator()
-            and not dist.is_initialized()):
-        dist.init_process_group(backend='gloo')
+    launcher = cfg.get('launcher', 'none')
+    if launcher == 'none' or has_accelerator() or dist.is_initialized():
+        return
+    if launcher != 'pytorch':
+        os.environ.update(launcher_env(launcher, os.environ))
+    dist.init_process_group(backend='gloo')
 
 
 def is_detector(cfg: Config) -> bool:
@@ -95,14 +154,15 @@ def add_feature_autocast(cfg: Config, replace: bool) -> None:
 
 
 def enable_amp(cfg: Config) -> None:
-    """Mixed-precision training: mmengine's ``AmpOptimWrapper`` (fp16 with
-    dynamic loss scaling) on a GPU, the other wrapper's own options
-    dropped. On the CPU, a detector's backbone and neck run in bfloat16
-    through a ``FeatureAutocastHook`` (the config's own if it has one),
-    since mmcv's CPU NMS and RoIAlign take float32 only and a two-stage
-    detector's RPN calls NMS in training; other models train under
-    :class:`~.optim_wrapper.CPUAmpOptimWrapper` (bfloat16 autocast over
-    the whole forward)."""
+    """Mixed-precision training: mmengine's ``AmpOptimWrapper`` with
+    dynamic loss scaling on a GPU, in fp16 or the ``dtype`` the config's
+    wrapper names, as mmengine's own tools do (the CPU wrapper's
+    ``native_only`` dropped). On the CPU, a detector's backbone and neck
+    run in bfloat16 through a ``FeatureAutocastHook`` (the config's own if
+    it has one), since mmcv's CPU NMS and RoIAlign take float32 only and a
+    two-stage detector's RPN calls NMS in training; other models train
+    under :class:`~.optim_wrapper.CPUAmpOptimWrapper` (bfloat16 autocast
+    over the whole forward)."""
     if has_accelerator():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
@@ -170,12 +230,20 @@ def load_config(args: argparse.Namespace) -> Config:
 def build_runner(cfg: Config) -> Runner:
     """A runner in the config's codebase scope (mmdet or mmseg) that refuses
     checkpoints whose weights do not match the model
-    (:class:`CheckpointMatchHook`, unless the config has one)."""
+    (:class:`CheckpointMatchHook`: the config's own, if it has one, else
+    one added); ``partial_load=True`` in ``cfg`` (``--partial-load``) makes
+    either only warn."""
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     init_cpu_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(
         cfg)
-    if not any(isinstance(hook, CheckpointMatchHook) for hook in runner.hooks):
-        runner.register_hook(
-            CheckpointMatchHook(partial_load=cfg.get('partial_load', False)))
+    matchers = [
+        hook for hook in runner.hooks if isinstance(hook, CheckpointMatchHook)
+    ]
+    if not matchers:
+        matchers = [CheckpointMatchHook()]
+        runner.register_hook(matchers[0])
+    if cfg.get('partial_load', False):
+        for hook in matchers:
+            hook.partial_load = True
     return runner
