@@ -224,6 +224,34 @@ def test_tool_stops_on_an_unusable_out(out, tool_without_export, tmp_path,
     assert not any((tmp_path / 'dir').iterdir())
 
 
+@pytest.mark.parametrize('option, message', [
+    (['--shape', '0', '64'], '--shape must be positive, got 0 64'),
+    (['--threads', '0'], '--threads must be positive, got 0'),
+    (['--repeats', '-1'], '--repeats must be 0 (no timing) or more, got -1'),
+])
+def test_tool_stops_on_a_bad_number(option, message, tool_without_export,
+                                    tmp_path, capsys):
+    out = tmp_path / 'new' / 'x.onnx'
+    args = [SEGMENTOR, '--shape', '64', '64', '--out', str(out), *option]
+    with pytest.raises(SystemExit) as exit_:
+        tool_without_export.main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_tool_stops_on_a_missing_config(tool_without_export, tmp_path,
+                                        capsys):
+    config, out = str(tmp_path / 'nowhere.py'), tmp_path / 'new' / 'x.onnx'
+    with pytest.raises(SystemExit) as exit_:
+        tool_without_export.main([config, '--shape', '64', '64', '--out',
+                                  str(out)])
+    assert exit_.value.code == 2
+    assert f'config {config!r} is not a file' in capsys.readouterr().err
+    # the checks create nothing, not even the output's directory
+    assert not any(tmp_path.iterdir())
+
+
 @needs_deploy
 def test_a_failed_save_leaves_no_partial_file(monkeypatch, tmp_path):
     def save(self, destination, **kwargs):

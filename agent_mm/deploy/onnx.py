@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from mmengine.utils import mkdir_or_exist
 from torch import Tensor
 
 from agent_mm.utils.timing import interleaved_times
+
+if TYPE_CHECKING:  # the deploy extra, imported where it is used
+    import onnxruntime
 
 DEPLOY_EXTRA = "pip install -e '.[deploy]'"
 # ONNX Runtime must give PyTorch's float32 outputs within this
@@ -120,9 +123,10 @@ def check_checkpoint(checkpoint: str) -> None:
 
 
 def check_output(path: str) -> None:
-    """Make sure the ONNX file ``path`` can be written, before exporting.
-
-    Its directory is created if missing (like mmengine's ``work_dir``).
+    """Make sure the ONNX file ``path`` can be written, before exporting,
+    without creating anything: its directory, or the nearest one of its
+    parents that exists (:func:`save_whole` creates the missing ones, like
+    mmengine's ``work_dir``), must be a writable directory.
 
     Args:
         path: The ONNX file to write (an existing file is replaced).
@@ -136,14 +140,16 @@ def check_output(path: str) -> None:
             f'output {path!r} is not a file name; give one such as '
             f'{osp.join(path, "model.onnx")!r}')
     parent = osp.dirname(osp.abspath(path))
-    if osp.exists(parent) and not osp.isdir(parent):
+    existing = parent
+    while not osp.exists(existing):
+        existing = osp.dirname(existing)
+    if not osp.isdir(existing):
         raise NotADirectoryError(
-            f'output {path!r}: {parent!r} is not a directory; give a path in '
-            'a directory')
+            f'output {path!r}: {existing!r} is not a directory; give a path '
+            'in a directory')
     try:
-        mkdir_or_exist(parent)
-        # what save_whole needs: a directory of its own beside path
-        os.rmdir(tempfile.mkdtemp(prefix='.onnx-export-', dir=parent))
+        # what save_whole needs: a directory of its own in there
+        os.rmdir(tempfile.mkdtemp(prefix='.onnx-export-', dir=existing))
     except OSError as err:
         raise type(err)(
             f'cannot write the output {path!r} in {parent!r} '
@@ -232,7 +238,8 @@ def export_onnx(model: nn.Module,
     Args:
         model: The module in eval mode, one image batch in.
         inputs: Example input ``(B, 3, H, W)``.
-        path: Output file (weights inside it).
+        path: Output file (the weights inside it, or beside it in
+            ``<name>.data`` for a model over 2 GB: :func:`save_whole`).
         dynamic: Height and width as dynamic dimensions.
 
     Returns:
@@ -256,18 +263,19 @@ def export_onnx(model: nn.Module,
         program,
         input_names=['input'],
         output_names=names,
-        dynamo=True,
-        external_data=False)
+        dynamo=True)
     save_whole(onnx_program, path)
     return names
 
 
-def save_whole(onnx_program, path: str) -> None:
-    """Save a ``torch.onnx.ONNXProgram`` to ``path`` so that a failure leaves
-    no partial file: it is written in a temporary directory beside ``path``
-    (same file system), then renamed into place, with its external data file
-    ``<name>.data`` if it has one (a model over 2 GB), the graph last."""
+def save_whole(onnx_program: 'torch.onnx.ONNXProgram', path: str) -> None:
+    """Save an exported program to ``path`` so that a failure leaves no
+    partial file: it is written in a temporary directory beside ``path``
+    (same file system; the directory of ``path`` is created if missing),
+    then renamed into place, with its external data file ``<name>.data`` if
+    it has one (a model over 2 GB), the graph last."""
     parent = osp.dirname(osp.abspath(path))
+    mkdir_or_exist(parent)
     staging = tempfile.mkdtemp(prefix='.onnx-export-', dir=parent)
     try:
         onnx_program.save(osp.join(staging, osp.basename(path)))
@@ -308,9 +316,9 @@ class Check:
         return self.ort_ms / self.eager_ms
 
 
-def ort_session(path: str, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session of the file ``path`` running on
-    ``threads`` threads (default: PyTorch's number of threads).
+def ort_session(path: str) -> 'onnxruntime.InferenceSession':
+    """An ONNX Runtime CPU session of the file ``path`` running on PyTorch's
+    number of threads.
 
     Its threads sleep as soon as a run ends (:data:`ORT_SPINNING` is
     ``'0'``): by default they keep spinning for a while after each run, and
@@ -321,7 +329,7 @@ def ort_session(path: str, threads: Optional[int] = None):
     require_deploy_extra()
     import onnxruntime
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry(ORT_SPINNING, '0')
     return onnxruntime.InferenceSession(
         path, options, providers=['CPUExecutionProvider'])

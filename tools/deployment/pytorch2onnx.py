@@ -5,16 +5,18 @@ ONNX and check it in ONNX Runtime.
         --shape 512 512 [--dynamic] [--out model.onnx]
 
 The graph takes normalised images ``(1, 3, H, W)`` (the data preprocessor is
-not part of it) and returns the backbone's feature maps ``out0``...
-``out3`` or the segmentor's logits (``tensor`` mode). Without a checkpoint
+not part of it) and returns the backbone's feature maps ``out0``, ``out1``,
+... (one per ``out_indices`` entry) or the segmentor's logits (``tensor``
+mode). Without a checkpoint
 the weights are random (a warning says so); nothing is downloaded. ONNX
 Runtime must give PyTorch's outputs within 1e-4 (with ``--dynamic`` also at
 a second, larger size); the latency of both on the same input is printed.
 The directory of ``--out`` is created if missing; the file is written only
 whole. Needs the deploy extra: ``pip install -e '.[deploy]'``. Exit status:
-0 if the outputs agree, 1 if not, 2 if an argument is unusable (e.g. a
-CHECKPOINT that is not a file, or an ``--out`` that cannot be written),
-which is reported before anything is built or exported.
+0 if the outputs agree, 1 if not (or the export fails), 2 if an argument is
+unusable (a CONFIG or CHECKPOINT that is not a file, an ``--out`` that cannot
+be written, a size or count that is not positive) or the deploy extra is
+missing, which is reported before anything is built, exported or created.
 """
 import argparse
 import os.path as osp
@@ -58,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--repeats',
         type=int,
         default=10,
-        help='timed runs of ONNX Runtime and of PyTorch (median)')
+        help='timed runs of ONNX Runtime and of PyTorch (median); 0: no '
+        'timing')
     parser.add_argument(
         '--threads',
         type=int,
@@ -68,14 +71,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.out:
         args.out = osp.splitext(osp.basename(args.config))[0] + '.onnx'
-    check_paths(parser, args)
+    check_args(parser, args)
     return args
 
 
-def check_paths(parser: argparse.ArgumentParser,
-                args: argparse.Namespace) -> None:
-    """Exit through ``parser.error`` (status 2) if the checkpoint is not a
-    file or the ONNX file cannot be written, before the export's work."""
+def check_args(parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` (status 2), before the export's work, if
+    the deploy extra is missing, the config or checkpoint is not a file, the
+    ONNX file cannot be written, or a size or count is not positive."""
+    try:
+        require_deploy_extra()
+    except ImportError as err:
+        parser.error(str(err))
+    if not osp.isfile(args.config):
+        parser.error(f'config {args.config!r} is not a file')
+    if min(args.shape) < 1:
+        parser.error(f'--shape must be positive, got {args.shape[0]} '
+                     f'{args.shape[1]}')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads must be positive, got {args.threads}')
+    if args.repeats < 0:
+        parser.error(f'--repeats must be 0 (no timing) or more, got '
+                     f'{args.repeats}')
     if args.checkpoint:
         try:
             check_checkpoint(args.checkpoint)
@@ -90,8 +108,7 @@ def check_paths(parser: argparse.ArgumentParser,
 def main(argv=None) -> int:
     """Export, check and time; return the exit status."""
     args = parse_args(argv)
-    require_deploy_extra()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = config_from_file(args.config, args.cfg_options)
     model = build_export_model(cfg, args.checkpoint)
