@@ -252,6 +252,17 @@ def test_get_flops_on_tiny_segmentor(tmp_path, capsys):
     assert 'FLOPs:' in capsys.readouterr().out
 
 
+def test_get_flops_scope_defaults_to_mmdet(tmp_path):
+    load_config = load_tool('get_flops').load_config
+    config = tmp_path / 'no_scope.py'
+    config.write_text(TINY_SEG_CONFIG.replace("default_scope = 'mmseg'", ''))
+    assert load_config(str(config), None)[1] == 'mmdet'
+    config.write_text(TINY_SEG_CONFIG.replace("'mmseg'", "'mmpretrain'"))
+    with pytest.raises(ValueError, match="got 'mmpretrain'; set "
+                       'default_scope in the config'):
+        load_config(str(config), None)
+
+
 @pytest.mark.parametrize('lacks_amx, dtype', [(True, 'bfloat16'),
                                               (False, 'bfloat16'),
                                               (False, 'float32')])

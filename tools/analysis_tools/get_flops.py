@@ -56,10 +56,13 @@ def load_config(path: str, options: Optional[dict]) -> Tuple[Config, str]:
     """The config with overrides and without backbone weights, and its
     codebase scope."""
     cfg = config_from_file(path, options)
-    scope = cfg.get('default_scope')
+    # mmdet when unset, as in the train, test, infer and export tools
+    scope = cfg.get('default_scope', 'mmdet')
     if scope not in DEFAULT_SHAPES:
-        raise ValueError(f'{path}: default_scope must be one of '
-                         f'{sorted(DEFAULT_SHAPES)}, got {scope!r}.')
+        raise ValueError(
+            f'{path}: default_scope must be one of {sorted(DEFAULT_SHAPES)}, '
+            f'got {scope!r}; set default_scope in the config to the '
+            'codebase that builds its model')
     cfg.model.backbone.init_cfg = None
     if 'pretrained' in cfg.model:
         cfg.model.pretrained = None
