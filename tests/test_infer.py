@@ -215,12 +215,16 @@ def test_interrupted_video_leaves_nothing(task, tmp_path):
     assert _outputs(out_dir) == []
 
 
-def test_failed_json_write_leaves_nothing(task, tmp_path, monkeypatch):
+# the picture and the JSON of an input are renamed into place one after the
+# other: whichever fails, neither is left
+@pytest.mark.parametrize('failing', [('.json', ), ('.png', '.avi')])
+def test_failed_output_write_leaves_nothing(task, tmp_path, monkeypatch,
+                                            failing):
     replace = os.replace
 
     def full_disk(src: str, dst: str) -> None:
-        """``os.replace``, failing for the JSON files."""
-        if dst.endswith('.json'):
+        """``os.replace``, failing for the ``failing`` files."""
+        if dst.endswith(failing):
             raise OSError(errno.ENOSPC, 'No space left on device')
         replace(src, dst)
 

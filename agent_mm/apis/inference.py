@@ -390,30 +390,37 @@ class OutputNames:
 
 
 @contextmanager
-def written_in_place(path: str) -> Iterator[str]:
-    """A temporary path in ``path``'s folder to write ``path`` to.
+def written_in_place(*paths: str) -> Iterator[Tuple[str, ...]]:
+    """Temporary paths, each in its ``paths`` entry's folder, to write those
+    files to, all or none.
 
-    The file there is renamed to ``path`` when the block ends, and deleted
-    if the block raises (``KeyboardInterrupt`` included; the exception goes
-    on). The name keeps the extension (``.<name>.tmp.avi``), by which OpenCV
-    chooses its writer. Renaming makes the output whole or absent, not
+    The files there are renamed into place when the block ends; if the
+    block or a rename raises (``KeyboardInterrupt`` included; the exception
+    goes on), the temporary files and those already renamed are deleted.
+    The names keep the extension (``.<name>.tmp.avi``), by which OpenCV
+    chooses its writer. Renaming makes the outputs whole or absent, not
     durable (no flush to the disk, which would slow a batch of many
     images).
     """
-    stem, extension = osp.splitext(path)
-    tmp_path = temporary_path(stem) + extension
+    tmp_paths = tuple(
+        temporary_path(stem) + extension
+        for stem, extension in map(osp.splitext, paths))
+    placed = []
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        yield tmp_paths
+        for tmp_path, path in zip(tmp_paths, paths):
+            os.replace(tmp_path, path)
+            placed.append(path)
     except BaseException:
-        with suppress(FileNotFoundError):
-            os.remove(tmp_path)
+        for path in (*tmp_paths, *placed):
+            with suppress(FileNotFoundError):
+                os.remove(path)
         raise
 
 
 def write_json(path: str, record: dict) -> None:
-    """``record`` as JSON in ``path`` (:func:`written_in_place`)."""
-    with written_in_place(path) as tmp_path, open(tmp_path, 'w') as f:
+    """``record`` as JSON in ``path``."""
+    with open(path, 'w') as f:
         json.dump(record, f)
 
 
@@ -450,6 +457,10 @@ class BatchRunner:
         self.progress = progress
         self.names = OutputNames()
 
+    def preds_path(self, name: str) -> str:
+        """The JSON file of the output ``name``."""
+        return osp.join(self.preds_dir, name + '.json')
+
     def run(self, path: str) -> None:
         """Predict on an image or a video file.
 
@@ -468,12 +479,13 @@ class BatchRunner:
         records, drawn = self.predictor(osp.basename(path), image)
         name = self.names(path)
         picture = osp.join(self.vis_dir, name + '.png')
-        with written_in_place(picture) as tmp_picture:
+        with written_in_place(picture, self.preds_path(name)) as (
+                tmp_picture, tmp_json):
             if not cv2.imwrite(tmp_picture, drawn):
                 raise OSError(f'OpenCV cannot write {picture}')
             height, width = image.shape[:2]
             write_json(
-                osp.join(self.preds_dir, name + '.json'),
+                tmp_json,
                 dict(input=path, height=height, width=width,
                      predictions=records))
 
@@ -488,11 +500,12 @@ class BatchRunner:
             osp.basename(path), total=count if count > 0 else None)
         video = osp.join(self.vis_dir, name + '.avi')
         try:
-            with written_in_place(video) as tmp_video:
+            with written_in_place(video, self.preds_path(name)) as (
+                    tmp_video, tmp_json):
                 frames, height, width = self.write_video(
                     path, capture, tmp_video, fps, task)
                 write_json(
-                    osp.join(self.preds_dir, name + '.json'),
+                    tmp_json,
                     dict(input=path, height=height, width=width, fps=fps,
                          frames=frames))
         finally:
