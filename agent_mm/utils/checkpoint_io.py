@@ -179,9 +179,11 @@ def load_from_http(url: str,
     """Download a checkpoint once into the torch hub cache, then read the
     file through :func:`read_checkpoint`.
 
-    In distributed runs, local rank 0 downloads while the other ranks wait.
-    A cached file that cannot be read is removed, so that the next attempt
-    downloads it again.
+    In distributed runs, rank 0 downloads while the other ranks wait, then
+    they read its file (on nodes that do not share the cache with rank 0's,
+    each rank downloads a copy: a temporary file renamed when complete, so
+    no rank reads a partial one). A cached file that cannot be read is
+    removed by rank 0, so that the next attempt downloads it again.
     """
     model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
     cached_file = osp.join(model_dir, osp.basename(urlparse(url).path))

@@ -7,7 +7,7 @@ an analyzer that counts it (and ``aten::baddbmm``) like the matmuls of the
 unfused form. mmengine is imported lazily: importing this module is cheap.
 """
 from math import prod
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, List, Tuple, Union
 
 import torch.nn as nn
 from torch import Tensor
@@ -48,35 +48,30 @@ EXTRA_FLOP_HANDLES = {
 
 
 def flop_analyzer(model: nn.Module,
-                  inputs: Union[Tensor, Tuple[Any, ...]],
-                  quiet: bool = True) -> Any:
-    """``mmengine.analysis.FlopAnalyzer`` with the attention handles.
+                  inputs: Union[Tensor, Tuple[Any, ...]]) -> Any:
+    """``mmengine.analysis.FlopAnalyzer`` with the attention handles, its
+    tracer, unsupported-op and uncalled-module warnings silenced (read its
+    ``unsupported_ops()`` instead).
 
     Args:
         model: Module to trace; run it in the mode (eval/no_grad) you want
             counted.
         inputs: Positional inputs of ``model``.
-        quiet: Silence tracer, unsupported-op and uncalled-module warnings
-            (read :meth:`unsupported_ops` instead).
 
     Returns:
         The analyzer; ``.total()`` is in multiply-adds.
     """
     from mmengine.analysis import FlopAnalyzer
     analyzer = FlopAnalyzer(model, inputs).set_op_handle(**EXTRA_FLOP_HANDLES)
-    if quiet:
-        analyzer.tracer_warnings('none')
-        analyzer.unsupported_ops_warnings(False)
-        analyzer.uncalled_modules_warnings(False)
+    analyzer.tracer_warnings('none')
+    analyzer.unsupported_ops_warnings(False)
+    analyzer.uncalled_modules_warnings(False)
     return analyzer
 
 
-def top_level_flops(analyzer: Any,
-                    names: Sequence[str] = ()) -> List[Tuple[str, int]]:
-    """``(name, flops)`` of the model's direct children (or of ``names``).
-
-    Children that ran no counted op are left out.
-    """
+def top_level_flops(analyzer: Any) -> List[Tuple[str, int]]:
+    """``(name, flops)`` of the model's direct children; those that ran no
+    counted op are left out."""
     by_module = analyzer.by_module()
-    names = names or [name for name in by_module if name and '.' not in name]
-    return [(name, by_module[name]) for name in names if by_module[name]]
+    return [(name, flops) for name, flops in by_module.items()
+            if name and '.' not in name and flops]
