@@ -54,6 +54,12 @@ def test_bad_attn_type_is_a_value_error(code):
         AgentSwinTransformer(attn_type=code)
 
 
+def test_too_many_agent_blocks_of_the_mixed_stage_says_how_to_fix_it():
+    with pytest.raises(ValueError, match="end attn_type with at most 6, or "
+                       "give the 'M' stage at least 9 blocks"):
+        parse_attn_type('AAMB9', [2, 2, 6, 2])
+
+
 @pytest.mark.parametrize('attn_type', ['AAAB', 'AAMB2', 'BBMA1'])
 @pytest.mark.parametrize('size', [(96, 128), (100, 150), (224, 224)])
 def test_matches_spec_reference(attn_type, size):

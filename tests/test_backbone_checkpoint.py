@@ -221,3 +221,28 @@ def test_agent_checkpoint_with_extra_blocks_is_not_taken_for_plain(tmp_path):
         **SMALL_PVT, init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(ValueError, match='block1.1.attn.an_bias'):
         model.init_weights()
+
+
+def test_output_norms_of_stages_not_output_are_skipped(tmp_path,
+                                                       log_messages):
+    """A detector trained with every stage's output loads into one that
+    outputs fewer (as RetinaNet's out_indices=(1, 2, 3)); any other weight
+    that the backbone does not have is still an error."""
+    source = _source(lambda: AgentSwinTransformer(**SMALL_SWIN))
+    state_dict = source.state_dict()
+    path = str(tmp_path / 'all_outputs.pth')
+    torch.save(downstream_layout(state_dict), path)
+    model = AgentSwinTransformer(**SMALL_SWIN, out_indices=(1, 2, 3),
+                                 init_cfg=dict(type='Pretrained',
+                                               checkpoint=path))
+    model.init_weights()
+
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state_dict[key]), key
+    skipped = [m for m in log_messages if 'skipped' in m]
+    assert len(skipped) == 1 and 'norm0.weight, norm0.bias' in skipped[0]
+
+    state_dict['norm4.weight'] = torch.ones(128)  # no such stage
+    torch.save(downstream_layout(state_dict), path)
+    with pytest.raises(ValueError, match='does not have: norm4.weight'):
+        model.init_weights()

@@ -9,6 +9,7 @@ from agent_mm.models.openmmlab_layouts import to_original_layout
 
 SWIN = dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4])
 PVT = dict(num_layers=[1, 1, 1, 1])
+PVT_STAGE_NORMS = dict(PVT, norm_after_stage=True)
 
 
 def _openmmlab_backbone(name, **settings):
@@ -35,6 +36,7 @@ def _bare(weights):
     ('mmseg_swin', AgentSwinTransformer, SWIN, _bare),
     ('mmdet_swin', AgentSwinTransformer, SWIN, downstream_layout),
     ('mmdet_pvt', AgentPVT, PVT, downstream_layout),
+    ('mmdet_pvt', AgentPVT, PVT_STAGE_NORMS, downstream_layout),
 ])
 def test_weights_give_that_backbones_features(tmp_path, log_messages, name,
                                               agent_backbone, settings,
@@ -71,6 +73,9 @@ def test_weights_give_that_backbones_features(tmp_path, log_messages, name,
       ('layers.0.1.1.attn.attn.out_proj.weight', 'block1.0.attn.proj.weight'),
       ('layers.2.1.0.pos_embed', 'pos_embed3'),
       ('layers.1.0.projection.weight', 'patch_embed2.proj.weight')]),
+    ('mmdet_pvt', AgentPVT, PVT_STAGE_NORMS,
+     [('layers.0.2.weight', 'norm1.weight'),
+      ('layers.3.2.bias', 'norm4.bias')]),
 ])
 def test_agent_backbone_loads_the_shared_weights(tmp_path, log_messages,
                                                  name, agent_backbone,
@@ -86,6 +91,19 @@ def test_agent_backbone_loads_the_shared_weights(tmp_path, log_messages,
     for key, original in pairs:
         assert torch.equal(own[original], weights[key]), original
     assert any('agent-only parameters' in m for m in log_messages)
+
+
+def test_pvt_stage_norms_are_not_taken_for_unbuilt_output_norms(tmp_path):
+    """mmdet PVT weights with norms after the stages do not fit an Agent-PVT
+    without them, even one that outputs fewer stages: those norms are not
+    Agent-Swin's output norms, skipped for the stages not output."""
+    reference = _openmmlab_backbone('mmdet_pvt', **PVT_STAGE_NORMS)
+    path = str(tmp_path / 'mmdet_pvt.pth')
+    torch.save(reference.state_dict(), path)
+    model = AgentPVT(**PVT, out_indices=(1, 2, 3), init_cfg=dict(
+        type='Pretrained', checkpoint=path))
+    with pytest.raises(ValueError, match='does not have: norm1.weight'):
+        model.init_weights()
 
 
 def test_pvt_attention_projection_splits_into_q_and_kv():

@@ -54,6 +54,15 @@ def test_pad_agents_appends_zero_rows():
     assert pad_agents(x, 5) is x
 
 
+def test_pad_agents_appends_the_value_along_a_maps_last_dimension():
+    bias = torch.randn(2, 6, 5)
+    padded = pad_agents(bias, 8, dim=-1, value=PADDED_AGENT_BIAS)
+    assert padded.shape == (2, 6, 8)
+    assert torch.equal(padded[..., :5], bias)
+    assert (padded[..., 5:] == PADDED_AGENT_BIAS).all()
+    assert pad_agents(bias, 5, dim=-1, value=PADDED_AGENT_BIAS) is bias
+
+
 def _sources(requires_grad: bool = False):
     """Sources of one bias (full 7×7, rows, columns) for 2 heads, 3×3 bias
     agents."""

@@ -54,9 +54,11 @@ def parse_attn_type(attn_type: str, depths: Sequence[int]) -> List[str]:
     for letter, depth in zip(match[1], depths):
         if letter == 'M':
             if num_agent > depth:
-                raise ValueError(f'attn_type {attn_type!r} asks for '
-                                 f'{num_agent} agent blocks in a stage of '
-                                 f'{depth} blocks.')
+                raise ValueError(
+                    f'attn_type {attn_type!r} asks for {num_agent} agent '
+                    f'blocks in a stage of {depth} blocks: end attn_type '
+                    f"with at most {depth}, or give the 'M' stage at least "
+                    f'{num_agent} blocks in depths.')
             stage_types.append('A' * num_agent + 'B' * (depth - num_agent))
         else:
             stage_types.append(letter * depth)
@@ -88,7 +90,10 @@ class PatchMerging(BaseModule):
 
 
 class AgentSwinStage(BaseModule):
-    """The blocks of one stage and the patch merging that follows it."""
+    """The blocks of one stage, run by :meth:`forward`, and the patch
+    merging after them (``downsample``, None in the last stage), which
+    :class:`AgentSwinTransformer` applies once it has taken the stage's
+    output."""
 
     def __init__(self, blocks: nn.ModuleList,
                  downsample: Optional[PatchMerging]):
@@ -244,6 +249,14 @@ class AgentSwinTransformer(AgentBackbone):
             self.window_size,
             shift=self.window_size // 2 if block % 2 else 0,
             **self.mixer_cfg)
+
+    def unbuilt_output_norms(self) -> List[str]:
+        """The output norms ``norm{i}`` of the stages not in
+        ``out_indices``, which this backbone does not build (a checkpoint
+        of one that outputs those stages holds them)."""
+        return [
+            f'norm{i}' for i in range(NUM_STAGES) if i not in self.out_indices
+        ]
 
     def frozen_modules(self) -> List[Optional[nn.Module]]:
         modules = ([self.patch_embed, self.pos_drop]

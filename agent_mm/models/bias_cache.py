@@ -138,16 +138,16 @@ class BiasCache:
             shape: Shape,
             version: tuple,
             compute: Callable[[], Maps],
-            compute_for_once: Optional[Callable[[], Maps]] = None,
-            sources: Sequence[Tensor] = ()) -> Maps:
-        """The maps of ``shape`` built from ``sources`` (small tensors) at
-        ``version``: cached, or computed by ``compute`` (and cached if the
-        shape is admitted). Maps that are not cached are computed by
-        ``compute_for_once`` where given (it may return memory that the
-        caller reuses after this use)."""
-        once = compute_for_once or compute
+            compute_for_once: Callable[[], Maps],
+            sources: Sequence[Tensor]) -> Maps:
+        """The maps of ``shape`` built from ``sources`` (small tensors, whose
+        values are compared at every call, as ``.data`` writes leave
+        ``version`` unchanged) at ``version``: cached, or computed by
+        ``compute`` (and cached if the shape is admitted). Maps that are not
+        cached are computed by ``compute_for_once`` (it may return memory
+        that the caller reuses after this use)."""
         if not self.max_shapes:
-            return once()
+            return compute_for_once()
         shape = tuple(shape)
         with self._lock:
             self._forget_unless_built_from(version, sources)
@@ -158,7 +158,7 @@ class BiasCache:
             admitted = shape not in self._too_large and self._admits(shape)
             generation = self._generation
         if not admitted:
-            return once()
+            return compute_for_once()
         with plain_tensors():  # kept: usable by later forwards with autograd
             maps = compute()
         with self._lock:

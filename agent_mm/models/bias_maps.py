@@ -17,19 +17,22 @@ ever holds a tensor of a trace.
 import functools
 import inspect
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .layers import compute_dtype, plain_tensors
-from .padded_agents import PADDED_AGENT_BIAS
+from .padded_agents import PADDED_AGENT_BIAS, pad_agents
 from .tracing import tracing
 
 # A side of a grid: an int, or in a traced graph a symbolic int or a 0-dim
 # tensor.
 Size = Union[int, torch.SymInt, Tensor]
+# What a function of :func:`cached_weights` returns: a tensor, or a tuple
+# holding tensors.
+Weights = TypeVar('Weights')
 # Bias maps are one dense product (:func:`_dense_bias`) when its token-grid
 # matrix has at most this many elements (4 MB in float32) ...
 DENSE_MAX_GRID_MATRIX = 2**20
@@ -75,8 +78,8 @@ def to_agent_grid(
     return resizer(per_token, agent_shape).flatten(2)
 
 
-def cached_weights(matrix: Callable[..., Tensor],
-                   maxsize: int = 128) -> Callable[..., Tensor]:
+def cached_weights(matrix: Callable[..., Weights],
+                   maxsize: int = 128) -> Callable[..., Weights]:
     """``matrix(*sizes)`` cached per sizes (an LRU cache of ``maxsize``
     entries), computed as plain tensors (:func:`~.layers.plain_tensors`) so
     that weights first made inside ``torch.inference_mode()`` serve later
@@ -84,7 +87,7 @@ def cached_weights(matrix: Callable[..., Tensor],
 
     @functools.lru_cache(maxsize=maxsize)
     @functools.wraps(matrix)
-    def cached(*sizes: Size) -> Tensor:
+    def cached(*sizes: Size) -> Weights:
         with plain_tensors():
             return matrix(*sizes)
 
@@ -142,13 +145,11 @@ def row_runs(size_in: int,
     return tuple(runs), fractions
 
 
-def resize_rows_into(out: Tensor,
-                     src: Tensor,
-                     row_term: Optional[Tensor] = None) -> Tensor:
+def resize_rows_into(out: Tensor, src: Tensor, row_term: Tensor) -> Tensor:
     """Write the linear resizing (``align_corners=False``) of ``src``
     ``(B, size_in, *rest)`` along its dimension 1 into ``out`` ``(B,
-    size_out, *rest)``, plus ``row_term`` (broadcast to ``out``) where
-    given; no autograd.
+    size_out, *rest)``, plus ``row_term`` (broadcast to ``out``); no
+    autograd.
 
     Each run of :func:`row_runs` is one ``addcmul`` into its rows, and the
     row term is added while they are in the caches: a pass over ``out``,
@@ -165,8 +166,7 @@ def resize_rows_into(out: Tensor,
                           steps[:, source:source + 1], out=rows)
         else:
             rows.copy_(src[:, source:source + 1])
-        if row_term is not None:
-            rows.add_(row_term[:, start:stop])
+        rows.add_(row_term[:, start:stop])
     return out
 
 
@@ -378,8 +378,8 @@ def separable_bias(full: Tensor,
                            token_major, out, agent_count)
     # padded agents: a constant full map and zero rows and columns give a
     # constant bias, as every resize's weights sum to 1
-    full, rows, cols = (_padded_agents_last(
-        on_agent_grid(source, agent_shape), agent_count, pad)
+    full, rows, cols = (pad_agents(
+        on_agent_grid(source, agent_shape), agent_count, dim=-1, value=pad)
                         for source, pad in zip((full, rows, cols),
                                                (PADDED_AGENT_BIAS, 0., 0.)))
     # (heads, f_h, f_w, n), (heads, r_h, n), (heads, r_w, n)
@@ -440,7 +440,6 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     """
     heads, full_h, _, agents = full.shape
     fold_rows = dtype.itemsize < 4
-    row_weights = interpolation_weights(rows.shape[1], height, full)
     right = list(_along_width(full, cols, width))
     left = [
         interpolation_weights(full_h, height, full),
@@ -448,11 +447,11 @@ def _token_major_bias(full: Tensor, rows: Tensor, cols: Tensor, height: int,
     ]
     if fold_rows:
         right.append(rows.unsqueeze(2).expand(-1, -1, width, -1))
-        left.append(row_weights)
+        left.append(interpolation_weights(rows.shape[1], height, full))
     bias = left_matmul(torch.cat(left, 1), torch.cat(right, 1).flatten(2), out)
     if not fold_rows:
-        row_term = torch.einsum('yi,eia->eya', row_weights, rows)
-        bias.view(heads, height, width, agents).add_(row_term.unsqueeze(2))
+        bias.view(heads, height, width, agents).add_(
+            _along_height(rows, height).unsqueeze(2))
     return bias.reshape(heads, height * width, agents)
 
 
@@ -469,6 +468,14 @@ def _along_width(full: Tensor, cols: Tensor,
                          cols).unsqueeze(1))
 
 
+def _along_height(rows: Tensor, height: int) -> Tensor:
+    """The row source ``(heads, r_h, n)`` resized to the token grid's
+    ``height``: ``(heads, H, n)``."""
+    return torch.einsum('yi,eia->eya',
+                        interpolation_weights(rows.shape[1], height, rows),
+                        rows)
+
+
 def _token_major_by_rows(full: Tensor, rows: Tensor, cols: Tensor,
                          height: int, width: int, dtype: torch.dtype,
                          out: Optional[Tensor]) -> Tensor:
@@ -483,23 +490,13 @@ def _token_major_by_rows(full: Tensor, rows: Tensor, cols: Tensor,
     (``tools/analysis_tools/benchmark_bias_maps.py``, docs/benchmark)."""
     heads, _, _, agents = full.shape
     full_term, col_term = _along_width(full, cols, width)
-    row_term = torch.einsum(
-        'yi,eia->eya', interpolation_weights(rows.shape[1], height, full),
-        rows)
     bias = (full.new_empty(heads, height * width, agents, dtype=dtype)
             if out is None else out)
     resize_rows_into(
         bias.view(heads, height, width, agents),
         full_term.add_(col_term).to(dtype),
-        row_term.to(dtype).unsqueeze(2))
+        _along_height(rows, height).to(dtype).unsqueeze(2))
     return bias
-
-
-def _padded_agents_last(x: Tensor, count: int, value: float) -> Tensor:
-    """``x`` with entries of ``value`` appended along its last (agent)
-    axis up to ``count`` agents; ``x`` itself when it has them."""
-    extra = count - x.shape[-1]
-    return F.pad(x, (0, extra), value=value) if extra else x
 
 
 def _inner_size(full: Tensor, rows: Tensor, cols: Tensor) -> int:

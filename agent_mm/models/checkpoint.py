@@ -20,7 +20,7 @@ models trained with mmdet / mmseg) are converted to the original layout first
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch.nn as nn
 from mmengine.logging import MMLogger, print_log
@@ -106,7 +106,7 @@ def is_plain_layout(module: nn.Module, state_dict: Mapping[str,
     """Whether ``state_dict`` is a plain PVT / Swin one for an agent
     ``module``: the module has agent attention, the checkpoint none."""
 
-    def has_agents(keys):
+    def has_agents(keys: Iterable[str]) -> bool:
         return any(re.fullmatch(AGENT_ONLY_KEYS, key) for key in keys)
 
     return has_agents(module.state_dict()) and not has_agents(state_dict)
@@ -133,6 +133,24 @@ def agent_only_summary(missing: List[str]) -> str:
             f'({list_keys(modules)})')
 
 
+def skip_unbuilt_output_norms(
+        module: nn.Module, state_dict: Mapping[str, Tensor]
+) -> Tuple[Dict[str, Tensor], List[str]]:
+    """``state_dict`` without the weights of the output norms that
+    ``module`` does not build (Agent-Swin's ``norm{i}`` of the stages not
+    in its ``out_indices``, as in a checkpoint of a detector with more
+    outputs: mmdet's loading tolerates them), and their keys."""
+    unbuilt = getattr(module, 'unbuilt_output_norms', None)
+    norms = set(unbuilt()) if unbuilt else set()
+    kept, skipped = OrderedDict(), []
+    for key, value in state_dict.items():
+        if key.split('.', 1)[0] in norms:
+            skipped.append(key)
+        else:
+            kept[key] = value
+    return kept, skipped
+
+
 def check_no_unexpected_keys(module: nn.Module,
                              state_dict: Mapping[str, Tensor], source: str,
                              tolerated: Sequence[str] = ()) -> None:
@@ -157,10 +175,12 @@ def check_no_unexpected_keys(module: nn.Module,
 def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
     """Load released weights into ``module``, reporting unmatched keys.
 
-    Missing keys and the known extras of released checkpoints
+    Missing keys, the known extras of released checkpoints
     (:data:`IGNORED_EXTRA_KEYS`; for plain PVT / Swin checkpoints also
-    :data:`PLAIN_ONLY_KEYS`) are logged through mmengine's current logger;
-    any other checkpoint weight the module lacks is an error.
+    :data:`PLAIN_ONLY_KEYS`) and the output norms of stages that the module
+    does not output (:func:`skip_unbuilt_output_norms`) are logged through
+    mmengine's current logger; any other checkpoint weight the module lacks
+    is an error.
 
     Returns:
         The module's keys that the checkpoint did not provide.
@@ -180,6 +200,7 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
         print_log(f'{filename}: weights in {layout} layout, converted to the '
                   'original layout', logger='current')
     state_dict = drop_class_token(module, state_dict)
+    state_dict, skipped_norms = skip_unbuilt_output_norms(module, state_dict)
     source = f'Checkpoint {filename!r}'
     check_shapes(module, state_dict, source)
     own_keys = set(module.state_dict())
@@ -209,6 +230,11 @@ def load_backbone_checkpoint(module: nn.Module, filename: str) -> List[str]:
             ', '.join(others),
             logger='current',
             level=30)
+    if skipped_norms:
+        print_log(
+            'Output norms of stages that the backbone does not output (not '
+            'in out_indices), skipped: ' + ', '.join(skipped_norms),
+            logger='current')
     if unexpected:
         print_log(
             'Checkpoint weights not used by the backbone (known extras of '

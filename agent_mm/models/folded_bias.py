@@ -62,7 +62,8 @@ def folds_bias(agents: int, head_dims: int, rank: int, dtype: torch.dtype,
             >= MIN_AGENTS_PER_COLUMN * folded_width(head_dims, rank))
 
 
-def _widened(x: Tensor, extra: Optional[Tensor], width: int) -> Tensor:
+def _concat_zero_padded(x: Tensor, extra: Optional[Tensor],
+                        width: int) -> Tensor:
     """``[x | extra | 0]`` with a last dimension of ``width``, ``extra``
     broadcast over ``x``'s leading dimensions."""
     out = x.new_empty(*x.shape[:-1], width)
@@ -94,8 +95,8 @@ def folded_bias_attention(query: Tensor, key: Tensor, value: Tensor,
     """
     width = folded_width(query.shape[-1], bias_left.shape[-1])
     out = F.scaled_dot_product_attention(
-        _widened(query, bias_left / scale, width),
-        _widened(key, bias_right, width),
-        _widened(value, None, width),
+        _concat_zero_padded(query, bias_left / scale, width),
+        _concat_zero_padded(key, bias_right, width),
+        _concat_zero_padded(value, None, width),
         scale=scale)
     return out[..., :value.shape[-1]]

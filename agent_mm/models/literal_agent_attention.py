@@ -7,7 +7,7 @@ order the equations are written, and both attentions are plain
 the fast path's numbers and is its baseline in the benchmarks; use it for
 debugging, not for speed.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
@@ -48,13 +48,25 @@ def literal_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor,
     return dropout(weights.softmax(dim=-1)) @ value
 
 
-def literal_agent_attention(attn: nn.Module, query: Tensor, key: Tensor,
-                            value: Tensor, agents: Tensor,
-                            hw_shape: Tuple[int, int]) -> Tensor:
+def literal_agent_attention(attn: nn.Module,
+                            query: Tensor,
+                            key: Tensor,
+                            value: Tensor,
+                            agents: Tensor,
+                            hw_shape: Tuple[int, int],
+                            batch: Optional[int] = None) -> Tensor:
     """Both attentions of ``attn`` on ``(B, heads, *, d)`` queries, keys,
     values and agents: the agents gather from the keys and values, then
-    the queries read from the agents. Returns ``(B, heads, N, d)``."""
-    agent_bias, token_bias = literal_biases(attn, hw_shape, query.shape[0])
+    the queries read from the agents. Returns ``(B, heads, N, d)``.
+
+    Args:
+        batch: Images whose :func:`literal_biases` are built: None for the
+            ``B`` of ``query``, as written; 1 for one image's, broadcast over
+            the batch (:mod:`.traced_agent_attention`).
+    """
+    if batch is None:
+        batch = query.shape[0]
+    agent_bias, token_bias = literal_biases(attn, hw_shape, batch)
     agent_value = literal_attention(agents, key, value, agent_bias, attn.scale,
                                     attn.attn_drop)
     return literal_attention(query, agents, agent_value, token_bias,

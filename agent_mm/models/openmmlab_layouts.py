@@ -25,13 +25,15 @@ SWIN_MERGING_KEY = r'stages\.\d+\.downsample\.(reduction|norm)\..+'
 # concatenates (0, 0), (1, 0), (0, 1), (1, 1): the middle two swap.
 UNFOLD_TO_CONCAT = [0, 2, 1, 3]
 
-# PVT: stage i is ``layers.i`` = (patch embedding, [position embedding,]
-# blocks); attention is nn.MultiheadAttention (q, k, v in one projection),
-# the MLP 1x1 convolutions.
+# PVT: stage i is ``layers.i`` = (patch embedding, ([position embedding,]
+# blocks), norm after the stage (with ``norm_after_stage``; else nn.Identity,
+# no weights)); attention is nn.MultiheadAttention (q, k, v in one
+# projection), the MLP 1x1 convolutions.
 PVT_KEY = r'layers\.\d+\.0\.projection\.weight'
 PVT_PATCH_EMBED = r'layers\.(\d+)\.0\.(projection|norm)\.(.+)'
 PVT_POS_EMBED = r'layers\.(\d+)\.1\.0\.pos_embed'
 PVT_BLOCK = r'layers\.(\d+)\.1\.(\d+)\.(.+)'
+PVT_STAGE_NORM = r'layers\.(\d+)\.2\.(.+)'
 PVT_BLOCK_RENAMES = (
     ('attn.attn.out_proj.', 'attn.proj.'),
     ('ffn.layers.0.', 'mlp.fc1.'),
@@ -91,6 +93,8 @@ def pvt_from_openmmlab(
             stage, layer, name = match.groups()
             layer = 'proj' if layer == 'projection' else layer
             converted[f'patch_embed{int(stage) + 1}.{layer}.{name}'] = value
+        elif match := re.fullmatch(PVT_STAGE_NORM, key):
+            converted[f'norm{int(match[1]) + 1}.{match[2]}'] = value
         elif match := re.fullmatch(PVT_BLOCK, key):
             stage, index, name = match.groups()
             converted.update(

@@ -65,8 +65,15 @@ def padded_agent_count(agents: int, dtype: torch.dtype,
     return agents
 
 
-def pad_agents(x: Tensor, count: int) -> Tensor:
-    """``(..., n, d)`` agents (keys or values) with zero rows appended up to
-    ``count``; ``x`` itself when it has ``count`` rows."""
-    extra = count - x.shape[-2]
-    return F.pad(x, (0, 0, 0, extra)) if extra else x
+def pad_agents(x: Tensor,
+               count: int,
+               dim: int = -2,
+               value: float = 0.) -> Tensor:
+    """``x`` with entries of ``value`` appended along its agent dimension
+    ``dim`` (negative: -2 for ``(..., n, d)`` keys or values, -1 for a bias
+    map's agents last) up to ``count`` agents; ``x`` itself when it has
+    them."""
+    extra = count - x.shape[dim]
+    if not extra:
+        return x
+    return F.pad(x, (0, 0) * (-1 - dim) + (0, extra), value=value)

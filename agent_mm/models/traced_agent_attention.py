@@ -17,7 +17,7 @@ from typing import Tuple
 import torch.nn as nn
 from torch import Tensor
 
-from .literal_agent_attention import literal_attention, literal_biases
+from .literal_agent_attention import literal_agent_attention
 
 
 def traced_agent_attention(attn: nn.Module, query: Tensor, key: Tensor,
@@ -26,8 +26,5 @@ def traced_agent_attention(attn: nn.Module, query: Tensor, key: Tensor,
     """Both attentions of the :class:`~agent_mm.models.AgentAttention`
     ``attn`` on ``(B, heads, *, d)`` queries, keys, values and agents, as
     the fast path computes them; returns ``(B, heads, N, d)``."""
-    agent_bias, token_bias = literal_biases(attn, hw_shape, 1)
-    agent_value = literal_attention(agents, key, value, agent_bias, attn.scale,
-                                    attn.attn_drop)
-    return literal_attention(query, agents, agent_value, token_bias,
-                             attn.scale, attn.attn_drop)
+    return literal_agent_attention(
+        attn, query, key, value, agents, hw_shape, batch=1)
