@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..engine.checkpoint_hook import temporary_path
-from ..engine.checkpoint_match import mismatch_message, model_state_dict
+from ..engine.checkpoint_match import checkpoint_mismatch
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif',
                     '.tiff', '.webp')
@@ -83,9 +83,7 @@ class MatchedWeights:
         """
         if checkpoint is not None:
             source = f'Checkpoint {self.weights!r}'
-            message = mismatch_message(
-                model.state_dict().keys(),
-                model_state_dict(checkpoint, source).keys(), source)
+            message = checkpoint_mismatch(model, checkpoint, source)
             if message is not None:
                 raise ValueError(message + ' Is it a checkpoint of another '
                                  'model or arch?')

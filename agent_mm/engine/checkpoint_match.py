@@ -9,11 +9,12 @@ loads them and raises an error that says which keys differ and how many.
 import re
 from typing import Collection, List, Mapping, Optional, Tuple
 
+import torch.nn as nn
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..models.checkpoint import list_keys
+from .model_wrapper import runner_model
 
 # Keys allowed to differ between a checkpoint and the model: batch-norm step
 # counters (absent from checkpoints of older PyTorch releases) and the
@@ -76,6 +77,16 @@ def mismatch_message(model_keys: Collection[str],
     return f'{source} does not match the model: ' + '; '.join(parts) + '.'
 
 
+def checkpoint_mismatch(model: nn.Module, checkpoint: Mapping,
+                        source: str) -> Optional[str]:
+    """:func:`mismatch_message` of ``model``'s weights and those of an
+    mmengine ``checkpoint`` (:func:`model_state_dict`), or None if they
+    match."""
+    return mismatch_message(model.state_dict().keys(),
+                            model_state_dict(checkpoint, source).keys(),
+                            source)
+
+
 @HOOKS.register_module()
 class CheckpointMatchHook(Hook):
     """Raise before a checkpoint whose weight names do not match the model
@@ -98,11 +109,7 @@ class CheckpointMatchHook(Hook):
         """Compare the checkpoint's weight names with the model's."""
         source = f'Checkpoint {runner._load_from!r}' if getattr(
             runner, '_load_from', None) else 'The checkpoint'
-        model = runner.model.module if is_model_wrapper(
-            runner.model) else runner.model
-        message = mismatch_message(
-            model.state_dict().keys(),
-            model_state_dict(checkpoint, source).keys(), source)
+        message = checkpoint_mismatch(runner_model(runner), checkpoint, source)
         if message is None:
             return
         if not self.partial_load:

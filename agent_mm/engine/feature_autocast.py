@@ -13,9 +13,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from .model_wrapper import runner_model
 from .optim_wrapper import autocast_dtype, cpu_autocast_dtype
 
 
@@ -126,8 +126,7 @@ class FeatureAutocastHook(Hook):
     def _apply(self, runner) -> None:
         if self.dtype is None:
             return
-        model = runner.model.module if is_model_wrapper(
-            runner.model) else runner.model
+        model = runner_model(runner)
         autocast_features(model, self.dtype, self.device_type)
         autocast_heads(model, self.heads, self.dtype, self.device_type)
 
