@@ -41,7 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         'AVX512-BF16 or AMX, emulates it, several times slower than float32: '
         'the log warns)')
     add_common_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        parser.error(f'--out must name a .pkl or .pickle file, got '
+                     f'{args.out!r}')
+    return args
 
 
 def enable_visualization(cfg: Config, args: argparse.Namespace) -> None:
@@ -83,8 +87,6 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.show or args.show_dir:
         enable_visualization(cfg, args)
     if args.out is not None:
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError('--out must be a .pkl or .pickle file.')
         cfg.test_evaluator = [
             *(cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else
               [cfg.test_evaluator]),
