@@ -7,11 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+from mmengine.registry import DefaultScope
 
 from agent_mm.det import PatchConvTranspose2d, ScaledInitFCNMaskHead
 
 SETTINGS = dict(num_convs=2, in_channels=32, conv_out_channels=32,
                 num_classes=3)
+
+
+@pytest.fixture(autouse=True)
+def _mmdet_scope():
+    """mmdet's scope, where the heads build their losses, whatever scope an
+    earlier test in the process left current (a runner's)."""
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        yield
 
 
 def _initial_loss(head):
@@ -39,9 +48,7 @@ def test_mmdet_head_starts_far_from_chance_with_three_classes():
 
 def test_registered_in_mmdet():
     from mmdet.registry import MODELS
-    from mmengine.registry import DefaultScope
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        head = MODELS.build(dict(type='ScaledInitFCNMaskHead', **SETTINGS))
+    head = MODELS.build(dict(type='ScaledInitFCNMaskHead', **SETTINGS))
     assert isinstance(head, FCNMaskHead)
 
 

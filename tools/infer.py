@@ -20,13 +20,14 @@ was (every input failed, or there was nothing to run on).
 """
 import argparse
 import sys
+from typing import Optional, Sequence
 
 from agent_mm.apis import build_predictor, run_inference
 from agent_mm.engine.runtime import add_cfg_options, config_from_file
 from agent_mm.utils import keep_freed_memory
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Predict on images, folders and videos (mmdet or mmseg '
         'config)',
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the batch; return the exit status. Freed memory stays in the
     process for the next inputs (:func:`keep_freed_memory`)."""
     args = parse_args(argv)

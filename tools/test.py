@@ -7,6 +7,7 @@ Usable directly, with ``tools/dist_test.sh`` / ``tools/slurm_test.sh``, or as
 """
 import argparse
 import os.path as osp
+from typing import Optional, Sequence
 
 from mmengine.config import Config
 
@@ -16,7 +17,7 @@ from agent_mm.engine.runtime import (add_common_args, add_feature_autocast,
 from agent_mm.utils import keep_freed_memory
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Test a model (mmdet or mmseg config)')
     parser.add_argument('config', help='test config file path')
@@ -95,7 +96,7 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the test loop; returns its metrics. Freed memory stays in the
     process for the next batches (:func:`keep_freed_memory`)."""
     cfg = build_config(parse_args(argv))

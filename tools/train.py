@@ -7,6 +7,7 @@ The codebase is taken from the config's ``default_scope`` (``mmdet`` or
 ``mim train agent_mm CONFIG``.
 """
 import argparse
+from typing import Optional, Sequence
 
 from mmengine.config import Config
 
@@ -16,7 +17,7 @@ from agent_mm.engine.runtime import (add_common_args, build_runner, enable_amp,
 from agent_mm.utils import keep_freed_memory
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Train a model (mmdet or mmseg config)')
     parser.add_argument('config', help='train config file path')
@@ -64,7 +65,7 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the training loop. Freed memory stays in the process for the
     next steps (:func:`keep_freed_memory`)."""
     args = parse_args(argv)

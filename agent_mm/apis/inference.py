@@ -37,6 +37,7 @@ import numpy as np
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.infer import BaseInferencer
+from mmengine.structures import BaseDataElement
 from pycocotools import mask as mask_utils
 from rich.console import Console
 from rich.progress import Progress
@@ -110,11 +111,12 @@ class Predictor:
         """The inferencer of the codebase."""
         raise NotImplementedError
 
-    def records(self, sample) -> List[dict]:
+    def records(self, sample: BaseDataElement) -> List[dict]:
         """The predictions of a data sample as JSON-serialisable dicts."""
         raise NotImplementedError
 
-    def draw(self, name: str, rgb: np.ndarray, sample) -> None:
+    def draw(self, name: str, rgb: np.ndarray,
+             sample: BaseDataElement) -> None:
         """Draw the predictions of ``sample`` on ``rgb`` in the visualizer."""
         raise NotImplementedError
 
@@ -144,7 +146,7 @@ class DetPredictor(Predictor):
         from mmdet.apis import DetInferencer
         return DetInferencer
 
-    def records(self, sample) -> List[dict]:
+    def records(self, sample: BaseDataElement) -> List[dict]:
         """One dict per instance: ``label``, ``class``, ``score``, ``bbox``
         (x1, y1, x2, y2 in pixels) and ``mask`` (COCO RLE) if predicted."""
         columns = self.inferencer.pred2dict(sample)
@@ -161,7 +163,8 @@ class DetPredictor(Predictor):
             records.append(record)
         return records
 
-    def draw(self, name: str, rgb: np.ndarray, sample) -> None:
+    def draw(self, name: str, rgb: np.ndarray,
+             sample: BaseDataElement) -> None:
         """Boxes and masks scored at least ``score_thr``."""
         self.inferencer.visualizer.add_datasample(
             name, rgb, sample, draw_gt=False, pred_score_thr=self.score_thr)
@@ -182,7 +185,7 @@ class SegPredictor(Predictor):
         from mmseg.apis import MMSegInferencer
         return MMSegInferencer
 
-    def records(self, sample) -> List[dict]:
+    def records(self, sample: BaseDataElement) -> List[dict]:
         """One dict per class in the label map: ``label``, ``class``,
         ``area`` (pixels) and ``mask`` (COCO RLE)."""
         label_map = sample.pred_sem_seg.data[0].cpu().numpy()
@@ -199,7 +202,8 @@ class SegPredictor(Predictor):
             })
         return records
 
-    def draw(self, name: str, rgb: np.ndarray, sample) -> None:
+    def draw(self, name: str, rgb: np.ndarray,
+             sample: BaseDataElement) -> None:
         """The label map in the classes' colours over the image."""
         self.inferencer.visualizer.add_datasample(
             name, rgb, sample, draw_gt=False)

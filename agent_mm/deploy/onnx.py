@@ -65,7 +65,7 @@ class SegmentorLogits(nn.Module):
     """A segmentor's ``tensor`` mode: normalised images ``(B, 3, H, W)`` to
     the decode head's logits (at its own resolution, usually ``H/4``)."""
 
-    def __init__(self, segmentor: nn.Module):
+    def __init__(self, segmentor: nn.Module) -> None:
         super().__init__()
         self.segmentor = segmentor
 
@@ -79,7 +79,7 @@ class TracedUpsample(nn.Module):
     graph at the traced one, which breaks dynamic sizes."""
 
     def __init__(self, factor: int, mode: str,
-                 align_corners: Optional[bool]):
+                 align_corners: Optional[bool]) -> None:
         super().__init__()
         self.factor = factor
         self.mode = mode

@@ -1,5 +1,5 @@
 """A Mask R-CNN mask head for few classes and CPU training."""
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ class PatchConvTranspose2d(nn.ConvTranspose2d):
             output padding, dilation or groups are set.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         plain = dict(
             padding=(0, 0),
@@ -123,7 +123,7 @@ class ScaledInitFCNMaskHead(FCNMaskHead):
                  logits_init_std: float = 0.01,
                  channels_last: bool = False,
                  matmul_upsample: bool = False,
-                 **kwargs):
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.logits_init_std = logits_init_std
         self.channels_last = channels_last

@@ -8,6 +8,7 @@ from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
+from mmengine.runner import Runner
 
 from .resume import LAST_CHECKPOINT
 
@@ -76,7 +77,7 @@ class AtomicCheckpointHook(CheckpointHook):
         **kwargs: Arguments of mmengine's ``CheckpointHook``.
     """
 
-    def before_train(self, runner) -> None:
+    def before_train(self, runner: Runner) -> None:
         """Set up as mmengine does; remove leftovers of a killed save."""
         super().before_train(runner)
         backend = getattr(self.file_backend, 'client', self.file_backend)
@@ -85,7 +86,7 @@ class AtomicCheckpointHook(CheckpointHook):
             for folder in {self.out_dir, runner.work_dir}:
                 remove_temporary_files(folder)
 
-    def _save_checkpoint_with_step(self, runner, step: int,
+    def _save_checkpoint_with_step(self, runner: Runner, step: int,
                                    meta: dict) -> None:
         """Save checkpoint ``step`` atomically, then drop the old ones."""
         if not self.atomic:
@@ -119,7 +120,7 @@ class AtomicCheckpointHook(CheckpointHook):
         for old_step in outdated:
             self._remove_checkpoint(old_step)
 
-    def _keep(self, runner, step: int) -> List[int]:
+    def _keep(self, runner: Runner, step: int) -> List[int]:
         """Record ``step`` among the kept checkpoints (in the message hub, so
         that the saved checkpoint and a resumed run know them); return the
         steps that fall out, to remove once the new checkpoint is saved."""

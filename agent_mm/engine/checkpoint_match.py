@@ -12,6 +12,7 @@ from typing import Collection, List, Mapping, Optional, Tuple
 import torch.nn as nn
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from mmengine.runner import Runner
 
 from ..models.checkpoint import list_keys
 from .model_wrapper import runner_model
@@ -102,10 +103,11 @@ class CheckpointMatchHook(Hook):
     """
     priority = 'LOWEST'
 
-    def __init__(self, partial_load: bool = False):
+    def __init__(self, partial_load: bool = False) -> None:
         self.partial_load = partial_load
 
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+    def after_load_checkpoint(self, runner: Runner,
+                              checkpoint: dict) -> None:
         """Compare the checkpoint's weight names with the model's."""
         source = f'Checkpoint {runner._load_from!r}' if getattr(
             runner, '_load_from', None) else 'The checkpoint'

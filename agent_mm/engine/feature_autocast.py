@@ -8,12 +8,14 @@ heads. Heads whose ``forward`` is plain convolutions and linear layers (the
 RPN, box and mask heads of mmdet) can be named to run under autocast too.
 """
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
 from mmengine.hooks import Hook
+from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
+from mmengine.runner import Runner
 
 from .model_wrapper import runner_model
 from .optim_wrapper import autocast_dtype, cpu_autocast_dtype
@@ -115,7 +117,7 @@ class FeatureAutocastHook(Hook):
                  dtype: str = 'bfloat16',
                  device_type: str = 'cpu',
                  native_only: bool = False,
-                 heads: Sequence[str] = ()):
+                 heads: Sequence[str] = ()) -> None:
         owner = 'FeatureAutocastHook'
         self.dtype = (
             cpu_autocast_dtype(dtype, native_only, owner)
@@ -123,14 +125,14 @@ class FeatureAutocastHook(Hook):
         self.device_type = device_type
         self.heads = tuple(heads)
 
-    def _apply(self, runner) -> None:
+    def _apply(self, runner: Runner) -> None:
         if self.dtype is None:
             return
         model = runner_model(runner)
         autocast_features(model, self.dtype, self.device_type)
         autocast_heads(model, self.heads, self.dtype, self.device_type)
 
-    def before_train(self, runner) -> None:
+    def before_train(self, runner: Runner) -> None:
         if self.dtype == torch.float16 and not scales_loss(
                 runner.optim_wrapper):
             raise ValueError(
@@ -141,14 +143,15 @@ class FeatureAutocastHook(Hook):
                 "dtype='float16' on the CPU, AmpOptimWrapper on a GPU).")
         self._apply(runner)
 
-    def before_val(self, runner) -> None:
+    def before_val(self, runner: Runner) -> None:
         self._apply(runner)
 
-    def before_test(self, runner) -> None:
+    def before_test(self, runner: Runner) -> None:
         self._apply(runner)
 
 
-def scales_loss(optim_wrapper) -> bool:
+def scales_loss(
+        optim_wrapper: Union[OptimWrapper, OptimWrapperDict]) -> bool:
     """Whether ``optim_wrapper`` (mmengine's, or a dict of them) scales the
     loss before backward, as float16 training needs: an enabled
     ``loss_scaler`` (mmengine's ``AmpOptimWrapper``,

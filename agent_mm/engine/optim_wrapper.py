@@ -1,7 +1,7 @@
 """Mixed precision on the CPU."""
 import logging
 from contextlib import contextmanager
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -98,7 +98,7 @@ class CPUAmpOptimWrapper(OptimWrapper):
     def __init__(self,
                  dtype: str = 'bfloat16',
                  native_only: bool = False,
-                 **kwargs):
+                 **kwargs) -> None:
         cast_dtype = cpu_autocast_dtype(dtype, native_only,
                                         'CPUAmpOptimWrapper')
         super().__init__(**kwargs)
@@ -136,7 +136,7 @@ class CPUAmpOptimWrapper(OptimWrapper):
         super().load_state_dict(state_dict)
 
     @contextmanager
-    def optim_context(self, model: nn.Module):
+    def optim_context(self, model: nn.Module) -> Iterator[None]:
         with super().optim_context(model), torch.autocast(
                 'cpu',
                 dtype=self.cast_dtype or torch.bfloat16,

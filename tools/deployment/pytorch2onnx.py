@@ -21,6 +21,7 @@ missing, which is reported before anything is built, exported or created.
 import argparse
 import os.path as osp
 import sys
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,7 +32,7 @@ from agent_mm.deploy.onnx import TOLERANCE, check_checkpoint, check_output
 from agent_mm.engine.runtime import add_cfg_options, config_from_file
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Export to ONNX and check it in ONNX Runtime',
         epilog='Exit status: 0 if ONNX Runtime agrees with PyTorch, 1 if '
@@ -105,7 +106,7 @@ def check_args(parser: argparse.ArgumentParser,
         parser.error(f'--out: {err}')
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Export, check and time; return the exit status."""
     args = parse_args(argv)
     if args.threads is not None:
