@@ -16,7 +16,8 @@ from mmengine.runner import CheckpointLoader, load_checkpoint, save_checkpoint
 from mmengine.runner.checkpoint import _load_checkpoint
 
 import agent_mm  # noqa: F401  (registers the safe loader)
-from agent_mm.utils import SAFE_LOADERS, CheckpointError, checkpoint_io
+from agent_mm.utils import CheckpointError, checkpoint_io
+from agent_mm.utils.checkpoint_io import SAFE_LOADERS
 
 
 def _message_hub_state() -> dict:
