@@ -26,7 +26,7 @@ from tiny_configs import DET_CONFIG, DET_OVERRIDES, tiny_config
 
 import agent_mm  # noqa: F401  (registers the hook)
 from agent_mm.engine import AtomicCheckpointHook
-from agent_mm.engine.resume import find_resume_checkpoint
+from agent_mm.engine.resume import ResumeFallbackHook, find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = osp.join(osp.dirname(osp.abspath(__file__)), 'checkpoint_faults.py')
@@ -265,23 +265,42 @@ def test_resume_starts_from_scratch_without_complete_checkpoint(
 
 
 @pytest.mark.parametrize('complete', [True, False])
-def test_train_tool_resumes_from_the_fallback(tmp_path, monkeypatch, warned,
-                                              complete):
-    trained = []  # configs that a stand-in runner "trained"
-    monkeypatch.setattr(
-        train_tool, 'build_runner',
-        lambda cfg: SimpleNamespace(train=lambda: trained.append(cfg)))
+def test_resume_fallback_hook_resumes_from_the_newest_complete_checkpoint(
+        tmp_path, warned, complete):
     checkpoint = _save(tmp_path / 'iter_2.pth', 2)
     if not complete:
         _truncate(checkpoint)
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_4.pth'))
-    train_tool.main([QUICKSTART_SEG, '--work-dir', str(tmp_path), '--resume'])
-    cfg, = trained
+    runner = SimpleNamespace(_resume=True, _load_from=None,
+                             work_dir=str(tmp_path))
+    ResumeFallbackHook().before_run(runner)
     if complete:
-        assert (cfg.resume, cfg.load_from) == (True, checkpoint)
+        assert (runner._resume, runner._load_from) == (True, checkpoint)
     else:
-        assert (cfg.resume, cfg.load_from) == (False, None)
+        assert (runner._resume, runner._load_from) == (False, None)
         assert 'from scratch' in warned[-1]
+
+
+def test_resume_fallback_hook_leaves_a_named_checkpoint(tmp_path):
+    runner = SimpleNamespace(_resume=True, _load_from='named.pth',
+                             work_dir=str(tmp_path))
+    ResumeFallbackHook().before_run(runner)
+    assert (runner._resume, runner._load_from) == (True, 'named.pth')
+
+
+def test_train_tool_resumes_through_the_fallback_hook(tmp_path, monkeypatch):
+    calls = []  # what a stand-in runner was given, in order
+
+    def runner(cfg):
+        calls.append(cfg)
+        return SimpleNamespace(register_hook=calls.append,
+                               train=lambda: calls.append('train'))
+
+    monkeypatch.setattr(train_tool, 'build_runner', runner)
+    train_tool.main([QUICKSTART_SEG, '--work-dir', str(tmp_path), '--resume'])
+    cfg, hook, step = calls
+    assert (cfg.resume, cfg.load_from) == (True, None)
+    assert isinstance(hook, ResumeFallbackHook) and step == 'train'
 
 
 @pytest.mark.slow
@@ -295,9 +314,12 @@ def test_resume_from_checkpoint_copied_into_new_work_dir(tmp_path):
 
     out = _train(config, work_dir, '--resume', '--cfg-options',
                  'train_cfg.max_epochs=2')
-    assert (f'WARNING - Resuming from {copied}, the newest complete '
-            f'checkpoint, as {work_dir / "last_checkpoint"} does not '
-            'exist.') in out
+    fallback = (f'WARNING - Resuming from {copied}, the newest complete '
+                f'checkpoint, as {work_dir / "last_checkpoint"} does not '
+                'exist.')
+    assert fallback in out
+    # also in the run's log file
+    assert fallback in next(work_dir.glob('*/*.log')).read_text()
     assert 'resumed epoch: 1, iter: 2' in out
     assert 'Epoch(train) [1]' not in out and 'Epoch(train) [2]' in out
     assert Path(copied).read_bytes() == saved  # not trained again

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from mmengine.config import Config
 
-from agent_mm.engine.resume import find_resume_checkpoint
+from agent_mm.engine.resume import ResumeFallbackHook
 from agent_mm.engine.runtime import (add_common_args, build_runner, enable_amp,
                                      load_config)
 from agent_mm.utils import keep_freed_memory
@@ -68,14 +68,12 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the training loop. Freed memory stays in the process for the
     next steps (:func:`keep_freed_memory`)."""
-    args = parse_args(argv)
-    cfg = build_config(args)
-    if args.resume == 'auto':
-        # the checkpoint last_checkpoint names, or the newest complete one
-        cfg.load_from = find_resume_checkpoint(cfg.work_dir)
-        cfg.resume = cfg.load_from is not None
+    cfg = build_config(parse_args(argv))
     keep_freed_memory()
-    build_runner(cfg).train()
+    runner = build_runner(cfg)
+    # resume: the checkpoint last_checkpoint names, or the newest complete one
+    runner.register_hook(ResumeFallbackHook())
+    runner.train()
 
 
 if __name__ == '__main__':

@@ -4,8 +4,9 @@ from .checkpoint_match import CheckpointMatchHook
 from .feature_autocast import FeatureAutocastHook
 from .model_wrapper import CPUDistributedDataParallel
 from .optim_wrapper import CPUAmpOptimWrapper
+from .resume import ResumeFallbackHook
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMatchHook', 'CPUAmpOptimWrapper',
-    'CPUDistributedDataParallel', 'FeatureAutocastHook'
+    'CPUDistributedDataParallel', 'FeatureAutocastHook', 'ResumeFallbackHook'
 ]

@@ -5,7 +5,8 @@ that file is missing or truncated (e.g. a run killed while saving with
 mmengine's ``CheckpointHook``), or when there is no ``last_checkpoint`` (e.g.
 checkpoints copied into a new work dir), :func:`find_resume_checkpoint` falls
 back to the newest complete ``epoch_N.pth`` / ``iter_N.pth`` instead of
-failing or starting from scratch.
+failing or starting from scratch. :class:`ResumeFallbackHook` runs it in
+the runner, so that what it decides is in the run's log.
 """
 import logging
 import os
@@ -14,7 +15,10 @@ import re
 import zipfile
 from typing import Iterable, List, Optional, Tuple
 
+from mmengine.hooks import Hook
 from mmengine.logging import print_log
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
 
 LAST_CHECKPOINT = 'last_checkpoint'
 NUMBERED_CHECKPOINT = re.compile(r'(?:epoch|iter)_(\d+)\.pth')
@@ -118,3 +122,22 @@ def find_resume_checkpoint(work_dir: str) -> Optional[str]:
     warn(f'No complete checkpoint in {work_dir} ({why}): training starts '
          'from scratch.')
     return None
+
+
+@HOOKS.register_module()
+class ResumeFallbackHook(Hook):
+    """Resume a run that has ``resume=True`` and no ``load_from`` (what
+    ``tools/train.py --resume`` without a value gives) from
+    :func:`find_resume_checkpoint`'s choice instead of mmengine's
+    ``last_checkpoint`` alone; start from scratch if there is none.
+
+    It decides before the runner loads anything (``before_run``), once the
+    run's logger exists: the skipped files and the fallback are logged in
+    the run's log, by rank 0 only on the console.
+    """
+    priority = 'VERY_HIGH'
+
+    def before_run(self, runner: Runner) -> None:
+        if runner._resume and runner._load_from is None:
+            runner._load_from = find_resume_checkpoint(runner.work_dir)
+            runner._resume = runner._load_from is not None
