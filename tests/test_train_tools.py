@@ -291,10 +291,12 @@ def test_train_tool_keeps_freed_memory_before_training(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train_tool, 'keep_freed_memory',
                         lambda: calls.append('kept'))
-    runner = SimpleNamespace(train=lambda: calls.append('trained'))
-    monkeypatch.setattr(train_tool, 'build_runner', lambda cfg: runner)
+    runner = SimpleNamespace(register_hook=lambda hook: None,
+                             train=lambda: calls.append('trained'))
+    monkeypatch.setattr(train_tool, 'build_runner',
+                        lambda cfg: calls.append('built') or runner)
     train_tool.main([QUICKSTART_SEG, '--work-dir', str(tmp_path)])
-    assert calls == ['kept', 'trained']
+    assert calls == ['kept', 'built', 'trained']
 
 
 @pytest.mark.slow
