@@ -489,3 +489,35 @@ def test_bfloat16_inference_by_blocks_is_as_close_to_float32_as_fused(
     assert len(blocked) == 2  # the agents' attention, then the tokens'
     for out in outs.values():
         torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)
+
+
+def _bias_grads_per_forward(module, x, hw, forwards):
+    """The gradients of the trainable biases at each of ``forwards``
+    forwards of the same shape (eval mode, autograd on)."""
+    grads = []
+    for _ in range(forwards):
+        module.zero_grad()
+        module(x, hw).square().sum().backward()
+        grads.append({
+            name: getattr(module, name).grad
+            for name in BIAS_NAMES if getattr(module, name).requires_grad
+        })
+    return grads
+
+
+def test_partly_frozen_biases_get_their_gradients_at_every_forward():
+    # only the biases train (the input and projections do not), one frozen
+    partly, _ = _pair(False)
+    whole, _ = _pair(False)
+    for module in (partly, whole):
+        module.requires_grad_(False)
+        for name in BIAS_NAMES:
+            getattr(module, name).requires_grad_(name != 'an_bias'
+                                                 or module is whole)
+    x = torch.randn(2, 8 * 8, 32)
+    expected = _bias_grads_per_forward(whole, x, (8, 8), 3)
+    for got, want in zip(_bias_grads_per_forward(partly, x, (8, 8), 3),
+                         expected):
+        assert sorted(got) == sorted(set(BIAS_NAMES) - {'an_bias'})
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, want[name])

@@ -163,3 +163,19 @@ def test_inference_calls_hooked_and_quantized_layers():
     torch.manual_seed(0)
     assert_inference_calls_what_the_modules_are(tiny('pvt'),
                                                 torch.randn(1, 3, 64, 96))
+
+
+def test_partly_frozen_biases_train_in_eval_mode():
+    # only the biases train, one of them frozen: the maps of every forward
+    # are built with autograd (not into the workspace's buffers)
+    model = tiny('pvt').eval()
+    model.requires_grad_(False)
+    trained = ('na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.split('.')[-1] in trained)
+    for _ in range(2):
+        model.zero_grad()
+        sum(out.square().sum()
+            for out in model(torch.randn(1, 3, 64, 64))).backward()
+        assert all(param.grad is not None
+                   for param in model.parameters() if param.requires_grad)

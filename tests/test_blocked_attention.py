@@ -1,6 +1,8 @@
 """Blocked attention: blocks of rows that cover the logits within their
 budget, the exact attention from them, and the choice of it over the fused
 kernel only where it pays (bfloat16 inference on a CPU without AMX)."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +167,29 @@ def test_blocks_only_chooses_the_blocks_in_any_precision_on_any_cpu(
         assert prefers_blocks(query, key.detach(), dropout=0.)
     assert prefers_blocks(query, key.detach(), dropout=0.) is (
         lacks_amx and dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize('hold', ['blocks_only', 'fused_kernel_only'])
+def test_a_held_kernel_leaves_other_threads_their_own_choice(
+        monkeypatch, hold):
+    monkeypatch.setattr(op_module, 'cpu_lacks_amx_for_bfloat16', lambda: True)
+    inputs = {
+        dtype: _inputs(1, 2, 6, 4, dtype=dtype)[:2]
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+
+    def choices():
+        return {
+            dtype: prefers_blocks(query, key, dropout=0.)
+            for dtype, (query, key) in inputs.items()
+        }
+
+    own = choices()  # the fused kernel in float32, the blocks in bfloat16
+    seen = []
+    with getattr(op_module, hold)():
+        held = choices()
+        thread = threading.Thread(target=lambda: seen.append(choices()))
+        thread.start()
+        thread.join()
+    assert set(held.values()) == {hold == 'blocks_only'}
+    assert seen == [own]

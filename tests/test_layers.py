@@ -138,6 +138,22 @@ def test_linear_into_writes_the_layer_output_in_the_dtype_of_out(
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize('fused', [True, False])
+def test_inference_residual_of_linear_layers_without_bias(monkeypatch, fused):
+    if fused and not fuses_epilogues(torch.float32, torch.device('cpu'), 8):
+        pytest.skip('no oneDNN products with epilogues in this build')
+    monkeypatch.setattr(layers, 'fuses_epilogues', lambda *args: fused)
+    norm, mlp, drop_path = _branch()
+    mlp.fc1 = nn.Linear(8, 32, bias=False)
+    mlp.fc2 = nn.Linear(32, 8, bias=False)
+    x = torch.randn(2, 10, 8)
+    expected = _expected(x, norm, mlp)
+    with torch.no_grad():
+        out = mlp_residual(x, norm, mlp, drop_path, training=False)
+    assert out.data_ptr() == x.data_ptr()  # the chunked path
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize('act', [
     nn.GELU(), nn.GELU(approximate='tanh'),
     nn.ReLU(), nn.SiLU()
@@ -251,6 +267,29 @@ def test_residual_sum_allocates_when_the_sum_would_not_fit(fresh, other):
     assert out.dtype == torch.result_type(fresh, other)
     assert out.shape == torch.broadcast_shapes(fresh.shape, other.shape)
     torch.testing.assert_close(fresh, before)
+
+
+@pytest.mark.parametrize('hook', [None, 'own', 'submodule', 'global'])
+def test_residual_sum_allocates_when_a_hook_of_the_makers_may_keep_fresh(
+        hook):
+    maker = nn.Sequential(nn.Linear(3, 3))
+    hooked = {'own': maker, 'submodule': maker[0]}.get(hook)
+    if hooked is not None:
+        hooked.register_forward_hook(lambda *args: None)
+    fresh, other = torch.randn(2, 3), torch.randn(2, 3)
+    before = fresh.clone()
+    handle = (nn.modules.module.register_module_forward_hook(
+        lambda *args: None) if hook == 'global' else None)
+    try:
+        with torch.no_grad():
+            out = residual_sum(fresh, other, nn.Identity(), maker)
+    finally:
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(out, before + other)
+    assert (out.data_ptr() == fresh.data_ptr()) is (hook is None)
+    if hook is not None:
+        torch.testing.assert_close(fresh, before, atol=0, rtol=0)
 
 
 def test_residual_sum_with_autograd_allocates_the_sum():

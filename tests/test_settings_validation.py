@@ -2,12 +2,15 @@
 the argument, the value, the allowed range and the fix; an empty batch gives
 empty outputs of the right shapes."""
 import math
+import re
 
 import pytest
 import torch
 from backbone_checks import TINY_SETTINGS, error_message, tiny
 
 from agent_mm.models import AgentAttention
+from agent_mm.models.sr_attention import SpatialReductionAttention
+from agent_mm.models.window_attention import ShiftWindowAttention
 
 # (backbones, argument, value, stage): ``stage`` is the bad entry of a
 # per-stage list, None for a scalar argument.
@@ -203,3 +206,62 @@ def test_attention_on_an_empty_batch(attn_impl, training):
         out.sum().backward()
         for name, param in module.named_parameters():
             assert torch.equal(param.grad, torch.zeros_like(param)), name
+
+
+def _mixers():
+    """The three token mixers on 16 channels."""
+    return [
+        AgentAttention(16, 2, pretrain_grid=(7, 7), agent_num=9,
+                       agent_shape=(3, 3)),
+        ShiftWindowAttention(16, 2, window_size=3, shift=1),
+        SpatialReductionAttention(16, 2, sr_ratio=2),
+    ]
+
+
+@pytest.mark.parametrize('mixer', _mixers(), ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize('shape, fix', [
+    ((1, 16, 5, 7), r'Flatten a \(B, C, H, W\) map to tokens'),
+    ((1, 35, 8), 'Give tokens of the 16 channels'),
+    ((1, 34, 16), r'Give hw_shape=\(H, W\) of the grid .*: H\*W must be '
+     'their number'),
+])
+def test_token_mixers_say_what_tokens_they_expect(mixer, shape, fix):
+    name = type(mixer).__name__
+    message = (rf'{name} expects \(B, H\*W, C=16\) tokens laid out as '
+               rf'hw_shape=\(5, 7\) \(35 tokens\), got a tensor of shape '
+               rf'{re.escape(str(shape))}\. {fix}')
+    with pytest.raises(ValueError, match=message):
+        mixer(torch.randn(*shape), (5, 7))
+    assert mixer(torch.randn(2, 35, 16), (5, 7)).shape == (2, 35, 16)
+
+
+def test_agent_attention_points_maps_to_agent_attention_2d():
+    with pytest.raises(ValueError, match='or use AgentAttention2d'):
+        _mixers()[0](torch.randn(1, 16, 5, 7), (5, 7))
+
+
+@pytest.mark.parametrize('name', sorted(TINY_SETTINGS))
+@pytest.mark.parametrize('shape, message', [
+    ((3, 64, 64), r'got \(3, 64, 64\)\. Add the batch dimension to a '
+     r'single \(C, H, W\) image: img\.unsqueeze\(0\)'),
+    ((1, 1, 3, 64, 64), r'got \(1, 1, 3, 64, 64\)\. Give a 4-D batch'),
+    ((1, 4, 64, 64), r'got \(1, 4, 64, 64\)\. Convert the images to 3 '
+     'channels .* or set in_channels=4'),
+])
+def test_bad_image_shapes_get_their_own_fix(name, shape, message):
+    with pytest.raises(ValueError, match=r'\(B, 3, H, W\), ' + message):
+        tiny(name)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize('name', sorted(TINY_SETTINGS))
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(out_indices=(4, )),
+     r'got \(4,\)\. List the stages .* \(0, 1, 2, 3\) for all of them'),
+    (dict(out_indices=()), r'got \(\)\. List the stages'),
+    (dict(depths=[1, 1, 1]),
+     r'depths needs 4 entries \(one per stage\), got \[1, 1, 1\]\. Give a '
+     'list of 4 values, stage 0 first'),
+])
+def test_list_errors_say_how_to_fix_them(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(name, **kwargs)

@@ -391,3 +391,18 @@ def test_bfloat16_bias_gradients_of_agent_attention_are_close_to_float32():
         float((g - e).norm() / e.norm()) for g, e in zip(got, expected))
     assert agent_to_token < 0.018
     assert token_to_agent < 0.09
+
+
+def test_an_empty_batch_gets_zero_gradients_of_the_right_shapes():
+    query, key, value, _ = _inputs(batch=0)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    cols = torch.randn(3, 2, 7, generator=gen, dtype=torch.float64)
+    inputs = (query, key, value, rows.requires_grad_(),
+              cols.requires_grad_())
+    out = op_module.shared_bias_attention(query, key, value, 0.4, _low_rank,
+                                          rows, cols)
+    assert out.shape == (0, 3, 11, 4)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    for grad, tensor in zip(grads, inputs):
+        assert torch.equal(grad, torch.zeros_like(tensor))

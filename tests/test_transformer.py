@@ -3,6 +3,7 @@ embedding, the pre-training grids."""
 import pytest
 import torch
 import torch.nn as nn
+from backbone_checks import tiny
 
 from agent_mm.models.transformer import (PRETRAIN_IMG_SIZE, PatchEmbed,
                                          TransformerBlock, pretrain_grid,
@@ -40,6 +41,51 @@ def test_block_is_pre_norm_residual_around_the_mixer(grad):
         expected = _pre_norm(block, x, (3, 4))
         out = block(x.clone(), (3, 4))
     torch.testing.assert_close(out, expected)
+
+
+def _keep_outputs(kept):
+    """A forward hook keeping each output (the tokens of a tuple) and a
+    copy of it made in the hook."""
+
+    def keep(module, inputs, output):
+        tokens = output[0] if isinstance(output, tuple) else output
+        kept.append((tokens, tokens.clone()))
+
+    return keep
+
+
+@pytest.mark.parametrize('hooked', ['attn', 'attn.proj', 'drop_path'])
+def test_inference_leaves_what_a_forward_hook_kept_untouched(hooked):
+    block = _block(drop_path_rate=0.1).eval()
+    kept = []
+    block.get_submodule(hooked).register_forward_hook(_keep_outputs(kept))
+    x = torch.randn(2, 12, 8)
+    with torch.no_grad():
+        out = block(x, (3, 4))
+    assert kept  # drop_path is called by both branches
+    for tokens, copy in kept:
+        torch.testing.assert_close(tokens, copy, atol=0, rtol=0)
+    torch.testing.assert_close(out, _pre_norm(block, x, (3, 4)))
+
+
+@pytest.mark.parametrize('name, kwargs', [('pvt', {}),
+                                          ('swin',
+                                           dict(use_abs_pos_embed=True))])
+def test_backbone_inference_leaves_what_forward_hooks_kept_untouched(
+        name, kwargs):
+    model = tiny(name, **kwargs).eval()
+    kept = []
+    hooked = [
+        module for path, module in model.named_modules()
+        if path.split('.')[-1] in ('attn', 'patch_embed', 'patch_embed1')
+    ]
+    for module in hooked:
+        module.register_forward_hook(_keep_outputs(kept))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert len(kept) == len(hooked)
+    for tokens, copy in kept:
+        torch.testing.assert_close(tokens, copy, atol=0, rtol=0)
 
 
 def test_block_with_cp_gives_the_same_outputs_and_gradients():

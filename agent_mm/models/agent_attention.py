@@ -21,7 +21,7 @@ from ..ops.shared_bias_attention import shared_bias_attention
 from .bias_cache import ADMIT_AFTER, BiasCache, CacheBudget
 from .bias_maps import (agent_grid_matrix, pool_tokens, separable_bias,
                         weights_like)
-from .checks import check_agent_attention
+from .checks import check_agent_attention, check_tokens
 from .folded_bias import FoldedBias, folded_bias_attention, folds_bias
 from .layers import (ChannelsLastConv2d, biased_attention, calls_plain_forward,
                      compute_dtype, is_plain_linear, linear_into,
@@ -46,8 +46,10 @@ class AgentAttention(BaseModule):
     Args:
         embed_dims: Channels ``C``.
         num_heads: Number of heads; ``C`` must be divisible by it.
-        pretrain_grid: Token grid ``(r_h, r_w)`` of a 224×224 image at this
-            stage (shape of the ``ah/aw/ha/wa`` biases).
+        pretrain_grid: The token grid ``(r_h, r_w)`` the row/column biases
+            were learned on (shape of the ``ah/aw/ha/wa`` biases, resized
+            to the input's grid); the backbones pass the stage's grid of
+            their ``pretrain_img_size`` images.
         agent_num: Number of learned bias agents, a square ``p*p``.
         agent_shape: Agent grid ``(a_h, a_w)`` used downstream.
         qkv_bias: Whether the projections have a bias.
@@ -197,8 +199,7 @@ class AgentAttention(BaseModule):
         (:func:`~.folded_bias.folds_bias`). Run eagerly under
         ``torch.compile`` (the cache's key reads storage addresses, which a
         graph cannot)."""
-        frozen = not (self.training or
-                      (torch.is_grad_enabled() and self.an_bias.requires_grad))
+        frozen = not (self.training or self.records_bias_grads())
         if frozen:
             return self.bias_cache.get(
                 hw_shape, self._maps_version(),
@@ -206,6 +207,13 @@ class AgentAttention(BaseModule):
                 lambda: self._biases_for_once(hw_shape),
                 self.bias_params())
         return self.build_biases(hw_shape)
+
+    def records_bias_grads(self) -> bool:
+        """Whether autograd records the position biases: it is on and any
+        of the six bias parameters requires grad (also when only some are
+        frozen)."""
+        return torch.is_grad_enabled() and any(
+            param.requires_grad for param in self.bias_params())
 
     def _biases_for_once(self, hw_shape: Tuple[int, int]) -> Biases:
         """The biases of a forward whose maps are not cached: folded where
@@ -354,8 +362,8 @@ class AgentAttention(BaseModule):
         """Both attentions on ``(B, heads, *, d)`` inputs, biases shared by
         the batch; returns ``(B, heads, N, d)``."""
         dropout = self.attn_drop_rate if self.training else 0.
-        trains = torch.is_grad_enabled() and (query.requires_grad
-                                              or self.an_bias.requires_grad)
+        trains = (torch.is_grad_enabled()
+                  and query.requires_grad) or self.records_bias_grads()
         if trains and not dropout:
             # fused kernels give no gradient for a mask: keep only the small
             # bias sources and rebuild biases and weights in backward
@@ -386,11 +394,10 @@ class AgentAttention(BaseModule):
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
         ``hw_shape``."""
+        check_tokens(
+            type(self).__name__, x, hw_shape, self.embed_dims,
+            maps_module='AgentAttention2d')
         batch, tokens, channels = x.shape
-        height, width = hw_shape
-        if tokens != height * width:
-            raise ValueError(f'x has {tokens} tokens but hw_shape is '
-                             f'{tuple(hw_shape)} ({height * width} tokens).')
         query, key, value = self._project(x)
         agents = pool_tokens(query, hw_shape, self.agent_shape)
         heads = [self._split_heads(t) for t in (query, key, value, agents)]

@@ -248,9 +248,11 @@ class AgentPVT(AgentBackbone):
         self.check_input(x)
         outs = []
         for i in range(NUM_STAGES):
-            x, hw_shape = getattr(self, f'patch_embed{i + 1}')(x)
+            patch_embed = getattr(self, f'patch_embed{i + 1}')
+            x, hw_shape = patch_embed(x)
             x = getattr(self, f'pos_drop{i + 1}')(
-                self.add_pos_embed(x, f'pos_embed{i + 1}', i, hw_shape))
+                self.add_pos_embed(x, f'pos_embed{i + 1}', i, hw_shape,
+                                   patch_embed))
             for block in getattr(self, f'block{i + 1}'):
                 x = block(x, hw_shape)
             norm = getattr(self, f'norm{i + 1}')

@@ -273,7 +273,8 @@ class AgentSwinTransformer(AgentBackbone):
         self.check_input(x)
         x, hw_shape = self.patch_embed(x)
         x = self.pos_drop(
-            self.add_pos_embed(x, 'absolute_pos_embed', 0, hw_shape))
+            self.add_pos_embed(x, 'absolute_pos_embed', 0, hw_shape,
+                               self.patch_embed))
         outs = []
         for i, stage in enumerate(self.layers):
             x = stage(x, hw_shape)

@@ -112,8 +112,14 @@ class AgentBackbone(BaseModule):
             keeps the released norms.
         act_cfg: The MLPs' activation (mmcv config); None for GELU.
         frozen_stages: Stages to freeze (parameters fixed, eval mode kept
-            across ``train()``); -1 freezes nothing, 0 only the first patch
-            embedding, k the first k stages.
+            across ``train()``); -1 freezes nothing, 0 the first patch
+            embedding with its position embedding and dropout (AgentPVT:
+            ``patch_embed1``, ``pos_embed1``, ``pos_drop1``;
+            AgentSwinTransformer: ``patch_embed``, ``absolute_pos_embed``,
+            ``pos_drop``), k also the first k stages (AgentPVT: each
+            stage's patch embedding, position embedding, dropout, blocks
+            and norm; AgentSwinTransformer: each stage's blocks, the patch
+            merging after it and its output norm).
         with_cp: Gradient checkpointing of each block.
         channels_last_outputs: Return each stage's output as a
             channels-last view of its tokens instead of a contiguous
@@ -181,8 +187,8 @@ class AgentBackbone(BaseModule):
             frozen_stages,
             -1,
             NUM_STAGES,
-            fix='-1 freezes nothing, 0 only the first patch embedding, k '
-            'the first k stages.')
+            fix='-1 freezes nothing, 0 the first patch embedding (and its '
+            'position embedding), k also the first k stages.')
         check_backbone_settings(name, in_channels, drop_rate, attn_drop_rate,
                                 drop_path_rate)
         check_qk_scale(name, qk_scale)
@@ -290,15 +296,20 @@ class AgentBackbone(BaseModule):
             if enabled else None)
 
     def add_pos_embed(self, x: Tensor, name: str, stage: int,
-                      hw_shape: Tuple[int, int]) -> Tensor:
-        """``x`` plus the position embedding ``name`` of ``stage`` resized to
-        the token grid ``hw_shape``; ``x`` itself if there is none."""
+                      hw_shape: Tuple[int, int],
+                      patch_embed: nn.Module) -> Tensor:
+        """``x``, the tokens ``patch_embed`` returned, plus the position
+        embedding ``name`` of ``stage`` resized to the token grid
+        ``hw_shape``; ``x`` itself if there is none. In inference the sum is
+        written into ``x`` unless a forward hook of ``patch_embed`` may have
+        kept it (:func:`~.layers.residual_sum`)."""
         pos_embed = getattr(self, name)
         if pos_embed is None:
             return x
         return residual_sum(
-            x, resized_pos_embed(pos_embed, self.pretrain_grid(stage),
-                                 hw_shape))
+            x,
+            resized_pos_embed(pos_embed, self.pretrain_grid(stage), hw_shape),
+            patch_embed)
 
     def stage_output(self, tokens: Tensor,
                      hw_shape: Tuple[int, int]) -> Tensor:

@@ -299,7 +299,8 @@ def check_stage_lists(backbone: str, num_stages: int, settings: Dict[str, Any],
         value = settings[name]
         if not isinstance(value, Sequence) or len(value) != num_stages:
             raise ValueError(f'{backbone}: {name} needs {num_stages} entries '
-                             f'(one per stage), got {value!r}.')
+                             f'(one per stage), got {value!r}. Give a list '
+                             f'of {num_stages} values, stage 0 first.')
         check, kwargs = STAGE_RULES[name]
         for stage, entry in enumerate(value):
             check(backbone, f'{name}[{stage}]', entry, **kwargs)
@@ -312,18 +313,26 @@ def check_out_indices(backbone: str, out_indices: Sequence[int],
     if not out_indices or any(not _is_int(i) or not 0 <= i < num_stages
                               for i in out_indices):
         raise ValueError(f'{backbone}: out_indices must be stage indices in '
-                         f'0..{num_stages - 1}, got {out_indices}.')
+                         f'0..{num_stages - 1}, got {out_indices}. List the '
+                         'stages whose outputs you need, e.g. '
+                         f'{tuple(range(num_stages))} for all of them.')
     return out_indices
 
 
 def check_input(backbone: str, img: Tensor, in_channels: int,
                 min_size: int) -> None:
     """Reject images the backbone cannot process, saying why."""
-    if img.dim() != 4 or img.shape[1] != in_channels:
-        raise ValueError(f'{backbone} expects images of shape (B, '
-                         f'{in_channels}, H, W), got {tuple(img.shape)}. '
-                         'Convert grayscale/RGBA images to 3 channels (or '
-                         'set in_channels).')
+    expected = (f'{backbone} expects images of shape (B, {in_channels}, H, '
+                f'W), got {tuple(img.shape)}.')
+    if img.dim() == 3:
+        raise ValueError(f'{expected} Add the batch dimension to a single '
+                         '(C, H, W) image: img.unsqueeze(0).')
+    if img.dim() != 4:
+        raise ValueError(f'{expected} Give a 4-D batch of images.')
+    if img.shape[1] != in_channels:
+        raise ValueError(f'{expected} Convert the images to {in_channels} '
+                         'channels (e.g. grayscale or RGBA to RGB), or set '
+                         f'in_channels={img.shape[1]}.')
     height, width = img.shape[-2:]
     if height < min_size or width < min_size:
         raise ValueError(f'{backbone} needs inputs of at least {min_size}×'
@@ -347,7 +356,8 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
         fix='Give the channels C of the tokens.')
     check_num_heads(name, 'num_heads', num_heads, embed_dims)
     check_int_pair(name, 'pretrain_grid', pretrain_grid,
-                   'Give the token grid (r_h, r_w) of a 224x224 image.')
+                   'Give the token grid (r_h, r_w) the row/column biases '
+                   'were learned on.')
     check_agent_num(name, 'agent_num', agent_num)
     check_agent_shape(name, 'agent_shape', agent_shape)
     check_probability(name, 'attn_drop', attn_drop,
@@ -369,3 +379,39 @@ def check_agent_attention(embed_dims: Any, num_heads: Any, pretrain_grid: Any,
         1,
         fix='1 caches a shape at its first forward, 2 at its second.')
     check_qk_scale(name, qk_scale)
+
+
+def check_tokens(owner: str,
+                 x: Tensor,
+                 hw_shape: Sequence[int],
+                 channels: int,
+                 maps_module: Optional[str] = None) -> None:
+    """Raise a ``ValueError`` unless ``x`` is ``(B, H*W, C)`` tokens of
+    ``channels`` channels laid out as the grid ``hw_shape``: what every
+    token mixer's ``forward(x, hw_shape)`` takes.
+
+    Args:
+        owner: Class name, for the message.
+        x: The tokens given.
+        hw_shape: The grid ``(H, W)`` given.
+        channels: The channels ``C`` the mixer was built for.
+        maps_module: A module that takes ``(B, C, H, W)`` maps instead, to
+            suggest for a 4-D input.
+    """
+    height, width = hw_shape
+    tokens = height * width
+    if x.dim() == 3 and x.shape[1] == tokens and x.shape[2] == channels:
+        return
+    if x.dim() != 3:
+        fix = ('Flatten a (B, C, H, W) map to tokens with '
+               'x.flatten(2).transpose(1, 2)')
+        fix += f', or use {maps_module}.' if maps_module else '.'
+    elif x.shape[2] != channels:
+        fix = (f'Give tokens of the {channels} channels (embed_dims) it '
+               'was built with.')
+    else:
+        fix = ('Give hw_shape=(H, W) of the grid the tokens were flattened '
+               'from: H*W must be their number.')
+    raise ValueError(f'{owner} expects (B, H*W, C={channels}) tokens laid '
+                     f'out as hw_shape={tuple(hw_shape)} ({tokens} tokens), '
+                     f'got a tensor of shape {tuple(x.shape)}. {fix}')

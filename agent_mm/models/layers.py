@@ -146,20 +146,32 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
-def residual_sum(fresh: Tensor, other: Tensor) -> Tensor:
-    """``fresh + other``, written into ``fresh`` when autograd is off.
+def residual_sum(fresh: Tensor, other: Tensor, *makers: nn.Module) -> Tensor:
+    """``fresh + other``, written into ``fresh`` when autograd is off and no
+    forward hook can hold ``fresh``.
 
     Large activations are fresh pages from the kernel at every allocation
-    (see :data:`MLP_CHUNK_BYTES`), so inference adds into a temporary the
-    caller owns (e.g. a branch's output) instead of allocating the sum,
-    unless the sum would have another dtype or shape than ``fresh`` (as
-    under autocast, where a bfloat16 branch meets a float32 residual) or
-    a graph is traced (for export, or by ``torch.compile``, which plans
-    its own buffers).
+    (see :data:`MLP_CHUNK_BYTES`), so inference adds into a temporary (e.g.
+    a branch's output) instead of allocating the sum, unless the sum would
+    have another dtype or shape than ``fresh`` (as under autocast, where a
+    bfloat16 branch meets a float32 residual), a graph is traced (for
+    export, or by ``torch.compile``, which plans its own buffers), or a
+    forward hook of ``makers`` or of their submodules (or a global one,
+    :func:`calls_plain_forward`) may have kept ``fresh``: it would see the
+    sum instead of what the module returned.
+
+    Args:
+        fresh: The temporary, e.g. a residual branch's output.
+        other: What is added to it.
+        makers: The modules whose output ``fresh`` is, or may share memory
+            with (a mixer returns its projection's output, dropout in eval
+            its input); none for a tensor that no module returned.
     """
     if (torch.is_grad_enabled() or tracing()
-            or torch.result_type(fresh, other) != fresh.dtype or
-            torch.broadcast_shapes(fresh.shape, other.shape) != fresh.shape):
+            or torch.result_type(fresh, other) != fresh.dtype
+            or torch.broadcast_shapes(fresh.shape, other.shape) != fresh.shape
+            or (makers and not calls_plain_forward(
+                *(sub for maker in makers for sub in maker.modules())))):
         return fresh + other
     return fresh.add_(other)
 
@@ -181,10 +193,11 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp: Mlp, drop_path: nn.Module,
     norm and the MLP act on each token alone and ``drop_path`` is the
     identity, so the sum is accumulated into ``x`` in place, a chunk of
     tokens at a time (:func:`add_mlp_in_chunks`): the full-size hidden
-    layer never exists. The caller must own ``x`` (a fresh residual sum). A
-    traced graph (export, ``torch.compile``) takes the plain sum: the
-    loop's length depends on the input size, and a compiler plans the
-    buffers itself.
+    layer never exists. Nothing else may hold ``x``: pass the sum of
+    :func:`residual_sum`, fresh or added into a branch's output that no
+    forward hook can have kept. A traced graph (export,
+    ``torch.compile``) takes the plain sum: the loop's length depends on
+    the input size, and a compiler plans the buffers itself.
 
     Args:
         x: ``(..., C)`` tokens.
@@ -248,7 +261,8 @@ def add_mlp_in_chunks(tokens: Tensor, norm: nn.Module, mlp: Mlp) -> None:
     """
     dtype = compute_dtype(tokens)
     # cast once for all chunks (linear_into's casts are then no-ops)
-    fc1, fc2 = ((layer.weight.to(dtype), layer.bias.to(dtype))
+    fc1, fc2 = ((layer.weight.to(dtype),
+                 None if layer.bias is None else layer.bias.to(dtype))
                 for layer in (mlp.fc1, mlp.fc2))
     rows = max(1, MLP_CHUNK_BYTES // (len(fc1[0]) * dtype.itemsize))
     rows = min(rows, len(tokens))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from .checks import check_num_heads, check_qk_scale
+from .checks import check_num_heads, check_qk_scale, check_tokens
 from .layers import (ChannelsLastConv2d, build_norm, map_to_tokens,
                      tokens_to_map)
 from .transformer import LAYER_NORM
@@ -42,6 +42,7 @@ class SpatialReductionAttention(BaseModule):
         owner = type(self).__name__
         check_num_heads(owner, 'num_heads', num_heads, embed_dims)
         check_qk_scale(owner, qk_scale)
+        self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.qk_scale = qk_scale
         self.attn_drop_rate = attn_drop
@@ -56,6 +57,9 @@ class SpatialReductionAttention(BaseModule):
             self.norm = build_norm(norm_cfg, embed_dims)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
+        ``hw_shape``."""
+        check_tokens(type(self).__name__, x, hw_shape, self.embed_dims)
         batch, tokens, channels = x.shape
         source = x
         if self.sr_ratio > 1:

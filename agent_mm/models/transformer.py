@@ -60,7 +60,7 @@ class TransformerBlock(BaseModule):
                  norm_cfg: Optional[dict] = None,
                  act_cfg: Optional[dict] = None):
         super().__init__()
-        norm_cfg = norm_cfg or dict(type='LN')
+        norm_cfg = norm_cfg or LAYER_NORM
         self.norm1 = build_norm(norm_cfg, embed_dims)
         self.attn = attn
         self.drop_path = drop_path_or_identity(drop_path_rate)
@@ -70,7 +70,8 @@ class TransformerBlock(BaseModule):
         self.with_cp = with_cp
 
     def _forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        x = residual_sum(self.drop_path(self.attn(self.norm1(x), hw_shape)), x)
+        branch = self.drop_path(self.attn(self.norm1(x), hw_shape))
+        x = residual_sum(branch, x, self.attn, self.drop_path)
         return mlp_residual(x, self.norm2, self.mlp, self.drop_path,
                             self.training)
 

@@ -9,7 +9,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
-from .checks import check_qk_scale
+from .checks import check_qk_scale, check_tokens
 from .layers import biased_attention
 
 
@@ -91,6 +91,7 @@ class ShiftWindowAttention(BaseModule):
                  qk_scale: Optional[float] = None):
         super().__init__()
         check_qk_scale(type(self).__name__, qk_scale)
+        self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.qk_scale = qk_scale
         self.window_size = window_size
@@ -136,6 +137,7 @@ class ShiftWindowAttention(BaseModule):
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
         ``hw_shape``."""
+        check_tokens(type(self).__name__, x, hw_shape, self.embed_dims)
         height, width = hw_shape
         size, shift = self.window_size, self.shift
         x = x.unflatten(1, hw_shape)

@@ -21,9 +21,10 @@ maps (blocks were not measured there). In float32 a forward with the
 blocks took 0.96-1.11 of the time of one with the fused kernel on that AMD
 EPYC, and none was measured with AMX: there the fused kernel stays
 (:func:`prefers_blocks`).
-:func:`fused_kernel_only` holds every attention to the fused kernel and
-:func:`blocks_only` to the blocks (in any precision, on any CPU), to
-compare the two (tools/analysis_tools/benchmark_blocked_attention.py).
+:func:`fused_kernel_only` holds every attention of the thread that enters
+it to the fused kernel and :func:`blocks_only` to the blocks (in any
+precision, on any CPU), to compare the two
+(tools/analysis_tools/benchmark_blocked_attention.py).
 
 The logits are rounded to bfloat16 before the softmax, as in any attention
 built from bfloat16 products (mmdet's Swin under autocast, say); the
@@ -31,6 +32,7 @@ softmax itself accumulates in float32.
 """
 import contextlib
 import functools
+import threading
 from typing import Iterator, List, Optional
 
 import torch
@@ -45,9 +47,17 @@ BLOCK_BYTES = 4 * 2**20
 
 _FUSED = 'fused'
 _BLOCKS = 'blocks'
-# the kernel every attention is held to (:func:`fused_kernel_only`,
-# :func:`blocks_only`), or None for :func:`prefers_blocks`'s own choice
-_held_to: Optional[str] = None
+
+
+class _HeldKernel(threading.local):
+    """The kernel every attention of the current thread is held to
+    (:func:`fused_kernel_only`, :func:`blocks_only`), or None for
+    :func:`prefers_blocks`'s own choice: one per thread, so that a
+    context held in one thread leaves the others' choice alone."""
+    kernel: Optional[str] = None
+
+
+_held_to = _HeldKernel()
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,24 +70,25 @@ def cpu_lacks_amx_for_bfloat16() -> bool:
 @contextlib.contextmanager
 def _held(kernel: str) -> Iterator[None]:
     """Within the context, :func:`prefers_blocks` chooses ``kernel``
-    wherever the blocks can run."""
-    global _held_to
-    before, _held_to = _held_to, kernel
+    wherever the blocks can run, in the current thread."""
+    before, _held_to.kernel = _held_to.kernel, kernel
     try:
         yield
     finally:
-        _held_to = before
+        _held_to.kernel = before
 
 
 def fused_kernel_only() -> contextlib.AbstractContextManager:
-    """A context within which every attention runs the fused kernel."""
+    """A context within which every attention of the current thread runs
+    the fused kernel."""
     return _held(_FUSED)
 
 
 def blocks_only() -> contextlib.AbstractContextManager:
-    """A context within which every attention that the blocks can compute
-    (CPU inference without dropout, not traced) runs them, in any
-    precision and on any CPU: to measure them where they are not chosen."""
+    """A context within which every attention of the current thread that
+    the blocks can compute (CPU inference without dropout, not traced)
+    runs them, in any precision and on any CPU: to measure them where they
+    are not chosen."""
     return _held(_BLOCKS)
 
 
@@ -96,8 +107,8 @@ def prefers_blocks(query: Tensor, *others: Tensor, dropout: float) -> bool:
                and not torch.compiler.is_compiling())
     if not can_run:
         return False
-    if _held_to is not None:
-        return _held_to == _BLOCKS
+    if _held_to.kernel is not None:
+        return _held_to.kernel == _BLOCKS
     return query.dtype == torch.bfloat16 and cpu_lacks_amx_for_bfloat16()
 
 

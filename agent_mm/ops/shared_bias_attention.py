@@ -209,7 +209,11 @@ def autocast_state(device_type: str) -> dict:
 
 def sum_over_batch(x: Tensor, out: Tensor) -> None:
     """``out = x.sum(dim=0)`` as elementwise additions (PyTorch's reduction
-    over the outermost dimension is several times slower)."""
+    over the outermost dimension is several times slower); zeros for an
+    empty batch."""
+    if not len(x):
+        out.zero_()
+        return
     out.copy_(x[0])
     for item in x[1:]:
         out.add_(item)
