@@ -25,7 +25,8 @@ from .checks import check_agent_attention, check_tokens
 from .folded_bias import FoldedBias, folded_bias_attention, folds_bias
 from .layers import (ChannelsLastConv2d, biased_attention, calls_plain_forward,
                      compute_dtype, is_plain_linear, linear_into,
-                     map_to_tokens, residual_sum, tokens_to_map)
+                     map_to_tokens, merge_heads, residual_sum, split_heads,
+                     tokens_to_map)
 from .literal_agent_attention import literal_agent_attention
 from .padded_agents import pad_agents, padded_agent_count
 from .traced_agent_attention import traced_agent_attention
@@ -341,11 +342,6 @@ class AgentAttention(BaseModule):
                  None if layer.bias is None else layer.bias[part])
                 for layer, part in zip(layers, rows)]
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, self.num_heads,
-                         self.head_dims).transpose(1, 2)
-
     def _attend_with_bias(self, query: Tensor, key: Tensor, value: Tensor,
                           bias: Tensor, dropout: float) -> Tensor:
         """``softmax(scale * q kᵀ + bias) v`` by the fused kernel
@@ -397,10 +393,13 @@ class AgentAttention(BaseModule):
         check_tokens(
             type(self).__name__, x, hw_shape, self.embed_dims,
             maps_module='AgentAttention2d')
-        batch, tokens, channels = x.shape
+        batch = len(x)
         query, key, value = self._project(x)
         agents = pool_tokens(query, hw_shape, self.agent_shape)
-        heads = [self._split_heads(t) for t in (query, key, value, agents)]
+        heads = [
+            split_heads(t, self.num_heads)
+            for t in (query, key, value, agents)
+        ]
         # an empty batch takes the literal path: it gives every bias a zero
         # gradient, as a convolution gives its weight
         if exporting():
@@ -409,7 +408,7 @@ class AgentAttention(BaseModule):
             out = self.fast_attention(*heads, hw_shape)
         else:
             out = literal_agent_attention(self, *heads, hw_shape)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)
         out = residual_sum(
-            out, map_to_tokens(self.dwc(tokens_to_map(value, hw_shape))))
+            merge_heads(out),
+            map_to_tokens(self.dwc(tokens_to_map(value, hw_shape))))
         return self.proj_drop(self.proj(out))

@@ -65,6 +65,17 @@ def tokens_to_nchw(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     return out.view(batch, channels, *hw_shape)
 
 
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(B, N, C)`` tokens → ``(B, heads, N, C / heads)`` (a view)."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """:func:`split_heads`'s inverse: ``(B, heads, N, d)`` → ``(B, N,
+    heads * d)``."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def map_to_tokens(x: Tensor) -> Tensor:
     """``(B, C, H, W)`` feature map → ``(B, H*W, C)`` tokens (a view; free
     for a channels-last map)."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .checks import check_num_heads, check_qk_scale, check_tokens
 from .layers import (ChannelsLastConv2d, build_norm, map_to_tokens,
-                     tokens_to_map)
+                     merge_heads, split_heads, tokens_to_map)
 from .transformer import LAYER_NORM
 
 
@@ -60,21 +60,17 @@ class SpatialReductionAttention(BaseModule):
         """Attend over ``x`` of shape ``(B, H*W, C)`` laid out as
         ``hw_shape``."""
         check_tokens(type(self).__name__, x, hw_shape, self.embed_dims)
-        batch, tokens, channels = x.shape
         source = x
         if self.sr_ratio > 1:
             source = tokens_to_map(x, hw_shape)
             source = self.norm(map_to_tokens(self.sr(source)))
-
-        def heads(t: Tensor) -> Tensor:
-            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        key, value = self.kv(source).chunk(2, dim=-1)
+        query, key, value = (
+            split_heads(t, self.num_heads)
+            for t in (self.q(x), *self.kv(source).chunk(2, dim=-1)))
         out = F.scaled_dot_product_attention(
-            heads(self.q(x)),
-            heads(key),
-            heads(value),
+            query,
+            key,
+            value,
             dropout_p=self.attn_drop_rate if self.training else 0.,
             scale=self.qk_scale)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(merge_heads(out)))
