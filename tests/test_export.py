@@ -16,6 +16,7 @@ from agent_mm.deploy import build_export_model, check_onnx, export_onnx
 from agent_mm.deploy import onnx as deploy_onnx
 from agent_mm.models import AgentAttention
 from agent_mm.models.bias_maps import pooling_matrix
+from agent_mm.models.layers import split_heads
 from agent_mm.models.traced_agent_attention import traced_agent_attention
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -52,8 +53,8 @@ def test_traced_branch_equals_the_fast_path(hw):
     attn = _attention().attn
     x = torch.randn(2, hw[0] * hw[1], 32)
     heads = [
-        attn._split_heads(t) for t in (*attn._project(x), torch.randn(
-            2, 144, 32))
+        split_heads(t, attn.num_heads)
+        for t in (*attn._project(x), torch.randn(2, 144, 32))
     ]
     with torch.no_grad():
         torch.testing.assert_close(
