@@ -26,6 +26,27 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _process_state(monkeypatch):
+    """What the tools change for their whole process, kept to the test that
+    runs them in the pytest process: torch's thread count, ``LOCAL_RANK``
+    (``load_config`` sets it) and glibc's malloc settings
+    (``keep_freed_memory``'s ``mallopt`` calls are answered without
+    reaching glibc; tests/test_allocator.py checks the real ones in
+    processes of their own)."""
+    from agent_mm.utils import allocator
+    monkeypatch.setattr(allocator, 'glibc_mallopt',
+                        lambda: (lambda parameter, value: 1))
+    threads, local_rank = torch.get_num_threads(), os.environ.get(
+        'LOCAL_RANK')
+    yield
+    torch.set_num_threads(threads)
+    if local_rank is None:
+        os.environ.pop('LOCAL_RANK', None)
+    else:
+        os.environ['LOCAL_RANK'] = local_rank
+
+
 class _CfgNode(dict):
     """Stand-in for yacs' ``CfgNode``: a dict with attributes in
     ``__dict__``, pickled under the name ``yacs.config.CfgNode``."""

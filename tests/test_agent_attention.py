@@ -6,9 +6,11 @@ import random
 import pytest
 import torch
 from mmengine.model import ExponentialMovingAverage
+from mmengine.model.weight_init import trunc_normal_
 from reference_agent import ReferenceAgentAttention, randomize_
 
 from agent_mm.models import AgentAttention
+from agent_mm.models import agent_attention as agent_attention_module
 from agent_mm.models.agent_attention import BIAS_CACHE_SIZE, BIAS_NAMES
 from agent_mm.models.bias_cache import ADMIT_AFTER
 from agent_mm.models.bias_maps import interpolation_matrix, pooling_matrix
@@ -323,11 +325,19 @@ def test_bias_cache_admits_a_shape_at_its_second_forward():
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
-def test_biases_are_initialised_with_truncated_normal():
+def test_biases_are_initialised_with_truncated_normal(monkeypatch):
+    calls = []  # (tensor, std) of each trunc_normal_ call
+
+    def spy(tensor, std=1., **kwargs):
+        calls.append((tensor, std))
+        return trunc_normal_(tensor, std=std, **kwargs)
+
+    monkeypatch.setattr(agent_attention_module, 'trunc_normal_', spy)
     module = AgentAttention(64, 4, pretrain_grid=(28, 28), agent_num=49)
+    initialised = {id(tensor): std for tensor, std in calls}
     for name in BIAS_NAMES:
         values = getattr(module, name).detach()
-        assert values.abs().max() <= 2.0, name
+        assert initialised[id(getattr(module, name))] == .02, name
         assert 0.01 < values.std() < 0.03, name
 
 

@@ -36,10 +36,14 @@ import train as train_tool  # noqa: E402
 
 @pytest.fixture(autouse=True, scope='module')
 def _toy_modules():
-    """mmengine's toy model, data set and metric for in-process runners."""
-    for registry, module in ((MODELS, ToyModel), (DATASETS, ToyDataset),
-                             (METRICS, ToyMetric)):
+    """mmengine's toy model, data set and metric for in-process runners,
+    registered while this module's tests run."""
+    toys = ((MODELS, ToyModel), (DATASETS, ToyDataset), (METRICS, ToyMetric))
+    for registry, module in toys:
         registry.register_module(module=module, force=True)
+    yield
+    for registry, module in toys:
+        registry.module_dict.pop(module.__name__, None)
 
 
 def _toy_runner(work_dir, checkpoint: dict, by_epoch=False, length=3,

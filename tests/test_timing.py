@@ -5,10 +5,11 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from agent_mm.utils.timing import (best_time, eval_step, interleaved_calls,
-                                   interleaved_times, measured_call,
-                                   page_faults, peak_bytes, replay_peak, timed,
-                                   train_step)
+from agent_mm.utils import timing
+from agent_mm.utils.timing import (Call, best_time, eval_step,
+                                   interleaved_calls, interleaved_times,
+                                   measured_call, page_faults, peak_bytes,
+                                   replay_peak, timed, train_step)
 
 CPU = torch.device('cpu')
 
@@ -79,6 +80,13 @@ def test_interleaved_times_are_the_seconds_of_interleaved_calls():
                for c in calls.values() for call in c)
     times = interleaved_times(steps, warmup=0, repeats=2, device=CPU)
     assert {key: len(t) for key, t in times.items()} == dict(a=2, b=2)
+
+
+def test_interleaved_times_keep_only_the_seconds(monkeypatch):
+    calls = dict(a=[Call(0.25, 7), Call(0.5, 9)], b=[Call(1.0, None)])
+    monkeypatch.setattr(timing, 'interleaved_calls', lambda *args: calls)
+    times = interleaved_times({}, warmup=0, repeats=2, device=CPU)
+    assert times == dict(a=[0.25, 0.5], b=[1.0])
 
 
 def test_timed_measures_the_call():
