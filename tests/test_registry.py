@@ -58,8 +58,13 @@ def test_mmdet_detector_with_agent_backbone_runs():
                 bbox_coder=dict(type='DeltaXYWHBBoxCoder'),
                 loss_cls=dict(type='FocalLoss', use_sigmoid=True),
                 loss_bbox=dict(type='L1Loss'))))
-    feats = detector.extract_feat(torch.randn(1, 3, 96, 128))
-    assert [f.shape[1] for f in feats] == [32] * 5
+    # tensor mode: backbone, neck and head, raw head outputs per level
+    cls_scores, bbox_preds = detector(
+        torch.randn(1, 3, 96, 128), mode='tensor')
+    strides = [8, 16, 32, 64, 128]
+    assert [tuple(s.shape) for s in cls_scores] == [
+        (1, 9 * 3, -(-96 // s), -(-128 // s)) for s in strides]
+    assert [s.shape[1] for s in bbox_preds] == [9 * 4] * 5
 
 
 def test_import_is_light():
