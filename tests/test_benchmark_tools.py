@@ -330,6 +330,20 @@ def test_freed_memory_tool_alternates_processes_and_reports_ratios(capsys):
     assert lowest <= ratio <= highest
 
 
+def test_freed_memory_tool_alternates_the_settings_in_every_pair(
+        monkeypatch, capsys):
+    tool = load_tool('benchmark_freed_memory')
+    started = []  # (model, setting) of each child process, in order
+    monkeypatch.setattr(
+        tool, 'run_child', lambda args, model, setting: started.append(
+            (model, setting)) or dict(ms=1., faults=0))
+    tool.main(['--models', 'agent_pvt_t', 'swin_t', '--pairs', '2'])
+    pair = [(model, setting) for model in ('agent_pvt_t', 'swin_t')
+            for setting in (tool.AS_IT_COMES, tool.KEPT)]
+    assert started == pair * 2
+    assert '| swin_t | 1 | 1 | 1.00 |' in capsys.readouterr().out
+
+
 def test_freed_memory_report_takes_the_medians_over_pairs():
     tool = load_tool('benchmark_freed_memory')
     args = tool.parse_args(['--models', 'agent_pvt_t', '--pairs', '3'])
