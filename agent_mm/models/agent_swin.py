@@ -252,8 +252,7 @@ class AgentSwinTransformer(AgentBackbone):
 
     def unbuilt_output_norms(self) -> List[str]:
         """The output norms ``norm{i}`` of the stages not in
-        ``out_indices``, which this backbone does not build (a checkpoint
-        of one that outputs those stages holds them)."""
+        ``out_indices``."""
         return [
             f'norm{i}' for i in range(NUM_STAGES) if i not in self.out_indices
         ]

@@ -333,6 +333,12 @@ class AgentBackbone(BaseModule):
         """Loose parameters that ``frozen_stages`` freezes (per backbone)."""
         return []
 
+    def unbuilt_output_norms(self) -> List[str]:
+        """Names of the output norms this backbone leaves out for the stages
+        it does not output, which checkpoints of one that outputs them hold
+        (none by default)."""
+        return []
+
     def freeze_stages(self) -> None:
         """Freeze the ``frozen_stages`` (eval mode, no gradients). Called
         once the stages are built, so that a wrapper built before the first

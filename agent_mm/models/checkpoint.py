@@ -136,12 +136,12 @@ def agent_only_summary(missing: List[str]) -> str:
 def skip_unbuilt_output_norms(
         module: nn.Module, state_dict: Mapping[str, Tensor]
 ) -> Tuple[Dict[str, Tensor], List[str]]:
-    """``state_dict`` without the weights of the output norms that
-    ``module`` does not build (Agent-Swin's ``norm{i}`` of the stages not
-    in its ``out_indices``, as in a checkpoint of a detector with more
-    outputs: mmdet's loading tolerates them), and their keys."""
-    unbuilt = getattr(module, 'unbuilt_output_norms', None)
-    norms = set(unbuilt()) if unbuilt else set()
+    """``state_dict`` without the weights of the output norms that the
+    backbone ``module`` does not build (its ``unbuilt_output_norms()``:
+    Agent-Swin's ``norm{i}`` of the stages not in its ``out_indices``, as in
+    a checkpoint of a detector with more outputs; mmdet's loading tolerates
+    them), and their keys."""
+    norms = set(module.unbuilt_output_norms())
     kept, skipped = OrderedDict(), []
     for key, value in state_dict.items():
         if key.split('.', 1)[0] in norms:
