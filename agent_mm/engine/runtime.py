@@ -100,25 +100,24 @@ def launcher_env(launcher: str, environ: Mapping[str, str]) -> Dict[str, str]:
     launchers read them; ``MASTER_ADDR`` and ``MASTER_PORT`` are kept where
     set, and a Slurm job's first node is the master otherwise."""
     command, names = LAUNCHER_RANKS[launcher]
-    master_from = ()
-    if 'MASTER_ADDR' not in environ and launcher == 'slurm':
-        master_from = ('SLURM_NODELIST', )
-    missing = [name for name in names + master_from if name not in environ]
+    if 'MASTER_ADDR' not in environ:
+        if launcher == 'mpi':
+            raise RuntimeError('--launcher mpi needs MASTER_ADDR, the '
+                               'address of the rank 0 process, in the '
+                               'environment')
+        names += ('SLURM_NODELIST', )  # the master is its first node
+    missing = [name for name in names if name not in environ]
     if missing:
         raise RuntimeError(
             f'--launcher {launcher} needs {", ".join(missing)} in the '
             f'environment: start the processes with {command}')
-    if 'MASTER_ADDR' in environ:
-        master = environ['MASTER_ADDR']
-    elif master_from:
-        master = slurm_master_address(environ['SLURM_NODELIST'])
-    else:
-        raise RuntimeError(f'--launcher {launcher} needs MASTER_ADDR, the '
-                           'address of the rank 0 process, in the environment')
     env = dict(zip(('RANK', 'WORLD_SIZE', 'LOCAL_RANK'),
                    (environ[name] for name in names)))
-    return dict(env, MASTER_ADDR=master,
-                MASTER_PORT=environ.get('MASTER_PORT', DEFAULT_MASTER_PORT))
+    return dict(
+        env,
+        MASTER_ADDR=environ['MASTER_ADDR'] if 'MASTER_ADDR' in environ else
+        slurm_master_address(environ['SLURM_NODELIST']),
+        MASTER_PORT=environ.get('MASTER_PORT', DEFAULT_MASTER_PORT))
 
 
 def init_cpu_distributed(cfg: Config) -> None:
