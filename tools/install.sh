@@ -58,14 +58,26 @@ fi
 
 pip 'mmengine==0.10.7'
 
-if "$py" -c 'import mmcv, mmcv.ops' >/dev/null 2>&1 \
-   && [ "$("$py" -c 'import mmcv; print(mmcv.__version__)')" = "2.1.0" ]; then
+# pip caches the wheel it builds under mmcv's name alone, whatever torch it was
+# built against: tools/check_mmcv.py tells when the installed ops do not fit this
+# torch (or lack CUDA), and then the wheel is built afresh, bypassing the cache.
+cuda=${FORCE_CUDA:-$("$py" -c 'import torch; print(int(torch.cuda.is_available()))')}
+check_mmcv=("$py" tools/check_mmcv.py)
+if [ "$cuda" = 1 ]; then check_mmcv+=(--cuda); fi
+build_mmcv() {
+  MMCV_WITH_OPS=1 FORCE_CUDA="$cuda" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    pip --no-build-isolation "$@" 'mmcv==2.1.0'
+}
+if "${check_mmcv[@]}" 2>/dev/null; then
   log "mmcv 2.1.0 with ops already installed"
 else
-  cuda=${FORCE_CUDA:-$("$py" -c 'import torch; print(int(torch.cuda.is_available()))')}
   log "building mmcv 2.1.0 with ops (FORCE_CUDA=$cuda); pip caches the wheel afterwards"
-  MMCV_WITH_OPS=1 FORCE_CUDA="$cuda" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    pip --no-build-isolation 'mmcv==2.1.0'
+  build_mmcv
+  if ! "${check_mmcv[@]}"; then
+    log "that mmcv was built for another torch or without CUDA (pip's cached wheel): building it again without the cache"
+    build_mmcv --no-cache-dir --force-reinstall --no-deps
+    "${check_mmcv[@]}" || { log "mmcv's ops still do not load (above); nothing more to try"; exit 1; }
+  fi
 fi
 
 # mmseg 1.2.2 imports ftfy and regex without declaring them.
