@@ -16,6 +16,7 @@ from test_benchmark_tools import load_tool
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
+from agent_mm.benchmark import profile as profile_module
 from agent_mm.benchmark.ops_alone import OpTime
 from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
                                         GEMM, LAYOUT, OTHER, VIEW,
@@ -323,3 +324,26 @@ def test_profile_tool_rejects_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         tool.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+class _EventWithoutDtypes:
+    """A profiler event as PyTorch 2.6 and 2.7 make it."""
+
+    def __init__(self, id, name, thread, start_us, end_us, input_shapes=None):
+        pass
+
+
+def test_profile_tool_stops_where_the_profiler_records_no_dtypes(
+        monkeypatch, capsys):
+    monkeypatch.setattr(profile_module, 'FunctionEvent', _EventWithoutDtypes)
+    tool = load_tool('profile_backbones')
+    with pytest.raises(SystemExit) as exit_:
+        tool.parse_args(['pvt_t'])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "needs the dtypes of the ops' inputs" in error
+    assert f'torch {torch.__version__}' in error and 'newer torch' in error
+    with pytest.raises(RuntimeError, match='newer torch'):
+        profile_module.run_profiles(
+            profile_module.ProfileSettings(['pvt_t'], [(32, 32)],
+                                           ['float32']))

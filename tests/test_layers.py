@@ -362,7 +362,8 @@ def test_exported_residuals_follow_a_dynamic_token_count(monkeypatch):
     with torch.no_grad():
         program = torch.export.export(
             model, (torch.randn(1, 10, 8), ),
-            dynamic_shapes=({1: tokens}, ))
+            dynamic_shapes=({1: tokens}, ),
+            strict=False)
         x = torch.randn(1, 37, 8)
         torch.testing.assert_close(program.module()(x), model(x))
 

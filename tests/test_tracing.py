@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from agent_mm.models.tracing import exporting, tracing
+from agent_mm.models.tracing import exporting, torch_exporting, tracing
 
 
 class _Recorder(nn.Module):
@@ -36,3 +36,12 @@ def test_jit_trace_is_exporting():
     # (its check would run the module eagerly once more)
     torch.jit.trace(_Recorder(seen), torch.ones(2), check_trace=False)
     assert seen == [(True, True)]
+
+
+def test_torch_before_2_7_tells_export_by_is_compiling(monkeypatch):
+    # PyTorch 2.6 has no torch.compiler.is_exporting
+    monkeypatch.delattr(torch.compiler, 'is_exporting', raising=False)
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: compiling)
+        assert torch_exporting() is compiling
+        assert exporting() is compiling

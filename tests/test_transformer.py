@@ -139,7 +139,7 @@ def test_resized_pos_embed_is_the_same_in_an_exported_graph():
     x = torch.zeros(1, 4, 12, 20)
     eager = module(x)
     assert eager.shape == (1, 12 * 20, 4)
-    program = torch.export.export(module, (x, ))
+    program = torch.export.export(module, (x, ), strict=False)
     torch.testing.assert_close(program.module()(x), eager)
     assert resized_pos_embed(module.pos_embed, (7, 7),
                              (7, 7)) is module.pos_embed

@@ -53,6 +53,7 @@ or skinny products do not reach. The profiler adds a few microseconds to
 every op, so families of many small ops look costlier than they are; each
 table gives the wall time of an unprofiled forward beside the profiled one.
 """
+import inspect
 import json
 import math
 import os.path as osp
@@ -181,6 +182,17 @@ def moves_bytes(event: FunctionEvent, family: str) -> bool:
     return family != VIEW and not any(
         is_counted(d) and op_family(d.name) == family
         for d in descendants(event))
+
+
+def require_event_dtypes() -> None:
+    """Raise a ``RuntimeError`` naming the fix if this PyTorch's profiler
+    events do not record their inputs' dtypes, which :func:`event_bytes`
+    reads (``FunctionEvent.input_dtypes``: not in 2.6 or 2.7)."""
+    if 'input_dtypes' not in inspect.signature(FunctionEvent).parameters:
+        raise RuntimeError(
+            f"the op profile needs the dtypes of the ops' inputs, which the "
+            f'profiler of torch {torch.__version__} does not record: run it '
+            f'with a newer torch (tested with 2.13)')
 
 
 def event_bytes(event: FunctionEvent, family: str) -> int:
@@ -552,8 +564,11 @@ def run_profiles(settings: ProfileSettings) -> dict:
     Raises:
         ValueError: If ``settings.dtypes`` are not distinct known
             precisions.
+        RuntimeError: If this PyTorch's profiler records no dtypes
+            (:func:`require_event_dtypes`).
     """
     check_dtypes(settings.dtypes)
+    require_event_dtypes()
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     rooflines = machine_rooflines(settings)

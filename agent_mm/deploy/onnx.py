@@ -28,7 +28,7 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
-from mmengine.utils import mkdir_or_exist
+from mmengine.utils import digit_version, mkdir_or_exist
 from torch import Tensor
 
 from agent_mm.utils.timing import interleaved_times
@@ -41,6 +41,10 @@ DEPLOY_EXTRA = "pip install -e '.[deploy]'"
 TOLERANCE = 1e-4
 # a graph with dynamic sizes is also checked at its size plus these (H, W)
 DYNAMIC_CHECK_OFFSET = (32, 64)
+# PyTorch 2.6's ONNX exporter fails on a bilinear resize to sizes of the
+# graph ("SymIntArrayRef expected to contain only concrete integers");
+# 2.7.1 exports it
+DYNAMIC_EXPORT_TORCH = '2.7.0'
 # ONNX Runtime's session setting for busy-waiting of its threads between runs
 ORT_SPINNING = 'session.intra_op.allow_spinning'
 
@@ -59,6 +63,17 @@ def require_deploy_extra() -> None:
         except ImportError as err:
             raise ImportError(f'Exporting to ONNX needs {name}: install the '
                               f'deploy extra, {DEPLOY_EXTRA}') from err
+
+
+def require_dynamic_export() -> None:
+    """Raise a ``RuntimeError`` naming the fix if this PyTorch cannot export
+    dynamic sizes (:data:`DYNAMIC_EXPORT_TORCH`)."""
+    if digit_version(torch.__version__) < digit_version(DYNAMIC_EXPORT_TORCH):
+        raise RuntimeError(
+            f'exporting dynamic sizes needs torch >= {DYNAMIC_EXPORT_TORCH} '
+            f'(torch {torch.__version__} cannot export the resizing of the '
+            f'position biases to sizes of the graph): upgrade torch, or '
+            f'export a fixed size without --dynamic')
 
 
 class SegmentorLogits(nn.Module):
@@ -247,15 +262,21 @@ def export_onnx(model: nn.Module,
 
     Raises:
         OSError: ``path`` cannot be written (raised before exporting).
+        RuntimeError: ``dynamic`` on a PyTorch that cannot export it
+            (:func:`require_dynamic_export`).
     """
     require_deploy_extra()
+    if dynamic:
+        require_dynamic_export()
     check_output(path)
     names = output_names(model, inputs)
     dims = torch.export.Dim.DYNAMIC
     shapes = ({2: dims, 3: dims}, ) if dynamic else None
     with torch.no_grad():
+        # non-strict: PyTorch's default from 2.7 on (2.6 traced with dynamo)
         program = torch.export.export(model, (inputs, ),
-                                      dynamic_shapes=shapes)
+                                      dynamic_shapes=shapes,
+                                      strict=False)
     attention = torch.ops.aten.scaled_dot_product_attention.default
     if any(node.target is attention for node in program.graph.nodes):
         program = program.run_decompositions({attention: math_attention})

@@ -28,8 +28,8 @@ from agent_mm.benchmark.cli import (add_dtype_option, add_host_options,
                                     add_matmul_size_option, check_dtype_option,
                                     parse_size)
 from agent_mm.benchmark.models import MODELS
-from agent_mm.benchmark.profile import (ProfileSettings, run_profiles,
-                                        write_profile)
+from agent_mm.benchmark.profile import (ProfileSettings, require_event_dtypes,
+                                        run_profiles, write_profile)
 
 DEFAULT_SIZES = ('1024', '800x1333')
 POSITIVE = ('batch', 'calls', 'copy_mb')
@@ -91,6 +91,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             getattr(args, name) for name in POSITIVE) < 1:
         parser.error('--warmup and --alone must be ≥ 0 and --batch, '
                      '--calls, --matmul-size and --copy-mb ≥ 1')
+    try:
+        require_event_dtypes()
+    except RuntimeError as err:
+        parser.error(str(err))
     return args
 
 

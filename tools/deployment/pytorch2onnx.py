@@ -28,7 +28,8 @@ import torch
 import agent_mm  # noqa: F401  (registers the backbones)
 from agent_mm.deploy import (OrtRunError, build_export_model, check_onnx,
                              check_shapes, export_onnx, require_deploy_extra)
-from agent_mm.deploy.onnx import TOLERANCE, check_checkpoint, check_output
+from agent_mm.deploy.onnx import (TOLERANCE, check_checkpoint, check_output,
+                                  require_dynamic_export)
 from agent_mm.engine.runtime import add_cfg_options, config_from_file
 
 
@@ -79,11 +80,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def check_args(parser: argparse.ArgumentParser,
                args: argparse.Namespace) -> None:
     """Exit through ``parser.error`` (status 2), before the export's work, if
-    the deploy extra is missing, the config or checkpoint is not a file, the
+    the deploy extra is missing, ``--dynamic`` cannot be exported by this
+    PyTorch, the config or checkpoint is not a file, the
     ONNX file cannot be written, or a size or count is not positive."""
     try:
         require_deploy_extra()
-    except ImportError as err:
+        if args.dynamic:
+            require_dynamic_export()
+    except (ImportError, RuntimeError) as err:
         parser.error(str(err))
     if not osp.isfile(args.config):
         parser.error(f'config {args.config!r} is not a file')
