@@ -1,4 +1,5 @@
 """Whether a graph is being traced (agent_mm/models/tracing.py)."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -38,10 +39,17 @@ def test_jit_trace_is_exporting():
     assert seen == [(True, True)]
 
 
-def test_torch_before_2_7_tells_export_by_is_compiling(monkeypatch):
+@pytest.mark.parametrize('compiling, dynamo, said', [
+    (False, False, False),  # eager
+    (True, True, False),  # torch.compile
+    (True, False, True),  # torch.export, non-strict
+])
+def test_torch_before_2_7_tells_export_from_compile(monkeypatch, compiling,
+                                                    dynamo, said):
     # PyTorch 2.6 has no torch.compiler.is_exporting
     monkeypatch.delattr(torch.compiler, 'is_exporting', raising=False)
-    for compiling in (False, True):
-        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: compiling)
-        assert torch_exporting() is compiling
-        assert exporting() is compiling
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: compiling)
+    monkeypatch.setattr(torch.compiler, 'is_dynamo_compiling', lambda: dynamo)
+    assert torch_exporting() is said
+    assert exporting() is said
+    assert tracing() is compiling

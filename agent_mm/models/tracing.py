@@ -5,12 +5,14 @@ import torch
 
 def torch_exporting() -> bool:
     """Whether ``torch.export`` is tracing: ``torch.compiler.is_exporting``
-    from PyTorch 2.7 on; before it, only ``is_compiling`` tells, and it
-    also holds under ``torch.compile`` (which then takes the export branch
-    too: the same numbers)."""
+    from PyTorch 2.7 on. Before it, ``is_compiling`` holds under both
+    ``torch.export`` and ``torch.compile``, and only the latter traces with
+    dynamo (as does ``torch.export``'s strict mode, which the deploy tools
+    do not use)."""
     is_exporting = getattr(torch.compiler, 'is_exporting', None)
     if is_exporting is None:
-        return torch.compiler.is_compiling()
+        return (torch.compiler.is_compiling()
+                and not torch.compiler.is_dynamo_compiling())
     return is_exporting()
 
 
