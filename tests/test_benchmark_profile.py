@@ -24,9 +24,16 @@ from agent_mm.benchmark.profile import (ATTENTION, FAMILIES, FAMILY_PATTERNS,
                                         attention_flops, element_rate,
                                         event_bytes, event_flops, family_rows,
                                         family_times, linear_flops, markdown,
-                                        op_family, run_profiles, tally)
+                                        op_family, profiler_records_dtypes,
+                                        run_profiles, tally)
 from agent_mm.models.layers import activate_
 from agent_mm.ops import blocked_attention
+
+# the op profile needs its events' input dtypes (stopped with an error on
+# the torch releases whose profiler has none: the last test here)
+records_dtypes = pytest.mark.skipif(
+    not profiler_records_dtypes(),
+    reason='the profiler of this torch records no input dtypes (2.6, 2.7)')
 
 KNOWN_FAMILIES = {
     GEMM: ['mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'linear'],
@@ -169,6 +176,7 @@ def test_tally_counts_the_elements_of_compute_bound_ops():
     assert activation.bytes == 2 * 64 + 2 * 24 + 40 + 2 * 128
 
 
+@records_dtypes
 def test_tally_rates_the_gelus_the_models_run():
     x = torch.randn(3, 40)
     with torch_profile(activities=[ProfilerActivity.CPU],
@@ -228,6 +236,7 @@ def test_family_rows_share_time_and_compare_with_floors():
     assert view['floor_ms'] is None and view['x_floor'] is None
 
 
+@records_dtypes
 def test_profile_of_a_tiny_run(monkeypatch):
     # the fused attention kernel in both precisions, whatever this CPU (in
     # bfloat16 without AMX the fast path computes attention as products)
@@ -298,6 +307,7 @@ def test_family_times_add_up_ops_by_family():
     assert view['alone_ms'] == 0 and view['x_alone'] is None
 
 
+@records_dtypes
 def test_profile_tool_writes_markdown_and_json(tmp_path, capsys):
     tool = load_tool('profile_backbones')
     out = tmp_path / 'profile.md'

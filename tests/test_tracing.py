@@ -39,6 +39,32 @@ def test_jit_trace_is_exporting():
     assert seen == [(True, True)]
 
 
+def test_torch_compile_is_tracing_but_not_exporting():
+    seen = []
+    torch.compile(_Recorder(seen), backend='eager')(torch.ones(2))
+    assert seen == [(False, True)]
+
+
+@pytest.mark.parametrize('flag', [False, True])
+def test_the_export_flag_is_read_where_torch_has_it(monkeypatch, flag):
+    # PyTorch 2.7's dynamo answers is_exporting() with True in any graph
+    monkeypatch.setattr(torch.compiler, '_is_exporting_flag', flag,
+                        raising=False)
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True,
+                        raising=False)
+    assert torch_exporting() is flag
+
+
+@pytest.mark.parametrize('exporting_said', [False, True])
+def test_is_exporting_answers_where_the_flag_is_gone(monkeypatch,
+                                                     exporting_said):
+    monkeypatch.delattr(torch.compiler, '_is_exporting_flag', raising=False)
+    monkeypatch.setattr(torch.compiler, 'is_exporting',
+                        lambda: exporting_said,
+                        raising=False)
+    assert torch_exporting() is exporting_said
+
+
 @pytest.mark.parametrize('compiling, dynamo, said', [
     (False, False, False),  # eager
     (True, True, False),  # torch.compile
@@ -46,7 +72,8 @@ def test_jit_trace_is_exporting():
 ])
 def test_torch_before_2_7_tells_export_from_compile(monkeypatch, compiling,
                                                     dynamo, said):
-    # PyTorch 2.6 has no torch.compiler.is_exporting
+    # PyTorch 2.6 has neither is_exporting nor its flag
+    monkeypatch.delattr(torch.compiler, '_is_exporting_flag', raising=False)
     monkeypatch.delattr(torch.compiler, 'is_exporting', raising=False)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: compiling)
     monkeypatch.setattr(torch.compiler, 'is_dynamo_compiling', lambda: dynamo)

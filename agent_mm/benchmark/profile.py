@@ -184,11 +184,18 @@ def moves_bytes(event: FunctionEvent, family: str) -> bool:
         for d in descendants(event))
 
 
+def profiler_records_dtypes() -> bool:
+    """Whether this PyTorch's profiler events record their inputs' dtypes,
+    which :func:`event_bytes` reads (``FunctionEvent.input_dtypes``: not in
+    2.6 or 2.7)."""
+    return 'input_dtypes' in inspect.signature(FunctionEvent).parameters
+
+
 def require_event_dtypes() -> None:
     """Raise a ``RuntimeError`` naming the fix if this PyTorch's profiler
-    events do not record their inputs' dtypes, which :func:`event_bytes`
-    reads (``FunctionEvent.input_dtypes``: not in 2.6 or 2.7)."""
-    if 'input_dtypes' not in inspect.signature(FunctionEvent).parameters:
+    events do not record their inputs' dtypes
+    (:func:`profiler_records_dtypes`)."""
+    if not profiler_records_dtypes():
         raise RuntimeError(
             f"the op profile needs the dtypes of the ops' inputs, which the "
             f'profiler of torch {torch.__version__} does not record: run it '

@@ -4,16 +4,22 @@ import torch
 
 
 def torch_exporting() -> bool:
-    """Whether ``torch.export`` is tracing: ``torch.compiler.is_exporting``
-    from PyTorch 2.7 on. Before it, ``is_compiling`` holds under both
-    ``torch.export`` and ``torch.compile``, and only the latter traces with
-    dynamo (as does ``torch.export``'s strict mode, which the deploy tools
-    do not use)."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    if is_exporting is None:
-        return (torch.compiler.is_compiling()
-                and not torch.compiler.is_dynamo_compiling())
-    return is_exporting()
+    """Whether ``torch.export`` is tracing.
+
+    PyTorch 2.7 added ``torch.compiler.is_exporting``, but its dynamo folds
+    that call to True in every compiled graph (so ``torch.compile`` would
+    take the export branch), where later releases read the flag behind it:
+    the flag is read here. Before 2.7 only ``is_compiling`` tells, and it
+    holds under ``torch.compile`` too, which alone traces with dynamo (as
+    does ``torch.export``'s strict mode, which the deploy tools do not use).
+    """
+    flag = getattr(torch.compiler, '_is_exporting_flag', None)
+    if flag is not None:
+        return flag
+    if hasattr(torch.compiler, 'is_exporting'):
+        return torch.compiler.is_exporting()
+    return (torch.compiler.is_compiling()
+            and not torch.compiler.is_dynamo_compiling())
 
 
 def exporting() -> bool:
