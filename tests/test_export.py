@@ -11,10 +11,11 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.utils import digit_version
 
 from agent_mm.deploy import build_export_model, check_onnx, export_onnx
 from agent_mm.deploy import onnx as deploy_onnx
-from agent_mm.deploy.onnx import require_dynamic_export
+from agent_mm.deploy.onnx import DYNAMIC_EXPORT_TORCH, require_dynamic_export
 from agent_mm.models import AgentAttention
 from agent_mm.models.bias_maps import pooling_matrix
 from agent_mm.models.layers import split_heads
@@ -29,6 +30,11 @@ needs_deploy = pytest.mark.skipif(
     bool(MISSING),
     reason=f'the deploy extra is not installed (no {", ".join(MISSING)}): '
     "pip install -e '.[deploy]'")
+# PyTorch 2.6 cannot export dynamic sizes: the tool says so instead
+# (test_dynamic_export_is_refused_before_torch_2_7)
+exports_dynamic_sizes = pytest.mark.skipif(
+    digit_version(torch.__version__) < digit_version(DYNAMIC_EXPORT_TORCH),
+    reason=f'torch {torch.__version__} cannot export dynamic sizes')
 
 
 class TokenMap(torch.nn.Module):
@@ -95,7 +101,8 @@ def _legacy_export(model: torch.nn.Module, x: torch.Tensor, path: str):
 
 
 @needs_deploy
-@pytest.mark.parametrize('exporter', ['dynamo', 'legacy'])
+@pytest.mark.parametrize('exporter', [
+    pytest.param('dynamo', marks=exports_dynamic_sizes), 'legacy'])
 def test_agent_attention_exports_with_dynamic_sizes(exporter, tmp_path):
     model, path = _attention(), str(tmp_path / 'attn.onnx')
     x = torch.randn(1, 32, 16, 12)
@@ -138,7 +145,8 @@ def _tool():
 # them all).
 @pytest.mark.slow
 @needs_deploy
-@pytest.mark.parametrize('dynamic', [False, True])
+@pytest.mark.parametrize(
+    'dynamic', [False, pytest.param(True, marks=exports_dynamic_sizes)])
 def test_tool_exports_the_quickstart_segmentor(dynamic, tmp_path, capsys):
     config = osp.join(REPO, 'configs', 'quickstart',
                       'fpn_agent-pvt-t_shapes.py')
