@@ -10,12 +10,13 @@ import os.path as osp
 
 import pytest
 import torch
+import torch.nn as nn
 from mmengine.config import Config
-from mmengine.utils import digit_version
 
 from agent_mm.deploy import build_export_model, check_onnx, export_onnx
 from agent_mm.deploy import onnx as deploy_onnx
-from agent_mm.deploy.onnx import DYNAMIC_EXPORT_TORCH, require_dynamic_export
+from agent_mm.deploy.onnx import (DYNAMIC_EXPORT_TORCH, require_dynamic_export,
+                                  torch_before)
 from agent_mm.models import AgentAttention
 from agent_mm.models.bias_maps import pooling_matrix
 from agent_mm.models.layers import split_heads
@@ -33,7 +34,7 @@ needs_deploy = pytest.mark.skipif(
 # PyTorch 2.6 cannot export dynamic sizes: the tool says so instead
 # (test_dynamic_export_is_refused_before_torch_2_7)
 exports_dynamic_sizes = pytest.mark.skipif(
-    digit_version(torch.__version__) < digit_version(DYNAMIC_EXPORT_TORCH),
+    torch_before(DYNAMIC_EXPORT_TORCH),
     reason=f'torch {torch.__version__} cannot export dynamic sizes')
 
 
@@ -276,6 +277,17 @@ def test_dynamic_export_is_refused_before_torch_2_7(monkeypatch, version,
             require_dynamic_export()
     else:
         require_dynamic_export()
+
+
+@pytest.mark.parametrize('version, fused', [('2.6.0+cu124', True),
+                                            ('2.7.1+cu126', False)])
+def test_segmentor_batch_norms_are_fused_where_torch_cannot_export_them(
+        monkeypatch, version, fused):
+    monkeypatch.setattr(torch, '__version__', version)
+    with pytest.warns(UserWarning, match='No checkpoint given'):
+        model = build_export_model(Config.fromfile(SEGMENTOR))
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bool(norms) is not fused
 
 
 def test_tool_stops_on_a_missing_config(tool_without_export, tmp_path,

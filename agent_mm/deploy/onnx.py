@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmcv.cnn import fuse_conv_bn
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
@@ -42,9 +43,10 @@ TOLERANCE = 1e-4
 # a graph with dynamic sizes is also checked at its size plus these (H, W)
 DYNAMIC_CHECK_OFFSET = (32, 64)
 # PyTorch 2.6's ONNX exporter fails on a bilinear resize to sizes of the
-# graph ("SymIntArrayRef expected to contain only concrete integers");
-# 2.7.1 exports it
-DYNAMIC_EXPORT_TORCH = '2.7.0'
+# graph ("SymIntArrayRef expected to contain only concrete integers") and,
+# with the deploy extra's onnxscript, on eval-mode batch norm; 2.7.1
+# exports both
+DYNAMIC_EXPORT_TORCH = BATCHNORM_EXPORT_TORCH = '2.7.0'
 # ONNX Runtime's session setting for busy-waiting of its threads between runs
 ORT_SPINNING = 'session.intra_op.allow_spinning'
 
@@ -65,10 +67,15 @@ def require_deploy_extra() -> None:
                               f'deploy extra, {DEPLOY_EXTRA}') from err
 
 
+def torch_before(version: str) -> bool:
+    """Whether the installed torch is older than ``version``."""
+    return digit_version(torch.__version__) < digit_version(version)
+
+
 def require_dynamic_export() -> None:
     """Raise a ``RuntimeError`` naming the fix if this PyTorch cannot export
     dynamic sizes (:data:`DYNAMIC_EXPORT_TORCH`)."""
-    if digit_version(torch.__version__) < digit_version(DYNAMIC_EXPORT_TORCH):
+    if torch_before(DYNAMIC_EXPORT_TORCH):
         raise RuntimeError(
             f'exporting dynamic sizes needs torch >= {DYNAMIC_EXPORT_TORCH} '
             f'(torch {torch.__version__} cannot export the resizing of the '
@@ -179,7 +186,9 @@ def build_export_model(config: Config,
     The model is built in the config's ``default_scope``; nothing is
     downloaded (``init_cfg`` is not applied). Without a checkpoint the
     weights stay random, with a warning. SyncBN layers become BN, and
-    mmseg's upsampling layers :class:`TracedUpsample`.
+    mmseg's upsampling layers :class:`TracedUpsample`. On a torch that
+    cannot export batch norm (:data:`BATCHNORM_EXPORT_TORCH`) each
+    convolution and the BN after it are fused into one convolution.
 
     Args:
         config: An mmdet or mmseg config (``custom_imports`` already done).
@@ -205,7 +214,10 @@ def build_export_model(config: Config,
     if scope != 'mmseg':
         return model.backbone.eval()
     trace_friendly_upsampling(model)
-    return SegmentorLogits(model).eval()
+    segmentor = SegmentorLogits(model).eval()
+    if torch_before(BATCHNORM_EXPORT_TORCH):
+        fuse_conv_bn(segmentor)
+    return segmentor
 
 
 def output_names(model: nn.Module, inputs: Tensor) -> List[str]:
