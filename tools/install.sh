@@ -71,7 +71,7 @@ build_mmcv() {
 if "${check_mmcv[@]}" 2>/dev/null; then
   log "mmcv 2.1.0 with ops already installed"
 else
-  log "building mmcv 2.1.0 with ops (FORCE_CUDA=$cuda); pip caches the wheel afterwards"
+  log "installing mmcv 2.1.0 with ops (FORCE_CUDA=$cuda): built from source the first time, then from pip's cache"
   build_mmcv
   if ! "${check_mmcv[@]}"; then
     log "that mmcv was built for another torch or without CUDA (pip's cached wheel): building it again without the cache"
