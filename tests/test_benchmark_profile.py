@@ -33,7 +33,7 @@ from agent_mm.ops import blocked_attention
 # the torch releases whose profiler has none: the last test here)
 records_dtypes = pytest.mark.skipif(
     not profiler_records_dtypes(),
-    reason='the profiler of this torch records no input dtypes (2.6, 2.7)')
+    reason='the profiler of this torch records no input dtypes (2.6-2.10)')
 
 KNOWN_FAMILIES = {
     GEMM: ['mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'linear'],
@@ -337,7 +337,7 @@ def test_profile_tool_rejects_bad_options(argv, message, capsys):
 
 
 class _EventWithoutDtypes:
-    """A profiler event as PyTorch 2.6 and 2.7 make it."""
+    """A profiler event as PyTorch 2.6 to 2.10 make it."""
 
     def __init__(self, id, name, thread, start_us, end_us, input_shapes=None):
         pass

@@ -187,7 +187,7 @@ def moves_bytes(event: FunctionEvent, family: str) -> bool:
 def profiler_records_dtypes() -> bool:
     """Whether this PyTorch's profiler events record their inputs' dtypes,
     which :func:`event_bytes` reads (``FunctionEvent.input_dtypes``: not in
-    2.6 or 2.7)."""
+    2.6, 2.7 or 2.10)."""
     return 'input_dtypes' in inspect.signature(FunctionEvent).parameters
 
 
