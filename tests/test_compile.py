@@ -7,9 +7,9 @@ cache this takes one to two minutes per backbone on 2 busy cores.
 """
 import pytest
 import torch
-from mmengine.utils import digit_version
 
 from agent_mm.models import AgentPVT, AgentSwinTransformer
+from agent_mm.utils.versions import torch_before
 
 BACKBONES = {
     'AgentPVT':
@@ -23,8 +23,7 @@ BACKBONES = {
 
 # PyTorch 2.6's inductor crashed the process (SIGFPE) in the shifted-window
 # block recompiled for dynamic sizes; compiled for each size, it runs
-DYNAMIC = (False if digit_version(torch.__version__) < digit_version('2.7')
-           else None)
+DYNAMIC = False if torch_before('2.7') else None
 
 
 def _compiled_and_eager(name, dtype):

@@ -15,12 +15,12 @@ from mmengine.config import Config
 
 from agent_mm.deploy import build_export_model, check_onnx, export_onnx
 from agent_mm.deploy import onnx as deploy_onnx
-from agent_mm.deploy.onnx import (DYNAMIC_EXPORT_TORCH, require_dynamic_export,
-                                  torch_before)
+from agent_mm.deploy.onnx import DYNAMIC_EXPORT_TORCH, require_dynamic_export
 from agent_mm.models import AgentAttention
 from agent_mm.models.bias_maps import pooling_matrix
 from agent_mm.models.layers import split_heads
 from agent_mm.models.traced_agent_attention import traced_agent_attention
+from agent_mm.utils.versions import torch_before
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MISSING = [

@@ -29,10 +29,11 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
-from mmengine.utils import digit_version, mkdir_or_exist
+from mmengine.utils import mkdir_or_exist
 from torch import Tensor
 
 from agent_mm.utils.timing import interleaved_times
+from agent_mm.utils.versions import torch_before
 
 if TYPE_CHECKING:  # the deploy extra, imported where it is used
     import onnxruntime
@@ -65,11 +66,6 @@ def require_deploy_extra() -> None:
         except ImportError as err:
             raise ImportError(f'Exporting to ONNX needs {name}: install the '
                               f'deploy extra, {DEPLOY_EXTRA}') from err
-
-
-def torch_before(version: str) -> bool:
-    """Whether the installed torch is older than ``version``."""
-    return digit_version(torch.__version__) < digit_version(version)
 
 
 def require_dynamic_export() -> None:
